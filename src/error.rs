@@ -1,0 +1,138 @@
+//! The crate's error type.
+//!
+//! One `#[non_exhaustive]` enum for everything the runtime and the stores can fail with, plus a
+//! `Result` alias. Driver errors (librdkafka, RocksDB) are kept as `#[source]` so callers can walk
+//! the chain; the accessors at the bottom classify an error without parsing its text.
+
+use std::fmt;
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the runtime or a store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is invalid; the message says which setting and why.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// A Kafka client call failed.
+    #[error("kafka: {context}")]
+    Kafka {
+        /// What the runtime was doing.
+        context: String,
+        /// The librdkafka error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+
+    /// The store failed.
+    #[error("store: {context}")]
+    Store {
+        /// What the store was doing.
+        context: String,
+        /// The driver error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// Bytes read from the store could not be decoded: the store is corrupt or was written by an
+    /// incompatible version.
+    #[error("corrupt store data: {0}")]
+    Corrupt(String),
+
+    /// A commit was rejected because another owner took the partition over (its epoch is newer).
+    /// Nothing of the batch was written.
+    #[error("commit fenced for {topic}/{partition}: our epoch {epoch}, current epoch {current}")]
+    Fenced {
+        /// Topic of the fenced partition.
+        topic: String,
+        /// Partition number.
+        partition: i32,
+        /// The epoch this instance held.
+        epoch: u64,
+        /// The epoch found in the store.
+        current: u64,
+    },
+
+    /// The handler returned a fatal error; the runtime stopped without committing past the record.
+    #[error("handler failed fatally at {at}: {message}")]
+    HandlerFatal {
+        /// The record the handler failed on.
+        at: RecordPosition,
+        /// The handler's error message.
+        message: String,
+    },
+
+    /// A record broke a rule whose policy is `Stop` (for example a conflicting idempotency key);
+    /// the runtime stopped without committing past it.
+    #[error("stopped at {at}: {reason}")]
+    Stopped {
+        /// The record that stopped the runtime.
+        at: RecordPosition,
+        /// Why.
+        reason: String,
+    },
+
+    /// A background task of the runtime failed unexpectedly (for example it panicked).
+    #[error("runtime task failed: {0}")]
+    Task(String),
+}
+
+/// Topic, partition and offset of one record, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RecordPosition {
+    /// Topic name.
+    pub topic: String,
+    /// Partition number.
+    pub partition: i32,
+    /// Offset in the partition.
+    pub offset: i64,
+}
+
+impl fmt::Display for RecordPosition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}@{}", self.topic, self.partition, self.offset)
+    }
+}
+
+impl Error {
+    /// Wraps a Kafka error with what the runtime was doing.
+    pub(crate) fn kafka(context: impl Into<String>, source: rdkafka::error::KafkaError) -> Self {
+        Error::Kafka {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Wraps a store driver error with what the store was doing.
+    pub fn store(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error::Store {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// True when the error is a fenced commit: the partition now belongs to another owner.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, Error::Fenced { .. })
+    }
+
+    /// True when the runtime stopped on purpose at a record (fatal handler error or a `Stop`
+    /// policy), as opposed to an infrastructure failure.
+    pub fn is_stop_at_record(&self) -> bool {
+        matches!(self, Error::HandlerFatal { .. } | Error::Stopped { .. })
+    }
+
+    /// The record at which the runtime stopped, if it stopped at one.
+    pub fn record_position(&self) -> Option<&RecordPosition> {
+        match self {
+            Error::HandlerFatal { at, .. } | Error::Stopped { at, .. } => Some(at),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,444 @@
+//! Identity of a record: its idempotency key, the scope the key lives in, and the payload
+//! fingerprint stored with it.
+//!
+//! The key is taken from the first [`KeySource`] that yields one, in the configured order (by
+//! default the `idempotency-key` header). A record without a key is handled by [`MissingKey`]:
+//! rejected to the dead-letter path (the default) or keyed by its topic/partition/offset, which
+//! still makes redeliveries no-ops but cannot catch a producer's retry at another offset.
+//!
+//! Keys are always scoped by consumer group and an optional tenant: two groups consuming the same
+//! topic each apply every record once. The [`Fingerprint`] (SHA-256 of the payload) stored with
+//! a key turns "same key, different payload" into a detectable conflict.
+
+use std::fmt;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::record::Record;
+
+/// Default header that carries the idempotency key.
+pub const DEFAULT_KEY_HEADER: &str = "idempotency-key";
+
+/// Default limit on a key's length in bytes.
+pub const DEFAULT_MAX_KEY_LEN: usize = 1024;
+
+/// A user function deriving a key from a record; `None` means "no key here, try the next source".
+pub type KeyFn = Arc<dyn Fn(&Record) -> Option<Vec<u8>> + Send + Sync>;
+
+/// Where an idempotency key comes from.
+#[derive(Clone)]
+pub enum KeySource {
+    /// The value of the named header.
+    Header(String),
+    /// The Kafka record key.
+    RecordKey,
+    /// A user function over the record.
+    Function(KeyFn),
+    /// SHA-256 of the payload: identical payloads are the same event.
+    PayloadHash,
+}
+
+impl fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::Header(name) => f.debug_tuple("Header").field(name).finish(),
+            KeySource::RecordKey => f.write_str("RecordKey"),
+            KeySource::Function(_) => f.write_str("Function(..)"),
+            KeySource::PayloadHash => f.write_str("PayloadHash"),
+        }
+    }
+}
+
+/// What to do with a record none of the sources gives a key for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MissingKey {
+    /// Send it to the dead-letter path with a clear reason (default).
+    #[default]
+    Reject,
+    /// Use `topic/partition/offset` as the key: redeliveries are still no-ops.
+    FallbackToOffset,
+}
+
+/// What to do with a key longer than the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OversizeKey {
+    /// Send the record to the dead-letter path (default).
+    #[default]
+    Reject,
+    /// Replace the key by its SHA-256.
+    Hash,
+}
+
+/// Which source produced a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOrigin {
+    /// A header.
+    Header,
+    /// The record key.
+    RecordKey,
+    /// The user function.
+    Function,
+    /// The payload hash.
+    PayloadHash,
+    /// The topic/partition/offset fallback.
+    Offset,
+}
+
+/// An idempotency key as stored (after any hashing), with where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    bytes: Vec<u8>,
+    origin: KeyOrigin,
+}
+
+impl IdempotencyKey {
+    /// The key bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Which source produced it.
+    pub fn origin(&self) -> KeyOrigin {
+        self.origin
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
+    /// Printable form for traces: UTF-8 keys as they are (cut at 64 bytes), others as hex.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = &self.bytes[..self.bytes.len().min(64)];
+        match std::str::from_utf8(shown) {
+            Ok(s) if s.chars().all(|c| !c.is_control()) => f.write_str(s)?,
+            _ => shown.iter().try_for_each(|b| write!(f, "{b:02x}"))?,
+        }
+        if self.bytes.len() > shown.len() {
+            f.write_str("…")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a record has no usable key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    /// No source produced a key and the policy is [`MissingKey::Reject`].
+    Missing {
+        /// The sources that were tried, for the error message.
+        tried: String,
+    },
+    /// The key is longer than the limit and the policy is [`OversizeKey::Reject`].
+    Oversize {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyError::Missing { tried } => {
+                write!(f, "record has no idempotency key (tried {tried})")
+            }
+            KeyError::Oversize { len, max } => {
+                write!(f, "idempotency key is {len} bytes, over the limit of {max}")
+            }
+        }
+    }
+}
+
+/// How keys are derived and scoped. Built with [`Identity::new`] and its setters.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    sources: Vec<KeySource>,
+    missing: MissingKey,
+    oversize: OversizeKey,
+    max_key_len: usize,
+    tenant: Option<String>,
+}
+
+impl Default for Identity {
+    fn default() -> Self {
+        Identity {
+            sources: vec![KeySource::Header(DEFAULT_KEY_HEADER.to_owned())],
+            missing: MissingKey::default(),
+            oversize: OversizeKey::default(),
+            max_key_len: DEFAULT_MAX_KEY_LEN,
+            tenant: None,
+        }
+    }
+}
+
+impl Identity {
+    /// The default: the `idempotency-key` header, reject records without one.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replaces the sources, tried in the given order.
+    pub fn sources(mut self, sources: impl IntoIterator<Item = KeySource>) -> Self {
+        self.sources = sources.into_iter().collect();
+        self
+    }
+
+    /// Uses only the named header.
+    pub fn header(name: impl Into<String>) -> Self {
+        Self::default().sources([KeySource::Header(name.into())])
+    }
+
+    /// Sets the policy for records without a key.
+    pub fn missing_key(mut self, policy: MissingKey) -> Self {
+        self.missing = policy;
+        self
+    }
+
+    /// Sets the policy for keys over the limit.
+    pub fn oversize_key(mut self, policy: OversizeKey) -> Self {
+        self.oversize = policy;
+        self
+    }
+
+    /// Sets the key length limit in bytes (default 1 KiB).
+    pub fn max_key_len(mut self, max: usize) -> Self {
+        self.max_key_len = max;
+        self
+    }
+
+    /// Scopes keys by a tenant as well as the consumer group.
+    pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.tenant = Some(tenant.into());
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.sources.is_empty() && self.missing == MissingKey::Reject {
+            return Err(Error::Config(
+                "identity has no key source and rejects records without a key: every record would be rejected".into(),
+            ));
+        }
+        if self.max_key_len == 0 {
+            return Err(Error::Config("max_key_len must be at least 1".into()));
+        }
+        if let Some(t) = &self.tenant {
+            if t.len() > u16::MAX as usize {
+                return Err(Error::Config("tenant is longer than 65535 bytes".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The scope for keys consumed by `group`.
+    pub fn scope(&self, group: &str) -> Scope {
+        Scope::new(group, self.tenant.as_deref())
+    }
+
+    /// Derives the idempotency key of a record.
+    pub fn key_of(&self, record: &Record) -> Result<IdempotencyKey, KeyError> {
+        let found = self.sources.iter().find_map(|source| {
+            let (bytes, origin) = match source {
+                KeySource::Header(name) => (record.header(name)?.to_vec(), KeyOrigin::Header),
+                KeySource::RecordKey => (record.key()?.to_vec(), KeyOrigin::RecordKey),
+                KeySource::Function(f) => (f(record)?, KeyOrigin::Function),
+                KeySource::PayloadHash => (
+                    Fingerprint::of(record.payload()).0.to_vec(),
+                    KeyOrigin::PayloadHash,
+                ),
+            };
+            // An empty key is no key: it would make every such record the same event.
+            (!bytes.is_empty()).then_some((bytes, origin))
+        });
+        let (bytes, origin) = match (found, self.missing) {
+            (Some(found), _) => found,
+            (None, MissingKey::FallbackToOffset) => (
+                format!(
+                    "{}/{}@{}",
+                    record.topic(),
+                    record.partition(),
+                    record.offset()
+                )
+                .into_bytes(),
+                KeyOrigin::Offset,
+            ),
+            (None, MissingKey::Reject) => {
+                return Err(KeyError::Missing {
+                    tried: format!("{:?}", self.sources),
+                });
+            }
+        };
+        if bytes.len() <= self.max_key_len {
+            return Ok(IdempotencyKey { bytes, origin });
+        }
+        match self.oversize {
+            OversizeKey::Reject => Err(KeyError::Oversize {
+                len: bytes.len(),
+                max: self.max_key_len,
+            }),
+            OversizeKey::Hash => Ok(IdempotencyKey {
+                bytes: Sha256::digest(&bytes).to_vec(),
+                origin,
+            }),
+        }
+    }
+}
+
+/// The namespace of keys: consumer group plus optional tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Scope {
+    encoded: Vec<u8>,
+}
+
+impl Scope {
+    /// Scope of a group and tenant.
+    pub fn new(group: &str, tenant: Option<&str>) -> Self {
+        let tenant = tenant.unwrap_or("");
+        let mut encoded = Vec::with_capacity(4 + group.len() + tenant.len());
+        push_len_prefixed(&mut encoded, group.as_bytes());
+        push_len_prefixed(&mut encoded, tenant.as_bytes());
+        Scope { encoded }
+    }
+
+    /// Stable, unambiguous bytes of the scope (length-prefixed group and tenant).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.encoded
+    }
+
+    /// The store key of `key` in this scope: scope bytes followed by the key bytes. Prefix-free,
+    /// because the scope part is length-prefixed.
+    pub fn store_key(&self, key: &IdempotencyKey) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded.len() + key.bytes.len());
+        out.extend_from_slice(&self.encoded);
+        out.extend_from_slice(&key.bytes);
+        out
+    }
+}
+
+fn push_len_prefixed(out: &mut Vec<u8>, bytes: &[u8]) {
+    // Lengths are checked at configuration time (group ids and tenants are far below 64 KiB).
+    let len = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&bytes[..usize::from(len)]);
+}
+
+/// SHA-256 over the payload, distinguishing a null payload from an empty one.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    /// Fingerprint of a payload (`None` for a tombstone).
+    pub fn of(payload: Option<&[u8]>) -> Self {
+        let mut h = Sha256::new();
+        match payload {
+            None => h.update([0u8]),
+            Some(p) => {
+                h.update([1u8]);
+                h.update(p);
+            }
+        }
+        Fingerprint(h.finalize().into())
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint(")?;
+        self.0[..8].iter().try_for_each(|b| write!(f, "{b:02x}"))?;
+        write!(f, "…)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn rec() -> Record {
+        Record::new("pay", 3, 42, Some(b"rk".to_vec()), Some(b"{}".to_vec()))
+    }
+
+    #[test]
+    fn header_is_the_default_source() {
+        let id = Identity::new();
+        let r = rec().with_header(DEFAULT_KEY_HEADER, Some(b"k-1".to_vec()));
+        let key = id.key_of(&r).unwrap();
+        assert_eq!(key.as_bytes(), b"k-1");
+        assert_eq!(key.origin(), KeyOrigin::Header);
+    }
+
+    #[test]
+    fn sources_are_tried_in_order() {
+        let id = Identity::new().sources([
+            KeySource::Header("h".into()),
+            KeySource::Function(Arc::new(|_| None)),
+            KeySource::RecordKey,
+            KeySource::PayloadHash,
+        ]);
+        let key = id.key_of(&rec()).unwrap();
+        assert_eq!(
+            (key.as_bytes(), key.origin()),
+            (&b"rk"[..], KeyOrigin::RecordKey)
+        );
+        let no_key = Record::new("pay", 0, 0, None, Some(b"x".to_vec()));
+        assert_eq!(id.key_of(&no_key).unwrap().origin(), KeyOrigin::PayloadHash);
+        let f = Identity::new().sources([KeySource::Function(Arc::new(|r| {
+            Some(format!("fn-{}", r.offset()).into_bytes())
+        }))]);
+        assert_eq!(f.key_of(&rec()).unwrap().as_bytes(), b"fn-42");
+    }
+
+    #[test]
+    fn missing_key_policies() {
+        let r = rec();
+        let err = Identity::new().key_of(&r).unwrap_err();
+        assert!(err.to_string().contains("no idempotency key"), "{err}");
+        let fb = Identity::new().missing_key(MissingKey::FallbackToOffset);
+        let key = fb.key_of(&r).unwrap();
+        assert_eq!(
+            (key.as_bytes(), key.origin()),
+            (&b"pay/3@42"[..], KeyOrigin::Offset)
+        );
+        let empty = rec().with_header(DEFAULT_KEY_HEADER, Some(Vec::new()));
+        assert!(
+            Identity::new().key_of(&empty).is_err(),
+            "an empty key is no key"
+        );
+    }
+
+    #[test]
+    fn oversize_key_policies() {
+        let r = rec().with_header(DEFAULT_KEY_HEADER, Some(vec![b'a'; 11]));
+        let reject = Identity::new().max_key_len(10);
+        assert_eq!(
+            reject.key_of(&r).unwrap_err(),
+            KeyError::Oversize { len: 11, max: 10 }
+        );
+        let hash = reject.clone().oversize_key(OversizeKey::Hash);
+        assert_eq!(hash.key_of(&r).unwrap().as_bytes().len(), 32);
+    }
+
+    #[test]
+    fn fingerprint_separates_null_empty_and_content() {
+        let a = Fingerprint::of(None);
+        let b = Fingerprint::of(Some(b""));
+        let c = Fingerprint::of(Some(b"x"));
+        assert!(a != b && b != c && a != c);
+        assert_eq!(c, Fingerprint::of(Some(b"x")));
+    }
+
+    proptest! {
+        // Different (group, tenant, key) triples never produce the same store key.
+        #[test]
+        fn store_keys_are_unambiguous(
+            g1 in ".{0,8}", t1 in proptest::option::of(".{0,8}"), k1 in proptest::collection::vec(any::<u8>(), 1..8),
+            g2 in ".{0,8}", t2 in proptest::option::of(".{0,8}"), k2 in proptest::collection::vec(any::<u8>(), 1..8),
+        ) {
+            let key = |b: Vec<u8>| IdempotencyKey { bytes: b, origin: KeyOrigin::Header };
+            let a = Scope::new(&g1, t1.as_deref()).store_key(&key(k1.clone()));
+            let b = Scope::new(&g2, t2.as_deref()).store_key(&key(k2.clone()));
+            let same = g1 == g2 && t1.unwrap_or_default() == t2.unwrap_or_default() && k1 == k2;
+            prop_assert_eq!(a == b, same);
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! The record a handler receives.
+//!
+//! [`Record`] is an owned copy of one Kafka message: topic, partition, offset, key, payload,
+//! headers and timestamp, plus a typed JSON decode whose error carries serde's message and the
+//! record's position, so a handler can use `?` and the runtime dead-letters the record with a clear
+//! reason instead of losing it.
+
+use std::fmt;
+
+use rdkafka::Message;
+use rdkafka::message::{BorrowedMessage, Headers};
+use serde::de::DeserializeOwned;
+
+use crate::error::RecordPosition;
+
+/// One header of a record. The value may be absent (a null header) and need not be UTF-8.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Header name.
+    pub name: String,
+    /// Raw header value, `None` for a null value.
+    pub value: Option<Vec<u8>>,
+}
+
+/// An owned Kafka record as handed to a handler.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Record {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    headers: Vec<Header>,
+    timestamp_ms: Option<i64>,
+}
+
+impl fmt::Debug for Record {
+    // Payloads and keys may hold personal data: show sizes, not contents.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Record")
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .field("offset", &self.offset)
+            .field("key_len", &self.key.as_ref().map(Vec::len))
+            .field("payload_len", &self.payload.as_ref().map(Vec::len))
+            .field("headers", &self.headers.len())
+            .field("timestamp_ms", &self.timestamp_ms)
+            .finish()
+    }
+}
+
+impl Record {
+    /// Builds a record by hand, for tests of handlers and for replaying stored dead letters.
+    pub fn new(
+        topic: impl Into<String>,
+        partition: i32,
+        offset: i64,
+        key: Option<Vec<u8>>,
+        payload: Option<Vec<u8>>,
+    ) -> Self {
+        Record {
+            topic: topic.into(),
+            partition,
+            offset,
+            key,
+            payload,
+            headers: Vec::new(),
+            timestamp_ms: None,
+        }
+    }
+
+    /// Adds a header (builder style).
+    pub fn with_header(mut self, name: impl Into<String>, value: Option<Vec<u8>>) -> Self {
+        self.headers.push(Header {
+            name: name.into(),
+            value,
+        });
+        self
+    }
+
+    /// Sets the timestamp in milliseconds since the epoch (builder style).
+    pub fn with_timestamp_ms(mut self, timestamp_ms: i64) -> Self {
+        self.timestamp_ms = Some(timestamp_ms);
+        self
+    }
+
+    pub(crate) fn from_message(message: &BorrowedMessage<'_>) -> Self {
+        let headers = message
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| Header {
+                        name: h.key.to_owned(),
+                        value: h.value.map(<[u8]>::to_vec),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Record {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers,
+            timestamp_ms: message.timestamp().to_millis(),
+        }
+    }
+
+    /// Topic name.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Partition number.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// Offset in the partition.
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+
+    /// The record key, if any.
+    pub fn key(&self) -> Option<&[u8]> {
+        self.key.as_deref()
+    }
+
+    /// The payload; `None` for a tombstone (null payload).
+    pub fn payload(&self) -> Option<&[u8]> {
+        self.payload.as_deref()
+    }
+
+    /// All headers in order.
+    pub fn headers(&self) -> &[Header] {
+        &self.headers
+    }
+
+    /// The value of the last header with this name (`None` if absent or null).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|h| h.name == name)
+            .and_then(|h| h.value.as_deref())
+    }
+
+    /// Timestamp in milliseconds since the epoch, when the broker supplied one.
+    pub fn timestamp_ms(&self) -> Option<i64> {
+        self.timestamp_ms
+    }
+
+    /// Topic, partition and offset.
+    pub fn position(&self) -> RecordPosition {
+        RecordPosition {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+
+    /// Decodes the payload as JSON into `T`.
+    ///
+    /// A tombstone, an empty payload or invalid JSON give a [`DecodeError`] that says which record
+    /// and carries serde's message. It converts into a permanent
+    /// [`HandlerError`](crate::HandlerError), so `record.json::<T>()?` in a handler sends an
+    /// undecodable record to the dead-letter path instead of losing it.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
+        let bytes = match self.payload.as_deref() {
+            None => return Err(self.decode_error("payload is null (tombstone)".to_owned())),
+            Some([]) => return Err(self.decode_error("payload is empty".to_owned())),
+            Some(bytes) => bytes,
+        };
+        serde_json::from_slice(bytes).map_err(|e| self.decode_error(e.to_string()))
+    }
+
+    fn decode_error(&self, message: String) -> DecodeError {
+        DecodeError {
+            at: self.position(),
+            message,
+        }
+    }
+}
+
+/// A payload that could not be decoded into the handler's type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot decode payload of {at} as JSON: {message}")]
+pub struct DecodeError {
+    /// The record.
+    pub at: RecordPosition,
+    /// The decoder's message (serde's, for JSON).
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    struct Payment {
+        amount: i64,
+    }
+
+    #[test]
+    fn json_decodes_and_reports_serde_message() {
+        let ok = Record::new("t", 0, 1, None, Some(br#"{"amount":5}"#.to_vec()));
+        assert_eq!(ok.json::<Payment>().unwrap(), Payment { amount: 5 });
+
+        let bad = Record::new("t", 2, 7, None, Some(b"{not json".to_vec()));
+        let err = bad.json::<Payment>().unwrap_err();
+        assert_eq!(err.at.to_string(), "t/2@7");
+        assert!(err.to_string().contains("key must be a string"), "{err}");
+
+        let tomb = Record::new("t", 0, 1, None, None);
+        assert!(
+            tomb.json::<Payment>()
+                .unwrap_err()
+                .message
+                .contains("tombstone")
+        );
+        let empty = Record::new("t", 0, 1, None, Some(Vec::new()));
+        assert!(
+            empty
+                .json::<Payment>()
+                .unwrap_err()
+                .message
+                .contains("empty")
+        );
+    }
+
+    #[test]
+    fn last_header_wins_and_null_is_absent() {
+        let r = Record::new("t", 0, 0, None, None)
+            .with_header("k", Some(b"a".to_vec()))
+            .with_header("k", Some(b"b".to_vec()))
+            .with_header("n", None);
+        assert_eq!(r.header("k"), Some(&b"b"[..]));
+        assert_eq!(r.header("n"), None);
+        assert_eq!(r.header("missing"), None);
+    }
+
+    #[test]
+    fn debug_does_not_print_payload() {
+        let r = Record::new(
+            "t",
+            0,
+            0,
+            Some(b"secret-key".to_vec()),
+            Some(b"card=4111".to_vec()),
+        );
+        let shown = format!("{r:?}");
+        assert!(
+            !shown.contains("4111") && !shown.contains("secret"),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,392 @@
+//! One partition's task: batches of records, in order, each record deduplicated and handled
+//! inside the batch's store transaction.
+//!
+//! For every record, in order:
+//! 1. an offset below the stored position is a redelivery: skipped;
+//! 2. the idempotency key is derived; a record without a usable key is dead-lettered;
+//! 3. the key's entry is looked up (seeing this batch's earlier writes): the same fingerprint is
+//!    a duplicate (skipped, `on_duplicate` called), another fingerprint a conflict (policy);
+//! 4. otherwise the handler runs after a savepoint; on success its entry is written, on error the
+//!    savepoint is rolled back and the error class decides: retry (commit what came before, back
+//!    off, retry in a new batch), dead-letter, or stop (commit what came before, end).
+//!
+//! The batch then commits through [`commit`](super::commit). A failing record never poisons the
+//! records before or after it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use super::commit::{commit_batch, commit_kafka};
+use super::rebalance::ConsumerCtx;
+use super::{ConflictPolicy, Shared};
+use crate::dead_letter::{DeadLetter, DeadLetterReason};
+use crate::error::{Error, Result};
+use crate::handler::{DuplicateCause, ErrorClass, Handler};
+use crate::identity::{Fingerprint, IdempotencyKey};
+use crate::metrics::Stats;
+use crate::record::Record;
+use crate::store::{DedupEntry, EntryStatus, PartitionId, Store, Transaction};
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// What became of one record inside a batch.
+enum Step {
+    /// Settled (applied, duplicate or dead-lettered): the position moves past it.
+    Done,
+    /// Retry it after this delay, in a new batch.
+    Retry(Duration),
+    /// Stop before it.
+    Stop(Error),
+}
+
+pub(crate) struct PartitionTask<S: Store, H> {
+    pub(crate) shared: Arc<Shared<S, H>>,
+    pub(crate) consumer: Arc<BaseConsumer<ConsumerCtx<S>>>,
+    pub(crate) partition: PartitionId,
+    pub(crate) epoch: u64,
+    pub(crate) position: Option<i64>,
+}
+
+impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
+    /// Runs until the channel is closed and drained (revocation or shutdown) or a record stops it.
+    pub(crate) async fn run(mut self, mut records: mpsc::Receiver<Record>) -> Result<()> {
+        let mut pending: VecDeque<Record> = VecDeque::new();
+        let result = loop {
+            if pending.is_empty() && !self.next_batch(&mut records, &mut pending).await {
+                break Ok(());
+            }
+            if let Err(e) = self.process(&mut pending).await {
+                break Err(e);
+            }
+        };
+        if result.is_ok() {
+            if let Some(next) = self.position {
+                // Last word to Kafka before the partition is released.
+                let (consumer, partition, stats) = (
+                    self.consumer.clone(),
+                    self.partition.clone(),
+                    self.shared.stats.clone(),
+                );
+                let _ = tokio::task::spawn_blocking(move || {
+                    commit_kafka(&consumer, &partition, next, CommitMode::Sync, &stats)
+                })
+                .await;
+            }
+        }
+        result
+    }
+
+    /// Waits for a record, then gathers more until the batch is full or the linger time passed.
+    /// Returns false when the channel is closed and empty.
+    async fn next_batch(
+        &self,
+        records: &mut mpsc::Receiver<Record>,
+        batch: &mut VecDeque<Record>,
+    ) -> bool {
+        let config = &self.shared.config;
+        let Some(first) = records.recv().await else {
+            return false;
+        };
+        batch.push_back(first);
+        let deadline = tokio::time::Instant::now() + config.batch_linger;
+        let mut buf = Vec::new();
+        while batch.len() < config.batch_max_records {
+            let room = config.batch_max_records - batch.len();
+            match tokio::time::timeout_at(deadline, records.recv_many(&mut buf, room)).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => batch.extend(buf.drain(..)),
+            }
+        }
+        true
+    }
+
+    /// Processes and commits the pending records, retrying in place; leaves `pending` empty
+    /// unless it fails.
+    async fn process(&mut self, pending: &mut VecDeque<Record>) -> Result<()> {
+        let shared = self.shared.clone();
+        let mut tx = shared.store.begin(&self.partition, self.epoch).await?;
+        let mut next = self.position;
+        let mut attempts = 1u32;
+        while let Some(record) = pending.front() {
+            match self.record(&mut tx, record, attempts).await? {
+                Step::Done => {
+                    next = Some(record.offset() + 1);
+                    attempts = 1;
+                    pending.pop_front();
+                }
+                Step::Retry(delay) => {
+                    if let Some(n) = next {
+                        self.commit(tx, n).await?;
+                    }
+                    Stats::add(&shared.stats.retries, 1);
+                    tokio::time::sleep(delay).await;
+                    attempts += 1;
+                    tx = shared.store.begin(&self.partition, self.epoch).await?;
+                }
+                Step::Stop(e) => {
+                    if let Some(n) = next {
+                        self.commit(tx, n).await?;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        match next {
+            Some(n) => self.commit(tx, n).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn commit(&mut self, tx: S::Tx, next: i64) -> Result<()> {
+        if self.position == Some(next) {
+            // Nothing moved (every record was below the position); nothing to write.
+            return Ok(());
+        }
+        commit_batch(
+            tx,
+            &self.partition,
+            next,
+            &self.consumer,
+            &self.shared.stats,
+        )
+        .await?;
+        self.position = Some(next);
+        Ok(())
+    }
+
+    async fn record(&self, tx: &mut S::Tx, record: &Record, attempts: u32) -> Result<Step> {
+        let span = tracing::info_span!(
+            "record",
+            topic = %record.topic(),
+            partition = record.partition(),
+            offset = record.offset(),
+            key = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        async {
+            let step = self.decide(tx, record, attempts).await;
+            if let Ok(step) = &step {
+                let outcome = match step {
+                    Step::Done => "settled",
+                    Step::Retry(_) => "retry",
+                    Step::Stop(_) => "stop",
+                };
+                tracing::Span::current().record("outcome", outcome);
+            }
+            step
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn decide(&self, tx: &mut S::Tx, record: &Record, attempts: u32) -> Result<Step> {
+        let shared = &*self.shared;
+        let config = &shared.config;
+        let stats = &*shared.stats;
+        let span = tracing::Span::current();
+
+        if self.position.is_some_and(|p| record.offset() < p) {
+            stats.duplicate(DuplicateCause::Redelivery);
+            tracing::debug!("below the stored position: redelivery skipped");
+            if let Ok(key) = config.identity.key_of(record) {
+                if let Some(entry) = tx.lookup(&config.scope.store_key(&key)).await? {
+                    shared
+                        .handler
+                        .on_duplicate(record, &entry, DuplicateCause::Redelivery)
+                        .await;
+                }
+            }
+            return Ok(Step::Done);
+        }
+
+        let key = match config.identity.key_of(record) {
+            Ok(key) => key,
+            Err(e) => {
+                let message = e.to_string();
+                tracing::warn!(%message, "record without a usable idempotency key");
+                self.dead_letter(tx, record, None, DeadLetterReason::InvalidKey, message, 0)
+                    .await?;
+                return Ok(Step::Done);
+            }
+        };
+        span.record("key", tracing::field::display(&key));
+        let store_key = config.scope.store_key(&key);
+        let now = now_ms();
+
+        let fingerprint = Fingerprint::of(record.payload());
+        if let Some(entry) = tx.lookup(&store_key).await?.filter(|e| !e.is_expired(now)) {
+            if entry.fingerprint == fingerprint {
+                let same_record = entry.topic == record.topic()
+                    && entry.partition == record.partition()
+                    && entry.offset == record.offset();
+                let cause = if same_record {
+                    DuplicateCause::Redelivery
+                } else {
+                    DuplicateCause::RepeatedKey
+                };
+                stats.duplicate(cause);
+                tracing::info!(
+                    cause = cause.as_str(),
+                    first_offset = entry.offset,
+                    "duplicate skipped"
+                );
+                shared.handler.on_duplicate(record, &entry, cause).await;
+                return Ok(Step::Done);
+            }
+            Stats::add(&stats.conflicts, 1);
+            let message = format!(
+                "idempotency key {key} was first used at {}/{}@{} with a different payload",
+                entry.topic, entry.partition, entry.offset
+            );
+            tracing::warn!(%message, "conflict");
+            shared.handler.on_conflict(record, &entry).await;
+            return match config.conflict {
+                ConflictPolicy::DeadLetter => {
+                    // The key's entry stays the original record's; only the dead letter is new.
+                    let dl =
+                        dead_letter(record, Some(&key), DeadLetterReason::Conflict, message, 0);
+                    tx.put_dead_letter(&dl).await?;
+                    Stats::add(&stats.dead_lettered, 1);
+                    Ok(Step::Done)
+                }
+                ConflictPolicy::Stop => Ok(Step::Stop(Error::Stopped {
+                    at: record.position(),
+                    reason: message,
+                })),
+            };
+        }
+
+        tx.savepoint().await?;
+        let error = match shared.handler.handle(record, tx).await {
+            Ok(outcome) => {
+                let entry = self.entry(
+                    record,
+                    fingerprint,
+                    EntryStatus::Completed,
+                    outcome.into_bytes(),
+                    now,
+                );
+                tx.put_entry(&store_key, &entry).await?;
+                Stats::add(&stats.applied, 1);
+                return Ok(Step::Done);
+            }
+            Err(error) => error,
+        };
+        tx.rollback_to_savepoint().await?;
+        let message = error.to_string();
+        match error.class() {
+            ErrorClass::Retryable if attempts < config.retry.max_attempts => {
+                let delay = config.retry.backoff(attempts, error.retry_delay());
+                tracing::warn!(%message, attempts, ?delay, "retryable handler error");
+                Ok(Step::Retry(delay))
+            }
+            ErrorClass::Retryable => {
+                tracing::error!(%message, attempts, "retries exhausted; dead-lettering");
+                self.dead_letter(
+                    tx,
+                    record,
+                    Some((&key, &store_key, fingerprint)),
+                    DeadLetterReason::RetriesExhausted,
+                    message,
+                    attempts,
+                )
+                .await?;
+                Ok(Step::Done)
+            }
+            ErrorClass::Permanent => {
+                tracing::error!(%message, "permanent handler error; dead-lettering");
+                self.dead_letter(
+                    tx,
+                    record,
+                    Some((&key, &store_key, fingerprint)),
+                    DeadLetterReason::Permanent,
+                    message,
+                    attempts,
+                )
+                .await?;
+                Ok(Step::Done)
+            }
+            ErrorClass::Fatal => {
+                tracing::error!(%message, "fatal handler error; stopping before this record");
+                Ok(Step::Stop(Error::HandlerFatal {
+                    at: record.position(),
+                    message,
+                }))
+            }
+        }
+    }
+
+    fn entry(
+        &self,
+        record: &Record,
+        fingerprint: Fingerprint,
+        status: EntryStatus,
+        outcome: Option<Vec<u8>>,
+        now: i64,
+    ) -> DedupEntry {
+        let retention = self.shared.config.retention.as_millis() as i64;
+        DedupEntry {
+            status,
+            fingerprint,
+            outcome,
+            topic: record.topic().to_owned(),
+            partition: record.partition(),
+            offset: record.offset(),
+            created_at_ms: now,
+            expires_at_ms: now.saturating_add(retention),
+        }
+    }
+
+    /// Keeps the record as a dead letter and, when it has a key, marks the key dead-lettered in
+    /// the same transaction so a redelivery is a duplicate instead of a second dead letter.
+    async fn dead_letter(
+        &self,
+        tx: &mut S::Tx,
+        record: &Record,
+        key: Option<(&IdempotencyKey, &[u8], Fingerprint)>,
+        reason: DeadLetterReason,
+        message: String,
+        attempts: u32,
+    ) -> Result<()> {
+        let dl = dead_letter(record, key.map(|k| k.0), reason, message, attempts);
+        tx.put_dead_letter(&dl).await?;
+        if let Some((_, store_key, fingerprint)) = key {
+            let entry = self.entry(
+                record,
+                fingerprint,
+                EntryStatus::DeadLettered,
+                None,
+                dl.failed_at_ms,
+            );
+            tx.put_entry(store_key, &entry).await?;
+        }
+        Stats::add(&self.shared.stats.dead_lettered, 1);
+        Ok(())
+    }
+}
+
+fn dead_letter(
+    record: &Record,
+    key: Option<&IdempotencyKey>,
+    reason: DeadLetterReason,
+    message: String,
+    attempts: u32,
+) -> DeadLetter {
+    DeadLetter {
+        record: record.clone(),
+        key: key.map(|k| k.as_bytes().to_vec()),
+        reason,
+        message,
+        attempts,
+        failed_at_ms: now_ms(),
+    }
+}

@@ -1,0 +1,112 @@
+//! Stores: where dedup entries, partition positions, dead letters and the handler's effects live.
+//!
+//! The contract is small. [`Store::acquire`] takes a partition over (bumping its epoch, which
+//! fences any previous owner) and returns the stored position to seek to; [`Store::begin`] opens a
+//! [`Transaction`] for one batch of one partition; [`Transaction::commit`] writes everything of the
+//! batch plus the new position in one atomic write, and fails with
+//! [`Error::Fenced`](crate::Error::Fenced) if the partition's epoch moved on. Retention is
+//! [`Store::purge_expired`], which the runtime calls in bounded batches.
+//!
+//! Stores: [`rocksdb::RocksStore`] (embedded default, feature `rocksdb`).
+
+use std::future::Future;
+
+use crate::dead_letter::DeadLetter;
+use crate::error::Result;
+
+pub mod entry;
+#[cfg(feature = "rocksdb")]
+pub mod rocksdb;
+
+pub use entry::{DedupEntry, EntryStatus};
+
+/// A partition as seen by one consumer group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PartitionId {
+    /// Consumer group.
+    pub group: String,
+    /// Topic.
+    pub topic: String,
+    /// Partition number.
+    pub partition: i32,
+}
+
+impl PartitionId {
+    /// A partition of `topic` consumed by `group`.
+    pub fn new(group: impl Into<String>, topic: impl Into<String>, partition: i32) -> Self {
+        PartitionId {
+            group: group.into(),
+            topic: topic.into(),
+            partition,
+        }
+    }
+}
+
+/// What [`Store::acquire`] returns: the new owner's epoch and where to resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Assignment {
+    /// The epoch every commit of this owner must still hold.
+    pub epoch: u64,
+    /// The next offset to consume, if the store has one.
+    pub position: Option<i64>,
+}
+
+/// A store of dedup entries, positions and effects.
+pub trait Store: Send + Sync + 'static {
+    /// The transaction a batch is written through; handlers receive `&mut Self::Tx`.
+    type Tx: Transaction;
+
+    /// Takes ownership of a partition: increments its epoch (so commits of any previous owner are
+    /// rejected from now on) and returns the stored position.
+    fn acquire(&self, partition: &PartitionId) -> impl Future<Output = Result<Assignment>> + Send;
+
+    /// Opens a transaction for one batch of `partition`, owned at `epoch`.
+    fn begin(
+        &self,
+        partition: &PartitionId,
+        epoch: u64,
+    ) -> impl Future<Output = Result<Self::Tx>> + Send;
+
+    /// Deletes at most `limit` entries that expired at or before `now_ms`; returns how many.
+    /// Never deletes an entry that has not expired.
+    fn purge_expired(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<usize>> + Send;
+}
+
+/// One batch's writes, committed atomically with the partition's new position.
+///
+/// Writes made between [`savepoint`](Transaction::savepoint) and
+/// [`rollback_to_savepoint`](Transaction::rollback_to_savepoint) are undone by the latter; the
+/// runtime sets a savepoint before each record so a failing record does not poison the batch.
+pub trait Transaction: Send + 'static {
+    /// The entry stored under `key` (a scoped store key), including entries written earlier in
+    /// this transaction.
+    fn lookup(&mut self, key: &[u8]) -> impl Future<Output = Result<Option<DedupEntry>>> + Send;
+
+    /// Marks the point a later rollback returns to.
+    fn savepoint(&mut self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Undoes every write since the last savepoint.
+    fn rollback_to_savepoint(&mut self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Writes (or replaces an expired) dedup entry.
+    fn put_entry(
+        &mut self,
+        key: &[u8],
+        entry: &DedupEntry,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Keeps a dead letter.
+    fn put_dead_letter(
+        &mut self,
+        dead_letter: &DeadLetter,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Commits every write and sets the partition's next offset to `next_offset`, atomically.
+    /// Fails with [`Error::Fenced`](crate::Error::Fenced), writing nothing, when the partition's
+    /// epoch is no longer the one the transaction was opened with.
+    fn commit(self, next_offset: i64) -> impl Future<Output = Result<()>> + Send;
+}

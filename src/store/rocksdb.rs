@@ -1,0 +1,700 @@
+//! The embedded RocksDB store (default).
+//!
+//! Five column families: `dedup` (scoped key → [`DedupEntry`], bloom-filtered for misses),
+//! `expiry` (expiry time ‖ key, the index the purge walks), `positions` (group/topic/partition →
+//! next offset and epoch), `dead_letters` (partition ‖ offset → [`DeadLetter`]) and `data` (the
+//! handler's own key-value state, through [`RocksTx`]).
+//!
+//! A batch is buffered in a [`RocksTx`] overlay (so reads see the batch's own writes, and a
+//! per-record savepoint can be undone) and lands as ONE `WriteBatch` together with the partition's
+//! new position: WAL on, fsync per commit configurable. The store is single-process (RocksDB locks
+//! its directory); epochs still fence a partition task that was abandoned after a revoke.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use rocksdb::{
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch,
+    WriteOptions,
+};
+
+use crate::dead_letter::DeadLetter;
+use crate::error::{Error, Result};
+use crate::store::entry::{DedupEntry, Reader};
+use crate::store::{Assignment, PartitionId, Store, Transaction};
+
+const CF_DEDUP: &str = "dedup";
+const CF_EXPIRY: &str = "expiry";
+const CF_POSITIONS: &str = "positions";
+const CF_DEAD_LETTERS: &str = "dead_letters";
+const CF_DATA: &str = "data";
+const ALL_CFS: [&str; 5] = [CF_DEDUP, CF_EXPIRY, CF_POSITIONS, CF_DEAD_LETTERS, CF_DATA];
+
+/// Options of the RocksDB store.
+#[derive(Debug, Clone)]
+pub struct RocksOptions {
+    /// Fsync the WAL on every commit (default `true`). With `false` a commit survives a process
+    /// crash but not a machine crash.
+    pub sync: bool,
+}
+
+impl Default for RocksOptions {
+    fn default() -> Self {
+        RocksOptions { sync: true }
+    }
+}
+
+/// The embedded store. Cheap to clone; clones share one database.
+#[derive(Clone)]
+pub struct RocksStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: DB,
+    write_opts: WriteOptions,
+    /// Current epoch of each partition this process has acquired, keyed by the positions key.
+    fences: Mutex<HashMap<Vec<u8>, Arc<Mutex<u64>>>>,
+    /// Commits hold it shared; a purge round holds it exclusively, so a purge never deletes an
+    /// entry that a concurrent commit just rewrote.
+    purge_gate: RwLock<()>,
+}
+
+impl fmt::Debug for RocksStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RocksStore")
+            .field("path", &self.inner.db.path())
+            .finish_non_exhaustive()
+    }
+}
+
+fn rocks(context: &str) -> impl FnOnce(rocksdb::Error) -> Error + '_ {
+    move |e| Error::store(context.to_owned(), e)
+}
+
+/// The next offset and epoch stored for a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredPosition {
+    /// Next offset to consume; `None` when the partition was acquired but nothing committed yet.
+    pub next_offset: Option<i64>,
+    /// The epoch of the latest owner.
+    pub epoch: u64,
+}
+
+impl StoredPosition {
+    fn encode(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&self.next_offset.unwrap_or(-1).to_be_bytes());
+        out[8..].copy_from_slice(&self.epoch.to_be_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(bytes, "position");
+        let next = i64::from_be_bytes(r.array()?);
+        let epoch = u64::from_be_bytes(r.array()?);
+        r.finish()?;
+        Ok(StoredPosition {
+            next_offset: (next >= 0).then_some(next),
+            epoch,
+        })
+    }
+}
+
+fn position_key(p: &PartitionId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + p.group.len() + p.topic.len());
+    for part in [p.group.as_bytes(), p.topic.as_bytes()] {
+        k.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        k.extend_from_slice(part);
+    }
+    k.extend_from_slice(&p.partition.to_be_bytes());
+    k
+}
+
+/// Expiry index key: the time first, order-preserving for negative values too.
+fn expiry_key(expires_at_ms: i64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + key.len());
+    k.extend_from_slice(&((expires_at_ms as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+fn split_expiry_key(k: &[u8]) -> Result<(i64, &[u8])> {
+    if k.len() < 8 {
+        return Err(Error::Corrupt("expiry index key is truncated".into()));
+    }
+    let (t, key) = k.split_at(8);
+    let t = u64::from_be_bytes(t.try_into().expect("8 bytes")) ^ (1 << 63);
+    Ok((t as i64, key))
+}
+
+fn dead_letter_key(group: &str, record_topic: &str, partition: i32, offset: i64) -> Vec<u8> {
+    let p = PartitionId::new(group, record_topic, partition);
+    let mut k = position_key(&p);
+    k.extend_from_slice(&((offset as u64) ^ (1 << 63)).to_be_bytes());
+    k
+}
+
+impl RocksStore {
+    /// Opens (creating if needed) a store in `path` with default options.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, RocksOptions::default())
+    }
+
+    /// Opens (creating if needed) a store in `path`.
+    pub fn open_with(path: impl AsRef<Path>, options: RocksOptions) -> Result<Self> {
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.increase_parallelism(2);
+        let cfs = ALL_CFS.iter().map(|name| {
+            let mut cf_opts = Options::default();
+            if *name == CF_DEDUP || *name == CF_POSITIONS {
+                let mut table = BlockBasedOptions::default();
+                table.set_bloom_filter(10.0, false);
+                cf_opts.set_block_based_table_factory(&table);
+            }
+            ColumnFamilyDescriptor::new(*name, cf_opts)
+        });
+        let db = DB::open_cf_descriptors(&db_opts, path.as_ref(), cfs).map_err(|e| {
+            Error::store(format!("opening RocksDB at {}", path.as_ref().display()), e)
+        })?;
+        let mut write_opts = WriteOptions::default();
+        write_opts.set_sync(options.sync);
+        Ok(RocksStore {
+            inner: Arc::new(Inner {
+                db,
+                write_opts,
+                fences: Mutex::new(HashMap::new()),
+                purge_gate: RwLock::new(()),
+            }),
+        })
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        self.inner.cf(name)
+    }
+
+    /// The committed dedup entry under a scoped key (see
+    /// [`Scope::store_key`](crate::identity::Scope::store_key)), expired or not.
+    pub fn entry(&self, key: &[u8]) -> Result<Option<DedupEntry>> {
+        self.inner.entry(key)
+    }
+
+    /// The stored position of a partition.
+    pub fn position(&self, partition: &PartitionId) -> Result<Option<StoredPosition>> {
+        self.inner
+            .db
+            .get_cf(self.cf(CF_POSITIONS), position_key(partition))
+            .map_err(rocks("reading a position"))?
+            .map(|b| StoredPosition::decode(&b))
+            .transpose()
+    }
+
+    /// Sets a partition's next offset, keeping its epoch: an operator's replay or skip. Run it
+    /// while no consumer owns the partition; the next owner resumes from `next_offset`, and
+    /// records it has already applied are skipped as redeliveries.
+    pub fn set_position(&self, partition: &PartitionId, next_offset: i64) -> Result<()> {
+        let epoch = self.position(partition)?.map_or(0, |p| p.epoch);
+        let row = StoredPosition {
+            next_offset: Some(next_offset),
+            epoch,
+        };
+        self.inner
+            .db
+            .put_cf_opt(
+                self.cf(CF_POSITIONS),
+                position_key(partition),
+                row.encode(),
+                &self.inner.write_opts,
+            )
+            .map_err(rocks("writing a position"))
+    }
+
+    /// Every dead letter kept, in partition and offset order.
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
+        self.inner
+            .db
+            .iterator_cf(self.cf(CF_DEAD_LETTERS), IteratorMode::Start)
+            .map(|item| {
+                let (_, v) = item.map_err(rocks("reading dead letters"))?;
+                DeadLetter::decode(&v)
+            })
+            .collect()
+    }
+
+    /// A committed value of the handler's key-value state.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.inner
+            .db
+            .get_cf(self.cf(CF_DATA), key)
+            .map_err(rocks("reading handler data"))
+    }
+
+    /// Committed key-value pairs of the handler's state whose key starts with `prefix`.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mode = IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.inner.db.iterator_cf(self.cf(CF_DATA), mode) {
+            let (k, v) = item.map_err(rocks("scanning handler data"))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.into_vec(), v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Number of dedup entries stored (RocksDB's estimate, cheap).
+    pub fn estimated_entries(&self) -> Result<u64> {
+        Ok(self
+            .inner
+            .db
+            .property_int_value_cf(self.cf(CF_DEDUP), "rocksdb.estimate-num-keys")
+            .map_err(rocks("reading the entry count"))?
+            .unwrap_or(0))
+    }
+
+    fn fence(&self, key: &[u8]) -> Arc<Mutex<u64>> {
+        let mut fences = self.inner.fences.lock().expect("fence map poisoned");
+        match fences.entry(key.to_vec()) {
+            Entry::Occupied(e) => e.get().clone(),
+            Entry::Vacant(e) => e.insert(Arc::new(Mutex::new(0))).clone(),
+        }
+    }
+}
+
+impl Inner {
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        // Every family is created on open, so a missing handle is a bug, not an input error.
+        self.db
+            .cf_handle(name)
+            .expect("column family created on open")
+    }
+
+    fn entry(&self, key: &[u8]) -> Result<Option<DedupEntry>> {
+        self.db
+            .get_pinned_cf(self.cf(CF_DEDUP), key)
+            .map_err(rocks("reading a dedup entry"))?
+            .map(|b| DedupEntry::decode(&b))
+            .transpose()
+    }
+}
+
+impl Store for RocksStore {
+    type Tx = RocksTx;
+
+    async fn acquire(&self, partition: &PartitionId) -> Result<Assignment> {
+        let key = position_key(partition);
+        let fence = self.fence(&key);
+        let mut current = fence.lock().expect("fence poisoned");
+        let stored = self.position(partition)?;
+        let epoch = stored.map_or(0, |p| p.epoch).max(*current) + 1;
+        let row = StoredPosition {
+            next_offset: stored.and_then(|p| p.next_offset),
+            epoch,
+        };
+        self.inner
+            .db
+            .put_cf_opt(
+                self.cf(CF_POSITIONS),
+                &key,
+                row.encode(),
+                &self.inner.write_opts,
+            )
+            .map_err(rocks("writing an epoch"))?;
+        *current = epoch;
+        Ok(Assignment {
+            epoch,
+            position: row.next_offset,
+        })
+    }
+
+    async fn begin(&self, partition: &PartitionId, epoch: u64) -> Result<RocksTx> {
+        let position_key = position_key(partition);
+        Ok(RocksTx {
+            fence: self.fence(&position_key),
+            store: self.clone(),
+            partition: partition.clone(),
+            position_key,
+            epoch,
+            overlay: HashMap::new(),
+            undo: Vec::new(),
+            savepoint: 0,
+        })
+    }
+
+    async fn purge_expired(&self, now_ms: i64, limit: usize) -> Result<usize> {
+        let inner = &self.inner;
+        let _exclusive = inner.purge_gate.write().expect("purge gate poisoned");
+        let mut batch = WriteBatch::default();
+        let mut purged = 0;
+        let mut scanned = 0;
+        for item in inner
+            .db
+            .iterator_cf(inner.cf(CF_EXPIRY), IteratorMode::Start)
+        {
+            if scanned == limit {
+                break;
+            }
+            let (index_key, _) = item.map_err(rocks("scanning the expiry index"))?;
+            let (expires_at, key) = split_expiry_key(&index_key)?;
+            if expires_at > now_ms {
+                break;
+            }
+            scanned += 1;
+            batch.delete_cf(inner.cf(CF_EXPIRY), &index_key);
+            // The key may have been admitted again since: only its current entry's own expiry
+            // counts.
+            if let Some(entry) = inner.entry(key)? {
+                if entry.expires_at_ms == expires_at {
+                    batch.delete_cf(inner.cf(CF_DEDUP), key);
+                    purged += 1;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            inner
+                .db
+                .write_opt(batch, &inner.write_opts)
+                .map_err(rocks("purging expired entries"))?;
+        }
+        Ok(purged)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Family {
+    Dedup,
+    Expiry,
+    DeadLetters,
+    Data,
+}
+
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Family::Dedup => CF_DEDUP,
+            Family::Expiry => CF_EXPIRY,
+            Family::DeadLetters => CF_DEAD_LETTERS,
+            Family::Data => CF_DATA,
+        }
+    }
+}
+
+type Slot = (Family, Vec<u8>);
+
+/// A batch transaction on the RocksDB store.
+///
+/// Handlers use [`get`](RocksTx::get), [`put`](RocksTx::put) and [`delete`](RocksTx::delete) on
+/// their own key space; reads see the batch's earlier writes. Nothing reaches the database until
+/// the runtime commits the batch, in one `WriteBatch` with the dedup entries and the position.
+pub struct RocksTx {
+    store: RocksStore,
+    partition: PartitionId,
+    position_key: Vec<u8>,
+    epoch: u64,
+    fence: Arc<Mutex<u64>>,
+    /// Pending writes: `Some(value)` is a put, `None` a delete.
+    overlay: HashMap<Slot, Option<Vec<u8>>>,
+    /// Previous overlay state of each slot written since the transaction began, newest last.
+    undo: Vec<(Slot, Option<Option<Vec<u8>>>)>,
+    savepoint: usize,
+}
+
+impl fmt::Debug for RocksTx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RocksTx")
+            .field("partition", &self.partition)
+            .field("epoch", &self.epoch)
+            .field("pending_writes", &self.overlay.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RocksTx {
+    fn write(&mut self, family: Family, key: &[u8], value: Option<Vec<u8>>) {
+        let slot = (family, key.to_vec());
+        let previous = self.overlay.insert(slot.clone(), value);
+        self.undo.push((slot, previous));
+    }
+
+    fn read(&self, family: Family, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some(pending) = self.overlay.get(&(family, key.to_vec())) {
+            return Ok(pending.clone());
+        }
+        let inner = &self.store.inner;
+        inner
+            .db
+            .get_cf(inner.cf(family.name()), key)
+            .map_err(rocks("reading through a transaction"))
+    }
+
+    /// Reads a key of the handler's state, seeing this batch's own writes.
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
+        self.read(Family::Data, key.as_ref())
+    }
+
+    /// Writes a key of the handler's state.
+    pub fn put(&mut self, key: impl AsRef<[u8]>, value: impl Into<Vec<u8>>) {
+        self.write(Family::Data, key.as_ref(), Some(value.into()));
+    }
+
+    /// Deletes a key of the handler's state.
+    pub fn delete(&mut self, key: impl AsRef<[u8]>) {
+        self.write(Family::Data, key.as_ref(), None);
+    }
+
+    /// The partition this batch belongs to.
+    pub fn partition(&self) -> &PartitionId {
+        &self.partition
+    }
+}
+
+impl Transaction for RocksTx {
+    async fn lookup(&mut self, key: &[u8]) -> Result<Option<DedupEntry>> {
+        self.read(Family::Dedup, key)?
+            .map(|b| DedupEntry::decode(&b))
+            .transpose()
+    }
+
+    async fn savepoint(&mut self) -> Result<()> {
+        self.savepoint = self.undo.len();
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(&mut self) -> Result<()> {
+        while self.undo.len() > self.savepoint {
+            let (slot, previous) = self.undo.pop().expect("length checked");
+            match previous {
+                Some(value) => self.overlay.insert(slot, value),
+                None => self.overlay.remove(&slot),
+            };
+        }
+        Ok(())
+    }
+
+    async fn put_entry(&mut self, key: &[u8], entry: &DedupEntry) -> Result<()> {
+        self.write(Family::Dedup, key, Some(entry.encode()));
+        self.write(
+            Family::Expiry,
+            &expiry_key(entry.expires_at_ms, key),
+            Some(Vec::new()),
+        );
+        Ok(())
+    }
+
+    async fn put_dead_letter(&mut self, dead_letter: &DeadLetter) -> Result<()> {
+        let r = &dead_letter.record;
+        let key = dead_letter_key(&self.partition.group, r.topic(), r.partition(), r.offset());
+        self.write(Family::DeadLetters, &key, Some(dead_letter.encode()));
+        Ok(())
+    }
+
+    async fn commit(self, next_offset: i64) -> Result<()> {
+        let inner = &self.store.inner;
+        let mut batch = WriteBatch::with_capacity_bytes(256 * (self.overlay.len() + 1));
+        for ((family, key), value) in &self.overlay {
+            let cf = inner.cf(family.name());
+            match value {
+                Some(v) => batch.put_cf(cf, key, v),
+                None => batch.delete_cf(cf, key),
+            }
+        }
+        let row = StoredPosition {
+            next_offset: Some(next_offset),
+            epoch: self.epoch,
+        };
+        batch.put_cf(inner.cf(CF_POSITIONS), &self.position_key, row.encode());
+
+        let _shared = inner.purge_gate.read().expect("purge gate poisoned");
+        let current = self.fence.lock().expect("fence poisoned");
+        if *current != self.epoch {
+            return Err(Error::Fenced {
+                topic: self.partition.topic.clone(),
+                partition: self.partition.partition,
+                epoch: self.epoch,
+                current: *current,
+            });
+        }
+        inner
+            .db
+            .write_opt(batch, &inner.write_opts)
+            .map_err(rocks("committing a batch"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Fingerprint;
+    use crate::store::EntryStatus;
+
+    fn entry(offset: i64, expires_at_ms: i64) -> DedupEntry {
+        DedupEntry {
+            status: EntryStatus::Completed,
+            fingerprint: Fingerprint::of(Some(b"p")),
+            outcome: Some(b"ok".to_vec()),
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            created_at_ms: 0,
+            expires_at_ms,
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, RocksStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open_with(dir.path(), RocksOptions { sync: false }).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn commit_is_all_or_nothing_and_rollback_undoes_one_record() {
+        let (_dir, store) = open();
+        let p = PartitionId::new("g", "t", 0);
+        let a = store.acquire(&p).await.unwrap();
+        assert_eq!(
+            a,
+            Assignment {
+                epoch: 1,
+                position: None
+            }
+        );
+
+        let mut tx = store.begin(&p, a.epoch).await.unwrap();
+        tx.savepoint().await.unwrap();
+        tx.put("balance", b"10".to_vec());
+        tx.put_entry(b"k1", &entry(0, i64::MAX)).await.unwrap();
+        tx.savepoint().await.unwrap();
+        tx.put("balance", b"99".to_vec());
+        tx.put_entry(b"k2", &entry(1, i64::MAX)).await.unwrap();
+        assert_eq!(tx.get("balance").unwrap().as_deref(), Some(&b"99"[..]));
+        tx.rollback_to_savepoint().await.unwrap();
+        assert_eq!(
+            tx.get("balance").unwrap().as_deref(),
+            Some(&b"10"[..]),
+            "read your writes after rollback"
+        );
+        assert!(tx.lookup(b"k2").await.unwrap().is_none());
+        assert!(
+            tx.lookup(b"k1").await.unwrap().is_some(),
+            "sees its own entry"
+        );
+        assert!(
+            store.get(b"balance").unwrap().is_none(),
+            "nothing visible before commit"
+        );
+        tx.commit(2).await.unwrap();
+
+        assert_eq!(store.get(b"balance").unwrap().as_deref(), Some(&b"10"[..]));
+        assert!(store.entry(b"k1").unwrap().is_some());
+        assert!(store.entry(b"k2").unwrap().is_none());
+        assert_eq!(
+            store.position(&p).unwrap(),
+            Some(StoredPosition {
+                next_offset: Some(2),
+                epoch: 1
+            })
+        );
+
+        // A dropped transaction writes nothing.
+        let mut tx = store.begin(&p, a.epoch).await.unwrap();
+        tx.put("balance", b"0".to_vec());
+        drop(tx);
+        assert_eq!(store.get(b"balance").unwrap().as_deref(), Some(&b"10"[..]));
+    }
+
+    #[tokio::test]
+    async fn stale_epoch_commit_is_fenced_and_writes_nothing() {
+        let (_dir, store) = open();
+        let p = PartitionId::new("g", "t", 3);
+        let old = store.acquire(&p).await.unwrap();
+        let mut zombie = store.begin(&p, old.epoch).await.unwrap();
+        zombie.put("x", b"zombie".to_vec());
+        let new = store.acquire(&p).await.unwrap();
+        assert_eq!(new.epoch, old.epoch + 1);
+        let err = zombie.commit(10).await.unwrap_err();
+        assert!(err.is_fenced(), "{err}");
+        assert!(store.get(b"x").unwrap().is_none());
+        assert_eq!(store.position(&p).unwrap().unwrap().next_offset, None);
+    }
+
+    #[tokio::test]
+    async fn positions_and_epochs_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = PartitionId::new("g", "t", 1);
+        {
+            let store = RocksStore::open(dir.path()).unwrap();
+            let a = store.acquire(&p).await.unwrap();
+            store
+                .begin(&p, a.epoch)
+                .await
+                .unwrap()
+                .commit(7)
+                .await
+                .unwrap();
+        }
+        let store = RocksStore::open(dir.path()).unwrap();
+        let a = store.acquire(&p).await.unwrap();
+        assert_eq!(
+            a,
+            Assignment {
+                epoch: 2,
+                position: Some(7)
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn purge_removes_only_expired_entries_in_bounded_rounds() {
+        let (_dir, store) = open();
+        let p = PartitionId::new("g", "t", 0);
+        let a = store.acquire(&p).await.unwrap();
+        let mut tx = store.begin(&p, a.epoch).await.unwrap();
+        for i in 0..5 {
+            tx.put_entry(format!("old{i}").as_bytes(), &entry(i, 1_000 + i))
+                .await
+                .unwrap();
+        }
+        tx.put_entry(b"young", &entry(9, 5_000)).await.unwrap();
+        // A key expired and admitted again keeps its new entry.
+        tx.put_entry(b"again", &entry(10, 500)).await.unwrap();
+        tx.commit(11).await.unwrap();
+        let mut tx = store.begin(&p, a.epoch).await.unwrap();
+        tx.put_entry(b"again", &entry(12, 9_000)).await.unwrap();
+        tx.commit(13).await.unwrap();
+
+        assert_eq!(
+            store.purge_expired(2_000, 3).await.unwrap(),
+            2,
+            "bounded: 3 index rows, one stale"
+        );
+        assert_eq!(store.purge_expired(2_000, 100).await.unwrap(), 3);
+        assert_eq!(store.purge_expired(2_000, 100).await.unwrap(), 0);
+        for i in 0..5 {
+            assert!(store.entry(format!("old{i}").as_bytes()).unwrap().is_none());
+        }
+        assert!(
+            store.entry(b"young").unwrap().is_some(),
+            "inside the window: kept"
+        );
+        assert_eq!(store.entry(b"again").unwrap().unwrap().offset, 12);
+        assert_eq!(store.purge_expired(i64::MAX, 100).await.unwrap(), 2);
+    }
+
+    #[test]
+    fn expiry_keys_sort_by_time_including_negative() {
+        let mut ks = [
+            expiry_key(5, b"a"),
+            expiry_key(-3, b"b"),
+            expiry_key(0, b"c"),
+        ];
+        ks.sort();
+        let times: Vec<i64> = ks.iter().map(|k| split_expiry_key(k).unwrap().0).collect();
+        assert_eq!(times, [-3, 0, 5]);
+    }
+}
