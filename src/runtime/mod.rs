@@ -448,7 +448,10 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
             }
         };
 
-        // Drain: close every channel, let the tasks commit what they hold, then leave.
+        // Drain: close every channel, let the tasks commit what they hold, then leave. Without a
+        // control loop nobody answers rebalance events any more: closing the receiver makes the
+        // poll thread release partitions at once instead of waiting for an answer.
+        drop(events);
         consumer.context().close_all();
         let drained = tokio::time::timeout(config.drain_timeout, async {
             let mut first_error = None;

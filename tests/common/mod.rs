@@ -1,0 +1,423 @@
+//! Shared helpers of the integration tests: a Kafka cluster (librdkafka's in-process mock
+//! cluster, or the one named by `KAFKA_BOOTSTRAP_SERVERS`), a producer, unique names, a ledger
+//! handler with fault points, and a harness that runs each consumer "incarnation" on its own
+//! tokio runtime so that a crash is a real drop of everything in flight.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use idempotent_consumer::{
+    DedupEntry, DuplicateCause, Handler, HandlerError, Outcome, Record, RocksStore, RocksTx,
+    Runtime, Stats, StatsSnapshot,
+};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{Notify, oneshot};
+
+/// How long a test waits for the consumer to reach a state before failing.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// A unique name for topics and groups, so tests never share state on a real cluster.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}-{}-{n}-{nanos}", std::process::id())
+}
+
+/// The Kafka cluster a test runs against.
+pub struct Cluster {
+    mock: Option<MockCluster<'static, DefaultProducerContext>>,
+    bootstrap: String,
+    producer: BaseProducer,
+}
+
+impl Cluster {
+    /// The cluster named by `KAFKA_BOOTSTRAP_SERVERS`, or a fresh in-process mock cluster.
+    pub fn start() -> Self {
+        let (mock, bootstrap) = match std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
+            Ok(servers) if !servers.is_empty() => (None, servers),
+            _ => {
+                let mock = MockCluster::new(1).expect("starting librdkafka's mock cluster");
+                let bootstrap = mock.bootstrap_servers();
+                (Some(mock), bootstrap)
+            }
+        };
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .create()
+            .expect("creating the test producer");
+        Cluster {
+            mock,
+            bootstrap,
+            producer,
+        }
+    }
+
+    pub fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// Creates a topic (through the mock itself: the mock does not serve CreateTopics).
+    pub fn create_topic(&self, partitions: i32) -> String {
+        let topic = unique("topic");
+        match &self.mock {
+            Some(mock) => mock
+                .create_topic(&topic, partitions, 1)
+                .expect("creating a topic on the mock cluster"),
+            None => {
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", &self.bootstrap)
+                    .create()
+                    .expect("creating the admin client");
+                let new = NewTopic::new(&topic, partitions, TopicReplication::Fixed(1));
+                let rt = tokio::runtime::Runtime::new().unwrap();
+                let results = rt
+                    .block_on(admin.create_topics([&new], &AdminOptions::new()))
+                    .expect("creating a topic");
+                for r in results {
+                    r.expect("creating a topic");
+                }
+            }
+        }
+        topic
+    }
+
+    /// Produces one record to an explicit partition and waits until it is acknowledged.
+    pub fn send(&self, topic: &str, partition: i32, key: Option<&str>, payload: Option<&[u8]>) {
+        let mut headers = OwnedHeaders::new();
+        if let Some(key) = key {
+            headers = headers.insert(Header {
+                key: "idempotency-key",
+                value: Some(key.as_bytes()),
+            });
+        }
+        let mut record: BaseRecord<'_, (), [u8]> =
+            BaseRecord::to(topic).partition(partition).headers(headers);
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        self.producer
+            .send(record)
+            .map_err(|(e, _)| e)
+            .expect("enqueueing a record");
+        self.producer
+            .flush(Duration::from_secs(30))
+            .expect("flushing the producer");
+    }
+
+    /// Produces a ledger movement: `{"account": .., "amount": ..}` under an idempotency key.
+    pub fn send_movement(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &str,
+        account: &str,
+        amount: i64,
+    ) {
+        let payload = movement(account, amount);
+        self.send(topic, partition, Some(key), Some(&payload));
+    }
+
+    /// Sets the group's committed Kafka offset of a partition (as an operator tool would). It
+    /// joins the group first: the mock cluster refuses commits from non-members.
+    pub fn commit_kafka_offset(&self, group: &str, topic: &str, partition: i32, offset: i64) {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000")
+            .create()
+            .expect("creating the offset tool consumer");
+        consumer
+            .subscribe(&[topic])
+            .expect("subscribing the offset tool");
+        let start = Instant::now();
+        while consumer.assignment().map_or(0, |a| a.count()) == 0 {
+            assert!(start.elapsed() < WAIT, "offset tool never joined the group");
+            let _ = consumer.poll(Duration::from_millis(100));
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+            .unwrap();
+        consumer
+            .commit(&tpl, CommitMode::Sync)
+            .expect("committing a Kafka offset");
+        // Leave the group explicitly so the next member does not wait for our session to expire.
+        consumer.unsubscribe();
+        let start = Instant::now();
+        while consumer.assignment().map_or(0, |a| a.count()) > 0 {
+            assert!(start.elapsed() < WAIT, "offset tool never left the group");
+            let _ = consumer.poll(Duration::from_millis(100));
+        }
+    }
+
+    /// The group's committed Kafka offset of a partition.
+    pub fn kafka_offset(&self, group: &str, topic: &str, partition: i32) -> Option<i64> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", group)
+            .create()
+            .expect("creating the offset tool consumer");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("reading committed offsets");
+        match committed.elements()[0].offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }
+    }
+}
+
+pub fn movement(account: &str, amount: i64) -> Vec<u8> {
+    format!(r#"{{"account":"{account}","amount":{amount}}}"#).into_bytes()
+}
+
+#[derive(serde::Deserialize)]
+struct Movement {
+    account: String,
+    amount: i64,
+}
+
+/// What a handler observed, for assertions.
+#[derive(Default)]
+pub struct Observed {
+    /// (partition, offset) of every handler call, in call order.
+    pub calls: Mutex<Vec<(i32, i64)>>,
+    /// (offset, cause, stored outcome) of every on_duplicate call.
+    pub duplicates: Mutex<Vec<(i64, DuplicateCause, Option<Vec<u8>>)>>,
+    /// (offset, offset of the first record) of every on_conflict call.
+    pub conflicts: Mutex<Vec<(i64, i64)>>,
+    /// Notified when the handler reaches its `hang_at` or `notify_at` offset.
+    pub reached: Notify,
+}
+
+impl Observed {
+    pub fn calls(&self) -> Vec<(i32, i64)> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+/// A ledger handler: adds `amount` to `balance/<account>` in the store transaction and returns
+/// the new balance as its outcome. Fault points: `hang_at` makes it write its effects and then
+/// never return (the crash point between handler and commit); `notify_at` only signals;
+/// `delay` slows every call down.
+#[derive(Clone)]
+pub struct Ledger {
+    pub observed: Arc<Observed>,
+    pub hang_at: Option<i64>,
+    pub notify_at: Option<i64>,
+    pub delay: Duration,
+}
+
+impl Ledger {
+    pub fn new() -> Self {
+        Ledger {
+            observed: Arc::new(Observed::default()),
+            hang_at: None,
+            notify_at: None,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+impl Handler<RocksTx> for Ledger {
+    async fn handle(&self, record: &Record, tx: &mut RocksTx) -> Result<Outcome, HandlerError> {
+        self.observed
+            .calls
+            .lock()
+            .unwrap()
+            .push((record.partition(), record.offset()));
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        let m: Movement = record.json()?;
+        let key = format!("balance/{}", m.account);
+        let balance = tx
+            .get(&key)
+            .map_err(HandlerError::retryable)?
+            .map(|b| String::from_utf8(b).unwrap().parse::<i64>().unwrap())
+            .unwrap_or(0)
+            + m.amount;
+        tx.put(&key, balance.to_string());
+        if self.notify_at == Some(record.offset()) {
+            self.observed.reached.notify_one();
+        }
+        if self.hang_at == Some(record.offset()) {
+            self.observed.reached.notify_one();
+            std::future::pending::<()>().await;
+        }
+        Ok(Outcome::bytes(balance.to_string()))
+    }
+
+    async fn on_duplicate(&self, record: &Record, entry: &DedupEntry, cause: DuplicateCause) {
+        self.observed.duplicates.lock().unwrap().push((
+            record.offset(),
+            cause,
+            entry.outcome.clone(),
+        ));
+    }
+
+    async fn on_conflict(&self, record: &Record, entry: &DedupEntry) {
+        self.observed
+            .conflicts
+            .lock()
+            .unwrap()
+            .push((record.offset(), entry.offset));
+    }
+}
+
+/// Committed balances in a store.
+pub fn balances(store: &RocksStore) -> HashMap<String, i64> {
+    store
+        .scan_prefix(b"balance/")
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8(k[8..].to_vec()).unwrap(),
+                String::from_utf8(v).unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A runtime builder preset for tests: fast group joins and short timeouts.
+pub fn builder(cluster: &Cluster, group: &str, topic: &str) -> idempotent_consumer::RuntimeBuilder {
+    Runtime::builder()
+        .bootstrap_servers(cluster.bootstrap())
+        .group_id(group)
+        .topics([topic])
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .set("topic.metadata.refresh.interval.ms", "500")
+}
+
+/// One consumer incarnation on its own tokio runtime, like one process.
+pub struct Incarnation {
+    rt: Option<tokio::runtime::Runtime>,
+    shutdown: Option<oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<idempotent_consumer::Result<()>>>,
+    pub stats: Arc<Stats>,
+}
+
+impl Incarnation {
+    pub fn start<H: Handler<RocksTx>>(runtime: Runtime<RocksStore, H>) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let stats = runtime.stats();
+        let (tx, rx) = oneshot::channel();
+        let done = rt.spawn(runtime.run(async {
+            let _ = rx.await;
+        }));
+        Incarnation {
+            rt: Some(rt),
+            shutdown: Some(tx),
+            done: Some(done),
+            stats,
+        }
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Waits until `cond` holds for the counters, or panics with them after [`WAIT`].
+    pub fn wait_for(&self, what: &str, cond: impl Fn(&StatsSnapshot) -> bool) {
+        let start = Instant::now();
+        loop {
+            let s = self.stats();
+            if cond(&s) {
+                return;
+            }
+            if let Some(done) = &self.done {
+                assert!(
+                    !done.is_finished(),
+                    "runtime ended while waiting for {what}: {s:?}"
+                );
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "timed out waiting for {what}: {s:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for a handler notification.
+    pub fn wait_notified(&self, observed: &Observed) {
+        let rt = self.rt.as_ref().unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(WAIT, observed.reached.notified())
+                .await
+                .expect("handler never reached its fault point")
+        });
+    }
+
+    /// Drops everything in flight without any graceful step: a crash.
+    pub fn crash(mut self) {
+        let rt = self.rt.take().unwrap();
+        drop(self.shutdown.take());
+        // Dropping the runtime cancels every task at its current await point; nothing after it
+        // runs, so nothing else commits.
+        drop(self.done.take());
+        drop(rt);
+    }
+
+    /// Graceful shutdown; returns what `run` returned.
+    pub fn stop(mut self) -> idempotent_consumer::Result<()> {
+        let _ = self.shutdown.take().unwrap().send(());
+        self.join()
+    }
+
+    /// Waits for `run` to return on its own (a fatal stop).
+    pub fn join(&mut self) -> idempotent_consumer::Result<()> {
+        let rt = self.rt.take().unwrap();
+        let done = self.done.take().unwrap();
+        let result = rt
+            .block_on(async { tokio::time::timeout(WAIT, done).await })
+            .expect("runtime did not stop in time")
+            .expect("runtime task panicked");
+        drop(rt);
+        result
+    }
+}
+
+impl Drop for Incarnation {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let (Some(rt), Some(done)) = (self.rt.take(), self.done.take()) {
+            let _ = rt.block_on(async { tokio::time::timeout(WAIT, done).await });
+        }
+    }
+}
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}

@@ -1,0 +1,525 @@
+//! The runtime's guarantees on the embedded RocksDB store, against a real Kafka wire protocol
+//! (librdkafka's mock cluster, or `KAFKA_BOOTSTRAP_SERVERS`). Each test fails if the guarantee it
+//! names breaks.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Cluster, Incarnation, Ledger, balances, builder, unique};
+use idempotent_consumer::{
+    ConflictPolicy, DeadLetterReason, DuplicateCause, Error, PartitionId, RocksOptions, RocksStore,
+};
+
+fn open(dir: &tempfile::TempDir) -> RocksStore {
+    RocksStore::open_with(dir.path(), RocksOptions { sync: false }).unwrap()
+}
+
+/// The handler writes its effects for a record and the process dies before the batch commits.
+/// After a restart the record is handled again, and its effects count exactly once.
+#[test]
+fn crash_between_handler_and_commit_then_redelivery_is_a_noop() {
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..10 {
+        cluster.send_movement(&topic, 0, &format!("k{i}"), "alice", 1 << i);
+    }
+
+    let mut crashing = Ledger::new();
+    crashing.hang_at = Some(6);
+    let observed = crashing.observed.clone();
+    let first = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .batch(100, Duration::from_secs(2))
+            .store(open(&dir))
+            .build(crashing)
+            .unwrap(),
+    );
+    first.wait_notified(&observed);
+    first.crash();
+    let handled_before_crash = observed.calls();
+    assert!(
+        handled_before_crash.contains(&(0, 6)),
+        "{handled_before_crash:?}"
+    );
+
+    let store = open(&dir);
+    let committed = store
+        .position(&PartitionId::new(&group, &topic, 0))
+        .unwrap()
+        .and_then(|p| p.next_offset)
+        .unwrap_or(0);
+    assert!(
+        committed <= 6,
+        "offset 6 never finished, yet position is {committed}"
+    );
+
+    let ledger = Ledger::new();
+    let second_calls = ledger.observed.clone();
+    let second = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .store(store)
+            .build(ledger)
+            .unwrap(),
+    );
+    second.wait_for("all records", |s| {
+        s.applied + s.duplicates() >= 10 - committed as u64
+    });
+    second.stop().unwrap();
+
+    // The crashed batch's records were handled again (their first effects never committed) ...
+    assert!(second_calls.calls().contains(&(0, 6)));
+    // ... and every movement counts exactly once: 1 + 2 + ... + 512.
+    let store = open(&dir);
+    assert_eq!(balances(&store)["alice"], 1023);
+    assert_eq!(
+        store
+            .position(&PartitionId::new(&group, &topic, 0))
+            .unwrap()
+            .unwrap()
+            .next_offset,
+        Some(10)
+    );
+}
+
+/// A producer retry writes the same event at a new offset: skipped, and `on_duplicate` gets the
+/// original outcome.
+#[test]
+fn repeated_key_at_new_offset_is_a_noop_with_stored_outcome() {
+    common::init_tracing();
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    cluster.send_movement(&topic, 0, "pay-1", "bob", 5);
+    cluster.send_movement(&topic, 0, "pay-2", "bob", 7);
+    cluster.send_movement(&topic, 0, "pay-1", "bob", 5);
+
+    let ledger = Ledger::new();
+    let observed = ledger.observed.clone();
+    let running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .store(open(&dir))
+            .build(ledger)
+            .unwrap(),
+    );
+    running.wait_for("three records", |s| s.applied + s.duplicates() == 3);
+    let stats = running.stats();
+    running.stop().unwrap();
+
+    assert_eq!(
+        (stats.applied, stats.duplicates_repeated_key),
+        (2, 1),
+        "{stats:?}"
+    );
+    assert_eq!(
+        observed.calls(),
+        vec![(0, 0), (0, 1)],
+        "the handler never saw offset 2"
+    );
+    assert_eq!(
+        *observed.duplicates.lock().unwrap(),
+        vec![(2, DuplicateCause::RepeatedKey, Some(b"5".to_vec()))]
+    );
+    assert_eq!(balances(&open(&dir))["bob"], 12);
+}
+
+/// Same key, different payload: never a silent duplicate. Reported to `on_conflict`, kept as a
+/// dead letter with its original bytes; with the `Stop` policy, the runtime stops before it.
+#[test]
+fn conflict_is_detected_reported_and_dead_lettered() {
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    cluster.send_movement(&topic, 0, "pay-1", "carol", 5);
+    cluster.send_movement(&topic, 0, "pay-1", "carol", 500);
+    cluster.send_movement(&topic, 0, "pay-2", "carol", 1);
+
+    let ledger = Ledger::new();
+    let observed = ledger.observed.clone();
+    let running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .store(open(&dir))
+            .build(ledger)
+            .unwrap(),
+    );
+    running.wait_for("three records", |s| s.applied + s.conflicts == 3);
+    let stats = running.stats();
+    running.stop().unwrap();
+
+    assert_eq!(
+        (stats.applied, stats.conflicts, stats.duplicates()),
+        (2, 1, 0),
+        "{stats:?}"
+    );
+    assert_eq!(*observed.conflicts.lock().unwrap(), vec![(1, 0)]);
+    let store = open(&dir);
+    assert_eq!(balances(&store)["carol"], 6);
+    let dead = store.dead_letters().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, DeadLetterReason::Conflict);
+    assert_eq!(dead[0].record.offset(), 1);
+    assert_eq!(
+        dead[0].record.payload(),
+        Some(&common::movement("carol", 500)[..])
+    );
+    assert!(
+        dead[0].message.contains("different payload"),
+        "{}",
+        dead[0].message
+    );
+}
+
+#[test]
+fn conflict_with_stop_policy_stops_before_the_record() {
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    cluster.send_movement(&topic, 0, "pay-1", "dan", 5);
+    cluster.send_movement(&topic, 0, "pay-1", "dan", 6);
+    cluster.send_movement(&topic, 0, "pay-2", "dan", 1);
+
+    let mut running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .conflict_policy(ConflictPolicy::Stop)
+            .store(open(&dir))
+            .build(Ledger::new())
+            .unwrap(),
+    );
+    let err = running.join().unwrap_err();
+    assert!(matches!(err, Error::Stopped { .. }), "{err}");
+    assert_eq!(err.record_position().unwrap().offset, 1);
+    assert!(err.to_string().contains("different payload"), "{err}");
+    drop(running);
+    let store = open(&dir);
+    assert_eq!(
+        store
+            .position(&PartitionId::new(&group, &topic, 0))
+            .unwrap()
+            .unwrap()
+            .next_offset,
+        Some(1),
+        "nothing committed past the conflicting record"
+    );
+    assert_eq!(balances(&store)["dan"], 5);
+}
+
+/// The store's position wins over Kafka's committed offset, whether Kafka is behind (no replay)
+/// or ahead (no loss).
+#[test]
+fn resumes_from_stored_position_when_kafka_is_behind_or_ahead() {
+    common::init_tracing();
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    let pid = PartitionId::new(&group, &topic, 0);
+    for i in 0..5 {
+        cluster.send_movement(&topic, 0, &format!("a{i}"), "erin", 1);
+    }
+    let running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .store(open(&dir))
+            .build(Ledger::new())
+            .unwrap(),
+    );
+    running.wait_for("five records", |s| s.applied == 5);
+    running.stop().unwrap();
+    assert_eq!(
+        cluster.kafka_offset(&group, &topic, 0),
+        Some(5),
+        "Kafka's offset follows the store"
+    );
+
+    // Kafka behind: it would replay 0..5 through the handler.
+    cluster.commit_kafka_offset(&group, &topic, 0, 0);
+    for i in 5..8 {
+        cluster.send_movement(&topic, 0, &format!("a{i}"), "erin", 1);
+    }
+    let ledger = Ledger::new();
+    let observed = ledger.observed.clone();
+    let running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .store(open(&dir))
+            .build(ledger)
+            .unwrap(),
+    );
+    running.wait_for("three new records", |s| s.applied == 3);
+    running.stop().unwrap();
+    assert_eq!(observed.calls(), vec![(0, 5), (0, 6), (0, 7)]);
+
+    // Kafka ahead: it would skip 8..10, which were never applied.
+    for i in 8..10 {
+        cluster.send_movement(&topic, 0, &format!("a{i}"), "erin", 1);
+    }
+    cluster.commit_kafka_offset(&group, &topic, 0, 10);
+    let ledger = Ledger::new();
+    let observed = ledger.observed.clone();
+    let running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .store(open(&dir))
+            .build(ledger)
+            .unwrap(),
+    );
+    running.wait_for("two new records", |s| s.applied == 2);
+    running.stop().unwrap();
+    assert_eq!(observed.calls(), vec![(0, 8), (0, 9)]);
+
+    let store = open(&dir);
+    assert_eq!(balances(&store)["erin"], 10);
+    assert_eq!(store.position(&pid).unwrap().unwrap().next_offset, Some(10));
+}
+
+/// An operator rewinds the position (a replay): every record is a counted redelivery no-op and
+/// `on_duplicate` still gets the stored outcome.
+#[test]
+fn replay_after_rewind_is_a_counted_noop() {
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..4 {
+        cluster.send_movement(&topic, 0, &format!("r{i}"), "fay", 10);
+    }
+    let running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .store(open(&dir))
+            .build(Ledger::new())
+            .unwrap(),
+    );
+    running.wait_for("four records", |s| s.applied == 4);
+    running.stop().unwrap();
+
+    let store = open(&dir);
+    store
+        .set_position(&PartitionId::new(&group, &topic, 0), 0)
+        .unwrap();
+    let ledger = Ledger::new();
+    let observed = ledger.observed.clone();
+    let running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .store(store)
+            .build(ledger)
+            .unwrap(),
+    );
+    running.wait_for("four replayed records", |s| s.duplicates_redelivery == 4);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!(stats.applied, 0, "{stats:?}");
+    assert!(observed.calls().is_empty());
+    let dups = observed.duplicates.lock().unwrap().clone();
+    assert_eq!(
+        dups[3],
+        (3, DuplicateCause::Redelivery, Some(b"40".to_vec()))
+    );
+    assert_eq!(balances(&open(&dir))["fay"], 40);
+}
+
+/// An entry older than the retention no longer holds its key; a young one does. The purge
+/// deletes expired entries and keeps young ones.
+#[test]
+fn ttl_expiry_readmits_old_key_and_keeps_young_one() {
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    let retention = Duration::from_millis(2_500);
+    cluster.send_movement(&topic, 0, "old", "gus", 1);
+
+    let running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .retention(retention)
+            .purge(Duration::from_millis(200), 10)
+            .store(open(&dir))
+            .build(Ledger::new())
+            .unwrap(),
+    );
+    running.wait_for("the old key", |s| s.applied == 1);
+    std::thread::sleep(retention + Duration::from_millis(200));
+    running.wait_for("the old entry purged", |s| s.expired_purged >= 1);
+    cluster.send_movement(&topic, 0, "young", "gus", 10);
+    cluster.send_movement(&topic, 0, "old", "gus", 1);
+    cluster.send_movement(&topic, 0, "young", "gus", 10);
+    running.wait_for("three more records", |s| s.applied + s.duplicates() == 4);
+    let stats = running.stats();
+    running.stop().unwrap();
+
+    assert_eq!(
+        (stats.applied, stats.duplicates_repeated_key),
+        (3, 1),
+        "{stats:?}"
+    );
+    assert_eq!(balances(&open(&dir))["gus"], 12);
+}
+
+/// A graceful shutdown in the middle of a batch commits everything the handler did; Kafka's
+/// offset matches the store's position.
+#[test]
+fn shutdown_drains_and_commits_in_flight_work() {
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..20 {
+        cluster.send_movement(&topic, 0, &format!("s{i}"), "hal", 1);
+    }
+    let mut ledger = Ledger::new();
+    ledger.notify_at = Some(3);
+    ledger.delay = Duration::from_millis(20);
+    let observed = ledger.observed.clone();
+    // A long linger: without a drain, nothing of the batch would commit.
+    let running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .batch(1_000, Duration::from_secs(30))
+            .store(open(&dir))
+            .build(ledger)
+            .unwrap(),
+    );
+    running.wait_notified(&observed);
+    assert_eq!(running.stats().batches_committed, 0);
+    running.stop().unwrap();
+
+    let handled = observed.calls().len() as i64;
+    assert!(handled >= 4, "{handled}");
+    let store = open(&dir);
+    let position = store
+        .position(&PartitionId::new(&group, &topic, 0))
+        .unwrap()
+        .unwrap()
+        .next_offset;
+    assert_eq!(
+        position,
+        Some(handled),
+        "everything handled was committed, nothing more"
+    );
+    assert_eq!(balances(&store)["hal"], handled);
+    assert_eq!(cluster.kafka_offset(&group, &topic, 0), Some(handled));
+}
+
+/// An undecodable payload is kept as a dead letter with serde's message, the records after it
+/// are applied, and a redelivery does not dead-letter it twice.
+#[test]
+fn undecodable_payload_is_dead_lettered_not_lost() {
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    cluster.send(
+        &topic,
+        0,
+        Some("bad-1"),
+        Some(b"{\"account\": \"ivy\", \"amount\": \"ten\"}"),
+    );
+    cluster.send_movement(&topic, 0, "good-1", "ivy", 3);
+
+    let running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .store(open(&dir))
+            .build(Ledger::new())
+            .unwrap(),
+    );
+    running.wait_for("both records", |s| s.applied + s.dead_lettered == 2);
+    running.stop().unwrap();
+
+    let store = open(&dir);
+    let dead = store.dead_letters().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, DeadLetterReason::Permanent);
+    assert_eq!(dead[0].key.as_deref(), Some(&b"bad-1"[..]));
+    assert!(
+        dead[0]
+            .message
+            .contains("invalid type: string \"ten\", expected i64"),
+        "serde's message reaches the user: {}",
+        dead[0].message
+    );
+    assert_eq!(balances(&store)["ivy"], 3);
+
+    // Replay from the start: the dead-lettered record is a duplicate now, not a second letter.
+    store
+        .set_position(&PartitionId::new(&group, &topic, 0), 0)
+        .unwrap();
+    let running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .store(store)
+            .build(Ledger::new())
+            .unwrap(),
+    );
+    running.wait_for("the replay", |s| s.duplicates() == 2);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+    assert_eq!(open(&dir).dead_letters().unwrap().len(), 1);
+}
+
+/// A record without an idempotency key under the default policy is dead-lettered with a clear
+/// reason; it is neither applied nor lost.
+#[test]
+fn record_without_key_is_rejected_to_dead_letters() {
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    cluster.send(&topic, 0, None, Some(&common::movement("jo", 4)));
+    cluster.send_movement(&topic, 0, "k", "jo", 1);
+
+    let running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .store(open(&dir))
+            .build(Ledger::new())
+            .unwrap(),
+    );
+    running.wait_for("both records", |s| s.applied + s.dead_lettered == 2);
+    running.stop().unwrap();
+    let store = open(&dir);
+    let dead = store.dead_letters().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, DeadLetterReason::InvalidKey);
+    assert!(
+        dead[0].message.contains("no idempotency key"),
+        "{}",
+        dead[0].message
+    );
+    assert_eq!(balances(&store)["jo"], 1);
+}
+
+/// Partitions are processed concurrently and each in order; keys are scoped by group, so a
+/// second group applies everything again.
+#[test]
+fn partitions_in_order_and_keys_scoped_by_group() {
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(3);
+    for p in 0..3 {
+        for i in 0..5 {
+            cluster.send_movement(&topic, p, &format!("p{p}-{i}"), &format!("acct{p}"), 1);
+        }
+    }
+    for group in [unique("group-a"), unique("group-b")] {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::new();
+        let observed = ledger.observed.clone();
+        let running = Incarnation::start(
+            builder(&cluster, &group, &topic)
+                .store(open(&dir))
+                .build(ledger)
+                .unwrap(),
+        );
+        running.wait_for("fifteen records", |s| s.applied == 15);
+        running.stop().unwrap();
+        for p in 0..3 {
+            let offsets: Vec<i64> = observed
+                .calls()
+                .iter()
+                .filter(|c| c.0 == p)
+                .map(|c| c.1)
+                .collect();
+            assert_eq!(offsets, vec![0, 1, 2, 3, 4], "partition {p} in order");
+        }
+        let b = balances(&open(&dir));
+        assert_eq!((b["acct0"], b["acct1"], b["acct2"]), (5, 5, 5));
+    }
+}
