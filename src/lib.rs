@@ -26,7 +26,7 @@ pub use metrics::{Stats, StatsSnapshot};
 pub use record::{DecodeError, Header, Record};
 pub use retry::RetryPolicy;
 pub use runtime::{ConflictPolicy, Runtime, RuntimeBuilder};
-pub use store::{DedupEntry, EntryStatus, PartitionId, Store, Transaction};
+pub use store::{Claim, DedupEntry, EntryStatus, PartitionId, Store, Transaction};
 
 #[cfg(feature = "rocksdb")]
 pub use store::rocksdb::{RocksOptions, RocksStore, RocksTx};

@@ -523,3 +523,36 @@ fn partitions_in_order_and_keys_scoped_by_group() {
         assert_eq!((b["acct0"], b["acct1"], b["acct2"]), (5, 5, 5));
     }
 }
+
+/// The same key on two partitions at the same moment: the handler runs once per key, the other
+/// copy waits for the claim and is then a duplicate.
+#[test]
+fn same_key_on_two_partitions_at_once_runs_once() {
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(2);
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..40 {
+        for p in 0..2 {
+            cluster.send_movement(&topic, p, &format!("x{i}"), "kim", 1);
+        }
+    }
+    let mut ledger = Ledger::new();
+    ledger.delay = Duration::from_millis(2);
+    let running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .batch(10, Duration::from_millis(20))
+            .store(open(&dir))
+            .build(ledger)
+            .unwrap(),
+    );
+    running.wait_for("eighty records", |s| s.applied + s.duplicates() == 80);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!(
+        (stats.applied, stats.duplicates_repeated_key),
+        (40, 40),
+        "{stats:?}"
+    );
+    assert_eq!(balances(&open(&dir))["kim"], 40);
+}

@@ -30,7 +30,7 @@ use crate::handler::{DuplicateCause, ErrorClass, Handler};
 use crate::identity::{Fingerprint, IdempotencyKey};
 use crate::metrics::Stats;
 use crate::record::Record;
-use crate::store::{DedupEntry, EntryStatus, PartitionId, Store, Transaction};
+use crate::store::{Claim, DedupEntry, EntryStatus, PartitionId, Store, Transaction};
 
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -44,6 +44,9 @@ enum Step {
     Done,
     /// Retry it after this delay, in a new batch.
     Retry(Duration),
+    /// Its key is held by another in-flight batch: commit ours (releasing our claims) and try
+    /// again shortly.
+    Busy,
     /// Stop before it.
     Stop(Error),
 }
@@ -116,6 +119,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         let mut tx = shared.store.begin(&self.partition, self.epoch).await?;
         let mut next = self.position;
         let mut attempts = 1u32;
+        let mut busy_waits = 0u64;
         while let Some(record) = pending.front() {
             match self.record(&mut tx, record, attempts).await? {
                 Step::Done => {
@@ -130,6 +134,16 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     Stats::add(&shared.stats.retries, 1);
                     tokio::time::sleep(delay).await;
                     attempts += 1;
+                    tx = shared.store.begin(&self.partition, self.epoch).await?;
+                }
+                Step::Busy => {
+                    if let Some(n) = next {
+                        self.commit(tx, n).await?;
+                    } else {
+                        drop(tx);
+                    }
+                    busy_waits += 1;
+                    tokio::time::sleep(Duration::from_millis(busy_waits.min(50))).await;
                     tx = shared.store.begin(&self.partition, self.epoch).await?;
                 }
                 Step::Stop(e) => {
@@ -178,6 +192,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 let outcome = match step {
                     Step::Done => "settled",
                     Step::Retry(_) => "retry",
+                    Step::Busy => "busy",
                     Step::Stop(_) => "stop",
                 };
                 tracing::Span::current().record("outcome", outcome);
@@ -223,7 +238,15 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         let now = now_ms();
 
         let fingerprint = Fingerprint::of(record.payload());
-        if let Some(entry) = tx.lookup(&store_key).await?.filter(|e| !e.is_expired(now)) {
+        let existing = match tx.claim(&store_key, now).await? {
+            Claim::Claimed => None,
+            Claim::Existing(entry) => Some(entry),
+            Claim::Busy => {
+                tracing::debug!("key in flight in another batch; waiting for it");
+                return Ok(Step::Busy);
+            }
+        };
+        if let Some(entry) = existing {
             if entry.fingerprint == fingerprint {
                 let same_record = entry.topic == record.topic()
                     && entry.partition == record.partition()

@@ -76,6 +76,18 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<usize>> + Send;
 }
 
+/// The answer of [`Transaction::claim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The key has a live (unexpired) entry: the record is a duplicate or a conflict.
+    Existing(DedupEntry),
+    /// The key is free and now held by this transaction until it commits or is dropped.
+    Claimed,
+    /// Another in-flight transaction holds the key. Commit or drop this transaction (releasing
+    /// its own claims, so two batches never wait on each other) and try again.
+    Busy,
+}
+
 /// One batch's writes, committed atomically with the partition's new position.
 ///
 /// Writes made between [`savepoint`](Transaction::savepoint) and
@@ -83,8 +95,14 @@ pub trait Store: Send + Sync + 'static {
 /// runtime sets a savepoint before each record so a failing record does not poison the batch.
 pub trait Transaction: Send + 'static {
     /// The entry stored under `key` (a scoped store key), including entries written earlier in
-    /// this transaction.
+    /// this transaction, expired or not.
     fn lookup(&mut self, key: &[u8]) -> impl Future<Output = Result<Option<DedupEntry>>> + Send;
+
+    /// Claims `key` for a record about to be handled, unless it has an entry that has not
+    /// expired at `now_ms`. A claim makes a concurrent transaction see [`Claim::Busy`] for the
+    /// key until this one commits (then it sees the entry) or is dropped (then the key is free),
+    /// so the same key arriving on two partitions at once is handled once.
+    fn claim(&mut self, key: &[u8], now_ms: i64) -> impl Future<Output = Result<Claim>> + Send;
 
     /// Marks the point a later rollback returns to.
     fn savepoint(&mut self) -> impl Future<Output = Result<()>> + Send;

@@ -24,7 +24,7 @@ use rocksdb::{
 use crate::dead_letter::DeadLetter;
 use crate::error::{Error, Result};
 use crate::store::entry::{DedupEntry, Reader};
-use crate::store::{Assignment, PartitionId, Store, Transaction};
+use crate::store::{Assignment, Claim, PartitionId, Store, Transaction};
 
 const CF_DEDUP: &str = "dedup";
 const CF_EXPIRY: &str = "expiry";
@@ -61,6 +61,9 @@ struct Inner {
     /// Commits hold it shared; a purge round holds it exclusively, so a purge never deletes an
     /// entry that a concurrent commit just rewrote.
     purge_gate: RwLock<()>,
+    /// Keys claimed by in-flight transactions, with the claiming transaction's id.
+    claims: Mutex<HashMap<Vec<u8>, u64>>,
+    next_tx_id: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for RocksStore {
@@ -170,6 +173,8 @@ impl RocksStore {
                 write_opts,
                 fences: Mutex::new(HashMap::new()),
                 purge_gate: RwLock::new(()),
+                claims: Mutex::new(HashMap::new()),
+                next_tx_id: std::sync::atomic::AtomicU64::new(1),
             }),
         })
     }
@@ -315,7 +320,13 @@ impl Store for RocksStore {
 
     async fn begin(&self, partition: &PartitionId, epoch: u64) -> Result<RocksTx> {
         let position_key = position_key(partition);
+        let id = self
+            .inner
+            .next_tx_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(RocksTx {
+            id,
+            claimed: Vec::new(),
             fence: self.fence(&position_key),
             store: self.clone(),
             partition: partition.clone(),
@@ -393,6 +404,9 @@ type Slot = (Family, Vec<u8>);
 /// their own key space; reads see the batch's earlier writes. Nothing reaches the database until
 /// the runtime commits the batch, in one `WriteBatch` with the dedup entries and the position.
 pub struct RocksTx {
+    id: u64,
+    /// Keys this transaction holds in the store's claim table; released on drop.
+    claimed: Vec<Vec<u8>>,
     store: RocksStore,
     partition: PartitionId,
     position_key: Vec<u8>,
@@ -454,11 +468,51 @@ impl RocksTx {
     }
 }
 
+impl Drop for RocksTx {
+    /// Releases the claims: after the commit's write (the entries are visible by then), or
+    /// without a commit (the keys are free again).
+    fn drop(&mut self) {
+        if self.claimed.is_empty() {
+            return;
+        }
+        let mut claims = self.store.inner.claims.lock().expect("claims poisoned");
+        for key in self.claimed.drain(..) {
+            if claims.get(&key) == Some(&self.id) {
+                claims.remove(&key);
+            }
+        }
+    }
+}
+
 impl Transaction for RocksTx {
     async fn lookup(&mut self, key: &[u8]) -> Result<Option<DedupEntry>> {
         self.read(Family::Dedup, key)?
             .map(|b| DedupEntry::decode(&b))
             .transpose()
+    }
+
+    async fn claim(&mut self, key: &[u8], now_ms: i64) -> Result<Claim> {
+        let live = |e: DedupEntry| (!e.is_expired(now_ms)).then_some(e);
+        if let Some(pending) = self.overlay.get(&(Family::Dedup, key.to_vec())) {
+            let entry = pending.as_deref().map(DedupEntry::decode).transpose()?;
+            return Ok(entry.and_then(live).map_or(Claim::Claimed, Claim::Existing));
+        }
+        if self.claimed.iter().any(|k| k == key) {
+            return Ok(Claim::Claimed);
+        }
+        let inner = &self.store.inner;
+        let mut claims = inner.claims.lock().expect("claims poisoned");
+        if claims.get(key).is_some_and(|owner| *owner != self.id) {
+            return Ok(Claim::Busy);
+        }
+        // Read under the claim lock: a committing transaction writes its entry before it
+        // releases its claim, so the key is either busy here or its entry is visible.
+        if let Some(entry) = inner.entry(key)?.and_then(live) {
+            return Ok(Claim::Existing(entry));
+        }
+        claims.insert(key.to_vec(), self.id);
+        self.claimed.push(key.to_vec());
+        Ok(Claim::Claimed)
     }
 
     async fn savepoint(&mut self) -> Result<()> {
@@ -606,6 +660,36 @@ mod tests {
         tx.put("balance", b"0".to_vec());
         drop(tx);
         assert_eq!(store.get(b"balance").unwrap().as_deref(), Some(&b"10"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_claimed_key_is_busy_for_others_until_commit_or_drop() {
+        let (_dir, store) = open();
+        let (p0, p1) = (PartitionId::new("g", "t", 0), PartitionId::new("g", "t", 1));
+        let (a0, a1) = (
+            store.acquire(&p0).await.unwrap(),
+            store.acquire(&p1).await.unwrap(),
+        );
+        let mut first = store.begin(&p0, a0.epoch).await.unwrap();
+        let mut second = store.begin(&p1, a1.epoch).await.unwrap();
+        assert_eq!(first.claim(b"k", 0).await.unwrap(), Claim::Claimed);
+        assert_eq!(
+            first.claim(b"k", 0).await.unwrap(),
+            Claim::Claimed,
+            "re-claim by the owner"
+        );
+        assert_eq!(second.claim(b"k", 0).await.unwrap(), Claim::Busy);
+
+        // Dropped without commit: the key is free again.
+        drop(first);
+        assert_eq!(second.claim(b"k", 0).await.unwrap(), Claim::Claimed);
+        second.put_entry(b"k", &entry(5, 100)).await.unwrap();
+        let mut third = store.begin(&p0, a0.epoch).await.unwrap();
+        assert_eq!(third.claim(b"k", 0).await.unwrap(), Claim::Busy);
+        second.commit(6).await.unwrap();
+        // Committed: the entry answers; once expired, the key can be claimed again.
+        assert!(matches!(third.claim(b"k", 0).await.unwrap(), Claim::Existing(e) if e.offset == 5));
+        assert_eq!(third.claim(b"k", 100).await.unwrap(), Claim::Claimed);
     }
 
     #[tokio::test]
