@@ -75,6 +75,12 @@ pub enum Error {
         reason: String,
     },
 
+    /// A key of the handler's state is held by another in-flight batch. The runtime rolls the
+    /// record back and handles it again once that batch has committed; a handler only needs to
+    /// return the error (any class will do).
+    #[error("state key is held by another in-flight batch; the record will be handled again")]
+    KeyBusy,
+
     /// A background task of the runtime failed unexpectedly (for example it panicked).
     #[error("runtime task failed: {0}")]
     Task(String),

@@ -35,15 +35,16 @@ macro_rules! counters {
 counters! {
     /// Records received from Kafka.
     records_read,
-    /// Records whose handler succeeded and whose effects were committed.
+    /// Records whose handler succeeded, counted once their batch is committed.
     applied,
-    /// Records skipped because the same record was already processed.
+    /// Records skipped because the same record was already processed (committed batches).
     duplicates_redelivery,
-    /// Records skipped because another record with the same key and payload was processed.
+    /// Records skipped because another record with the same key and payload was processed
+    /// (committed batches).
     duplicates_repeated_key,
-    /// Records whose key was already used with a different payload.
+    /// Records whose key was already used with a different payload (committed batches).
     conflicts,
-    /// Records sent to the dead-letter path.
+    /// Records kept as dead letters (committed batches).
     dead_lettered,
     /// Handler retries after a retryable error.
     retries,
@@ -59,14 +60,39 @@ counters! {
 
 impl Stats {
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+        if n > 0 {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Outcomes of records in a batch not committed yet. They reach [`Stats`] only once the batch is
+/// committed, so a crashed or fenced batch is never counted.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    pub(crate) applied: u64,
+    pub(crate) duplicates_redelivery: u64,
+    pub(crate) duplicates_repeated_key: u64,
+    pub(crate) conflicts: u64,
+    pub(crate) dead_lettered: u64,
+}
+
+impl Tally {
+    pub(crate) fn duplicate(&mut self, cause: DuplicateCause) {
+        match cause {
+            DuplicateCause::Redelivery => self.duplicates_redelivery += 1,
+            DuplicateCause::RepeatedKey => self.duplicates_repeated_key += 1,
+        }
     }
 
-    pub(crate) fn duplicate(&self, cause: DuplicateCause) {
-        match cause {
-            DuplicateCause::Redelivery => Self::add(&self.duplicates_redelivery, 1),
-            DuplicateCause::RepeatedKey => Self::add(&self.duplicates_repeated_key, 1),
-        }
+    /// Adds the tally to the counters and clears it (after a commit).
+    pub(crate) fn flush(&mut self, stats: &Stats) {
+        let t = std::mem::take(self);
+        Stats::add(&stats.applied, t.applied);
+        Stats::add(&stats.duplicates_redelivery, t.duplicates_redelivery);
+        Stats::add(&stats.duplicates_repeated_key, t.duplicates_repeated_key);
+        Stats::add(&stats.conflicts, t.conflicts);
+        Stats::add(&stats.dead_lettered, t.dead_lettered);
     }
 }
 

@@ -389,6 +389,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
                             partition: partition.clone(),
                             epoch,
                             position,
+                            tally: Default::default(),
                         };
                         let abort = tasks.spawn(task.run(records));
                         workers.insert(abort.id(), Worker { partition, abort });

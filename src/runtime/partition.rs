@@ -28,7 +28,7 @@ use crate::dead_letter::{DeadLetter, DeadLetterReason};
 use crate::error::{Error, Result};
 use crate::handler::{DuplicateCause, ErrorClass, Handler};
 use crate::identity::{Fingerprint, IdempotencyKey};
-use crate::metrics::Stats;
+use crate::metrics::{Stats, Tally};
 use crate::record::Record;
 use crate::store::{Claim, DedupEntry, EntryStatus, PartitionId, Store, Transaction};
 
@@ -57,6 +57,7 @@ pub(crate) struct PartitionTask<S: Store, H> {
     pub(crate) partition: PartitionId,
     pub(crate) epoch: u64,
     pub(crate) position: Option<i64>,
+    pub(crate) tally: Tally,
 }
 
 impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
@@ -123,7 +124,8 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         while let Some(record) = pending.front() {
             match self.record(&mut tx, record, attempts).await? {
                 Step::Done => {
-                    next = Some(record.offset() + 1);
+                    // Never backwards: a redelivery below the position leaves it where it is.
+                    next = Some(next.map_or(record.offset() + 1, |n| n.max(record.offset() + 1)));
                     attempts = 1;
                     pending.pop_front();
                 }
@@ -143,7 +145,10 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                         drop(tx);
                     }
                     busy_waits += 1;
-                    tokio::time::sleep(Duration::from_millis(busy_waits.min(50))).await;
+                    // Grows and is jittered, so two partitions that keep meeting on the same
+                    // keys fall out of step.
+                    let wait = shared.config.retry.backoff(busy_waits.min(6) as u32, None) / 20;
+                    tokio::time::sleep(wait).await;
                     tx = shared.store.begin(&self.partition, self.epoch).await?;
                 }
                 Step::Stop(e) => {
@@ -163,6 +168,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     async fn commit(&mut self, tx: S::Tx, next: i64) -> Result<()> {
         if self.position == Some(next) {
             // Nothing moved (every record was below the position); nothing to write.
+            self.tally.flush(&self.shared.stats);
             return Ok(());
         }
         commit_batch(
@@ -174,10 +180,11 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         )
         .await?;
         self.position = Some(next);
+        self.tally.flush(&self.shared.stats);
         Ok(())
     }
 
-    async fn record(&self, tx: &mut S::Tx, record: &Record, attempts: u32) -> Result<Step> {
+    async fn record(&mut self, tx: &mut S::Tx, record: &Record, attempts: u32) -> Result<Step> {
         let span = tracing::info_span!(
             "record",
             topic = %record.topic(),
@@ -203,14 +210,13 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         .await
     }
 
-    async fn decide(&self, tx: &mut S::Tx, record: &Record, attempts: u32) -> Result<Step> {
-        let shared = &*self.shared;
+    async fn decide(&mut self, tx: &mut S::Tx, record: &Record, attempts: u32) -> Result<Step> {
+        let shared = self.shared.clone();
         let config = &shared.config;
-        let stats = &*shared.stats;
         let span = tracing::Span::current();
 
         if self.position.is_some_and(|p| record.offset() < p) {
-            stats.duplicate(DuplicateCause::Redelivery);
+            self.tally.duplicate(DuplicateCause::Redelivery);
             tracing::debug!("below the stored position: redelivery skipped");
             if let Ok(key) = config.identity.key_of(record) {
                 if let Some(entry) = tx.lookup(&config.scope.store_key(&key)).await? {
@@ -256,7 +262,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 } else {
                     DuplicateCause::RepeatedKey
                 };
-                stats.duplicate(cause);
+                self.tally.duplicate(cause);
                 tracing::info!(
                     cause = cause.as_str(),
                     first_offset = entry.offset,
@@ -265,7 +271,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 shared.handler.on_duplicate(record, &entry, cause).await;
                 return Ok(Step::Done);
             }
-            Stats::add(&stats.conflicts, 1);
+            self.tally.conflicts += 1;
             let message = format!(
                 "idempotency key {key} was first used at {}/{}@{} with a different payload",
                 entry.topic, entry.partition, entry.offset
@@ -278,7 +284,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     let dl =
                         dead_letter(record, Some(&key), DeadLetterReason::Conflict, message, 0);
                     tx.put_dead_letter(&dl).await?;
-                    Stats::add(&stats.dead_lettered, 1);
+                    self.tally.dead_lettered += 1;
                     Ok(Step::Done)
                 }
                 ConflictPolicy::Stop => Ok(Step::Stop(Error::Stopped {
@@ -289,7 +295,15 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         }
 
         tx.savepoint().await?;
-        let error = match shared.handler.handle(record, tx).await {
+        let result = shared.handler.handle(record, tx).await;
+        if tx.take_conflict() {
+            // It read or wrote state another in-flight batch holds: whatever it returned was
+            // computed on state that may change. Undo and handle it again after our commit.
+            tx.rollback_to_savepoint().await?;
+            tracing::debug!("state in flight in another batch; handling the record again");
+            return Ok(Step::Busy);
+        }
+        let error = match result {
             Ok(outcome) => {
                 let entry = self.entry(
                     record,
@@ -299,7 +313,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     now,
                 );
                 tx.put_entry(&store_key, &entry).await?;
-                Stats::add(&stats.applied, 1);
+                self.tally.applied += 1;
                 return Ok(Step::Done);
             }
             Err(error) => error,
@@ -372,7 +386,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     /// Keeps the record as a dead letter and, when it has a key, marks the key dead-lettered in
     /// the same transaction so a redelivery is a duplicate instead of a second dead letter.
     async fn dead_letter(
-        &self,
+        &mut self,
         tx: &mut S::Tx,
         record: &Record,
         key: Option<(&IdempotencyKey, &[u8], Fingerprint)>,
@@ -392,7 +406,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             );
             tx.put_entry(store_key, &entry).await?;
         }
-        Stats::add(&self.shared.stats.dead_lettered, 1);
+        self.tally.dead_lettered += 1;
         Ok(())
     }
 }

@@ -104,6 +104,13 @@ pub trait Transaction: Send + 'static {
     /// so the same key arriving on two partitions at once is handled once.
     fn claim(&mut self, key: &[u8], now_ms: i64) -> impl Future<Output = Result<Claim>> + Send;
 
+    /// True (once) when the handler touched state held by another in-flight transaction since
+    /// the last savepoint: the runtime then rolls the record back and handles it again after
+    /// committing this transaction. Stores that block on such state (row locks) return false.
+    fn take_conflict(&mut self) -> bool {
+        false
+    }
+
     /// Marks the point a later rollback returns to.
     fn savepoint(&mut self) -> impl Future<Output = Result<()>> + Send;
 

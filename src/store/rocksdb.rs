@@ -33,6 +33,10 @@ const CF_DEAD_LETTERS: &str = "dead_letters";
 const CF_DATA: &str = "data";
 const ALL_CFS: [&str; 5] = [CF_DEDUP, CF_EXPIRY, CF_POSITIONS, CF_DEAD_LETTERS, CF_DATA];
 
+/// Dedup keys start with a length-prefixed scope (first byte 0 for any group under 256 bytes);
+/// state-key locks start with this tag, so the two never collide in the claim table.
+const DATA_LOCK_TAG: u8 = 0xFF;
+
 /// Options of the RocksDB store.
 #[derive(Debug, Clone)]
 pub struct RocksOptions {
@@ -327,6 +331,7 @@ impl Store for RocksStore {
         Ok(RocksTx {
             id,
             claimed: Vec::new(),
+            conflicted: false,
             fence: self.fence(&position_key),
             store: self.clone(),
             partition: partition.clone(),
@@ -407,6 +412,8 @@ pub struct RocksTx {
     id: u64,
     /// Keys this transaction holds in the store's claim table; released on drop.
     claimed: Vec<Vec<u8>>,
+    /// Set when the handler touched a state key held by another transaction.
+    conflicted: bool,
     store: RocksStore,
     partition: PartitionId,
     position_key: Vec<u8>,
@@ -436,6 +443,25 @@ impl RocksTx {
         self.undo.push((slot, previous));
     }
 
+    /// Locks a key of the handler's state for the rest of the transaction (no-wait: a key held
+    /// by another transaction marks this one conflicted).
+    fn lock_data(&mut self, key: &[u8]) -> Result<()> {
+        let mut lock_key = Vec::with_capacity(key.len() + 1);
+        lock_key.push(DATA_LOCK_TAG);
+        lock_key.extend_from_slice(key);
+        if self.claimed.contains(&lock_key) {
+            return Ok(());
+        }
+        let mut claims = self.store.inner.claims.lock().expect("claims poisoned");
+        if claims.get(&lock_key).is_some_and(|owner| *owner != self.id) {
+            self.conflicted = true;
+            return Err(Error::KeyBusy);
+        }
+        claims.insert(lock_key.clone(), self.id);
+        self.claimed.push(lock_key);
+        Ok(())
+    }
+
     fn read(&self, family: Family, key: &[u8]) -> Result<Option<Vec<u8>>> {
         if let Some(pending) = self.overlay.get(&(family, key.to_vec())) {
             return Ok(pending.clone());
@@ -448,18 +474,29 @@ impl RocksTx {
     }
 
     /// Reads a key of the handler's state, seeing this batch's own writes.
-    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
+    ///
+    /// The key stays locked until the batch commits, so no concurrent batch (another
+    /// partition) can change it in between: read-modify-write is safe. If another batch holds
+    /// it, this returns [`Error::KeyBusy`]; return any error from the handler and the runtime
+    /// handles the record again once that batch has committed.
+    pub fn get(&mut self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
+        self.lock_data(key.as_ref())?;
         self.read(Family::Data, key.as_ref())
     }
 
-    /// Writes a key of the handler's state.
+    /// Writes a key of the handler's state (locking it like [`get`](RocksTx::get); on a busy
+    /// key the write is dropped and the record is handled again).
     pub fn put(&mut self, key: impl AsRef<[u8]>, value: impl Into<Vec<u8>>) {
-        self.write(Family::Data, key.as_ref(), Some(value.into()));
+        if self.lock_data(key.as_ref()).is_ok() {
+            self.write(Family::Data, key.as_ref(), Some(value.into()));
+        }
     }
 
-    /// Deletes a key of the handler's state.
+    /// Deletes a key of the handler's state (locking it like [`put`](RocksTx::put)).
     pub fn delete(&mut self, key: impl AsRef<[u8]>) {
-        self.write(Family::Data, key.as_ref(), None);
+        if self.lock_data(key.as_ref()).is_ok() {
+            self.write(Family::Data, key.as_ref(), None);
+        }
     }
 
     /// The partition this batch belongs to.
@@ -515,7 +552,12 @@ impl Transaction for RocksTx {
         Ok(Claim::Claimed)
     }
 
+    fn take_conflict(&mut self) -> bool {
+        std::mem::take(&mut self.conflicted)
+    }
+
     async fn savepoint(&mut self) -> Result<()> {
+        self.conflicted = false;
         self.savepoint = self.undo.len();
         Ok(())
     }
@@ -690,6 +732,36 @@ mod tests {
         // Committed: the entry answers; once expired, the key can be claimed again.
         assert!(matches!(third.claim(b"k", 0).await.unwrap(), Claim::Existing(e) if e.offset == 5));
         assert_eq!(third.claim(b"k", 100).await.unwrap(), Claim::Claimed);
+    }
+
+    #[tokio::test]
+    async fn state_keys_are_locked_until_commit() {
+        let (_dir, store) = open();
+        let (p0, p1) = (PartitionId::new("g", "t", 0), PartitionId::new("g", "t", 1));
+        let (a0, a1) = (
+            store.acquire(&p0).await.unwrap(),
+            store.acquire(&p1).await.unwrap(),
+        );
+        let mut first = store.begin(&p0, a0.epoch).await.unwrap();
+        let mut second = store.begin(&p1, a1.epoch).await.unwrap();
+        first.savepoint().await.unwrap();
+        assert_eq!(first.get("acct").unwrap(), None);
+        first.put("acct", b"1".to_vec());
+        second.savepoint().await.unwrap();
+        assert!(matches!(second.get("acct"), Err(Error::KeyBusy)));
+        second.put("acct", b"2".to_vec());
+        assert!(
+            second.take_conflict(),
+            "the runtime learns the record must be handled again"
+        );
+        assert!(!second.take_conflict());
+        first.commit(1).await.unwrap();
+        second.savepoint().await.unwrap();
+        assert_eq!(second.get("acct").unwrap().as_deref(), Some(&b"1"[..]));
+        second.put("acct", b"3".to_vec());
+        assert!(!second.take_conflict());
+        second.commit(1).await.unwrap();
+        assert_eq!(store.get(b"acct").unwrap().as_deref(), Some(&b"3"[..]));
     }
 
     #[tokio::test]
