@@ -222,10 +222,12 @@ impl Identity {
         if self.max_key_len == 0 {
             return Err(Error::Config("max_key_len must be at least 1".into()));
         }
-        if let Some(t) = &self.tenant {
-            if t.len() > u16::MAX as usize {
-                return Err(Error::Config("tenant is longer than 65535 bytes".into()));
-            }
+        if self
+            .tenant
+            .as_ref()
+            .is_some_and(|t| t.len() > u16::MAX as usize)
+        {
+            return Err(Error::Config("tenant is longer than 65535 bytes".into()));
         }
         Ok(())
     }

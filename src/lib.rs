@@ -4,7 +4,86 @@
 //! position are committed in ONE atomic write. A redelivered record, or a second record with the
 //! same idempotency key, is a no-op that is counted and traced.
 //!
-//! The placeholder for the crate guide is replaced below.
+//! ## The guarantee
+//!
+//! > For every record, the handler's side effects written through the store, the record's dedup
+//! > entry and the consumer's position are committed in one atomic transaction. A redelivered
+//! > record, or a second record with the same idempotency key, is a no-op that is counted and
+//! > traced.
+//!
+//! Effects that cannot join the transaction (an HTTP call, an e-mail) run **at least once**:
+//! pass the record's idempotency key downstream so the other side can deduplicate them.
+//!
+//! ## A handler
+//!
+//! A handler receives the [`Record`] and the store's open transaction, writes its effects
+//! through it, and returns an [`Outcome`] (bytes kept with the dedup entry, handed to
+//! [`Handler::on_duplicate`] when the key comes back) or a classified [`HandlerError`]:
+//!
+//! ```no_run
+//! use idempotent_consumer::{Handler, HandlerError, Outcome, Record, RocksStore, RocksTx, Runtime};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Payment { account: String, amount: i64 }
+//!
+//! struct Ledger;
+//!
+//! impl Handler<RocksTx> for Ledger {
+//!     async fn handle(&self, record: &Record, tx: &mut RocksTx) -> Result<Outcome, HandlerError> {
+//!         let p: Payment = record.json()?; // undecodable: dead-lettered with serde's message
+//!         let key = format!("balance/{}", p.account);
+//!         let old = tx.get(&key).map_err(HandlerError::retryable)?;
+//!         let balance = old.map_or(0, |b| String::from_utf8_lossy(&b).parse().unwrap_or(0));
+//!         tx.put(&key, (balance + p.amount).to_string());
+//!         Ok(Outcome::bytes((balance + p.amount).to_string()))
+//!     }
+//! }
+//!
+//! # async fn run() -> idempotent_consumer::Result<()> {
+//! Runtime::builder()
+//!     .bootstrap_servers("localhost:9092")
+//!     .group_id("ledger")
+//!     .topics(["payments"])
+//!     .store(RocksStore::open("/var/lib/ledger")?)
+//!     .build(Ledger)?
+//!     .run(async { tokio::signal::ctrl_c().await.ok(); })
+//!     .await
+//! # }
+//! ```
+//!
+//! ## How a record is processed
+//!
+//! 1. **Identity** ([`identity`]): the idempotency key comes from the `idempotency-key` header by
+//!    default, or the record key, a function, or a payload hash; records without one are
+//!    dead-lettered or keyed by topic/partition/offset ([`MissingKey`]). Keys are scoped by the
+//!    consumer group and an optional tenant. A SHA-256 fingerprint of the payload is kept with
+//!    the key: the same key with another payload is a **conflict** ([`ConflictPolicy`]), never a
+//!    duplicate.
+//! 2. **Claim**: the key is claimed in the batch's transaction. A key with a live entry is a
+//!    duplicate (cause: redelivery or repeated key); a key in flight in another partition's
+//!    batch waits for that batch to commit.
+//! 3. **Handle**: the handler runs after a savepoint. On error the record's writes are rolled
+//!    back; retryable errors are retried with backoff ([`RetryPolicy`]), permanent ones are kept
+//!    as [`DeadLetter`]s, fatal ones stop the runtime before the record.
+//! 4. **Commit** (`runtime/commit.rs`): the batch's effects, entries, dead letters and the
+//!    partition's next offset go to the store in one write, checked against the partition's
+//!    epoch (a stale owner is [`Error::Fenced`]); only then is the offset committed to Kafka.
+//!
+//! On assignment the runtime seeks to the position **stored in the store**, not Kafka's committed
+//! offset. Dedup entries expire after the retention (default seven days) and are purged in
+//! bounded batches; an entry inside its window is never purged.
+//!
+//! ## Stores
+//!
+//! - [`RocksStore`] (feature `rocksdb`, default): embedded, one process. Its state is local to
+//!   the machine: if a partition moves to another instance, that instance has no entries for it.
+//!   Run one instance per store directory.
+//!
+//! ## Crash semantics
+//!
+//! Dropping the runtime's future (or the process dying) between a handler call and the batch's
+//! commit loses nothing and applies nothing twice: the batch was never written, the position did
+//! not move, and the records are handled again on restart. `examples/quickstart.rs` shows it.
 
 #![forbid(unsafe_code)]
 

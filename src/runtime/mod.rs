@@ -10,8 +10,8 @@
 //! revocations once the revoked partitions' tasks are drained (or abandoned after the drain
 //! timeout), runs the bounded retention purge, and stops the whole runtime on a fatal error.
 //!
-//! Files: [`rebalance`] (poll thread, assignment, revocation), [`partition`] (one partition's
-//! records), [`commit`] (the atomic store commit, then Kafka's).
+//! Files: `rebalance.rs` (poll thread, assignment, revocation), `partition.rs` (one partition's
+//! records), `commit.rs` (the atomic store commit, then Kafka's).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -457,10 +457,10 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
         let drained = tokio::time::timeout(config.drain_timeout, async {
             let mut first_error = None;
             while let Some(done) = tasks.join_next().await {
-                if let Ok(Err(e)) = done {
-                    if !e.is_fenced() {
-                        first_error.get_or_insert(e);
-                    }
+                if let Ok(Err(e)) = done
+                    && !e.is_fenced()
+                {
+                    first_error.get_or_insert(e);
                 }
             }
             first_error

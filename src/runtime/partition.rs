@@ -10,7 +10,7 @@
 //!    savepoint is rolled back and the error class decides: retry (commit what came before, back
 //!    off, retry in a new batch), dead-letter, or stop (commit what came before, end).
 //!
-//! The batch then commits through [`commit`](super::commit). A failing record never poisons the
+//! The batch then commits through `commit.rs`. A failing record never poisons the
 //! records before or after it.
 
 use std::collections::VecDeque;
@@ -72,19 +72,19 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 break Err(e);
             }
         };
-        if result.is_ok() {
-            if let Some(next) = self.position {
-                // Last word to Kafka before the partition is released.
-                let (consumer, partition, stats) = (
-                    self.consumer.clone(),
-                    self.partition.clone(),
-                    self.shared.stats.clone(),
-                );
-                let _ = tokio::task::spawn_blocking(move || {
-                    commit_kafka(&consumer, &partition, next, CommitMode::Sync, &stats)
-                })
-                .await;
-            }
+        if result.is_ok()
+            && let Some(next) = self.position
+        {
+            // Last word to Kafka before the partition is released.
+            let (consumer, partition, stats) = (
+                self.consumer.clone(),
+                self.partition.clone(),
+                self.shared.stats.clone(),
+            );
+            let _ = tokio::task::spawn_blocking(move || {
+                commit_kafka(&consumer, &partition, next, CommitMode::Sync, &stats)
+            })
+            .await;
         }
         result
     }
@@ -218,13 +218,13 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         if self.position.is_some_and(|p| record.offset() < p) {
             self.tally.duplicate(DuplicateCause::Redelivery);
             tracing::debug!("below the stored position: redelivery skipped");
-            if let Ok(key) = config.identity.key_of(record) {
-                if let Some(entry) = tx.lookup(&config.scope.store_key(&key)).await? {
-                    shared
-                        .handler
-                        .on_duplicate(record, &entry, DuplicateCause::Redelivery)
-                        .await;
-                }
+            if let Ok(key) = config.identity.key_of(record)
+                && let Some(entry) = tx.lookup(&config.scope.store_key(&key)).await?
+            {
+                shared
+                    .handler
+                    .on_duplicate(record, &entry, DuplicateCause::Redelivery)
+                    .await;
             }
             return Ok(Step::Done);
         }

@@ -348,28 +348,24 @@ impl Store for RocksStore {
         let _exclusive = inner.purge_gate.write().expect("purge gate poisoned");
         let mut batch = WriteBatch::default();
         let mut purged = 0;
-        let mut scanned = 0;
-        for item in inner
+        let index = inner
             .db
-            .iterator_cf(inner.cf(CF_EXPIRY), IteratorMode::Start)
-        {
-            if scanned == limit {
-                break;
-            }
+            .iterator_cf(inner.cf(CF_EXPIRY), IteratorMode::Start);
+        for item in index.take(limit) {
             let (index_key, _) = item.map_err(rocks("scanning the expiry index"))?;
             let (expires_at, key) = split_expiry_key(&index_key)?;
             if expires_at > now_ms {
                 break;
             }
-            scanned += 1;
             batch.delete_cf(inner.cf(CF_EXPIRY), &index_key);
             // The key may have been admitted again since: only its current entry's own expiry
             // counts.
-            if let Some(entry) = inner.entry(key)? {
-                if entry.expires_at_ms == expires_at {
-                    batch.delete_cf(inner.cf(CF_DEDUP), key);
-                    purged += 1;
-                }
+            if inner
+                .entry(key)?
+                .is_some_and(|entry| entry.expires_at_ms == expires_at)
+            {
+                batch.delete_cf(inner.cf(CF_DEDUP), key);
+                purged += 1;
             }
         }
         if !batch.is_empty() {

@@ -196,13 +196,16 @@ struct Movement {
     amount: i64,
 }
 
+/// One `on_duplicate` call: offset, cause and the stored outcome.
+pub type DuplicateCall = (i64, DuplicateCause, Option<Vec<u8>>);
+
 /// What a handler observed, for assertions.
 #[derive(Default)]
 pub struct Observed {
     /// (partition, offset) of every handler call, in call order.
     pub calls: Mutex<Vec<(i32, i64)>>,
     /// (offset, cause, stored outcome) of every on_duplicate call.
-    pub duplicates: Mutex<Vec<(i64, DuplicateCause, Option<Vec<u8>>)>>,
+    pub duplicates: Mutex<Vec<DuplicateCall>>,
     /// (offset, offset of the first record) of every on_conflict call.
     pub conflicts: Mutex<Vec<(i64, i64)>>,
     /// Notified when the handler reaches its `hang_at` or `notify_at` offset.
