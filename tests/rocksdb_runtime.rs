@@ -88,7 +88,6 @@ fn crash_between_handler_and_commit_then_redelivery_is_a_noop() {
 /// original outcome.
 #[test]
 fn repeated_key_at_new_offset_is_a_noop_with_stored_outcome() {
-    common::init_tracing();
     let cluster = Cluster::start();
     let topic = cluster.create_topic(1);
     let group = unique("group");
@@ -212,7 +211,6 @@ fn conflict_with_stop_policy_stops_before_the_record() {
 /// or ahead (no loss).
 #[test]
 fn resumes_from_stored_position_when_kafka_is_behind_or_ahead() {
-    common::init_tracing();
     let cluster = Cluster::start();
     let topic = cluster.create_topic(1);
     let group = unique("group");
@@ -249,8 +247,14 @@ fn resumes_from_stored_position_when_kafka_is_behind_or_ahead() {
             .unwrap(),
     );
     running.wait_for("three new records", |s| s.applied == 3);
+    let stats = running.stats();
     running.stop().unwrap();
     assert_eq!(observed.calls(), vec![(0, 5), (0, 6), (0, 7)]);
+    assert_eq!(
+        stats.duplicates(),
+        0,
+        "the seek skipped 0..5, not the dedup entries: {stats:?}"
+    );
 
     // Kafka ahead: it would skip 8..10, which were never applied.
     for i in 8..10 {
@@ -319,8 +323,8 @@ fn replay_after_rewind_is_a_counted_noop() {
     assert_eq!(balances(&open(&dir))["fay"], 40);
 }
 
-/// An entry older than the retention no longer holds its key; a young one does. The purge
-/// deletes expired entries and keeps young ones.
+/// An entry older than the retention no longer holds its key; a young one does. The purge is
+/// off here, so this is the expiry check itself, not the purge.
 #[test]
 fn ttl_expiry_readmits_old_key_and_keeps_young_one() {
     let cluster = Cluster::start();
@@ -333,14 +337,13 @@ fn ttl_expiry_readmits_old_key_and_keeps_young_one() {
     let running = Incarnation::start(
         builder(&cluster, &group, &topic)
             .retention(retention)
-            .purge(Duration::from_millis(200), 10)
+            .purge(Duration::from_secs(3600), 10)
             .store(open(&dir))
             .build(Ledger::new())
             .unwrap(),
     );
     running.wait_for("the old key", |s| s.applied == 1);
     std::thread::sleep(retention + Duration::from_millis(200));
-    running.wait_for("the old entry purged", |s| s.expired_purged >= 1);
     cluster.send_movement(&topic, 0, "young", "gus", 10);
     cluster.send_movement(&topic, 0, "old", "gus", 1);
     cluster.send_movement(&topic, 0, "young", "gus", 10);
@@ -353,7 +356,52 @@ fn ttl_expiry_readmits_old_key_and_keeps_young_one() {
         (3, 1),
         "{stats:?}"
     );
+    assert_eq!(stats.expired_purged, 0);
     assert_eq!(balances(&open(&dir))["gus"], 12);
+}
+
+/// The background purge deletes expired entries and keeps the ones inside the window.
+#[test]
+fn background_purge_removes_expired_entries_only() {
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    let retention = Duration::from_millis(2_000);
+    cluster.send_movement(&topic, 0, "old", "lea", 1);
+    let running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .retention(retention)
+            .purge(Duration::from_millis(200), 10)
+            .store(open(&dir))
+            .build(Ledger::new())
+            .unwrap(),
+    );
+    running.wait_for("the old key", |s| s.applied == 1);
+    std::thread::sleep(retention);
+    running.wait_for("the old entry purged", |s| s.expired_purged == 1);
+    cluster.send_movement(&topic, 0, "young", "lea", 1);
+    running.wait_for("the young key", |s| s.applied == 2);
+    std::thread::sleep(Duration::from_millis(600));
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!(stats.expired_purged, 1, "{stats:?}");
+
+    let store = open(&dir);
+    let key_of = |k: &str| {
+        let record = idempotent_consumer::Record::new(&topic, 0, 0, None, None)
+            .with_header("idempotency-key", Some(k.as_bytes().to_vec()));
+        let id = idempotent_consumer::Identity::new();
+        id.scope(&group).store_key(&id.key_of(&record).unwrap())
+    };
+    assert!(
+        store.entry(&key_of("old")).unwrap().is_none(),
+        "expired: purged"
+    );
+    assert!(
+        store.entry(&key_of("young")).unwrap().is_some(),
+        "inside the window: kept"
+    );
 }
 
 /// A graceful shutdown in the middle of a batch commits everything the handler did; Kafka's
