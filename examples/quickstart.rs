@@ -12,8 +12,8 @@
 //! unique payments, whatever crashed when. The program prints a summary and exits non-zero if
 //! anything differs.
 //!
-//! Run: `cargo run --example quickstart` (add `RUST_LOG=info` for per-record traces; Ctrl-C stops
-//! the last run gracefully).
+//! Run: `cargo run --example quickstart` (add `RUST_LOG=info` for per-record traces; Ctrl-C or SIGTERM
+//! stops a run gracefully).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -200,7 +200,7 @@ fn incarnation(
     let task = rt.spawn(runtime.run(async move {
         tokio::select! {
             () = finished.notified() => {}
-            _ = tokio::signal::ctrl_c() => eprintln!("Ctrl-C: draining and committing"),
+            () = interrupted() => eprintln!("interrupted: draining and committing"),
         }
     }));
     let caught_up = || {
@@ -240,6 +240,16 @@ fn incarnation(
     drop(store);
     drop(rt);
     snapshot
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn interrupted() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 fn main() {
