@@ -15,14 +15,39 @@ fn open(dir: &tempfile::TempDir) -> RocksStore {
     RocksStore::open_with(dir.path(), RocksOptions { sync: false }).unwrap()
 }
 
+/// A cluster, a fresh topic with `partitions`, a fresh group and a store directory.
+fn setup(partitions: i32) -> (Cluster, String, String, tempfile::TempDir) {
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(partitions);
+    (
+        cluster,
+        topic,
+        unique("group"),
+        tempfile::tempdir().unwrap(),
+    )
+}
+
+/// Starts a consumer with the test defaults on the store in `dir`.
+fn start(
+    cluster: &Cluster,
+    group: &str,
+    topic: &str,
+    dir: &tempfile::TempDir,
+    handler: Ledger,
+) -> Incarnation {
+    Incarnation::start(
+        builder(cluster, group, topic)
+            .store(open(dir))
+            .build(handler)
+            .unwrap(),
+    )
+}
+
 /// The handler writes its effects for a record and the process dies before the batch commits.
 /// After a restart the record is handled again, and its effects count exactly once.
 #[test]
 fn crash_between_handler_and_commit_then_redelivery_is_a_noop() {
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(1);
-    let group = unique("group");
-    let dir = tempfile::tempdir().unwrap();
+    let (cluster, topic, group, dir) = setup(1);
     for i in 0..10 {
         cluster.send_movement(&topic, 0, &format!("k{i}"), "alice", 1 << i);
     }
@@ -88,22 +113,14 @@ fn crash_between_handler_and_commit_then_redelivery_is_a_noop() {
 /// original outcome.
 #[test]
 fn repeated_key_at_new_offset_is_a_noop_with_stored_outcome() {
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(1);
-    let group = unique("group");
-    let dir = tempfile::tempdir().unwrap();
+    let (cluster, topic, group, dir) = setup(1);
     cluster.send_movement(&topic, 0, "pay-1", "bob", 5);
     cluster.send_movement(&topic, 0, "pay-2", "bob", 7);
     cluster.send_movement(&topic, 0, "pay-1", "bob", 5);
 
     let ledger = Ledger::new();
     let observed = ledger.observed.clone();
-    let running = Incarnation::start(
-        builder(&cluster, &group, &topic)
-            .store(open(&dir))
-            .build(ledger)
-            .unwrap(),
-    );
+    let running = start(&cluster, &group, &topic, &dir, ledger);
     running.wait_for("three records", |s| s.applied + s.duplicates() == 3);
     let stats = running.stats();
     running.stop().unwrap();
@@ -129,22 +146,14 @@ fn repeated_key_at_new_offset_is_a_noop_with_stored_outcome() {
 /// dead letter with its original bytes; with the `Stop` policy, the runtime stops before it.
 #[test]
 fn conflict_is_detected_reported_and_dead_lettered() {
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(1);
-    let group = unique("group");
-    let dir = tempfile::tempdir().unwrap();
+    let (cluster, topic, group, dir) = setup(1);
     cluster.send_movement(&topic, 0, "pay-1", "carol", 5);
     cluster.send_movement(&topic, 0, "pay-1", "carol", 500);
     cluster.send_movement(&topic, 0, "pay-2", "carol", 1);
 
     let ledger = Ledger::new();
     let observed = ledger.observed.clone();
-    let running = Incarnation::start(
-        builder(&cluster, &group, &topic)
-            .store(open(&dir))
-            .build(ledger)
-            .unwrap(),
-    );
+    let running = start(&cluster, &group, &topic, &dir, ledger);
     running.wait_for("three records", |s| s.applied + s.conflicts == 3);
     let stats = running.stats();
     running.stop().unwrap();
@@ -174,10 +183,7 @@ fn conflict_is_detected_reported_and_dead_lettered() {
 
 #[test]
 fn conflict_with_stop_policy_stops_before_the_record() {
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(1);
-    let group = unique("group");
-    let dir = tempfile::tempdir().unwrap();
+    let (cluster, topic, group, dir) = setup(1);
     cluster.send_movement(&topic, 0, "pay-1", "dan", 5);
     cluster.send_movement(&topic, 0, "pay-1", "dan", 6);
     cluster.send_movement(&topic, 0, "pay-2", "dan", 1);
@@ -211,20 +217,12 @@ fn conflict_with_stop_policy_stops_before_the_record() {
 /// or ahead (no loss).
 #[test]
 fn resumes_from_stored_position_when_kafka_is_behind_or_ahead() {
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(1);
-    let group = unique("group");
-    let dir = tempfile::tempdir().unwrap();
+    let (cluster, topic, group, dir) = setup(1);
     let pid = PartitionId::new(&group, &topic, 0);
     for i in 0..5 {
         cluster.send_movement(&topic, 0, &format!("a{i}"), "erin", 1);
     }
-    let running = Incarnation::start(
-        builder(&cluster, &group, &topic)
-            .store(open(&dir))
-            .build(Ledger::new())
-            .unwrap(),
-    );
+    let running = start(&cluster, &group, &topic, &dir, Ledger::new());
     running.wait_for("five records", |s| s.applied == 5);
     running.stop().unwrap();
     assert_eq!(
@@ -240,12 +238,7 @@ fn resumes_from_stored_position_when_kafka_is_behind_or_ahead() {
     }
     let ledger = Ledger::new();
     let observed = ledger.observed.clone();
-    let running = Incarnation::start(
-        builder(&cluster, &group, &topic)
-            .store(open(&dir))
-            .build(ledger)
-            .unwrap(),
-    );
+    let running = start(&cluster, &group, &topic, &dir, ledger);
     running.wait_for("three new records", |s| s.applied == 3);
     let stats = running.stats();
     running.stop().unwrap();
@@ -263,12 +256,7 @@ fn resumes_from_stored_position_when_kafka_is_behind_or_ahead() {
     cluster.commit_kafka_offset(&group, &topic, 0, 10);
     let ledger = Ledger::new();
     let observed = ledger.observed.clone();
-    let running = Incarnation::start(
-        builder(&cluster, &group, &topic)
-            .store(open(&dir))
-            .build(ledger)
-            .unwrap(),
-    );
+    let running = start(&cluster, &group, &topic, &dir, ledger);
     running.wait_for("two new records", |s| s.applied == 2);
     running.stop().unwrap();
     assert_eq!(observed.calls(), vec![(0, 8), (0, 9)]);
@@ -282,19 +270,11 @@ fn resumes_from_stored_position_when_kafka_is_behind_or_ahead() {
 /// `on_duplicate` still gets the stored outcome.
 #[test]
 fn replay_after_rewind_is_a_counted_noop() {
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(1);
-    let group = unique("group");
-    let dir = tempfile::tempdir().unwrap();
+    let (cluster, topic, group, dir) = setup(1);
     for i in 0..4 {
         cluster.send_movement(&topic, 0, &format!("r{i}"), "fay", 10);
     }
-    let running = Incarnation::start(
-        builder(&cluster, &group, &topic)
-            .store(open(&dir))
-            .build(Ledger::new())
-            .unwrap(),
-    );
+    let running = start(&cluster, &group, &topic, &dir, Ledger::new());
     running.wait_for("four records", |s| s.applied == 4);
     running.stop().unwrap();
 
@@ -327,10 +307,7 @@ fn replay_after_rewind_is_a_counted_noop() {
 /// off here, so this is the expiry check itself, not the purge.
 #[test]
 fn ttl_expiry_readmits_old_key_and_keeps_young_one() {
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(1);
-    let group = unique("group");
-    let dir = tempfile::tempdir().unwrap();
+    let (cluster, topic, group, dir) = setup(1);
     let retention = Duration::from_millis(2_500);
     cluster.send_movement(&topic, 0, "old", "gus", 1);
 
@@ -363,10 +340,7 @@ fn ttl_expiry_readmits_old_key_and_keeps_young_one() {
 /// The background purge deletes expired entries and keeps the ones inside the window.
 #[test]
 fn background_purge_removes_expired_entries_only() {
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(1);
-    let group = unique("group");
-    let dir = tempfile::tempdir().unwrap();
+    let (cluster, topic, group, dir) = setup(1);
     let retention = Duration::from_millis(2_000);
     cluster.send_movement(&topic, 0, "old", "lea", 1);
     let running = Incarnation::start(
@@ -408,10 +382,7 @@ fn background_purge_removes_expired_entries_only() {
 /// offset matches the store's position.
 #[test]
 fn shutdown_drains_and_commits_in_flight_work() {
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(1);
-    let group = unique("group");
-    let dir = tempfile::tempdir().unwrap();
+    let (cluster, topic, group, dir) = setup(1);
     for i in 0..20 {
         cluster.send_movement(&topic, 0, &format!("s{i}"), "hal", 1);
     }
@@ -452,10 +423,7 @@ fn shutdown_drains_and_commits_in_flight_work() {
 /// are applied, and a redelivery does not dead-letter it twice.
 #[test]
 fn undecodable_payload_is_dead_lettered_not_lost() {
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(1);
-    let group = unique("group");
-    let dir = tempfile::tempdir().unwrap();
+    let (cluster, topic, group, dir) = setup(1);
     cluster.send(
         &topic,
         0,
@@ -464,12 +432,7 @@ fn undecodable_payload_is_dead_lettered_not_lost() {
     );
     cluster.send_movement(&topic, 0, "good-1", "ivy", 3);
 
-    let running = Incarnation::start(
-        builder(&cluster, &group, &topic)
-            .store(open(&dir))
-            .build(Ledger::new())
-            .unwrap(),
-    );
+    let running = start(&cluster, &group, &topic, &dir, Ledger::new());
     running.wait_for("both records", |s| s.applied + s.dead_lettered == 2);
     running.stop().unwrap();
 
@@ -508,19 +471,11 @@ fn undecodable_payload_is_dead_lettered_not_lost() {
 /// reason; it is neither applied nor lost.
 #[test]
 fn record_without_key_is_rejected_to_dead_letters() {
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(1);
-    let group = unique("group");
-    let dir = tempfile::tempdir().unwrap();
+    let (cluster, topic, group, dir) = setup(1);
     cluster.send(&topic, 0, None, Some(&common::movement("jo", 4)));
     cluster.send_movement(&topic, 0, "k", "jo", 1);
 
-    let running = Incarnation::start(
-        builder(&cluster, &group, &topic)
-            .store(open(&dir))
-            .build(Ledger::new())
-            .unwrap(),
-    );
+    let running = start(&cluster, &group, &topic, &dir, Ledger::new());
     running.wait_for("both records", |s| s.applied + s.dead_lettered == 2);
     running.stop().unwrap();
     let store = open(&dir);
@@ -550,12 +505,7 @@ fn partitions_in_order_and_keys_scoped_by_group() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::new();
         let observed = ledger.observed.clone();
-        let running = Incarnation::start(
-            builder(&cluster, &group, &topic)
-                .store(open(&dir))
-                .build(ledger)
-                .unwrap(),
-        );
+        let running = start(&cluster, &group, &topic, &dir, ledger);
         running.wait_for("fifteen records", |s| s.applied == 15);
         running.stop().unwrap();
         for p in 0..3 {
@@ -576,10 +526,7 @@ fn partitions_in_order_and_keys_scoped_by_group() {
 /// copy waits for the claim and is then a duplicate.
 #[test]
 fn same_key_on_two_partitions_at_once_runs_once() {
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(2);
-    let group = unique("group");
-    let dir = tempfile::tempdir().unwrap();
+    let (cluster, topic, group, dir) = setup(2);
     for i in 0..40 {
         for p in 0..2 {
             cluster.send_movement(&topic, p, &format!("x{i}"), "kim", 1);
@@ -610,10 +557,7 @@ fn same_key_on_two_partitions_at_once_runs_once() {
 /// position. Every record is applied exactly once across both.
 #[test]
 fn rebalance_mid_stream_applies_every_record_once() {
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(4);
-    let group = unique("group");
-    let dir = tempfile::tempdir().unwrap();
+    let (cluster, topic, group, dir) = setup(4);
     let store = open(&dir);
     let send = |range: std::ops::Range<i32>, gap: Duration| {
         for i in range {
