@@ -183,7 +183,9 @@ impl DuplicateCause {
 )]
 pub trait Handler<Tx>: Send + Sync + 'static {
     /// Applies one new record. Write effects through `tx`; they commit with the dedup entry and
-    /// the position. Returning an error rolls back everything this call wrote.
+    /// the position. Returning an error rolls back everything this call wrote. A panic is caught
+    /// and treated as a permanent error (the record is kept as a dead letter with the panic
+    /// message); the runtime goes on.
     fn handle(
         &self,
         record: &Record,

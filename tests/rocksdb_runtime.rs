@@ -611,3 +611,36 @@ fn rebalance_mid_stream_applies_every_record_once() {
     );
     assert_eq!(balances["acct0"], 134);
 }
+
+/// A handler that panics (after writing) does not crash the runtime: its writes are rolled
+/// back, the record is kept as a dead letter with the panic message, and the next record runs.
+#[test]
+fn handler_panic_is_dead_lettered_and_the_runtime_goes_on() {
+    let (cluster, topic, group, dir) = setup(1);
+    cluster.send_movement(&topic, 0, "p0", "max", 1);
+    cluster.send_movement(&topic, 0, "p1", "max", 100);
+    cluster.send_movement(&topic, 0, "p2", "max", 10);
+    let mut ledger = Ledger::new();
+    ledger.panic_at = Some(1);
+    let running = start(&cluster, &group, &topic, &dir, ledger);
+    running.wait_for("three records", |s| s.applied + s.dead_lettered == 3);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!((stats.applied, stats.dead_lettered), (2, 1), "{stats:?}");
+    let store = open(&dir);
+    assert_eq!(
+        balances(&store)["max"],
+        11,
+        "the panicking record's write was rolled back"
+    );
+    let dead = store.dead_letters().unwrap();
+    assert_eq!(dead[0].record.offset(), 1);
+    assert_eq!(dead[0].reason, DeadLetterReason::Permanent);
+    assert!(
+        dead[0]
+            .message
+            .contains("handler panicked: ledger bug at offset 1"),
+        "{}",
+        dead[0].message
+    );
+}

@@ -14,9 +14,11 @@
 //! records before or after it.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -26,7 +28,7 @@ use super::rebalance::ConsumerCtx;
 use super::{ConflictPolicy, Shared};
 use crate::dead_letter::{DeadLetter, DeadLetterReason};
 use crate::error::{Error, Result};
-use crate::handler::{DuplicateCause, ErrorClass, Handler};
+use crate::handler::{DuplicateCause, ErrorClass, Handler, HandlerError};
 use crate::identity::{Fingerprint, IdempotencyKey};
 use crate::metrics::{Stats, Tally};
 use crate::record::Record;
@@ -295,7 +297,18 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         }
 
         tx.savepoint().await?;
-        let result = shared.handler.handle(record, tx).await;
+        // A panic is a handler error, not the end of the runtime. Deterministic on the same
+        // input as far as the runtime can tell, so it is permanent: the record is kept as a
+        // dead letter. The transaction is not left half-written: the savepoint undoes it.
+        let result = AssertUnwindSafe(shared.handler.handle(record, tx))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                Err(HandlerError::permanent(format!(
+                    "handler panicked: {}",
+                    panic_message(&*panic)
+                )))
+            });
         if tx.take_conflict() {
             // It read or wrote state another in-flight batch holds: whatever it returned was
             // computed on state that may change. Undo and handle it again after our commit.
@@ -409,6 +422,14 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         self.tally.dead_lettered += 1;
         Ok(())
     }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string panic payload)")
 }
 
 fn dead_letter(

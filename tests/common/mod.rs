@@ -227,6 +227,7 @@ pub struct Ledger {
     pub observed: Arc<Observed>,
     pub hang_at: Option<i64>,
     pub notify_at: Option<i64>,
+    pub panic_at: Option<i64>,
     pub delay: Duration,
 }
 
@@ -236,6 +237,7 @@ impl Ledger {
             observed: Arc::new(Observed::default()),
             hang_at: None,
             notify_at: None,
+            panic_at: None,
             delay: Duration::ZERO,
         }
     }
@@ -260,6 +262,9 @@ impl Handler<RocksTx> for Ledger {
             .unwrap_or(0)
             + m.amount;
         tx.put(&key, balance.to_string());
+        if self.panic_at == Some(record.offset()) {
+            panic!("ledger bug at offset {}", record.offset());
+        }
         if self.notify_at == Some(record.offset()) {
             self.observed.reached.notify_one();
         }
