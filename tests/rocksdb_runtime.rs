@@ -10,6 +10,7 @@ use common::{Cluster, Incarnation, Ledger, balances, builder, unique};
 use idempotent_consumer::{
     ConflictPolicy, DeadLetterReason, DuplicateCause, Error, PartitionId, RocksOptions, RocksStore,
 };
+use idempotent_consumer::{ErrorClass, RetryPolicy};
 
 fn open(dir: &tempfile::TempDir) -> RocksStore {
     RocksStore::open_with(dir.path(), RocksOptions { sync: false }).unwrap()
@@ -643,4 +644,106 @@ fn handler_panic_is_dead_lettered_and_the_runtime_goes_on() {
         "{}",
         dead[0].message
     );
+}
+
+fn fast_retries(attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: attempts,
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(50),
+    }
+}
+
+/// A retryable error is retried in place: the partition keeps its order, the record is applied
+/// once, and the records before it are not held back by the wait.
+#[test]
+fn retryable_error_is_retried_in_order_then_applied_once() {
+    let (cluster, topic, group, dir) = setup(1);
+    for i in 0..4 {
+        cluster.send_movement(&topic, 0, &format!("t{i}"), "ned", 1 << i);
+    }
+    let mut ledger = Ledger::new();
+    ledger.fail_at = Some((2, ErrorClass::Retryable, 3));
+    let observed = ledger.observed.clone();
+    let running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .retry(fast_retries(5))
+            .store(open(&dir))
+            .build(ledger)
+            .unwrap(),
+    );
+    running.wait_for("four records", |s| s.applied == 4);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!((stats.retries, stats.dead_lettered), (3, 0), "{stats:?}");
+    let offsets: Vec<i64> = observed.calls().iter().map(|c| c.1).collect();
+    assert_eq!(
+        offsets,
+        vec![0, 1, 2, 2, 2, 2, 3],
+        "order kept, offset 2 tried four times"
+    );
+    assert_eq!(balances(&open(&dir))["ned"], 15);
+}
+
+/// Retries are bounded: after the last attempt the record is a dead letter, and the partition
+/// goes on.
+#[test]
+fn exhausted_retries_are_dead_lettered() {
+    let (cluster, topic, group, dir) = setup(1);
+    cluster.send_movement(&topic, 0, "u0", "oli", 1);
+    cluster.send_movement(&topic, 0, "u1", "oli", 2);
+    let mut ledger = Ledger::new();
+    ledger.fail_at = Some((0, ErrorClass::Retryable, u32::MAX));
+    let running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            .retry(fast_retries(3))
+            .store(open(&dir))
+            .build(ledger)
+            .unwrap(),
+    );
+    running.wait_for("both records", |s| s.applied + s.dead_lettered == 2);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!(
+        (stats.retries, stats.dead_lettered, stats.applied),
+        (2, 1, 1),
+        "{stats:?}"
+    );
+    let dead = open(&dir).dead_letters().unwrap();
+    assert_eq!(dead[0].reason, DeadLetterReason::RetriesExhausted);
+    assert_eq!(dead[0].attempts, 3);
+    assert!(
+        dead[0].message.contains("injected Retryable failure"),
+        "{}",
+        dead[0].message
+    );
+    assert_eq!(balances(&open(&dir))["oli"], 2);
+}
+
+/// A fatal error stops the runtime with the record's position; the records before it are
+/// committed, nothing at or after it is, and a restart handles it again.
+#[test]
+fn fatal_error_stops_without_committing_past_the_record() {
+    let (cluster, topic, group, dir) = setup(1);
+    for i in 0..4 {
+        cluster.send_movement(&topic, 0, &format!("f{i}"), "pat", 1);
+    }
+    let mut ledger = Ledger::new();
+    ledger.fail_at = Some((2, ErrorClass::Fatal, 1));
+    let mut running = start(&cluster, &group, &topic, &dir, ledger);
+    let err = running.join().unwrap_err();
+    assert!(matches!(err, Error::HandlerFatal { .. }), "{err}");
+    assert_eq!(err.record_position().unwrap().offset, 2);
+    assert!(err.to_string().contains("injected Fatal failure"), "{err}");
+    drop(running);
+    let pid = PartitionId::new(&group, &topic, 0);
+    assert_eq!(
+        open(&dir).position(&pid).unwrap().unwrap().next_offset,
+        Some(2)
+    );
+
+    let running = start(&cluster, &group, &topic, &dir, Ledger::new());
+    running.wait_for("the rest", |s| s.applied == 2);
+    running.stop().unwrap();
+    assert_eq!(balances(&open(&dir))["pat"], 4);
 }

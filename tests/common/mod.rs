@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idempotent_consumer::{
-    DedupEntry, DuplicateCause, Handler, HandlerError, Outcome, Record, RocksStore, RocksTx,
-    Runtime, Stats, StatsSnapshot,
+    DedupEntry, DuplicateCause, ErrorClass, Handler, HandlerError, Outcome, Record, RocksStore,
+    RocksTx, Runtime, Stats, StatsSnapshot,
 };
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -228,6 +228,9 @@ pub struct Ledger {
     pub hang_at: Option<i64>,
     pub notify_at: Option<i64>,
     pub panic_at: Option<i64>,
+    /// Fail at this offset with this class, this many times (then succeed).
+    pub fail_at: Option<(i64, ErrorClass, u32)>,
+    failures: Arc<std::sync::atomic::AtomicU32>,
     pub delay: Duration,
 }
 
@@ -238,6 +241,8 @@ impl Ledger {
             hang_at: None,
             notify_at: None,
             panic_at: None,
+            fail_at: None,
+            failures: Arc::default(),
             delay: Duration::ZERO,
         }
     }
@@ -262,6 +267,17 @@ impl Handler<RocksTx> for Ledger {
             .unwrap_or(0)
             + m.amount;
         tx.put(&key, balance.to_string());
+        if let Some((offset, class, times)) = self.fail_at
+            && offset == record.offset()
+            && self.failures.fetch_add(1, Ordering::SeqCst) < times
+        {
+            let message = format!("injected {class:?} failure at offset {offset}");
+            return Err(match class {
+                ErrorClass::Retryable => HandlerError::retryable(message),
+                ErrorClass::Permanent => HandlerError::permanent(message),
+                ErrorClass::Fatal => HandlerError::fatal(message),
+            });
+        }
         if self.panic_at == Some(record.offset()) {
             panic!("ledger bug at offset {}", record.offset());
         }
