@@ -10,8 +10,8 @@
 //! new position: WAL on, fsync per commit configurable. The store is single-process (RocksDB locks
 //! its directory); epochs still fence a partition task that was abandoned after a revoke.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
@@ -330,7 +330,7 @@ impl Store for RocksStore {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(RocksTx {
             id,
-            claimed: Vec::new(),
+            claimed: HashSet::new(),
             conflicted: false,
             fence: self.fence(&position_key),
             store: self.clone(),
@@ -407,7 +407,7 @@ type Slot = (Family, Vec<u8>);
 pub struct RocksTx {
     id: u64,
     /// Keys this transaction holds in the store's claim table; released on drop.
-    claimed: Vec<Vec<u8>>,
+    claimed: HashSet<Vec<u8>>,
     /// Set when the handler touched a state key held by another transaction.
     conflicted: bool,
     store: RocksStore,
@@ -454,7 +454,7 @@ impl RocksTx {
             return Err(Error::KeyBusy);
         }
         claims.insert(lock_key.clone(), self.id);
-        self.claimed.push(lock_key);
+        self.claimed.insert(lock_key);
         Ok(())
     }
 
@@ -509,7 +509,7 @@ impl Drop for RocksTx {
             return;
         }
         let mut claims = self.store.inner.claims.lock().expect("claims poisoned");
-        for key in self.claimed.drain(..) {
+        for key in self.claimed.drain() {
             if claims.get(&key) == Some(&self.id) {
                 claims.remove(&key);
             }
@@ -530,7 +530,7 @@ impl Transaction for RocksTx {
             let entry = pending.as_deref().map(DedupEntry::decode).transpose()?;
             return Ok(entry.and_then(live).map_or(Claim::Claimed, Claim::Existing));
         }
-        if self.claimed.iter().any(|k| k == key) {
+        if self.claimed.contains(key) {
             return Ok(Claim::Claimed);
         }
         let inner = &self.store.inner;
@@ -544,7 +544,7 @@ impl Transaction for RocksTx {
             return Ok(Claim::Existing(entry));
         }
         claims.insert(key.to_vec(), self.id);
-        self.claimed.push(key.to_vec());
+        self.claimed.insert(key.to_vec());
         Ok(Claim::Claimed)
     }
 
