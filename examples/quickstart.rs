@@ -231,7 +231,6 @@ fn incarnation(
             assert!(Instant::now() < deadline, "the consumer made no progress for two minutes");
         }
     });
-    let snapshot = stats.snapshot();
     if crash_after.is_none() {
         let result = rt.block_on(task).expect("consumer task panicked");
         result.expect("consumer failed");
@@ -239,7 +238,8 @@ fn incarnation(
     // Dropping the runtime drops every task where it stands: a crash when one was pending.
     drop(store);
     drop(rt);
-    snapshot
+    // Read only now: until the drop, other partitions could still commit batches.
+    stats.snapshot()
 }
 
 /// Completes on Ctrl-C or SIGTERM.
@@ -261,6 +261,9 @@ fn main() {
     let mock = MockCluster::new(1).expect("starting the mock cluster");
     mock.create_topic(TOPIC, PARTITIONS, 1)
         .expect("creating the topic");
+    // Dead letters are kept in the store and produced to `<topic>.dlq`.
+    mock.create_topic(&format!("{TOPIC}.dlq"), 1, 1)
+        .expect("creating the dead-letter topic");
     let bootstrap = mock.bootstrap_servers();
     let dir = tempfile::tempdir().expect("creating a temporary directory");
 

@@ -1,12 +1,21 @@
 //! Records that could not be applied, kept with the reason, never dropped.
 //!
 //! A [`DeadLetter`] holds the original record (key, payload, headers, position), the idempotency
-//! key when there was one, the reason class and message, and the attempt count. The runtime writes
-//! it through the store's transaction, in the same commit as the partition position and the
-//! key's `dead_lettered` dedup entry, so a redelivered record is not dead-lettered twice and a
-//! crash cannot lose it.
+//! key when there was one, the reason class and message, the attempt count and the failure
+//! times. The runtime writes it through the store's transaction, in the same commit as the
+//! partition position and the key's `dead_lettered` dedup entry, so a redelivered record is not
+//! dead-lettered twice and a crash cannot lose it.
+//!
+//! It is also produced to a dead-letter topic ([`DeadLetterTopic`], default `<topic>.dlq`) with
+//! the original key, payload and headers plus `dlq.*` headers, by an idempotent producer, and
+//! acknowledged before that commit: at least once, never lost.
 
 use std::fmt;
+
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
 
 use crate::error::{Error, Result};
 use crate::record::Record;
@@ -79,7 +88,9 @@ pub struct DeadLetter {
     pub message: String,
     /// How many times the handler ran on it (0 when it never ran).
     pub attempts: u32,
-    /// When it was dead-lettered, milliseconds since the epoch.
+    /// When it first failed, milliseconds since the epoch.
+    pub first_failed_at_ms: i64,
+    /// When it was dead-lettered (its last failure), milliseconds since the epoch.
     pub failed_at_ms: i64,
 }
 
@@ -93,6 +104,7 @@ impl DeadLetter {
         out.push(DEAD_LETTER_VERSION);
         out.push(self.reason.code());
         out.extend_from_slice(&self.attempts.to_be_bytes());
+        out.extend_from_slice(&self.first_failed_at_ms.to_be_bytes());
         out.extend_from_slice(&self.failed_at_ms.to_be_bytes());
         put_bytes(&mut out, self.message.as_bytes());
         put_opt(&mut out, self.key.as_deref());
@@ -127,6 +139,7 @@ impl DeadLetter {
         }
         let reason = DeadLetterReason::from_code(rd.u8()?)?;
         let attempts = u32::from_be_bytes(rd.array()?);
+        let first_failed_at_ms = i64::from_be_bytes(rd.array()?);
         let failed_at_ms = i64::from_be_bytes(rd.array()?);
         let message = rd.string()?;
         let key = get_opt(&mut rd)?;
@@ -155,8 +168,134 @@ impl DeadLetter {
             reason,
             message,
             attempts,
+            first_failed_at_ms,
             failed_at_ms,
         })
+    }
+
+    /// The headers of the dead-letter topic record: the original headers, then `dlq.*` headers
+    /// with the original position, the idempotency key, the reason class and message, the
+    /// attempts and the first and last failure times.
+    pub fn topic_headers(&self) -> OwnedHeaders {
+        let r = &self.record;
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers().len() + 9);
+        for h in r.headers() {
+            headers = headers.insert(Header {
+                key: &h.name,
+                value: h.value.as_deref(),
+            });
+        }
+        let text = [
+            ("dlq.original.topic", r.topic().to_owned()),
+            ("dlq.original.partition", r.partition().to_string()),
+            ("dlq.original.offset", r.offset().to_string()),
+            ("dlq.error.class", self.reason.as_str().to_owned()),
+            ("dlq.error.message", self.message.clone()),
+            ("dlq.attempts", self.attempts.to_string()),
+            ("dlq.first.failure.ms", self.first_failed_at_ms.to_string()),
+            ("dlq.last.failure.ms", self.failed_at_ms.to_string()),
+        ];
+        for (key, value) in &text {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        headers.insert(Header {
+            key: "dlq.idempotency.key",
+            value: self.key.as_deref(),
+        })
+    }
+}
+
+/// Where dead letters are produced, besides the store that always keeps them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterTopic {
+    /// The source topic's name plus this suffix (default: `.dlq`).
+    Suffix(String),
+    /// One topic for every source topic.
+    Fixed(String),
+    /// No topic: dead letters are kept in the store only.
+    Disabled,
+}
+
+impl Default for DeadLetterTopic {
+    fn default() -> Self {
+        DeadLetterTopic::Suffix(".dlq".to_owned())
+    }
+}
+
+impl DeadLetterTopic {
+    /// The dead-letter topic of records from `source`.
+    pub fn topic_for(&self, source: &str) -> Option<String> {
+        match self {
+            DeadLetterTopic::Suffix(suffix) => Some(format!("{source}{suffix}")),
+            DeadLetterTopic::Fixed(topic) => Some(topic.clone()),
+            DeadLetterTopic::Disabled => None,
+        }
+    }
+}
+
+/// Produces dead letters with an idempotent producer and waits for every acknowledgement.
+pub(crate) struct DeadLetterProducer {
+    producer: FutureProducer,
+    topics: DeadLetterTopic,
+}
+
+/// Consumer-only properties the producer must not be given.
+const CONSUMER_ONLY: [&str; 8] = [
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "max.poll.interval.ms",
+    "partition.assignment.strategy",
+];
+
+impl DeadLetterProducer {
+    /// A producer sharing the consumer's connection settings, or `None` when disabled.
+    pub(crate) fn new(consumer: &ClientConfig, topics: DeadLetterTopic) -> Result<Option<Self>> {
+        if topics == DeadLetterTopic::Disabled {
+            return Ok(None);
+        }
+        let mut config = consumer.clone();
+        for key in CONSUMER_ONLY {
+            config.remove(key);
+        }
+        config.set("enable.idempotence", "true");
+        if config.get("message.timeout.ms").is_none() {
+            config.set("message.timeout.ms", "30000");
+        }
+        let producer = config
+            .create()
+            .map_err(|e| Error::kafka("creating the dead-letter producer", e))?;
+        Ok(Some(DeadLetterProducer { producer, topics }))
+    }
+
+    /// Produces every letter and returns once all are acknowledged.
+    pub(crate) async fn send_all(&self, letters: &[DeadLetter]) -> Result<()> {
+        let sends = letters.iter().filter_map(|dl| {
+            let topic = self.topics.topic_for(dl.record.topic())?;
+            Some(async move {
+                let mut record = FutureRecord::<[u8], [u8]>::to(&topic).headers(dl.topic_headers());
+                if let Some(key) = dl.record.key() {
+                    record = record.key(key);
+                }
+                if let Some(payload) = dl.record.payload() {
+                    record = record.payload(payload);
+                }
+                self.producer
+                    .send(record, Timeout::Never)
+                    .await
+                    .map(|_| ())
+                    .map_err(|(e, _)| {
+                        Error::kafka(format!("producing a dead letter to {topic}"), e)
+                    })
+            })
+        });
+        futures::future::try_join_all(sends).await.map(|_| ())
     }
 }
 
@@ -197,7 +336,7 @@ mod tests {
             let mut record = Record::new("t", 1, offset, rkey, payload);
             if let Some(ts) = ts { record = record.with_timestamp_ms(ts); }
             for (n, v) in headers { record = record.with_header(n, v); }
-            let dl = DeadLetter { record, key, reason: DeadLetterReason::Conflict, message, attempts, failed_at_ms: 7 };
+            let dl = DeadLetter { record, key, reason: DeadLetterReason::Conflict, message, attempts, first_failed_at_ms: 3, failed_at_ms: 7 };
             prop_assert_eq!(DeadLetter::decode(&dl.encode()).unwrap(), dl);
         }
 

@@ -97,7 +97,7 @@ pub mod retry;
 pub mod runtime;
 pub mod store;
 
-pub use dead_letter::{DeadLetter, DeadLetterReason};
+pub use dead_letter::{DeadLetter, DeadLetterReason, DeadLetterTopic};
 pub use error::{Error, RecordPosition, Result};
 pub use handler::{DuplicateCause, ErrorClass, Handler, HandlerError, Outcome};
 pub use identity::{Identity, KeySource, MissingKey, OversizeKey};

@@ -180,6 +180,33 @@ fn conflict_is_detected_reported_and_dead_lettered() {
         "{}",
         dead[0].message
     );
+
+    // The dead-letter topic has the original bytes and says what happened.
+    let dlq = cluster.read_all(&format!("{topic}.dlq"), 1);
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(
+        dlq[0].payload.as_deref(),
+        Some(&common::movement("carol", 500)[..])
+    );
+    assert_eq!(
+        dlq[0].header("idempotency-key"),
+        Some("pay-1"),
+        "original headers kept"
+    );
+    assert_eq!(dlq[0].header("dlq.original.topic"), Some(topic.as_str()));
+    assert_eq!(dlq[0].header("dlq.original.partition"), Some("0"));
+    assert_eq!(dlq[0].header("dlq.original.offset"), Some("1"));
+    assert_eq!(dlq[0].header("dlq.idempotency.key"), Some("pay-1"));
+    assert_eq!(dlq[0].header("dlq.error.class"), Some("conflict"));
+    assert!(
+        dlq[0]
+            .header("dlq.error.message")
+            .unwrap()
+            .contains("different payload")
+    );
+    assert_eq!(dlq[0].header("dlq.attempts"), Some("0"));
+    assert!(dlq[0].header("dlq.first.failure.ms").is_some());
+    assert!(dlq[0].header("dlq.last.failure.ms").is_some());
 }
 
 #[test]
@@ -466,6 +493,11 @@ fn undecodable_payload_is_dead_lettered_not_lost() {
     running.stop().unwrap();
     assert_eq!(stats.dead_lettered, 0, "{stats:?}");
     assert_eq!(open(&dir).dead_letters().unwrap().len(), 1);
+    assert_eq!(
+        cluster.read_all(&format!("{topic}.dlq"), 1).len(),
+        1,
+        "the replay produced no second dead letter"
+    );
 }
 
 /// A record without an idempotency key under the default policy is dead-lettered with a clear
@@ -712,6 +744,10 @@ fn exhausted_retries_are_dead_lettered() {
     let dead = open(&dir).dead_letters().unwrap();
     assert_eq!(dead[0].reason, DeadLetterReason::RetriesExhausted);
     assert_eq!(dead[0].attempts, 3);
+    assert!(
+        dead[0].first_failed_at_ms < dead[0].failed_at_ms,
+        "{dead:?}"
+    );
     assert!(
         dead[0].message.contains("injected Retryable failure"),
         "{}",

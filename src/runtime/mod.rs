@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
+use crate::dead_letter::{DeadLetterProducer, DeadLetterTopic};
 use crate::error::{Error, Result};
 use crate::handler::Handler;
 use crate::identity::{Identity, Scope};
@@ -71,6 +72,7 @@ pub(crate) struct Config {
 pub(crate) struct Shared<S, H> {
     pub(crate) config: Config,
     pub(crate) store: Arc<S>,
+    pub(crate) dead_letters: Option<DeadLetterProducer>,
     pub(crate) handler: H,
     pub(crate) stats: Arc<Stats>,
 }
@@ -90,6 +92,7 @@ pub struct RuntimeBuilder<S = ()> {
     drain_timeout: Duration,
     purge_interval: Duration,
     purge_batch: usize,
+    dead_letter_topic: DeadLetterTopic,
 }
 
 impl<S> fmt::Debug for RuntimeBuilder<S> {
@@ -180,6 +183,15 @@ impl<S> RuntimeBuilder<S> {
         self
     }
 
+    /// Where dead letters are produced besides the store (default: `<topic>.dlq`). Each is
+    /// produced and acknowledged before the commit that marks its key dead-lettered: a crash in
+    /// between can repeat a dead-letter record (it carries the idempotency key and original
+    /// offset to deduplicate on) but never lose one.
+    pub fn dead_letter_topic(mut self, topic: DeadLetterTopic) -> Self {
+        self.dead_letter_topic = topic;
+        self
+    }
+
     /// The store the runtime commits into.
     pub fn store<T: Store>(self, store: T) -> RuntimeBuilder<T> {
         RuntimeBuilder {
@@ -196,6 +208,7 @@ impl<S> RuntimeBuilder<S> {
             drain_timeout: self.drain_timeout,
             purge_interval: self.purge_interval,
             purge_batch: self.purge_batch,
+            dead_letter_topic: self.dead_letter_topic,
         }
     }
 }
@@ -255,6 +268,7 @@ impl<S: Store> RuntimeBuilder<S> {
             client.set("auto.offset.reset", "earliest");
         }
         let scope = self.identity.scope(&group);
+        let dead_letters = DeadLetterProducer::new(&client, self.dead_letter_topic)?;
         Ok(Runtime {
             client,
             shared: Arc::new(Shared {
@@ -273,6 +287,7 @@ impl<S: Store> RuntimeBuilder<S> {
                     purge_batch: self.purge_batch,
                 },
                 store: Arc::new(self.store),
+                dead_letters,
                 handler,
                 stats: Arc::new(Stats::default()),
             }),
@@ -312,6 +327,7 @@ impl Runtime<(), ()> {
             drain_timeout: Duration::from_secs(30),
             purge_interval: Duration::from_secs(60),
             purge_batch: 1_000,
+            dead_letter_topic: DeadLetterTopic::default(),
         }
     }
 }
@@ -390,6 +406,8 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
                             epoch,
                             position,
                             tally: Default::default(),
+                            letters: Vec::new(),
+                            first_failure_ms: None,
                         };
                         let abort = tasks.spawn(task.run(records));
                         workers.insert(abort.id(), Worker { partition, abort });

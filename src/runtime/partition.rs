@@ -60,6 +60,10 @@ pub(crate) struct PartitionTask<S: Store, H> {
     pub(crate) epoch: u64,
     pub(crate) position: Option<i64>,
     pub(crate) tally: Tally,
+    /// Dead letters of the open transaction, produced to the topic just before it commits.
+    pub(crate) letters: Vec<DeadLetter>,
+    /// When the current record first failed (for retried records).
+    pub(crate) first_failure_ms: Option<i64>,
 }
 
 impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
@@ -129,6 +133,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     // Never backwards: a redelivery below the position leaves it where it is.
                     next = Some(next.map_or(record.offset() + 1, |n| n.max(record.offset() + 1)));
                     attempts = 1;
+                    self.first_failure_ms = None;
                     pending.pop_front();
                 }
                 Step::Retry(delay) => {
@@ -168,6 +173,13 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     }
 
     async fn commit(&mut self, tx: S::Tx, next: i64) -> Result<()> {
+        if let Some(producer) = &self.shared.dead_letters
+            && !self.letters.is_empty()
+        {
+            // Acknowledged before the commit that marks the keys dead-lettered.
+            producer.send_all(&self.letters).await?;
+        }
+        self.letters.clear();
         if self.position == Some(next) {
             // Nothing moved (every record was below the position); nothing to write.
             self.tally.flush(&self.shared.stats);
@@ -283,9 +295,10 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             return match config.conflict {
                 ConflictPolicy::DeadLetter => {
                     // The key's entry stays the original record's; only the dead letter is new.
-                    let dl =
-                        dead_letter(record, Some(&key), DeadLetterReason::Conflict, message, 0);
+                    let reason = DeadLetterReason::Conflict;
+                    let dl = dead_letter(record, Some(&key), reason, message, 0, now);
                     tx.put_dead_letter(&dl).await?;
+                    self.letters.push(dl);
                     self.tally.dead_lettered += 1;
                     Ok(Step::Done)
                 }
@@ -332,6 +345,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             Err(error) => error,
         };
         tx.rollback_to_savepoint().await?;
+        self.first_failure_ms.get_or_insert(now);
         let message = error.to_string();
         match error.class() {
             ErrorClass::Retryable if attempts < config.retry.max_attempts => {
@@ -407,7 +421,15 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         message: String,
         attempts: u32,
     ) -> Result<()> {
-        let dl = dead_letter(record, key.map(|k| k.0), reason, message, attempts);
+        let first_failure = self.first_failure_ms.unwrap_or_else(now_ms);
+        let dl = dead_letter(
+            record,
+            key.map(|k| k.0),
+            reason,
+            message,
+            attempts,
+            first_failure,
+        );
         tx.put_dead_letter(&dl).await?;
         if let Some((_, store_key, fingerprint)) = key {
             let entry = self.entry(
@@ -419,6 +441,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             );
             tx.put_entry(store_key, &entry).await?;
         }
+        self.letters.push(dl);
         self.tally.dead_lettered += 1;
         Ok(())
     }
@@ -438,6 +461,7 @@ fn dead_letter(
     reason: DeadLetterReason,
     message: String,
     attempts: u32,
+    first_failed_at_ms: i64,
 ) -> DeadLetter {
     DeadLetter {
         record: record.clone(),
@@ -445,6 +469,7 @@ fn dead_letter(
         reason,
         message,
         attempts,
+        first_failed_at_ms,
         failed_at_ms: now_ms(),
     }
 }

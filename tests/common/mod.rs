@@ -73,19 +73,26 @@ impl Cluster {
         &self.bootstrap
     }
 
-    /// Creates a topic (through the mock itself: the mock does not serve CreateTopics).
+    /// Creates a topic and its dead-letter topic `<topic>.dlq` (one partition).
     pub fn create_topic(&self, partitions: i32) -> String {
         let topic = unique("topic");
+        self.create_named_topic(&topic, partitions);
+        self.create_named_topic(&format!("{topic}.dlq"), 1);
+        topic
+    }
+
+    /// Creates a topic (through the mock itself: the mock does not serve CreateTopics).
+    pub fn create_named_topic(&self, topic: &str, partitions: i32) {
         match &self.mock {
             Some(mock) => mock
-                .create_topic(&topic, partitions, 1)
+                .create_topic(topic, partitions, 1)
                 .expect("creating a topic on the mock cluster"),
             None => {
                 let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
                     .set("bootstrap.servers", &self.bootstrap)
                     .create()
                     .expect("creating the admin client");
-                let new = NewTopic::new(&topic, partitions, TopicReplication::Fixed(1));
+                let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
                 let rt = tokio::runtime::Runtime::new().unwrap();
                 let results = rt
                     .block_on(admin.create_topics([&new], &AdminOptions::new()))
@@ -95,7 +102,58 @@ impl Cluster {
                 }
             }
         }
-        topic
+    }
+
+    /// Every record of partition 0 of `topic`, read from the start until `n` arrived and no more
+    /// came for a second: (key, payload, headers as UTF-8-lossy name/value pairs).
+    pub fn read_all(&self, topic: &str, n: usize) -> Vec<TopicRecord> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("creating a reader");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&tpl).expect("assigning the reader");
+        let mut out = Vec::new();
+        let start = Instant::now();
+        let mut quiet_since = Instant::now();
+        while out.len() < n || quiet_since.elapsed() < Duration::from_secs(1) {
+            assert!(
+                start.elapsed() < WAIT,
+                "read {} of {n} records from {topic}",
+                out.len()
+            );
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    use rdkafka::Message;
+                    use rdkafka::message::Headers;
+                    let headers = m
+                        .headers()
+                        .map(|hs| {
+                            hs.iter()
+                                .map(|h| {
+                                    let v =
+                                        h.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                                    (h.key.to_owned(), v.unwrap_or_default())
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    out.push(TopicRecord {
+                        key: m.key().map(<[u8]>::to_vec),
+                        payload: m.payload().map(<[u8]>::to_vec),
+                        headers,
+                    });
+                    quiet_since = Instant::now();
+                }
+                Some(Err(e)) => panic!("reading {topic}: {e}"),
+                None => {}
+            }
+        }
+        out
     }
 
     /// Produces one record to an explicit partition and waits until it is acknowledged.
@@ -183,6 +241,24 @@ impl Cluster {
             Offset::Offset(o) => Some(o),
             _ => None,
         }
+    }
+}
+
+/// A record read back from a topic.
+#[derive(Debug)]
+pub struct TopicRecord {
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl TopicRecord {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|h| h.0 == name)
+            .map(|h| h.1.as_str())
     }
 }
 
