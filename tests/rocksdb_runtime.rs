@@ -783,3 +783,36 @@ fn fatal_error_stops_without_committing_past_the_record() {
     running.stop().unwrap();
     assert_eq!(balances(&open(&dir))["pat"], 4);
 }
+
+/// When a dead letter cannot be produced, nothing is committed past its record: the runtime
+/// stops with the producer's error, and the record is neither lost nor marked dead-lettered.
+#[test]
+fn dead_letter_that_cannot_be_produced_is_not_committed_past() {
+    let (cluster, topic, group, dir) = setup(1);
+    cluster.send_movement(&topic, 0, "ok-0", "quin", 1);
+    cluster.send(&topic, 0, Some("bad-1"), Some(b"not json"));
+    cluster.send_movement(&topic, 0, "ok-2", "quin", 2);
+    let refused = cluster.refuse_dead_letters();
+    let mut running = Incarnation::start(
+        builder(&cluster, &group, &topic)
+            // A topic name the broker must refuse.
+            .dead_letter_topic(refused)
+            .set("message.timeout.ms", "3000")
+            .store(open(&dir))
+            .build(Ledger::new())
+            .unwrap(),
+    );
+    let err = running.join().unwrap_err();
+    assert!(err.to_string().contains("producing a dead letter"), "{err}");
+    drop(running);
+    let store = open(&dir);
+    let position = store
+        .position(&PartitionId::new(&group, &topic, 0))
+        .unwrap()
+        .and_then(|p| p.next_offset);
+    assert!(
+        position.is_none_or(|p| p <= 1),
+        "committed past the record: {position:?}"
+    );
+    assert!(store.dead_letters().unwrap().is_empty());
+}

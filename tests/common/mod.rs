@@ -21,6 +21,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{Notify, oneshot};
 
@@ -101,6 +102,20 @@ impl Cluster {
                     r.expect("creating a topic");
                 }
             }
+        }
+    }
+
+    /// Makes producing dead letters fail from now on, and returns the dead-letter topic setting
+    /// to use: on the mock cluster every Produce request is refused (the mock would auto-create
+    /// any topic); on a real cluster the topic name is one Kafka refuses.
+    pub fn refuse_dead_letters(&self) -> idempotent_consumer::DeadLetterTopic {
+        match &self.mock {
+            Some(mock) => {
+                let refused = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 1000];
+                mock.request_errors(RDKafkaApiKey::Produce, &refused);
+                idempotent_consumer::DeadLetterTopic::default()
+            }
+            None => idempotent_consumer::DeadLetterTopic::Fixed("no such topic!".into()),
         }
     }
 
