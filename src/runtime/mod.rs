@@ -527,7 +527,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 /// Purges expired entries in bounded rounds; a few rounds per tick at most.
 async fn purge_expired<S: Store>(store: &S, batch: usize, stats: &Stats) {
     for _ in 0..10 {
-        match store.purge_expired(partition_now(), batch).await {
+        match store.purge_expired(partition::now_ms(), batch).await {
             Ok(n) => {
                 Stats::add(&stats.expired_purged, n as u64);
                 if n < batch {
@@ -541,8 +541,4 @@ async fn purge_expired<S: Store>(store: &S, batch: usize, stats: &Stats) {
             }
         }
     }
-}
-
-fn partition_now() -> i64 {
-    partition::now_ms()
 }
