@@ -10,6 +10,11 @@
 #
 # Tests run against librdkafka's in-process mock cluster unless KAFKA_BOOTSTRAP_SERVERS is set
 # (for example to the docker/ compose stack), in which case they use that cluster.
+#
+# PostgreSQL: unless DATABASE_URL is set, `test` starts a throwaway server (initdb and pg_ctl in
+# a temporary directory, on a free loopback port, as an unprivileged user), installing Debian's
+# postgresql first when it is missing and we are root, and stops and removes it on exit, failure
+# included. Each test creates (and drops) its own database on it.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -36,6 +41,74 @@ ensure_packages() {
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+PG_DIR=""
+PG_CTL=""
+PG_USER=""
+
+stop_postgres() {
+    [ -n "$PG_DIR" ] || return 0
+    if [ -f "$PG_DIR/data/postmaster.pid" ]; then
+        as_pg_user "$PG_CTL" -D "$PG_DIR/data" -m immediate -w stop >/dev/null 2>&1 || true
+    fi
+    rm -rf "$PG_DIR"
+    PG_DIR=""
+}
+
+as_pg_user() {
+    if [ "$(id -u)" -eq 0 ]; then
+        runuser -u "$PG_USER" -- "$@"
+    else
+        "$@"
+    fi
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+start_postgres() {
+    local bindir
+    bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+    if [ -z "$bindir" ] || [ ! -x "$bindir/initdb" ]; then
+        if [ "$(id -u)" -ne 0 ]; then
+            echo "PostgreSQL's server binaries are missing; install them with:" >&2
+            echo "  sudo apt-get update && sudo apt-get install -y postgresql" >&2
+            echo "or set DATABASE_URL to a server where this user may create databases" >&2
+            exit 1
+        fi
+        log "installing postgresql"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+        bindir=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+    fi
+    PG_CTL="$bindir/pg_ctl"
+    if [ "$(id -u)" -eq 0 ]; then
+        # initdb refuses to run as root: the server runs as an unprivileged user.
+        PG_USER=postgres
+        id -u "$PG_USER" >/dev/null 2>&1 || useradd --system --no-create-home "$PG_USER"
+    else
+        PG_USER=$(id -un)
+    fi
+    PG_DIR=$(mktemp -d /tmp/idc-pg.XXXXXX)
+    chmod 755 "$PG_DIR"
+    [ "$(id -u)" -eq 0 ] && chown "$PG_USER" "$PG_DIR"
+    trap stop_postgres EXIT
+    local port
+    port=$(free_port)
+    as_pg_user "$bindir/initdb" -D "$PG_DIR/data" -U postgres --auth=trust -E UTF8 --no-sync \
+        >"$PG_DIR/initdb.log" 2>&1 || { cat "$PG_DIR/initdb.log" >&2; exit 1; }
+    # fsync off: a throwaway test server; durability is not what the tests measure.
+    if ! as_pg_user "$PG_CTL" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 60 start \
+        -o "-p $port -k $PG_DIR -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300" \
+        >/dev/null; then
+        cat "$PG_DIR/server.log" >&2
+        exit 1
+    fi
+    export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+    log "throwaway PostgreSQL on 127.0.0.1:$port ($PG_DIR)"
+}
+
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 
 case "${1:-}" in
@@ -59,13 +132,26 @@ case "${1:-}" in
         else
             log "tests against librdkafka's in-process mock cluster"
         fi
+        if [ -n "${DATABASE_URL:-}" ]; then
+            log "PostgreSQL tests against DATABASE_URL"
+        else
+            start_postgres
+        fi
         cargo test --all-features
         log "quickstart"
         cargo run --quiet --example quickstart
         log "all checks passed in $(( $(date +%s) - start ))s"
         ;;
+    postgres)
+        # A throwaway server for working on the PostgreSQL store by hand: prints its URL and
+        # keeps it until Ctrl-C.
+        start_postgres
+        echo "DATABASE_URL=$DATABASE_URL"
+        trap 'stop_postgres; exit 0' INT TERM
+        while sleep 3600; do :; done
+        ;;
     *)
-        echo "usage: $0 quickstart|test" >&2
+        echo "usage: $0 quickstart|test|postgres" >&2
         exit 2
         ;;
 esac

@@ -35,6 +35,9 @@ pub enum Error {
         /// The driver error.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
+        /// True when trying again can succeed (a lost connection, a deadlock, a serialization
+        /// failure): the runtime retries the batch from its first uncommitted record.
+        transient: bool,
     },
 
     /// Bytes read from the store could not be decoded: the store is corrupt or was written by an
@@ -120,7 +123,38 @@ impl Error {
         Error::Store {
             context: context.into(),
             source: source.into(),
+            transient: false,
         }
+    }
+
+    /// Like [`Error::store`], for a failure that can go away when the batch is tried again.
+    pub fn store_transient(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        match Error::store(context, source) {
+            Error::Store {
+                context, source, ..
+            } => Error::Store {
+                context,
+                source,
+                transient: true,
+            },
+            other => other,
+        }
+    }
+
+    /// True when the failure is a transient store failure: nothing of the batch was committed
+    /// (or, for a commit that lost its connection, it may have been) and trying again is safe,
+    /// because records already committed are found as duplicates.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Store {
+                transient: true,
+                ..
+            }
+        )
     }
 
     /// True when the error is a fenced commit: the partition now belongs to another owner.

@@ -317,6 +317,20 @@ impl Scope {
     }
 }
 
+/// The parts of a store key made by [`Scope::store_key`]: group, tenant and key bytes. `None`
+/// when the bytes are not a store key.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+pub(crate) fn split_store_key(store_key: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    fn take(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+        let (len, rest) = bytes.split_first_chunk::<2>()?;
+        let len = usize::from(u16::from_be_bytes(*len));
+        (rest.len() >= len).then(|| rest.split_at(len))
+    }
+    let (group, rest) = take(store_key)?;
+    let (tenant, key) = take(rest)?;
+    Some((group, tenant, key))
+}
+
 fn push_len_prefixed(out: &mut Vec<u8>, bytes: &[u8]) {
     // Lengths are checked at configuration time (group ids and tenants are far below 64 KiB).
     let len = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
@@ -441,6 +455,20 @@ mod tests {
             let b = Scope::new(&g2, t2.as_deref()).store_key(&key(k2.clone()));
             let same = g1 == g2 && t1.unwrap_or_default() == t2.unwrap_or_default() && k1 == k2;
             prop_assert_eq!(a == b, same);
+        }
+
+        // A store key splits back into exactly the group, tenant and key it was made of.
+        #[test]
+        fn store_keys_split_back(
+            g in ".{0,8}", t in proptest::option::of(".{0,8}"), k in proptest::collection::vec(any::<u8>(), 1..8),
+        ) {
+            let key = IdempotencyKey { bytes: k.clone(), origin: KeyOrigin::Header };
+            let store_key = Scope::new(&g, t.as_deref()).store_key(&key);
+            let (group, tenant, bytes) = split_store_key(&store_key).unwrap();
+            prop_assert_eq!(group, g.as_bytes());
+            let t = t.unwrap_or_default();
+            prop_assert_eq!(tenant, t.as_bytes());
+            prop_assert_eq!(bytes, &k[..]);
         }
     }
 }

@@ -105,7 +105,9 @@ pub use metrics::{Stats, StatsSnapshot};
 pub use record::{DecodeError, Header, Record};
 pub use retry::RetryPolicy;
 pub use runtime::{ConflictPolicy, Runtime, RuntimeBuilder};
-pub use store::{Claim, DedupEntry, EntryStatus, PartitionId, Store, Transaction};
+pub use store::{Claim, DedupEntry, EntryStatus, PartitionId, Store, StoredPosition, Transaction};
 
+#[cfg(feature = "postgres")]
+pub use store::postgres::{PgOptions, PgStore, PgTx};
 #[cfg(feature = "rocksdb")]
 pub use store::rocksdb::{RocksOptions, RocksStore, RocksTx};

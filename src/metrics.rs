@@ -56,6 +56,8 @@ counters! {
     expired_purged,
     /// Asynchronous Kafka offset commits that failed (the store's position stays authoritative).
     kafka_commit_failures,
+    /// Batches tried again after a transient store failure (lost connection, deadlock).
+    store_retries,
 }
 
 impl Stats {

@@ -70,12 +70,36 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     /// Runs until the channel is closed and drained (revocation or shutdown) or a record stops it.
     pub(crate) async fn run(mut self, mut records: mpsc::Receiver<Record>) -> Result<()> {
         let mut pending: VecDeque<Record> = VecDeque::new();
+        let mut store_failures = 0u32;
         let result = loop {
             if pending.is_empty() && !self.next_batch(&mut records, &mut pending).await {
                 break Ok(());
             }
-            if let Err(e) = self.process(&mut pending).await {
-                break Err(e);
+            match self.process(&mut pending).await {
+                Ok(()) => store_failures = 0,
+                Err(e) if e.is_transient() => {
+                    // Nothing of the open batch counts: its records are still pending and are
+                    // handled again; those whose commit did land are found as duplicates.
+                    store_failures = store_failures.saturating_add(1);
+                    self.tally = Tally::default();
+                    self.letters.clear();
+                    Stats::add(&self.shared.stats.store_retries, 1);
+                    let delay = self
+                        .shared
+                        .config
+                        .retry
+                        .backoff(store_failures.min(8), None);
+                    tracing::warn!(
+                        topic = %self.partition.topic,
+                        partition = self.partition.partition,
+                        error = %e,
+                        failures = store_failures,
+                        ?delay,
+                        "transient store failure; trying the batch again"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => break Err(e),
             }
         };
         if result.is_ok()
@@ -120,26 +144,31 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     }
 
     /// Processes and commits the pending records, retrying in place; leaves `pending` empty
-    /// unless it fails.
+    /// unless it fails. Records leave `pending` only once their batch committed, so a failed
+    /// commit leaves them to be tried again.
     async fn process(&mut self, pending: &mut VecDeque<Record>) -> Result<()> {
         let shared = self.shared.clone();
-        let mut tx = shared.store.begin(&self.partition, self.epoch).await?;
+        let mut tx = self.begin(pending).await?;
         let mut next = self.position;
         let mut attempts = 1u32;
         let mut busy_waits = 0u64;
-        while let Some(record) = pending.front() {
+        // pending[..settled] are settled in the open transaction.
+        let mut settled = 0usize;
+        while let Some(record) = pending.get(settled) {
             match self.record(&mut tx, record, attempts).await? {
                 Step::Done => {
                     // Never backwards: a redelivery below the position leaves it where it is.
                     next = Some(next.map_or(record.offset() + 1, |n| n.max(record.offset() + 1)));
                     attempts = 1;
                     self.first_failure_ms = None;
-                    pending.pop_front();
+                    settled += 1;
                 }
                 Step::Retry(delay) => {
                     if let Some(n) = next {
                         self.commit(tx, n).await?;
                     }
+                    pending.drain(..settled);
+                    settled = 0;
                     Stats::add(&shared.stats.retries, 1);
                     tokio::time::sleep(delay).await;
                     attempts += 1;
@@ -151,6 +180,8 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     } else {
                         drop(tx);
                     }
+                    pending.drain(..settled);
+                    settled = 0;
                     busy_waits += 1;
                     // Grows and is jittered, so two partitions that keep meeting on the same
                     // keys fall out of step.
@@ -162,14 +193,34 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     if let Some(n) = next {
                         self.commit(tx, n).await?;
                     }
+                    pending.drain(..settled);
                     return Err(e);
                 }
             }
         }
-        match next {
-            Some(n) => self.commit(tx, n).await,
-            None => Ok(()),
+        if let Some(n) = next {
+            self.commit(tx, n).await?;
         }
+        pending.clear();
+        Ok(())
+    }
+
+    /// Opens the batch's transaction and claims the keys of its records in one go, where the
+    /// store can.
+    async fn begin(&self, pending: &VecDeque<Record>) -> Result<S::Tx> {
+        let config = &self.shared.config;
+        let mut tx = self.shared.store.begin(&self.partition, self.epoch).await?;
+        let keys: Vec<Vec<u8>> = pending
+            .iter()
+            .filter(|r| self.position.is_none_or(|p| r.offset() >= p))
+            .filter_map(|r| config.identity.key_of(r).ok())
+            .map(|k| config.scope.store_key(&k))
+            .collect();
+        if !keys.is_empty() {
+            let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+            tx.prepare_claims(&keys, now_ms()).await?;
+        }
+        Ok(tx)
     }
 
     async fn commit(&mut self, tx: S::Tx, next: i64) -> Result<()> {

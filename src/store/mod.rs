@@ -7,7 +7,8 @@
 //! [`Error::Fenced`](crate::Error::Fenced) if the partition's epoch moved on. Retention is
 //! [`Store::purge_expired`], which the runtime calls in bounded batches.
 //!
-//! Stores: [`rocksdb::RocksStore`] (embedded default, feature `rocksdb`).
+//! Stores: `rocksdb::RocksStore` (embedded default, feature `rocksdb`) and
+//! `postgres::PgStore` (shared by many instances, feature `postgres`).
 
 use std::future::Future;
 
@@ -15,6 +16,8 @@ use crate::dead_letter::DeadLetter;
 use crate::error::Result;
 
 pub mod entry;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "rocksdb")]
 pub mod rocksdb;
 
@@ -49,6 +52,15 @@ pub struct Assignment {
     pub epoch: u64,
     /// The next offset to consume, if the store has one.
     pub position: Option<i64>,
+}
+
+/// The next offset and epoch stored for a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredPosition {
+    /// Next offset to consume; `None` when the partition was acquired but nothing committed yet.
+    pub next_offset: Option<i64>,
+    /// The epoch of the latest owner.
+    pub epoch: u64,
 }
 
 /// A store of dedup entries, positions and effects.
@@ -103,6 +115,19 @@ pub trait Transaction: Send + 'static {
     /// key until this one commits (then it sees the entry) or is dropped (then the key is free),
     /// so the same key arriving on two partitions at once is handled once.
     fn claim(&mut self, key: &[u8], now_ms: i64) -> impl Future<Output = Result<Claim>> + Send;
+
+    /// Claims several keys ahead of their records, so a store with round trips claims a whole
+    /// batch at once; [`claim`](Transaction::claim) then answers from what this learned. A
+    /// claimed key whose record is not finished by the commit is released by the commit.
+    /// The default does nothing (claims are answered one by one).
+    fn prepare_claims(
+        &mut self,
+        keys: &[&[u8]],
+        now_ms: i64,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = (keys, now_ms);
+        async { Ok(()) }
+    }
 
     /// True (once) when the handler touched state held by another in-flight transaction since
     /// the last savepoint: the runtime then rolls the record back and handles it again after

@@ -24,7 +24,7 @@ use rocksdb::{
 use crate::dead_letter::DeadLetter;
 use crate::error::{Error, Result};
 use crate::store::entry::{DedupEntry, Reader};
-use crate::store::{Assignment, Claim, PartitionId, Store, Transaction};
+use crate::store::{Assignment, Claim, PartitionId, Store, StoredPosition, Transaction};
 
 const CF_DEDUP: &str = "dedup";
 const CF_EXPIRY: &str = "expiry";
@@ -80,15 +80,6 @@ impl fmt::Debug for RocksStore {
 
 fn rocks(context: &str) -> impl FnOnce(rocksdb::Error) -> Error + '_ {
     move |e| Error::store(context.to_owned(), e)
-}
-
-/// The next offset and epoch stored for a partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoredPosition {
-    /// Next offset to consume; `None` when the partition was acquired but nothing committed yet.
-    pub next_offset: Option<i64>,
-    /// The epoch of the latest owner.
-    pub epoch: u64,
 }
 
 impl StoredPosition {

@@ -5,6 +5,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod backend;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use idempotent_consumer::{
     DedupEntry, DuplicateCause, ErrorClass, Handler, HandlerError, Outcome, Record, RocksStore,
-    RocksTx, Runtime, Stats, StatsSnapshot,
+    RocksTx, Runtime, Stats, StatsSnapshot, Store, Transaction,
 };
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -339,8 +341,48 @@ impl Ledger {
     }
 }
 
-impl Handler<RocksTx> for Ledger {
-    async fn handle(&self, record: &Record, tx: &mut RocksTx) -> Result<Outcome, HandlerError> {
+/// A transaction the ledger can add to: `balance/<account>` keys on RocksDB, a `ledger` table
+/// on PostgreSQL. Returns the new balance.
+pub trait LedgerTx: Transaction {
+    fn add(
+        &mut self,
+        account: &str,
+        amount: i64,
+    ) -> impl std::future::Future<Output = Result<i64, HandlerError>> + Send;
+}
+
+impl LedgerTx for RocksTx {
+    async fn add(&mut self, account: &str, amount: i64) -> Result<i64, HandlerError> {
+        let key = format!("balance/{account}");
+        let balance = self
+            .get(&key)
+            .map_err(HandlerError::retryable)?
+            .map(|b| String::from_utf8(b).unwrap().parse::<i64>().unwrap())
+            .unwrap_or(0)
+            + amount;
+        self.put(&key, balance.to_string());
+        Ok(balance)
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl LedgerTx for idempotent_consumer::PgTx {
+    async fn add(&mut self, account: &str, amount: i64) -> Result<i64, HandlerError> {
+        sqlx::query_scalar(
+            "INSERT INTO ledger (account, balance) VALUES ($1, $2) \
+             ON CONFLICT (account) DO UPDATE SET balance = ledger.balance + EXCLUDED.balance \
+             RETURNING balance",
+        )
+        .bind(account)
+        .bind(amount)
+        .fetch_one(self.conn())
+        .await
+        .map_err(HandlerError::retryable)
+    }
+}
+
+impl<T: LedgerTx> Handler<T> for Ledger {
+    async fn handle(&self, record: &Record, tx: &mut T) -> Result<Outcome, HandlerError> {
         self.observed
             .calls
             .lock()
@@ -350,14 +392,7 @@ impl Handler<RocksTx> for Ledger {
             tokio::time::sleep(self.delay).await;
         }
         let m: Movement = record.json()?;
-        let key = format!("balance/{}", m.account);
-        let balance = tx
-            .get(&key)
-            .map_err(HandlerError::retryable)?
-            .map(|b| String::from_utf8(b).unwrap().parse::<i64>().unwrap())
-            .unwrap_or(0)
-            + m.amount;
-        tx.put(&key, balance.to_string());
+        let balance = tx.add(&m.account, m.amount).await?;
         if let Some((offset, class, times)) = self.fail_at
             && offset == record.offset()
             && self.failures.fetch_add(1, Ordering::SeqCst) < times
@@ -425,6 +460,14 @@ pub fn builder(cluster: &Cluster, group: &str, topic: &str) -> idempotent_consum
         .set("topic.metadata.refresh.interval.ms", "500")
 }
 
+fn new_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// One consumer incarnation on its own tokio runtime, like one process.
 pub struct Incarnation {
     rt: Option<tokio::runtime::Runtime>,
@@ -434,12 +477,34 @@ pub struct Incarnation {
 }
 
 impl Incarnation {
-    pub fn start<H: Handler<RocksTx>>(runtime: Runtime<RocksStore, H>) -> Self {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+    pub fn start<S: Store, H: Handler<S::Tx>>(runtime: Runtime<S, H>) -> Self {
+        Self::start_on(new_runtime(), runtime)
+    }
+
+    /// Starts the consumer that `build` makes from a store of `backend` opened on the
+    /// incarnation's own tokio runtime (a connection pool belongs to the runtime that made it).
+    pub fn launch<B: backend::Backend, H: Handler<<B::S as Store>::Tx>>(
+        backend: &B,
+        build: impl FnOnce(B::S) -> Runtime<B::S, H>,
+    ) -> Self {
+        Self::launch_with(&|rt: &tokio::runtime::Runtime| backend.open(rt), build)
+    }
+
+    /// Like [`Incarnation::launch`], with the store from `open`.
+    pub fn launch_with<S: Store, H: Handler<S::Tx>>(
+        open: &dyn Fn(&tokio::runtime::Runtime) -> S,
+        build: impl FnOnce(S) -> Runtime<S, H>,
+    ) -> Self {
+        let rt = new_runtime();
+        let store = open(&rt);
+        let runtime = build(store);
+        Self::start_on(rt, runtime)
+    }
+
+    fn start_on<S: Store, H: Handler<S::Tx>>(
+        rt: tokio::runtime::Runtime,
+        runtime: Runtime<S, H>,
+    ) -> Self {
         let stats = runtime.stats();
         let (tx, rx) = oneshot::channel();
         let done = rt.spawn(runtime.run(async {

@@ -1,54 +1,45 @@
-//! The runtime's guarantees on the embedded RocksDB store, against a real Kafka wire protocol
-//! (librdkafka's mock cluster, or `KAFKA_BOOTSTRAP_SERVERS`). Each test fails if the guarantee it
-//! names breaks.
+//! The runtime's guarantees, on every store: the embedded RocksDB store and PostgreSQL (feature
+//! `postgres`, a database per test on the server named by `DATABASE_URL`), against a real Kafka
+//! wire protocol (librdkafka's mock cluster, or `KAFKA_BOOTSTRAP_SERVERS`). Each test is written
+//! once, generic over the store, and instantiated per store at the bottom of the file. Each
+//! fails if the guarantee it names breaks.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, Incarnation, Ledger, balances, builder, unique};
-use idempotent_consumer::{
-    ConflictPolicy, DeadLetterReason, DuplicateCause, Error, PartitionId, RocksOptions, RocksStore,
-};
+use common::backend::Backend;
+use common::{Cluster, Incarnation, Ledger, builder, unique};
+use idempotent_consumer::{ConflictPolicy, DeadLetterReason, DuplicateCause, Error, PartitionId};
 use idempotent_consumer::{ErrorClass, RetryPolicy};
 
-fn open(dir: &tempfile::TempDir) -> RocksStore {
-    RocksStore::open_with(dir.path(), RocksOptions { sync: false }).unwrap()
-}
-
-/// A cluster, a fresh topic with `partitions`, a fresh group and a store directory.
-fn setup(partitions: i32) -> (Cluster, String, String, tempfile::TempDir) {
+/// A cluster, a fresh topic with `partitions` and a fresh group.
+fn setup(partitions: i32) -> (Cluster, String, String) {
     let cluster = Cluster::start();
     let topic = cluster.create_topic(partitions);
-    (
-        cluster,
-        topic,
-        unique("group"),
-        tempfile::tempdir().unwrap(),
-    )
+    (cluster, topic, unique("group"))
 }
 
-/// Starts a consumer with the test defaults on the store in `dir`.
-fn start(
+/// Starts a consumer with the test defaults on a store of `b`.
+fn start<B: Backend>(
     cluster: &Cluster,
     group: &str,
     topic: &str,
-    dir: &tempfile::TempDir,
+    b: &B,
     handler: Ledger,
 ) -> Incarnation {
-    Incarnation::start(
+    Incarnation::launch(b, |store| {
         builder(cluster, group, topic)
-            .store(open(dir))
+            .store(store)
             .build(handler)
-            .unwrap(),
-    )
+            .unwrap()
+    })
 }
 
 /// The handler writes its effects for a record and the process dies before the batch commits.
 /// After a restart the record is handled again, and its effects count exactly once.
-#[test]
-fn crash_between_handler_and_commit_then_redelivery_is_a_noop() {
-    let (cluster, topic, group, dir) = setup(1);
+fn crash_between_handler_and_commit_then_redelivery_is_a_noop<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
     for i in 0..10 {
         cluster.send_movement(&topic, 0, &format!("k{i}"), "alice", 1 << i);
     }
@@ -56,13 +47,13 @@ fn crash_between_handler_and_commit_then_redelivery_is_a_noop() {
     let mut crashing = Ledger::new();
     crashing.hang_at = Some(6);
     let observed = crashing.observed.clone();
-    let first = Incarnation::start(
+    let first = Incarnation::launch(b, |store| {
         builder(&cluster, &group, &topic)
             .batch(100, Duration::from_secs(2))
-            .store(open(&dir))
+            .store(store)
             .build(crashing)
-            .unwrap(),
-    );
+            .unwrap()
+    });
     first.wait_notified(&observed);
     first.crash();
     let handled_before_crash = observed.calls();
@@ -71,11 +62,8 @@ fn crash_between_handler_and_commit_then_redelivery_is_a_noop() {
         "{handled_before_crash:?}"
     );
 
-    let store = open(&dir);
-    let committed = store
-        .position(&PartitionId::new(&group, &topic, 0))
-        .unwrap()
-        .and_then(|p| p.next_offset)
+    let committed = b
+        .next_offset(&PartitionId::new(&group, &topic, 0))
         .unwrap_or(0);
     assert!(
         committed <= 6,
@@ -84,12 +72,12 @@ fn crash_between_handler_and_commit_then_redelivery_is_a_noop() {
 
     let ledger = Ledger::new();
     let second_calls = ledger.observed.clone();
-    let second = Incarnation::start(
+    let second = Incarnation::launch(b, |store| {
         builder(&cluster, &group, &topic)
             .store(store)
             .build(ledger)
-            .unwrap(),
-    );
+            .unwrap()
+    });
     second.wait_for("all records", |s| {
         s.applied + s.duplicates() >= 10 - committed as u64
     });
@@ -98,30 +86,24 @@ fn crash_between_handler_and_commit_then_redelivery_is_a_noop() {
     // The crashed batch's records were handled again (their first effects never committed) ...
     assert!(second_calls.calls().contains(&(0, 6)));
     // ... and every movement counts exactly once: 1 + 2 + ... + 512.
-    let store = open(&dir);
-    assert_eq!(balances(&store)["alice"], 1023);
+    assert_eq!(b.balances()["alice"], 1023);
     assert_eq!(
-        store
-            .position(&PartitionId::new(&group, &topic, 0))
-            .unwrap()
-            .unwrap()
-            .next_offset,
+        b.next_offset(&PartitionId::new(&group, &topic, 0)),
         Some(10)
     );
 }
 
 /// A producer retry writes the same event at a new offset: skipped, and `on_duplicate` gets the
 /// original outcome.
-#[test]
-fn repeated_key_at_new_offset_is_a_noop_with_stored_outcome() {
-    let (cluster, topic, group, dir) = setup(1);
+fn repeated_key_at_new_offset_is_a_noop_with_stored_outcome<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
     cluster.send_movement(&topic, 0, "pay-1", "bob", 5);
     cluster.send_movement(&topic, 0, "pay-2", "bob", 7);
     cluster.send_movement(&topic, 0, "pay-1", "bob", 5);
 
     let ledger = Ledger::new();
     let observed = ledger.observed.clone();
-    let running = start(&cluster, &group, &topic, &dir, ledger);
+    let running = start(&cluster, &group, &topic, b, ledger);
     running.wait_for("three records", |s| s.applied + s.duplicates() == 3);
     let stats = running.stats();
     running.stop().unwrap();
@@ -140,21 +122,20 @@ fn repeated_key_at_new_offset_is_a_noop_with_stored_outcome() {
         *observed.duplicates.lock().unwrap(),
         vec![(2, DuplicateCause::RepeatedKey, Some(b"5".to_vec()))]
     );
-    assert_eq!(balances(&open(&dir))["bob"], 12);
+    assert_eq!(b.balances()["bob"], 12);
 }
 
 /// Same key, different payload: never a silent duplicate. Reported to `on_conflict`, kept as a
 /// dead letter with its original bytes; with the `Stop` policy, the runtime stops before it.
-#[test]
-fn conflict_is_detected_reported_and_dead_lettered() {
-    let (cluster, topic, group, dir) = setup(1);
+fn conflict_is_detected_reported_and_dead_lettered<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
     cluster.send_movement(&topic, 0, "pay-1", "carol", 5);
     cluster.send_movement(&topic, 0, "pay-1", "carol", 500);
     cluster.send_movement(&topic, 0, "pay-2", "carol", 1);
 
     let ledger = Ledger::new();
     let observed = ledger.observed.clone();
-    let running = start(&cluster, &group, &topic, &dir, ledger);
+    let running = start(&cluster, &group, &topic, b, ledger);
     running.wait_for("three records", |s| s.applied + s.conflicts == 3);
     let stats = running.stats();
     running.stop().unwrap();
@@ -165,9 +146,8 @@ fn conflict_is_detected_reported_and_dead_lettered() {
         "{stats:?}"
     );
     assert_eq!(*observed.conflicts.lock().unwrap(), vec![(1, 0)]);
-    let store = open(&dir);
-    assert_eq!(balances(&store)["carol"], 6);
-    let dead = store.dead_letters().unwrap();
+    assert_eq!(b.balances()["carol"], 6);
+    let dead = b.dead_letters(&PartitionId::new(&group, &topic, 0));
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].reason, DeadLetterReason::Conflict);
     assert_eq!(dead[0].record.offset(), 1);
@@ -209,48 +189,41 @@ fn conflict_is_detected_reported_and_dead_lettered() {
     assert!(dlq[0].header("dlq.last.failure.ms").is_some());
 }
 
-#[test]
-fn conflict_with_stop_policy_stops_before_the_record() {
-    let (cluster, topic, group, dir) = setup(1);
+fn conflict_with_stop_policy_stops_before_the_record<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
     cluster.send_movement(&topic, 0, "pay-1", "dan", 5);
     cluster.send_movement(&topic, 0, "pay-1", "dan", 6);
     cluster.send_movement(&topic, 0, "pay-2", "dan", 1);
 
-    let mut running = Incarnation::start(
+    let mut running = Incarnation::launch(b, |store| {
         builder(&cluster, &group, &topic)
             .conflict_policy(ConflictPolicy::Stop)
-            .store(open(&dir))
+            .store(store)
             .build(Ledger::new())
-            .unwrap(),
-    );
+            .unwrap()
+    });
     let err = running.join().unwrap_err();
     assert!(matches!(err, Error::Stopped { .. }), "{err}");
     assert_eq!(err.record_position().unwrap().offset, 1);
     assert!(err.to_string().contains("different payload"), "{err}");
     drop(running);
-    let store = open(&dir);
     assert_eq!(
-        store
-            .position(&PartitionId::new(&group, &topic, 0))
-            .unwrap()
-            .unwrap()
-            .next_offset,
+        b.next_offset(&PartitionId::new(&group, &topic, 0)),
         Some(1),
         "nothing committed past the conflicting record"
     );
-    assert_eq!(balances(&store)["dan"], 5);
+    assert_eq!(b.balances()["dan"], 5);
 }
 
 /// The store's position wins over Kafka's committed offset, whether Kafka is behind (no replay)
 /// or ahead (no loss).
-#[test]
-fn resumes_from_stored_position_when_kafka_is_behind_or_ahead() {
-    let (cluster, topic, group, dir) = setup(1);
+fn resumes_from_stored_position_when_kafka_is_behind_or_ahead<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
     let pid = PartitionId::new(&group, &topic, 0);
     for i in 0..5 {
         cluster.send_movement(&topic, 0, &format!("a{i}"), "erin", 1);
     }
-    let running = start(&cluster, &group, &topic, &dir, Ledger::new());
+    let running = start(&cluster, &group, &topic, b, Ledger::new());
     running.wait_for("five records", |s| s.applied == 5);
     running.stop().unwrap();
     assert_eq!(
@@ -266,7 +239,7 @@ fn resumes_from_stored_position_when_kafka_is_behind_or_ahead() {
     }
     let ledger = Ledger::new();
     let observed = ledger.observed.clone();
-    let running = start(&cluster, &group, &topic, &dir, ledger);
+    let running = start(&cluster, &group, &topic, b, ledger);
     running.wait_for("three new records", |s| s.applied == 3);
     let stats = running.stats();
     running.stop().unwrap();
@@ -284,40 +257,35 @@ fn resumes_from_stored_position_when_kafka_is_behind_or_ahead() {
     cluster.commit_kafka_offset(&group, &topic, 0, 10);
     let ledger = Ledger::new();
     let observed = ledger.observed.clone();
-    let running = start(&cluster, &group, &topic, &dir, ledger);
+    let running = start(&cluster, &group, &topic, b, ledger);
     running.wait_for("two new records", |s| s.applied == 2);
     running.stop().unwrap();
     assert_eq!(observed.calls(), vec![(0, 8), (0, 9)]);
 
-    let store = open(&dir);
-    assert_eq!(balances(&store)["erin"], 10);
-    assert_eq!(store.position(&pid).unwrap().unwrap().next_offset, Some(10));
+    assert_eq!(b.balances()["erin"], 10);
+    assert_eq!(b.position(&pid).unwrap().next_offset, Some(10));
 }
 
 /// An operator rewinds the position (a replay): every record is a counted redelivery no-op and
 /// `on_duplicate` still gets the stored outcome.
-#[test]
-fn replay_after_rewind_is_a_counted_noop() {
-    let (cluster, topic, group, dir) = setup(1);
+fn replay_after_rewind_is_a_counted_noop<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
     for i in 0..4 {
         cluster.send_movement(&topic, 0, &format!("r{i}"), "fay", 10);
     }
-    let running = start(&cluster, &group, &topic, &dir, Ledger::new());
+    let running = start(&cluster, &group, &topic, b, Ledger::new());
     running.wait_for("four records", |s| s.applied == 4);
     running.stop().unwrap();
 
-    let store = open(&dir);
-    store
-        .set_position(&PartitionId::new(&group, &topic, 0), 0)
-        .unwrap();
+    b.set_position(&PartitionId::new(&group, &topic, 0), 0);
     let ledger = Ledger::new();
     let observed = ledger.observed.clone();
-    let running = Incarnation::start(
+    let running = Incarnation::launch(b, |store| {
         builder(&cluster, &group, &topic)
             .store(store)
             .build(ledger)
-            .unwrap(),
-    );
+            .unwrap()
+    });
     running.wait_for("four replayed records", |s| s.duplicates_redelivery == 4);
     let stats = running.stats();
     running.stop().unwrap();
@@ -328,25 +296,24 @@ fn replay_after_rewind_is_a_counted_noop() {
         dups[3],
         (3, DuplicateCause::Redelivery, Some(b"40".to_vec()))
     );
-    assert_eq!(balances(&open(&dir))["fay"], 40);
+    assert_eq!(b.balances()["fay"], 40);
 }
 
 /// An entry older than the retention no longer holds its key; a young one does. The purge is
 /// off here, so this is the expiry check itself, not the purge.
-#[test]
-fn ttl_expiry_readmits_old_key_and_keeps_young_one() {
-    let (cluster, topic, group, dir) = setup(1);
+fn ttl_expiry_readmits_old_key_and_keeps_young_one<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
     let retention = Duration::from_millis(2_500);
     cluster.send_movement(&topic, 0, "old", "gus", 1);
 
-    let running = Incarnation::start(
+    let running = Incarnation::launch(b, |store| {
         builder(&cluster, &group, &topic)
             .retention(retention)
             .purge(Duration::from_secs(3600), 10)
-            .store(open(&dir))
+            .store(store)
             .build(Ledger::new())
-            .unwrap(),
-    );
+            .unwrap()
+    });
     running.wait_for("the old key", |s| s.applied == 1);
     std::thread::sleep(retention + Duration::from_millis(200));
     cluster.send_movement(&topic, 0, "young", "gus", 10);
@@ -362,23 +329,22 @@ fn ttl_expiry_readmits_old_key_and_keeps_young_one() {
         "{stats:?}"
     );
     assert_eq!(stats.expired_purged, 0);
-    assert_eq!(balances(&open(&dir))["gus"], 12);
+    assert_eq!(b.balances()["gus"], 12);
 }
 
 /// The background purge deletes expired entries and keeps the ones inside the window.
-#[test]
-fn background_purge_removes_expired_entries_only() {
-    let (cluster, topic, group, dir) = setup(1);
+fn background_purge_removes_expired_entries_only<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
     let retention = Duration::from_millis(2_000);
     cluster.send_movement(&topic, 0, "old", "lea", 1);
-    let running = Incarnation::start(
+    let running = Incarnation::launch(b, |store| {
         builder(&cluster, &group, &topic)
             .retention(retention)
             .purge(Duration::from_millis(200), 10)
-            .store(open(&dir))
+            .store(store)
             .build(Ledger::new())
-            .unwrap(),
-    );
+            .unwrap()
+    });
     running.wait_for("the old key", |s| s.applied == 1);
     std::thread::sleep(retention);
     running.wait_for("the old entry purged", |s| s.expired_purged == 1);
@@ -389,28 +355,23 @@ fn background_purge_removes_expired_entries_only() {
     running.stop().unwrap();
     assert_eq!(stats.expired_purged, 1, "{stats:?}");
 
-    let store = open(&dir);
     let key_of = |k: &str| {
         let record = idempotent_consumer::Record::new(&topic, 0, 0, None, None)
             .with_header("idempotency-key", Some(k.as_bytes().to_vec()));
         let id = idempotent_consumer::Identity::new();
         id.scope(&group).store_key(&id.key_of(&record).unwrap())
     };
+    assert!(b.entry(&key_of("old")).is_none(), "expired: purged");
     assert!(
-        store.entry(&key_of("old")).unwrap().is_none(),
-        "expired: purged"
-    );
-    assert!(
-        store.entry(&key_of("young")).unwrap().is_some(),
+        b.entry(&key_of("young")).is_some(),
         "inside the window: kept"
     );
 }
 
 /// A graceful shutdown in the middle of a batch commits everything the handler did; Kafka's
 /// offset matches the store's position.
-#[test]
-fn shutdown_drains_and_commits_in_flight_work() {
-    let (cluster, topic, group, dir) = setup(1);
+fn shutdown_drains_and_commits_in_flight_work<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
     for i in 0..20 {
         cluster.send_movement(&topic, 0, &format!("s{i}"), "hal", 1);
     }
@@ -419,39 +380,33 @@ fn shutdown_drains_and_commits_in_flight_work() {
     ledger.delay = Duration::from_millis(20);
     let observed = ledger.observed.clone();
     // A long linger: without a drain, nothing of the batch would commit.
-    let running = Incarnation::start(
+    let running = Incarnation::launch(b, |store| {
         builder(&cluster, &group, &topic)
             .batch(1_000, Duration::from_secs(30))
-            .store(open(&dir))
+            .store(store)
             .build(ledger)
-            .unwrap(),
-    );
+            .unwrap()
+    });
     running.wait_notified(&observed);
     assert_eq!(running.stats().batches_committed, 0);
     running.stop().unwrap();
 
     let handled = observed.calls().len() as i64;
     assert!(handled >= 4, "{handled}");
-    let store = open(&dir);
-    let position = store
-        .position(&PartitionId::new(&group, &topic, 0))
-        .unwrap()
-        .unwrap()
-        .next_offset;
+    let position = b.next_offset(&PartitionId::new(&group, &topic, 0));
     assert_eq!(
         position,
         Some(handled),
         "everything handled was committed, nothing more"
     );
-    assert_eq!(balances(&store)["hal"], handled);
+    assert_eq!(b.balances()["hal"], handled);
     assert_eq!(cluster.kafka_offset(&group, &topic, 0), Some(handled));
 }
 
 /// An undecodable payload is kept as a dead letter with serde's message, the records after it
 /// are applied, and a redelivery does not dead-letter it twice.
-#[test]
-fn undecodable_payload_is_dead_lettered_not_lost() {
-    let (cluster, topic, group, dir) = setup(1);
+fn undecodable_payload_is_dead_lettered_not_lost<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
     cluster.send(
         &topic,
         0,
@@ -460,12 +415,11 @@ fn undecodable_payload_is_dead_lettered_not_lost() {
     );
     cluster.send_movement(&topic, 0, "good-1", "ivy", 3);
 
-    let running = start(&cluster, &group, &topic, &dir, Ledger::new());
+    let running = start(&cluster, &group, &topic, b, Ledger::new());
     running.wait_for("both records", |s| s.applied + s.dead_lettered == 2);
     running.stop().unwrap();
 
-    let store = open(&dir);
-    let dead = store.dead_letters().unwrap();
+    let dead = b.dead_letters(&PartitionId::new(&group, &topic, 0));
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].reason, DeadLetterReason::Permanent);
     assert_eq!(dead[0].key.as_deref(), Some(&b"bad-1"[..]));
@@ -476,23 +430,24 @@ fn undecodable_payload_is_dead_lettered_not_lost() {
         "serde's message reaches the user: {}",
         dead[0].message
     );
-    assert_eq!(balances(&store)["ivy"], 3);
+    assert_eq!(b.balances()["ivy"], 3);
 
     // Replay from the start: the dead-lettered record is a duplicate now, not a second letter.
-    store
-        .set_position(&PartitionId::new(&group, &topic, 0), 0)
-        .unwrap();
-    let running = Incarnation::start(
+    b.set_position(&PartitionId::new(&group, &topic, 0), 0);
+    let running = Incarnation::launch(b, |store| {
         builder(&cluster, &group, &topic)
             .store(store)
             .build(Ledger::new())
-            .unwrap(),
-    );
+            .unwrap()
+    });
     running.wait_for("the replay", |s| s.duplicates() == 2);
     let stats = running.stats();
     running.stop().unwrap();
     assert_eq!(stats.dead_lettered, 0, "{stats:?}");
-    assert_eq!(open(&dir).dead_letters().unwrap().len(), 1);
+    assert_eq!(
+        b.dead_letters(&PartitionId::new(&group, &topic, 0)).len(),
+        1
+    );
     assert_eq!(
         cluster.read_all(&format!("{topic}.dlq"), 1).len(),
         1,
@@ -502,17 +457,15 @@ fn undecodable_payload_is_dead_lettered_not_lost() {
 
 /// A record without an idempotency key under the default policy is dead-lettered with a clear
 /// reason; it is neither applied nor lost.
-#[test]
-fn record_without_key_is_rejected_to_dead_letters() {
-    let (cluster, topic, group, dir) = setup(1);
+fn record_without_key_is_rejected_to_dead_letters<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
     cluster.send(&topic, 0, None, Some(&common::movement("jo", 4)));
     cluster.send_movement(&topic, 0, "k", "jo", 1);
 
-    let running = start(&cluster, &group, &topic, &dir, Ledger::new());
+    let running = start(&cluster, &group, &topic, b, Ledger::new());
     running.wait_for("both records", |s| s.applied + s.dead_lettered == 2);
     running.stop().unwrap();
-    let store = open(&dir);
-    let dead = store.dead_letters().unwrap();
+    let dead = b.dead_letters(&PartitionId::new(&group, &topic, 0));
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].reason, DeadLetterReason::InvalidKey);
     assert!(
@@ -520,13 +473,12 @@ fn record_without_key_is_rejected_to_dead_letters() {
         "{}",
         dead[0].message
     );
-    assert_eq!(balances(&store)["jo"], 1);
+    assert_eq!(b.balances()["jo"], 1);
 }
 
 /// Partitions are processed concurrently and each in order; keys are scoped by group, so a
 /// second group applies everything again.
-#[test]
-fn partitions_in_order_and_keys_scoped_by_group() {
+fn partitions_in_order_and_keys_scoped_by_group<B: Backend>(b: &B) {
     let cluster = Cluster::start();
     let topic = cluster.create_topic(3);
     for p in 0..3 {
@@ -534,11 +486,11 @@ fn partitions_in_order_and_keys_scoped_by_group() {
             cluster.send_movement(&topic, p, &format!("p{p}-{i}"), &format!("acct{p}"), 1);
         }
     }
-    for group in [unique("group-a"), unique("group-b")] {
-        let dir = tempfile::tempdir().unwrap();
+    // One store for both groups: the second group's keys are its own.
+    for (round, group) in [unique("group-a"), unique("group-b")].iter().enumerate() {
         let ledger = Ledger::new();
         let observed = ledger.observed.clone();
-        let running = start(&cluster, &group, &topic, &dir, ledger);
+        let running = start(&cluster, group, &topic, b, ledger);
         running.wait_for("fifteen records", |s| s.applied == 15);
         running.stop().unwrap();
         for p in 0..3 {
@@ -550,16 +502,19 @@ fn partitions_in_order_and_keys_scoped_by_group() {
                 .collect();
             assert_eq!(offsets, vec![0, 1, 2, 3, 4], "partition {p} in order");
         }
-        let b = balances(&open(&dir));
-        assert_eq!((b["acct0"], b["acct1"], b["acct2"]), (5, 5, 5));
+        let balances = b.balances();
+        let expected = 5 * (round as i64 + 1);
+        assert_eq!(
+            (balances["acct0"], balances["acct1"], balances["acct2"]),
+            (expected, expected, expected)
+        );
     }
 }
 
 /// The same key on two partitions at the same moment: the handler runs once per key, the other
 /// copy waits for the claim and is then a duplicate.
-#[test]
-fn same_key_on_two_partitions_at_once_runs_once() {
-    let (cluster, topic, group, dir) = setup(2);
+fn same_key_on_two_partitions_at_once_runs_once<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(2);
     for i in 0..40 {
         for p in 0..2 {
             cluster.send_movement(&topic, p, &format!("x{i}"), "kim", 1);
@@ -567,13 +522,13 @@ fn same_key_on_two_partitions_at_once_runs_once() {
     }
     let mut ledger = Ledger::new();
     ledger.delay = Duration::from_millis(2);
-    let running = Incarnation::start(
+    let running = Incarnation::launch(b, |store| {
         builder(&cluster, &group, &topic)
             .batch(10, Duration::from_millis(20))
-            .store(open(&dir))
+            .store(store)
             .build(ledger)
-            .unwrap(),
-    );
+            .unwrap()
+    });
     running.wait_for("eighty records", |s| s.applied + s.duplicates() == 80);
     let stats = running.stats();
     running.stop().unwrap();
@@ -582,16 +537,14 @@ fn same_key_on_two_partitions_at_once_runs_once() {
         (40, 40),
         "{stats:?}"
     );
-    assert_eq!(balances(&open(&dir))["kim"], 40);
+    assert_eq!(b.balances()["kim"], 40);
 }
 
 /// A second instance joins the group mid-stream (same process, same store): partitions are
 /// revoked from the first, drained and committed, then acquired by the second at the stored
 /// position. Every record is applied exactly once across both.
-#[test]
-fn rebalance_mid_stream_applies_every_record_once() {
-    let (cluster, topic, group, dir) = setup(4);
-    let store = open(&dir);
+fn rebalance_mid_stream_applies_every_record_once<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(4);
     let send = |range: std::ops::Range<i32>, gap: Duration| {
         for i in range {
             let account = format!("acct{}", i % 3);
@@ -602,21 +555,23 @@ fn rebalance_mid_stream_applies_every_record_once() {
     send(0..100, Duration::ZERO);
     let mut slow = Ledger::new();
     slow.delay = Duration::from_millis(5);
-    let first = Incarnation::start(
+    // Both instances on one store: one RocksDB shared in-process, or one database.
+    let open = b.shared();
+    let first = Incarnation::launch_with(&*open, |store| {
         builder(&cluster, &group, &topic)
             .batch(20, Duration::from_millis(10))
-            .store(store.clone())
+            .store(store)
             .build(slow.clone())
-            .unwrap(),
-    );
+            .unwrap()
+    });
     first.wait_for("the first instance to be mid-stream", |s| s.applied >= 20);
-    let second = Incarnation::start(
+    let second = Incarnation::launch_with(&*open, |store| {
         builder(&cluster, &group, &topic)
             .batch(20, Duration::from_millis(10))
-            .store(store.clone())
+            .store(store)
             .build(slow)
-            .unwrap(),
-    );
+            .unwrap()
+    });
     // Keep records flowing across the rebalance (the mock takes a few seconds to settle it).
     send(100..400, Duration::from_millis(25));
     let start = std::time::Instant::now();
@@ -629,15 +584,16 @@ fn rebalance_mid_stream_applies_every_record_once() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (a, b) = (first.stats(), second.stats());
+    let (a, c) = (first.stats(), second.stats());
     second.stop().unwrap();
     first.stop().unwrap();
     assert!(
-        b.applied > 0,
-        "the second instance took partitions over: {a:?} {b:?}"
+        c.applied > 0,
+        "the second instance took partitions over: {a:?} {c:?}"
     );
-    assert_eq!(a.applied + b.applied, 400, "{a:?} {b:?}");
-    let balances = balances(&store);
+    assert_eq!(a.applied + c.applied, 400, "{a:?} {c:?}");
+    drop(open);
+    let balances = b.balances();
     assert_eq!(
         balances["acct0"] + balances["acct1"] + balances["acct2"],
         400
@@ -647,26 +603,24 @@ fn rebalance_mid_stream_applies_every_record_once() {
 
 /// A handler that panics (after writing) does not crash the runtime: its writes are rolled
 /// back, the record is kept as a dead letter with the panic message, and the next record runs.
-#[test]
-fn handler_panic_is_dead_lettered_and_the_runtime_goes_on() {
-    let (cluster, topic, group, dir) = setup(1);
+fn handler_panic_is_dead_lettered_and_the_runtime_goes_on<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
     cluster.send_movement(&topic, 0, "p0", "max", 1);
     cluster.send_movement(&topic, 0, "p1", "max", 100);
     cluster.send_movement(&topic, 0, "p2", "max", 10);
     let mut ledger = Ledger::new();
     ledger.panic_at = Some(1);
-    let running = start(&cluster, &group, &topic, &dir, ledger);
+    let running = start(&cluster, &group, &topic, b, ledger);
     running.wait_for("three records", |s| s.applied + s.dead_lettered == 3);
     let stats = running.stats();
     running.stop().unwrap();
     assert_eq!((stats.applied, stats.dead_lettered), (2, 1), "{stats:?}");
-    let store = open(&dir);
     assert_eq!(
-        balances(&store)["max"],
+        b.balances()["max"],
         11,
         "the panicking record's write was rolled back"
     );
-    let dead = store.dead_letters().unwrap();
+    let dead = b.dead_letters(&PartitionId::new(&group, &topic, 0));
     assert_eq!(dead[0].record.offset(), 1);
     assert_eq!(dead[0].reason, DeadLetterReason::Permanent);
     assert!(
@@ -688,22 +642,21 @@ fn fast_retries(attempts: u32) -> RetryPolicy {
 
 /// A retryable error is retried in place: the partition keeps its order, the record is applied
 /// once, and the records before it are not held back by the wait.
-#[test]
-fn retryable_error_is_retried_in_order_then_applied_once() {
-    let (cluster, topic, group, dir) = setup(1);
+fn retryable_error_is_retried_in_order_then_applied_once<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
     for i in 0..4 {
         cluster.send_movement(&topic, 0, &format!("t{i}"), "ned", 1 << i);
     }
     let mut ledger = Ledger::new();
     ledger.fail_at = Some((2, ErrorClass::Retryable, 3));
     let observed = ledger.observed.clone();
-    let running = Incarnation::start(
+    let running = Incarnation::launch(b, |store| {
         builder(&cluster, &group, &topic)
             .retry(fast_retries(5))
-            .store(open(&dir))
+            .store(store)
             .build(ledger)
-            .unwrap(),
-    );
+            .unwrap()
+    });
     running.wait_for("four records", |s| s.applied == 4);
     let stats = running.stats();
     running.stop().unwrap();
@@ -714,25 +667,24 @@ fn retryable_error_is_retried_in_order_then_applied_once() {
         vec![0, 1, 2, 2, 2, 2, 3],
         "order kept, offset 2 tried four times"
     );
-    assert_eq!(balances(&open(&dir))["ned"], 15);
+    assert_eq!(b.balances()["ned"], 15);
 }
 
 /// Retries are bounded: after the last attempt the record is a dead letter, and the partition
 /// goes on.
-#[test]
-fn exhausted_retries_are_dead_lettered() {
-    let (cluster, topic, group, dir) = setup(1);
+fn exhausted_retries_are_dead_lettered<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
     cluster.send_movement(&topic, 0, "u0", "oli", 1);
     cluster.send_movement(&topic, 0, "u1", "oli", 2);
     let mut ledger = Ledger::new();
     ledger.fail_at = Some((0, ErrorClass::Retryable, u32::MAX));
-    let running = Incarnation::start(
+    let running = Incarnation::launch(b, |store| {
         builder(&cluster, &group, &topic)
             .retry(fast_retries(3))
-            .store(open(&dir))
+            .store(store)
             .build(ledger)
-            .unwrap(),
-    );
+            .unwrap()
+    });
     running.wait_for("both records", |s| s.applied + s.dead_lettered == 2);
     let stats = running.stats();
     running.stop().unwrap();
@@ -741,7 +693,7 @@ fn exhausted_retries_are_dead_lettered() {
         (2, 1, 1),
         "{stats:?}"
     );
-    let dead = open(&dir).dead_letters().unwrap();
+    let dead = b.dead_letters(&PartitionId::new(&group, &topic, 0));
     assert_eq!(dead[0].reason, DeadLetterReason::RetriesExhausted);
     assert_eq!(dead[0].attempts, 3);
     assert!(
@@ -753,66 +705,108 @@ fn exhausted_retries_are_dead_lettered() {
         "{}",
         dead[0].message
     );
-    assert_eq!(balances(&open(&dir))["oli"], 2);
+    assert_eq!(b.balances()["oli"], 2);
 }
 
 /// A fatal error stops the runtime with the record's position; the records before it are
 /// committed, nothing at or after it is, and a restart handles it again.
-#[test]
-fn fatal_error_stops_without_committing_past_the_record() {
-    let (cluster, topic, group, dir) = setup(1);
+fn fatal_error_stops_without_committing_past_the_record<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
     for i in 0..4 {
         cluster.send_movement(&topic, 0, &format!("f{i}"), "pat", 1);
     }
     let mut ledger = Ledger::new();
     ledger.fail_at = Some((2, ErrorClass::Fatal, 1));
-    let mut running = start(&cluster, &group, &topic, &dir, ledger);
+    let mut running = start(&cluster, &group, &topic, b, ledger);
     let err = running.join().unwrap_err();
     assert!(matches!(err, Error::HandlerFatal { .. }), "{err}");
     assert_eq!(err.record_position().unwrap().offset, 2);
     assert!(err.to_string().contains("injected Fatal failure"), "{err}");
     drop(running);
     let pid = PartitionId::new(&group, &topic, 0);
-    assert_eq!(
-        open(&dir).position(&pid).unwrap().unwrap().next_offset,
-        Some(2)
-    );
+    assert_eq!(b.position(&pid).unwrap().next_offset, Some(2));
 
-    let running = start(&cluster, &group, &topic, &dir, Ledger::new());
+    let running = start(&cluster, &group, &topic, b, Ledger::new());
     running.wait_for("the rest", |s| s.applied == 2);
     running.stop().unwrap();
-    assert_eq!(balances(&open(&dir))["pat"], 4);
+    assert_eq!(b.balances()["pat"], 4);
 }
 
 /// When a dead letter cannot be produced, nothing is committed past its record: the runtime
 /// stops with the producer's error, and the record is neither lost nor marked dead-lettered.
-#[test]
-fn dead_letter_that_cannot_be_produced_is_not_committed_past() {
-    let (cluster, topic, group, dir) = setup(1);
+fn dead_letter_that_cannot_be_produced_is_not_committed_past<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
     cluster.send_movement(&topic, 0, "ok-0", "quin", 1);
     cluster.send(&topic, 0, Some("bad-1"), Some(b"not json"));
     cluster.send_movement(&topic, 0, "ok-2", "quin", 2);
     let refused = cluster.refuse_dead_letters();
-    let mut running = Incarnation::start(
+    let mut running = Incarnation::launch(b, |store| {
         builder(&cluster, &group, &topic)
             // A topic name the broker must refuse.
             .dead_letter_topic(refused)
             .set("message.timeout.ms", "3000")
-            .store(open(&dir))
+            .store(store)
             .build(Ledger::new())
-            .unwrap(),
-    );
+            .unwrap()
+    });
     let err = running.join().unwrap_err();
     assert!(err.to_string().contains("producing a dead letter"), "{err}");
     drop(running);
-    let store = open(&dir);
-    let position = store
-        .position(&PartitionId::new(&group, &topic, 0))
-        .unwrap()
-        .and_then(|p| p.next_offset);
+    let position = b.next_offset(&PartitionId::new(&group, &topic, 0));
     assert!(
         position.is_none_or(|p| p <= 1),
         "committed past the record: {position:?}"
     );
-    assert!(store.dead_letters().unwrap().is_empty());
+    assert!(
+        b.dead_letters(&PartitionId::new(&group, &topic, 0))
+            .is_empty()
+    );
 }
+
+/// Instantiates every test above once per store.
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod rocksdb {
+            $(
+                #[test]
+                fn $name() {
+                    super::common::init_tracing();
+                    super::$name(&super::common::backend::Rocks::new());
+                }
+            )*
+        }
+
+        #[cfg(feature = "postgres")]
+        mod postgres {
+            $(
+                #[test]
+                fn $name() {
+                    super::common::init_tracing();
+                    super::$name(&super::common::backend::Postgres::new());
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    crash_between_handler_and_commit_then_redelivery_is_a_noop,
+    repeated_key_at_new_offset_is_a_noop_with_stored_outcome,
+    conflict_is_detected_reported_and_dead_lettered,
+    conflict_with_stop_policy_stops_before_the_record,
+    resumes_from_stored_position_when_kafka_is_behind_or_ahead,
+    replay_after_rewind_is_a_counted_noop,
+    ttl_expiry_readmits_old_key_and_keeps_young_one,
+    background_purge_removes_expired_entries_only,
+    shutdown_drains_and_commits_in_flight_work,
+    undecodable_payload_is_dead_lettered_not_lost,
+    record_without_key_is_rejected_to_dead_letters,
+    partitions_in_order_and_keys_scoped_by_group,
+    same_key_on_two_partitions_at_once_runs_once,
+    rebalance_mid_stream_applies_every_record_once,
+    handler_panic_is_dead_lettered_and_the_runtime_goes_on,
+    retryable_error_is_retried_in_order_then_applied_once,
+    exhausted_retries_are_dead_lettered,
+    fatal_error_stops_without_committing_past_the_record,
+    dead_letter_that_cannot_be_produced_is_not_committed_past,
+);

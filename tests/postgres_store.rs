@@ -1,0 +1,341 @@
+//! What only the shared PostgreSQL store has to prove: fencing of a zombie's commit, claims that
+//! make a concurrent duplicate in another instance wait and then see a duplicate, recovery from a
+//! connection killed mid-transaction, two instances of one group, and the schema options. Each
+//! test gets its own database on the server named by `DATABASE_URL`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::backend::{Backend, Postgres};
+use common::{Cluster, Incarnation, Ledger, builder, unique};
+use idempotent_consumer::{
+    Claim, DedupEntry, EntryStatus, Error, Identity, PartitionId, PgOptions, PgStore, Record,
+    Store, Transaction,
+};
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+fn store_key(group: &str, key: &str) -> Vec<u8> {
+    let record = Record::new("t", 0, 0, None, None)
+        .with_header("idempotency-key", Some(key.as_bytes().to_vec()));
+    let identity = Identity::new();
+    identity
+        .scope(group)
+        .store_key(&identity.key_of(&record).unwrap())
+}
+
+fn entry(offset: i64, payload: &[u8]) -> DedupEntry {
+    DedupEntry {
+        status: EntryStatus::Completed,
+        fingerprint: idempotent_consumer::identity::Fingerprint::of(Some(payload)),
+        outcome: Some(b"ok".to_vec()),
+        topic: "t".into(),
+        partition: 0,
+        offset,
+        created_at_ms: 1,
+        expires_at_ms: 4_000_000_000_000, // 2096
+    }
+}
+
+async fn credit(tx: &mut idempotent_consumer::PgTx, account: &str, amount: i64) {
+    sqlx::query(
+        "INSERT INTO ledger (account, balance) VALUES ($1, $2) \
+         ON CONFLICT (account) DO UPDATE SET balance = ledger.balance + EXCLUDED.balance",
+    )
+    .bind(account)
+    .bind(amount)
+    .execute(tx.conn())
+    .await
+    .unwrap();
+}
+
+/// A zombie (an instance that lost its partition but does not know yet) commits after the new
+/// owner acquired the partition: the commit is rejected and nothing of it remains: no ledger
+/// row, no dedup row, no position change. Driven step by step, two stores as two instances.
+#[test]
+fn zombie_commit_is_fenced_and_rolled_back() {
+    let pg = Postgres::new();
+    block_on(async {
+        let zombie = pg.connect().await;
+        let owner = pg.connect().await;
+        let pid = PartitionId::new("g", "t", 0);
+        let key = store_key("g", "pay-1");
+
+        let a = zombie.acquire(&pid).await.unwrap();
+        let mut tx = zombie.begin(&pid, a.epoch).await.unwrap();
+        assert_eq!(tx.claim(&key, 10).await.unwrap(), Claim::Claimed);
+        tx.savepoint().await.unwrap();
+        credit(&mut tx, "alice", 100).await;
+        tx.put_entry(&key, &entry(0, b"p")).await.unwrap();
+
+        // The partition moves on while the zombie's batch is open.
+        let b = owner.acquire(&pid).await.unwrap();
+        assert_eq!(b.epoch, a.epoch + 1);
+
+        let err = tx.commit(1).await.unwrap_err();
+        match &err {
+            Error::Fenced { epoch, current, .. } => {
+                assert_eq!((*epoch, *current), (a.epoch, b.epoch));
+            }
+            other => panic!("expected a fenced commit, got {other}"),
+        }
+
+        let position = owner.position(&pid).await.unwrap().unwrap();
+        assert_eq!(position.next_offset, None, "the position did not move");
+        assert_eq!(position.epoch, b.epoch);
+        assert_eq!(owner.entry(&key).await.unwrap(), None, "no dedup row");
+        assert_eq!(owner.count_entries().await.unwrap(), 0);
+        // The new owner can claim the key: the zombie's claim went with its rollback.
+        let mut tx = owner.begin(&pid, b.epoch).await.unwrap();
+        assert_eq!(tx.claim(&key, 10).await.unwrap(), Claim::Claimed);
+    });
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM ledger"),
+        Some(0),
+        "no ledger row"
+    );
+}
+
+/// The same key claimed by two instances at once: the second waits on the primary key until the
+/// first commits, then sees the first's entry (a duplicate) instead of running the handler; if
+/// the first rolls back instead, the second gets the key.
+#[test]
+fn concurrent_claim_in_another_instance_waits_then_sees_the_duplicate() {
+    let pg = Postgres::new();
+    block_on(async {
+        let one = pg.connect().await;
+        let two = pg.connect().await;
+        let (p0, p1) = (PartitionId::new("g", "t", 0), PartitionId::new("g", "t", 1));
+        let e0 = one.acquire(&p0).await.unwrap().epoch;
+        let e1 = two.acquire(&p1).await.unwrap().epoch;
+        let key = store_key("g", "pay-1");
+
+        let mut first = one.begin(&p0, e0).await.unwrap();
+        assert_eq!(first.claim(&key, 10).await.unwrap(), Claim::Claimed);
+
+        let second = {
+            let (two, key, p1) = (two.clone(), key.clone(), p1.clone());
+            tokio::spawn(async move {
+                let mut tx = two.begin(&p1, e1).await.unwrap();
+                let claim = tx.claim(&key, 10).await.unwrap();
+                (claim, tx)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !second.is_finished(),
+            "the second claim waits for the first"
+        );
+
+        credit(&mut first, "bob", 5).await;
+        first.put_entry(&key, &entry(0, b"p")).await.unwrap();
+        first.commit(1).await.unwrap();
+        let (claim, _tx) = second.await.unwrap();
+        assert_eq!(claim, Claim::Existing(entry(0, b"p")));
+
+        // A rolled-back first claim frees the key.
+        let other = store_key("g", "pay-2");
+        let mut first = one.begin(&p0, e0).await.unwrap();
+        assert_eq!(first.claim(&other, 10).await.unwrap(), Claim::Claimed);
+        let second = {
+            let (two, other) = (two.clone(), other.clone());
+            tokio::spawn(async move {
+                let mut tx = two.begin(&p1, e1).await.unwrap();
+                tx.claim(&other, 10).await.unwrap()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!second.is_finished());
+        drop(first);
+        assert_eq!(second.await.unwrap(), Claim::Claimed);
+    });
+    assert_eq!(pg.scalar("SELECT balance FROM ledger"), Some(5));
+}
+
+/// A claimed key whose record did not finish (retried later, or stopped before) is released by
+/// the commit, so it never blocks or shadows the record's next attempt.
+#[test]
+fn unfinished_claims_do_not_survive_the_commit() {
+    let pg = Postgres::new();
+    block_on(async {
+        let store = pg.connect().await;
+        let pid = PartitionId::new("g", "t", 0);
+        let epoch = store.acquire(&pid).await.unwrap().epoch;
+        let (done, unfinished) = (store_key("g", "done"), store_key("g", "later"));
+        let mut tx = store.begin(&pid, epoch).await.unwrap();
+        tx.prepare_claims(&[&done, &unfinished], 10).await.unwrap();
+        assert_eq!(tx.claim(&done, 10).await.unwrap(), Claim::Claimed);
+        tx.put_entry(&done, &entry(0, b"p")).await.unwrap();
+        tx.commit(1).await.unwrap();
+        assert!(store.entry(&done).await.unwrap().is_some());
+        assert_eq!(store.entry(&unfinished).await.unwrap(), None);
+        assert_eq!(store.count_entries().await.unwrap(), 1);
+    });
+}
+
+/// Two instances (each its own pool) in one group, the same keys on both partitions at the same
+/// moment: each key's handler runs once across the two.
+#[test]
+fn same_key_on_partitions_of_two_instances_runs_once() {
+    let pg = Postgres::new();
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(2);
+    let group = unique("group");
+    let start = |ledger: Ledger| {
+        Incarnation::launch(&pg, |store| {
+            builder(&cluster, &group, &topic)
+                .batch(10, Duration::from_millis(20))
+                .store(store)
+                .build(ledger)
+                .unwrap()
+        })
+    };
+    let mut ledger = Ledger::new();
+    ledger.delay = Duration::from_millis(2);
+    let (one_seen, two_seen) = (ledger.observed.clone(), Ledger::new().observed);
+    let one = start(ledger.clone());
+    let mut other = ledger;
+    other.observed = two_seen.clone();
+    let two = start(other);
+    // Let the group settle on one partition each before anything arrives (the mock delays joins).
+    std::thread::sleep(Duration::from_secs(8));
+    for i in 0..40 {
+        for p in 0..2 {
+            cluster.send_movement(&topic, p, &format!("x{i}"), "kim", 1);
+        }
+    }
+    let settled = std::time::Instant::now();
+    loop {
+        let (a, b) = (one.stats(), two.stats());
+        if a.applied + a.duplicates() + b.applied + b.duplicates() >= 80 {
+            break;
+        }
+        assert!(settled.elapsed() < common::WAIT, "{a:?} {b:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (a, b) = (one.stats(), two.stats());
+    one.stop().unwrap();
+    two.stop().unwrap();
+    assert!(
+        !one_seen.calls().is_empty() && !two_seen.calls().is_empty(),
+        "each instance handled records: {a:?} {b:?}"
+    );
+    assert_eq!(a.applied + b.applied, 40, "{a:?} {b:?}");
+    assert_eq!(
+        a.duplicates_repeated_key + b.duplicates_repeated_key,
+        40,
+        "{a:?} {b:?}"
+    );
+    assert_eq!(pg.balances()["kim"], 40);
+}
+
+/// The database connection is killed in the middle of a batch (pg_terminate_backend): the batch
+/// rolls back, the runtime tries it again on a new connection, and every record counts once.
+#[test]
+fn connection_killed_mid_transaction_is_retried_without_loss_or_doubling() {
+    let pg = Postgres::new();
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    for i in 0..30 {
+        cluster.send_movement(&topic, 0, &format!("c{i}"), "lou", 1);
+    }
+    let mut ledger = Ledger::new();
+    ledger.notify_at = Some(10);
+    ledger.delay = Duration::from_millis(30);
+    let observed = ledger.observed.clone();
+    let running = Incarnation::launch(&pg, |store| {
+        builder(&cluster, &group, &topic)
+            .batch(100, Duration::from_secs(5))
+            .store(store)
+            .build(ledger)
+            .unwrap()
+    });
+    running.wait_notified(&observed);
+    let killed = pg.scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'idempotent-consumer' \
+         AND xact_start IS NOT NULL",
+    );
+    assert_eq!(killed, Some(1), "the batch's connection was killed");
+    running.wait_for("every record", |s| s.applied == 30);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert!(stats.store_retries >= 1, "{stats:?}");
+    assert_eq!(pg.balances()["lou"], 30, "nothing lost, nothing doubled");
+    assert_eq!(
+        pg.next_offset(&PartitionId::new(&group, &topic, 0)),
+        Some(30)
+    );
+    assert!(
+        observed.calls().iter().filter(|c| c.1 == 5).count() >= 2,
+        "the killed batch's records were handled again"
+    );
+}
+
+/// Table names come from validated configuration; a custom schema and prefix work; with
+/// migrations off, missing tables are a clear error; migrations run twice are a no-op.
+#[test]
+fn schema_options_are_validated_and_applied() {
+    let pg = Postgres::new();
+    block_on(async {
+        for (schema, prefix) in [
+            ("public", "x; DROP TABLE ledger; --"),
+            ("Bad", "idc_"),
+            ("9s", ""),
+        ] {
+            let options = PgOptions {
+                schema: schema.into(),
+                table_prefix: prefix.into(),
+                ..PgOptions::default()
+            };
+            let err = PgStore::connect_with(&pg.url, options).await.unwrap_err();
+            assert!(matches!(err, Error::Config(_)), "{err}");
+            assert!(err.to_string().contains("is not allowed"), "{err}");
+        }
+
+        let custom = PgOptions {
+            schema: "billing".into(),
+            table_prefix: "inbox_".into(),
+            ..PgOptions::default()
+        };
+        let store = PgStore::connect_with(&pg.url, custom.clone())
+            .await
+            .unwrap();
+        let pid = PartitionId::new("g", "t", 0);
+        assert_eq!(store.acquire(&pid).await.unwrap().epoch, 1);
+        // Applying the migrations again changes nothing.
+        let again = PgStore::connect_with(&pg.url, custom).await.unwrap();
+        assert_eq!(again.acquire(&pid).await.unwrap().epoch, 2);
+
+        let unmigrated = PgOptions {
+            table_prefix: "absent_".into(),
+            migrate: false,
+            ..PgOptions::default()
+        };
+        let err = PgStore::connect_with(&pg.url, unmigrated)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("is missing") && err.to_string().contains("absent_dedup"),
+            "{err}"
+        );
+    });
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM billing.inbox_positions"),
+        Some(1)
+    );
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM ledger"),
+        Some(0),
+        "the ledger table is still there"
+    );
+}
