@@ -78,6 +78,11 @@
 //! - [`RocksStore`] (feature `rocksdb`, default): embedded, one process. Its state is local to
 //!   the machine: if a partition moves to another instance, that instance has no entries for it.
 //!   Run one instance per store directory.
+//! - `PgStore` (feature `postgres`): shared by every instance of a group. The handler gets
+//!   `PgTx` and runs its own SQL on `tx.conn()`; keys are claimed first as uncommitted rows, so a
+//!   duplicate arriving at another instance waits on the primary key and then sees the entry. A
+//!   transient failure (lost connection, deadlock) rolls the batch back and it is tried again.
+//!   `examples/payments_postgres.rs` shows it.
 //!
 //! ## Crash semantics
 //!
