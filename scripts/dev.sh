@@ -148,7 +148,8 @@ case "${1:-}" in
         start_postgres
         echo "DATABASE_URL=$DATABASE_URL"
         trap 'stop_postgres; exit 0' INT TERM
-        while sleep 3600; do :; done
+        # `wait` returns as soon as a signal arrives, so the trap stops the server at once.
+        while :; do sleep 3600 & wait $!; done
         ;;
     *)
         echo "usage: $0 quickstart|test|postgres" >&2
