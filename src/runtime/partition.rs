@@ -29,7 +29,7 @@ use super::{ConflictPolicy, Shared};
 use crate::dead_letter::{DeadLetter, DeadLetterReason};
 use crate::error::{Error, Result};
 use crate::handler::{DuplicateCause, ErrorClass, Handler, HandlerError};
-use crate::identity::{Fingerprint, IdempotencyKey};
+use crate::identity::{Fingerprint, IdempotencyKey, KeyError};
 use crate::metrics::{Stats, Tally};
 use crate::record::Record;
 use crate::store::{Claim, DedupEntry, EntryStatus, PartitionId, Store, Transaction};
@@ -53,6 +53,19 @@ enum Step {
     Stop(Error),
 }
 
+/// A record waiting in its partition, with its idempotency key derived once on arrival.
+pub(crate) struct Pending {
+    record: Record,
+    /// The key and its scoped store key, or why the record has none.
+    key: std::result::Result<(IdempotencyKey, Vec<u8>), KeyError>,
+}
+
+impl Pending {
+    fn store_key(&self) -> Option<&[u8]> {
+        self.key.as_ref().ok().map(|(_, k)| k.as_slice())
+    }
+}
+
 pub(crate) struct PartitionTask<S: Store, H> {
     pub(crate) shared: Arc<Shared<S, H>>,
     pub(crate) consumer: Arc<BaseConsumer<ConsumerCtx<S>>>,
@@ -69,7 +82,7 @@ pub(crate) struct PartitionTask<S: Store, H> {
 impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     /// Runs until the channel is closed and drained (revocation or shutdown) or a record stops it.
     pub(crate) async fn run(mut self, mut records: mpsc::Receiver<Record>) -> Result<()> {
-        let mut pending: VecDeque<Record> = VecDeque::new();
+        let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut store_failures = 0u32;
         let result = loop {
             if pending.is_empty() && !self.next_batch(&mut records, &mut pending).await {
@@ -79,10 +92,9 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 Ok(()) => store_failures = 0,
                 Err(e) if e.is_transient() => {
                     // Nothing of the open batch counts: its records are still pending and are
-                    // handled again; those whose commit did land are found as duplicates.
+                    // handled again (the next transaction starts with an empty tally); those
+                    // whose commit did land are found as duplicates.
                     store_failures = store_failures.saturating_add(1);
-                    self.tally = Tally::default();
-                    self.letters.clear();
                     Stats::add(&self.shared.stats.store_retries, 1);
                     let delay = self
                         .shared
@@ -124,20 +136,27 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     async fn next_batch(
         &self,
         records: &mut mpsc::Receiver<Record>,
-        batch: &mut VecDeque<Record>,
+        batch: &mut VecDeque<Pending>,
     ) -> bool {
         let config = &self.shared.config;
         let Some(first) = records.recv().await else {
             return false;
         };
-        batch.push_back(first);
+        let pending = |record: Record| {
+            let key = config.identity.key_of(&record).map(|key| {
+                let store_key = config.scope.store_key(&key);
+                (key, store_key)
+            });
+            Pending { record, key }
+        };
+        batch.push_back(pending(first));
         let deadline = tokio::time::Instant::now() + config.batch_linger;
         let mut buf = Vec::new();
         while batch.len() < config.batch_max_records {
             let room = config.batch_max_records - batch.len();
             match tokio::time::timeout_at(deadline, records.recv_many(&mut buf, room)).await {
                 Ok(0) | Err(_) => break,
-                Ok(_) => batch.extend(buf.drain(..)),
+                Ok(_) => batch.extend(buf.drain(..).map(pending)),
             }
         }
         true
@@ -146,7 +165,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     /// Processes and commits the pending records, retrying in place; leaves `pending` empty
     /// unless it fails. Records leave `pending` only once their batch committed, so a failed
     /// commit leaves them to be tried again.
-    async fn process(&mut self, pending: &mut VecDeque<Record>) -> Result<()> {
+    async fn process(&mut self, pending: &mut VecDeque<Pending>) -> Result<()> {
         let shared = self.shared.clone();
         let mut tx = self.begin(pending).await?;
         let mut next = self.position;
@@ -154,8 +173,9 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         let mut busy_waits = 0u64;
         // pending[..settled] are settled in the open transaction.
         let mut settled = 0usize;
-        while let Some(record) = pending.get(settled) {
-            match self.record(&mut tx, record, attempts).await? {
+        while let Some(item) = pending.get(settled) {
+            let record = &item.record;
+            match self.record(&mut tx, item, attempts).await? {
                 Step::Done => {
                     // Never backwards: a redelivery below the position leaves it where it is.
                     next = Some(next.map_or(record.offset() + 1, |n| n.max(record.offset() + 1)));
@@ -172,7 +192,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     Stats::add(&shared.stats.retries, 1);
                     tokio::time::sleep(delay).await;
                     attempts += 1;
-                    tx = shared.store.begin(&self.partition, self.epoch).await?;
+                    tx = self.begin(pending).await?;
                 }
                 Step::Busy => {
                     if let Some(n) = next {
@@ -187,7 +207,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     // keys fall out of step.
                     let wait = shared.config.retry.backoff(busy_waits.min(6) as u32, None) / 20;
                     tokio::time::sleep(wait).await;
-                    tx = shared.store.begin(&self.partition, self.epoch).await?;
+                    tx = self.begin(pending).await?;
                 }
                 Step::Stop(e) => {
                     if let Some(n) = next {
@@ -205,19 +225,19 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         Ok(())
     }
 
-    /// Opens the batch's transaction and claims the keys of its records in one go, where the
-    /// store can.
-    async fn begin(&self, pending: &VecDeque<Record>) -> Result<S::Tx> {
-        let config = &self.shared.config;
+    /// Opens a transaction for the pending records and claims their keys in one go, where the
+    /// store can. A new transaction starts with nothing of a previous one: an earlier
+    /// transaction either committed (and flushed its tally) or failed (and counts for nothing).
+    async fn begin(&mut self, pending: &VecDeque<Pending>) -> Result<S::Tx> {
+        self.tally = Tally::default();
+        self.letters.clear();
         let mut tx = self.shared.store.begin(&self.partition, self.epoch).await?;
-        let keys: Vec<Vec<u8>> = pending
+        let keys: Vec<&[u8]> = pending
             .iter()
-            .filter(|r| self.position.is_none_or(|p| r.offset() >= p))
-            .filter_map(|r| config.identity.key_of(r).ok())
-            .map(|k| config.scope.store_key(&k))
+            .filter(|p| self.position.is_none_or(|pos| p.record.offset() >= pos))
+            .filter_map(Pending::store_key)
             .collect();
         if !keys.is_empty() {
-            let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
             tx.prepare_claims(&keys, now_ms()).await?;
         }
         Ok(tx)
@@ -249,7 +269,8 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         Ok(())
     }
 
-    async fn record(&mut self, tx: &mut S::Tx, record: &Record, attempts: u32) -> Result<Step> {
+    async fn record(&mut self, tx: &mut S::Tx, item: &Pending, attempts: u32) -> Result<Step> {
+        let record = &item.record;
         let span = tracing::info_span!(
             "record",
             topic = %record.topic(),
@@ -259,7 +280,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             outcome = tracing::field::Empty,
         );
         async {
-            let step = self.decide(tx, record, attempts).await;
+            let step = self.decide(tx, item, attempts).await;
             if let Ok(step) = &step {
                 let outcome = match step {
                     Step::Done => "settled",
@@ -275,7 +296,8 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         .await
     }
 
-    async fn decide(&mut self, tx: &mut S::Tx, record: &Record, attempts: u32) -> Result<Step> {
+    async fn decide(&mut self, tx: &mut S::Tx, item: &Pending, attempts: u32) -> Result<Step> {
+        let record = &item.record;
         let shared = self.shared.clone();
         let config = &shared.config;
         let span = tracing::Span::current();
@@ -283,8 +305,8 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         if self.position.is_some_and(|p| record.offset() < p) {
             self.tally.duplicate(DuplicateCause::Redelivery);
             tracing::debug!("below the stored position: redelivery skipped");
-            if let Ok(key) = config.identity.key_of(record)
-                && let Some(entry) = tx.lookup(&config.scope.store_key(&key)).await?
+            if let Some(store_key) = item.store_key()
+                && let Some(entry) = tx.lookup(store_key).await?
             {
                 shared
                     .handler
@@ -294,8 +316,8 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             return Ok(Step::Done);
         }
 
-        let key = match config.identity.key_of(record) {
-            Ok(key) => key,
+        let (key, store_key) = match &item.key {
+            Ok((key, store_key)) => (key, store_key.as_slice()),
             Err(e) => {
                 let message = e.to_string();
                 tracing::warn!(%message, "record without a usable idempotency key");
@@ -304,12 +326,11 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 return Ok(Step::Done);
             }
         };
-        span.record("key", tracing::field::display(&key));
-        let store_key = config.scope.store_key(&key);
+        span.record("key", tracing::field::display(key));
         let now = now_ms();
 
         let fingerprint = Fingerprint::of(record.payload());
-        let existing = match tx.claim(&store_key, now).await? {
+        let existing = match tx.claim(store_key, now).await? {
             Claim::Claimed => None,
             Claim::Existing(entry) => Some(entry),
             Claim::Busy => {
@@ -347,7 +368,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 ConflictPolicy::DeadLetter => {
                     // The key's entry stays the original record's; only the dead letter is new.
                     let reason = DeadLetterReason::Conflict;
-                    let dl = dead_letter(record, Some(&key), reason, message, 0, now);
+                    let dl = dead_letter(record, Some(key), reason, message, 0, now);
                     tx.put_dead_letter(&dl).await?;
                     self.letters.push(dl);
                     self.tally.dead_lettered += 1;
@@ -389,7 +410,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     outcome.into_bytes(),
                     now,
                 );
-                tx.put_entry(&store_key, &entry).await?;
+                tx.put_entry(store_key, &entry).await?;
                 self.tally.applied += 1;
                 return Ok(Step::Done);
             }
@@ -409,7 +430,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 self.dead_letter(
                     tx,
                     record,
-                    Some((&key, &store_key, fingerprint)),
+                    Some((key, store_key, fingerprint)),
                     DeadLetterReason::RetriesExhausted,
                     message,
                     attempts,
@@ -422,7 +443,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 self.dead_letter(
                     tx,
                     record,
-                    Some((&key, &store_key, fingerprint)),
+                    Some((key, store_key, fingerprint)),
                     DeadLetterReason::Permanent,
                     message,
                     attempts,
