@@ -184,9 +184,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     settled += 1;
                 }
                 Step::Retry(delay) => {
-                    if let Some(n) = next {
-                        self.commit(tx, n).await?;
-                    }
+                    self.end(tx, next).await?;
                     pending.drain(..settled);
                     settled = 0;
                     Stats::add(&shared.stats.retries, 1);
@@ -195,11 +193,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     tx = self.begin(pending).await?;
                 }
                 Step::Busy => {
-                    if let Some(n) = next {
-                        self.commit(tx, n).await?;
-                    } else {
-                        drop(tx);
-                    }
+                    self.end(tx, next).await?;
                     pending.drain(..settled);
                     settled = 0;
                     busy_waits += 1;
@@ -210,17 +204,13 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     tx = self.begin(pending).await?;
                 }
                 Step::Stop(e) => {
-                    if let Some(n) = next {
-                        self.commit(tx, n).await?;
-                    }
+                    self.end(tx, next).await?;
                     pending.drain(..settled);
                     return Err(e);
                 }
             }
         }
-        if let Some(n) = next {
-            self.commit(tx, n).await?;
-        }
+        self.end(tx, next).await?;
         pending.clear();
         Ok(())
     }
@@ -241,6 +231,19 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             tx.prepare_claims(&keys, now_ms()).await?;
         }
         Ok(tx)
+    }
+
+    /// Ends the open transaction before anything else begins: commits it when records settled,
+    /// drops it (writing nothing, releasing its claims) otherwise. A new transaction must never
+    /// start while this one lives, or it could wait on this one's claims.
+    async fn end(&mut self, tx: S::Tx, next: Option<i64>) -> Result<()> {
+        match next {
+            Some(n) => self.commit(tx, n).await,
+            None => {
+                drop(tx);
+                Ok(())
+            }
+        }
     }
 
     async fn commit(&mut self, tx: S::Tx, next: i64) -> Result<()> {
