@@ -120,11 +120,7 @@ impl Error {
         context: impl Into<String>,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
-        Error::Store {
-            context: context.into(),
-            source: source.into(),
-            transient: false,
-        }
+        Error::store_error(context.into(), source.into(), false)
     }
 
     /// Like [`Error::store`], for a failure that can go away when the batch is tried again.
@@ -132,15 +128,18 @@ impl Error {
         context: impl Into<String>,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
-        match Error::store(context, source) {
-            Error::Store {
-                context, source, ..
-            } => Error::Store {
-                context,
-                source,
-                transient: true,
-            },
-            other => other,
+        Error::store_error(context.into(), source.into(), true)
+    }
+
+    fn store_error(
+        context: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+        transient: bool,
+    ) -> Self {
+        Error::Store {
+            context,
+            source,
+            transient,
         }
     }
 

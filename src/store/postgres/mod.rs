@@ -21,7 +21,7 @@
 //! `src/store/postgres/migrations/`) applied on connect unless [`PgOptions::migrate`] is off.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -137,7 +137,7 @@ struct Sql {
     count_entries: SqlStr,
 }
 
-fn sql(s: String) -> SqlStr {
+fn statement(s: String) -> SqlStr {
     // Built only from the validated identifiers and constant text; values are bound parameters.
     AssertSqlSafe(s).into_sql_str()
 }
@@ -155,23 +155,23 @@ impl Sql {
             ms("expires_at")
         );
         Sql {
-            acquire: sql(format!(
+            acquire: statement(format!(
                 "INSERT INTO {positions} AS p (consumer_group, topic, \"partition\", next_offset, epoch, owner, updated_at) \
                  VALUES ($1, $2, $3, NULL, 1, $4, now()) \
                  ON CONFLICT (consumer_group, topic, \"partition\") \
                  DO UPDATE SET epoch = p.epoch + 1, owner = EXCLUDED.owner, updated_at = now() \
                  RETURNING epoch, next_offset"
             )),
-            position: sql(format!(
+            position: statement(format!(
                 "SELECT next_offset, epoch FROM {positions} \
                  WHERE consumer_group = $1 AND topic = $2 AND \"partition\" = $3"
             )),
-            set_position: sql(format!(
+            set_position: statement(format!(
                 "UPDATE {positions} SET next_offset = $4, updated_at = now() \
                  WHERE consumer_group = $1 AND topic = $2 AND \"partition\" = $3"
             )),
             // Sorted, so two batches claiming overlapping keys lock them in the same order.
-            claim_many: sql(format!(
+            claim_many: statement(format!(
                 "INSERT INTO {dedup} (consumer_group, tenant, idempotency_key, status, fingerprint, topic, \"partition\", \"offset\", created_at, expires_at) \
                  SELECT u.g, u.t, u.k, 'claimed', '\\x'::bytea, $4, -1, -1, {now}, {now} \
                  FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(g, t, k) ORDER BY u.g, u.t, u.k \
@@ -179,19 +179,19 @@ impl Sql {
                  RETURNING consumer_group, tenant, idempotency_key",
                 now = ts(5)
             )),
-            select_many: sql(format!(
+            select_many: statement(format!(
                 "SELECT {entry_select} FROM {dedup} d \
                  JOIN unnest($1::text[], $2::text[], $3::bytea[]) AS u(g, t, k) \
                  ON d.consumer_group = u.g AND d.tenant = u.t AND d.idempotency_key = u.k"
             )),
-            take_over: sql(format!(
+            take_over: statement(format!(
                 "UPDATE {dedup} SET status = 'claimed', fingerprint = '\\x'::bytea, outcome = NULL, \
                  topic = $4, \"partition\" = -1, \"offset\" = -1, created_at = {now}, expires_at = {now} \
                  WHERE consumer_group = $1 AND tenant = $2 AND idempotency_key = $3 AND expires_at <= {now} \
                  RETURNING 1",
                 now = ts(5)
             )),
-            write_entries: sql(format!(
+            write_entries: statement(format!(
                 "INSERT INTO {dedup} ({ENTRY_COLUMNS}, created_at, expires_at) \
                  SELECT g, t, k, s, f, o, tp, p, off, \
                  timestamptz 'epoch' + c * interval '1 millisecond', timestamptz 'epoch' + e * interval '1 millisecond' \
@@ -203,11 +203,11 @@ impl Sql {
                  topic = EXCLUDED.topic, \"partition\" = EXCLUDED.\"partition\", \"offset\" = EXCLUDED.\"offset\", \
                  created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at"
             )),
-            release_claims: sql(format!(
+            release_claims: statement(format!(
                 "DELETE FROM {dedup} d USING unnest($1::text[], $2::text[], $3::bytea[]) AS u(g, t, k) \
                  WHERE d.consumer_group = u.g AND d.tenant = u.t AND d.idempotency_key = u.k AND d.status = 'claimed'"
             )),
-            write_dead_letters: sql(format!(
+            write_dead_letters: statement(format!(
                 "INSERT INTO {dead_letters} (consumer_group, topic, \"partition\", \"offset\", idempotency_key, reason, message, \
                  attempts, record_key, payload, first_failed_at, failed_at, letter) \
                  SELECT $1, tp, p, off, k, r, m, a, rk, pl, \
@@ -220,15 +220,15 @@ impl Sql {
                  attempts = EXCLUDED.attempts, record_key = EXCLUDED.record_key, payload = EXCLUDED.payload, \
                  first_failed_at = EXCLUDED.first_failed_at, failed_at = EXCLUDED.failed_at, letter = EXCLUDED.letter"
             )),
-            advance: sql(format!(
+            advance: statement(format!(
                 "UPDATE {positions} SET next_offset = $4, owner = $6, updated_at = now() \
                  WHERE consumer_group = $1 AND topic = $2 AND \"partition\" = $3 AND epoch = $5 \
                  RETURNING 1"
             )),
-            epoch: sql(format!(
+            epoch: statement(format!(
                 "SELECT epoch FROM {positions} WHERE consumer_group = $1 AND topic = $2 AND \"partition\" = $3"
             )),
-            purge: sql(format!(
+            purge: statement(format!(
                 "DELETE FROM {dedup} d USING ( \
                    SELECT consumer_group, tenant, idempotency_key FROM {dedup} \
                    WHERE expires_at <= {now} AND status <> 'claimed' \
@@ -237,11 +237,11 @@ impl Sql {
                    AND d.idempotency_key = x.idempotency_key AND d.expires_at <= {now}",
                 now = ts(1)
             )),
-            dead_letters_of: sql(format!(
+            dead_letters_of: statement(format!(
                 "SELECT letter FROM {dead_letters} \
                  WHERE consumer_group = $1 AND topic = $2 AND \"partition\" = $3 ORDER BY \"offset\""
             )),
-            count_entries: sql(format!(
+            count_entries: statement(format!(
                 "SELECT count(*) FROM {dedup} WHERE status <> 'claimed'"
             )),
             positions,
@@ -265,7 +265,7 @@ fn pg(context: &str) -> impl FnOnce(sqlx::Error) -> Error + '_ {
 /// Connection lost or refused, server shutting down or restarting, deadlock, serialization
 /// failure, lock or idle timeout: nothing committed (or, for a lost commit, possibly all of it),
 /// so the batch can be tried again.
-pub(crate) fn is_transient(e: &sqlx::Error) -> bool {
+fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
@@ -345,7 +345,7 @@ impl PgStore {
                 .map_err(|e| Error::store("applying the store's migrations", e))?;
         } else {
             for table in [&sql.dedup, &sql.positions, &sql.dead_letters] {
-                sqlx::query(sql_text(format!("SELECT 1 FROM {table} LIMIT 0")))
+                sqlx::query(statement(format!("SELECT 1 FROM {table} LIMIT 0")))
                     .execute(&pool)
                     .await
                     .map_err(|e| {
@@ -449,10 +449,6 @@ fn redact(e: &sqlx::Error) -> &'static str {
     }
 }
 
-fn sql_text(s: String) -> SqlStr {
-    AssertSqlSafe(s).into_sql_str()
-}
-
 /// The embedded migrations, with the table names filled in; tracked in
 /// `<schema>.<prefix>migrations`.
 fn migrator(schema: &str, prefix: &str) -> Migrator {
@@ -466,7 +462,7 @@ fn migrator(schema: &str, prefix: &str) -> Migrator {
                 *version,
                 Cow::Borrowed(*description),
                 MigrationType::Simple,
-                sql_text(text),
+                statement(text),
                 false,
             )
         })
@@ -512,7 +508,6 @@ impl Store for PgStore {
             partition: partition.clone(),
             epoch,
             keys: HashMap::new(),
-            entries: Vec::new(),
             dead_letters: Vec::new(),
             undo: Vec::new(),
             savepoint: false,
@@ -537,8 +532,8 @@ enum KeyState {
     Claimed,
     /// A live entry committed by an earlier transaction.
     Existing(DedupEntry),
-    /// Written by this transaction (index into `entries`).
-    Written(usize),
+    /// Written by this transaction; goes to the table in the commit.
+    Written(DedupEntry),
 }
 
 /// One batch's PostgreSQL transaction. The handler runs its own SQL through [`PgTx::conn`].
@@ -551,7 +546,6 @@ pub struct PgTx {
     partition: PartitionId,
     epoch: u64,
     keys: HashMap<Vec<u8>, KeyState>,
-    entries: Vec<(Vec<u8>, DedupEntry)>,
     dead_letters: Vec<DeadLetter>,
     /// Changes to `keys` since the savepoint: (key, state before).
     undo: Vec<(Vec<u8>, Option<KeyState>)>,
@@ -563,7 +557,7 @@ impl fmt::Debug for PgTx {
         f.debug_struct("PgTx")
             .field("partition", &self.partition)
             .field("epoch", &self.epoch)
-            .field("entries", &self.entries.len())
+            .field("keys", &self.keys.len())
             .finish_non_exhaustive()
     }
 }
@@ -598,7 +592,7 @@ impl PgTx {
     }
 
     /// Claims every key of `keys` not known yet, in one insert; then reads the entries of the
-    /// ones taken, taking over the expired ones.
+    /// ones it did not get, taking over the expired ones.
     async fn claim_unknown(&mut self, keys: &[&[u8]], now_ms: i64) -> Result<()> {
         let mut unknown: Vec<&[u8]> = keys
             .iter()
@@ -607,14 +601,14 @@ impl PgTx {
             .collect();
         unknown.sort_unstable();
         unknown.dedup();
-        // A key deleted by the purge between the insert and the read is simply tried again.
+        // A key the purge deleted between the insert and the read, or that another batch
+        // refreshed between the read and the takeover, is simply tried again.
         for _ in 0..3 {
             if unknown.is_empty() {
                 return Ok(());
             }
-            let sql = self.store.sql.claim_many.clone();
             let (groups, tenants, bytes) = split_all(&unknown)?;
-            let claimed = sqlx::query(sql)
+            let claimed = sqlx::query(self.store.sql.claim_many.clone())
                 .bind(&groups)
                 .bind(&tenants)
                 .bind(&bytes)
@@ -623,26 +617,14 @@ impl PgTx {
                 .fetch_all(&mut *self.tx)
                 .await
                 .map_err(pg("claiming keys"))?;
-            let mut taken: HashSet<Vec<u8>> = unknown.iter().map(|k| k.to_vec()).collect();
             for row in &claimed {
-                let key = store_key_of(row)?;
-                taken.remove(&key);
-                self.set_key(&key, KeyState::Claimed);
+                self.set_key(&store_key_of(row)?, KeyState::Claimed);
             }
-            if taken.is_empty() {
+            unknown.retain(|k| !self.keys.contains_key(*k));
+            if unknown.is_empty() {
                 return Ok(());
             }
-            let taken: Vec<&[u8]> = unknown
-                .iter()
-                .copied()
-                .filter(|k| taken.contains(*k))
-                .collect();
-            let sql = &self.store.sql;
-            let found = select_entries(&mut self.tx, sql, &taken).await?;
-            // Keys to try again: deleted by the purge after our insert, or refreshed by another
-            // batch after our read.
-            let mut again: HashSet<Vec<u8>> = taken.iter().map(|k| k.to_vec()).collect();
-            for (key, read) in found {
+            for (key, read) in select_entries(&mut self.tx, &self.store.sql, &unknown).await? {
                 if read.status_is_claimed {
                     // Our own claims are known keys (filtered out above) and other
                     // transactions' claims are invisible: this row should not exist.
@@ -651,7 +633,6 @@ impl PgTx {
                     ));
                 }
                 if !read.entry.is_expired(now_ms) {
-                    again.remove(&key);
                     self.set_key(&key, KeyState::Existing(read.entry));
                     continue;
                 }
@@ -667,16 +648,49 @@ impl PgTx {
                     .await
                     .map_err(pg("taking over an expired key"))?;
                 if took.is_some() {
-                    again.remove(&key);
                     self.set_key(&key, KeyState::Claimed);
                 }
             }
-            unknown.retain(|k| again.contains(*k));
+            unknown.retain(|k| !self.keys.contains_key(*k));
         }
         Err(Error::store_transient(
             "claiming keys",
             "keys kept changing between the claim and the read",
         ))
+    }
+}
+
+/// Dedup entries as the column arrays of one `unnest` insert.
+#[derive(Default)]
+struct EntryColumns<'a> {
+    groups: Vec<&'a str>,
+    tenants: Vec<&'a str>,
+    keys: Vec<&'a [u8]>,
+    statuses: Vec<&'static str>,
+    fingerprints: Vec<&'a [u8]>,
+    outcomes: Vec<Option<&'a [u8]>>,
+    topics: Vec<&'a str>,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+    created: Vec<i64>,
+    expires: Vec<i64>,
+}
+
+impl<'a> EntryColumns<'a> {
+    fn push(&mut self, store_key: &'a [u8], entry: &'a DedupEntry) -> Result<()> {
+        let (group, tenant, key) = split(store_key)?;
+        self.groups.push(group);
+        self.tenants.push(tenant);
+        self.keys.push(key);
+        self.statuses.push(entry.status.as_str());
+        self.fingerprints.push(&entry.fingerprint.0);
+        self.outcomes.push(entry.outcome.as_deref());
+        self.topics.push(&entry.topic);
+        self.partitions.push(entry.partition);
+        self.offsets.push(entry.offset);
+        self.created.push(clamp_ms(entry.created_at_ms));
+        self.expires.push(clamp_ms(entry.expires_at_ms));
+        Ok(())
     }
 }
 
@@ -777,8 +791,9 @@ fn read_entry(row: &PgRow) -> Result<ReadEntry> {
 impl Transaction for PgTx {
     async fn lookup(&mut self, key: &[u8]) -> Result<Option<DedupEntry>> {
         match self.keys.get(key) {
-            Some(KeyState::Existing(entry)) => return Ok(Some(entry.clone())),
-            Some(KeyState::Written(i)) => return Ok(Some(self.entries[*i].1.clone())),
+            Some(KeyState::Existing(entry) | KeyState::Written(entry)) => {
+                return Ok(Some(entry.clone()));
+            }
             Some(KeyState::Claimed) => return Ok(None),
             None => {}
         }
@@ -799,8 +814,9 @@ impl Transaction for PgTx {
         }
         match self.keys.get(key) {
             Some(KeyState::Claimed) => Ok(Claim::Claimed),
-            Some(KeyState::Existing(entry)) => Ok(Claim::Existing(entry.clone())),
-            Some(KeyState::Written(i)) => Ok(Claim::Existing(self.entries[*i].1.clone())),
+            Some(KeyState::Existing(entry) | KeyState::Written(entry)) => {
+                Ok(Claim::Existing(entry.clone()))
+            }
             None => Err(Error::Corrupt(
                 "a claimed key vanished from the transaction".into(),
             )),
@@ -840,18 +856,7 @@ impl Transaction for PgTx {
     }
 
     async fn put_entry(&mut self, key: &[u8], entry: &DedupEntry) -> Result<()> {
-        let index = match self.keys.get(key) {
-            Some(KeyState::Written(i)) => {
-                let i = *i;
-                self.entries[i].1 = entry.clone();
-                i
-            }
-            _ => {
-                self.entries.push((key.to_vec(), entry.clone()));
-                self.entries.len() - 1
-            }
-        };
-        self.set_key(key, KeyState::Written(index));
+        self.set_key(key, KeyState::Written(entry.clone()));
         Ok(())
     }
 
@@ -892,60 +897,26 @@ impl Transaction for PgTx {
             });
         }
 
-        // Live entries written by the batch, the last write of a key winning.
-        let written: Vec<(&[u8], &DedupEntry)> = self
-            .keys
-            .iter()
-            .filter_map(|(k, s)| match s {
-                KeyState::Written(i) => Some((k.as_slice(), &self.entries[*i].1)),
-                _ => None,
-            })
-            .collect();
-        if !written.is_empty() {
-            let keys: Vec<&[u8]> = written.iter().map(|(k, _)| *k).collect();
-            let (groups, tenants, bytes) = split_all(&keys)?;
-            let entries = written.iter().map(|(_, e)| *e);
+        // The entries written by the batch (the last write of a key is its state), as columns.
+        let mut rows = EntryColumns::default();
+        for (key, state) in &self.keys {
+            if let KeyState::Written(entry) = state {
+                rows.push(key, entry)?;
+            }
+        }
+        if !rows.keys.is_empty() {
             sqlx::query(sql.write_entries.clone())
-                .bind(&groups)
-                .bind(&tenants)
-                .bind(&bytes)
-                .bind(
-                    entries
-                        .clone()
-                        .map(|e| e.status.as_str())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    entries
-                        .clone()
-                        .map(|e| &e.fingerprint.0[..])
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    entries
-                        .clone()
-                        .map(|e| e.outcome.as_deref())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    entries
-                        .clone()
-                        .map(|e| e.topic.as_str())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(entries.clone().map(|e| e.partition).collect::<Vec<_>>())
-                .bind(entries.clone().map(|e| e.offset).collect::<Vec<_>>())
-                .bind(
-                    entries
-                        .clone()
-                        .map(|e| clamp_ms(e.created_at_ms))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    entries
-                        .map(|e| clamp_ms(e.expires_at_ms))
-                        .collect::<Vec<_>>(),
-                )
+                .bind(rows.groups)
+                .bind(rows.tenants)
+                .bind(rows.keys)
+                .bind(rows.statuses)
+                .bind(rows.fingerprints)
+                .bind(rows.outcomes)
+                .bind(rows.topics)
+                .bind(rows.partitions)
+                .bind(rows.offsets)
+                .bind(rows.created)
+                .bind(rows.expires)
                 .execute(&mut *self.tx)
                 .await
                 .map_err(pg("writing dedup entries"))?;
