@@ -62,6 +62,13 @@ impl Handler<PgTx> for Ledger {
     }
 }
 
+async fn balances(store: &PgStore) -> Result<BTreeMap<String, i64>, sqlx::Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT account, balance FROM payments_ledger")
+        .fetch_all(store.pool())
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
 fn required(name: &str) -> String {
     match std::env::var(name) {
         Ok(v) if !v.is_empty() => v,
@@ -91,12 +98,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .execute(store.pool())
     .await?;
     // The expected balances include earlier runs: their payments are in the table already.
-    let before: BTreeMap<String, i64> =
-        sqlx::query_as("SELECT account, balance FROM payments_ledger")
-            .fetch_all(store.pool())
-            .await?
-            .into_iter()
-            .collect();
+    let before = balances(&store).await?;
 
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
@@ -179,12 +181,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     consumer.await??;
 
     let s = stats.snapshot();
-    let after: BTreeMap<String, i64> =
-        sqlx::query_as("SELECT account, balance FROM payments_ledger")
-            .fetch_all(store.pool())
-            .await?
-            .into_iter()
-            .collect();
+    let after = balances(&store).await?;
     println!(
         "read {} records: {} applied, {} repeated keys skipped, {} redeliveries skipped, {} dead letters",
         s.records_read,

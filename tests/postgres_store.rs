@@ -7,30 +7,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::backend::{Backend, Postgres};
-use common::{Cluster, Incarnation, Ledger, builder, unique};
+use common::backend::{Backend, Postgres, block_on};
+use common::{Cluster, Incarnation, Ledger, LedgerTx, builder, store_key, unique};
 use idempotent_consumer::{
-    Claim, DedupEntry, EntryStatus, Error, Identity, PartitionId, PgOptions, PgStore, Record,
-    Store, Transaction,
+    Claim, DedupEntry, EntryStatus, Error, PartitionId, PgOptions, PgStore, Store, Transaction,
 };
-
-fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
-fn store_key(group: &str, key: &str) -> Vec<u8> {
-    let record = Record::new("t", 0, 0, None, None)
-        .with_header("idempotency-key", Some(key.as_bytes().to_vec()));
-    let identity = Identity::new();
-    identity
-        .scope(group)
-        .store_key(&identity.key_of(&record).unwrap())
-}
 
 fn entry(offset: i64, payload: &[u8]) -> DedupEntry {
     DedupEntry {
@@ -43,18 +24,6 @@ fn entry(offset: i64, payload: &[u8]) -> DedupEntry {
         created_at_ms: 1,
         expires_at_ms: 4_000_000_000_000, // 2096
     }
-}
-
-async fn credit(tx: &mut idempotent_consumer::PgTx, account: &str, amount: i64) {
-    sqlx::query(
-        "INSERT INTO ledger (account, balance) VALUES ($1, $2) \
-         ON CONFLICT (account) DO UPDATE SET balance = ledger.balance + EXCLUDED.balance",
-    )
-    .bind(account)
-    .bind(amount)
-    .execute(tx.conn())
-    .await
-    .unwrap();
 }
 
 /// A zombie (an instance that lost its partition but does not know yet) commits after the new
@@ -73,7 +42,7 @@ fn zombie_commit_is_fenced_and_rolled_back() {
         let mut tx = zombie.begin(&pid, a.epoch).await.unwrap();
         assert_eq!(tx.claim(&key, 10).await.unwrap(), Claim::Claimed);
         tx.savepoint().await.unwrap();
-        credit(&mut tx, "alice", 100).await;
+        tx.add("alice", 100).await.unwrap();
         tx.put_entry(&key, &entry(0, b"p")).await.unwrap();
 
         // The partition moves on while the zombie's batch is open.
@@ -135,7 +104,7 @@ fn concurrent_claim_in_another_instance_waits_then_sees_the_duplicate() {
             "the second claim waits for the first"
         );
 
-        credit(&mut first, "bob", 5).await;
+        first.add("bob", 5).await.unwrap();
         first.put_entry(&key, &entry(0, b"p")).await.unwrap();
         first.commit(1).await.unwrap();
         let (claim, _tx) = second.await.unwrap();
@@ -158,6 +127,45 @@ fn concurrent_claim_in_another_instance_waits_then_sees_the_duplicate() {
         assert_eq!(second.await.unwrap(), Claim::Claimed);
     });
     assert_eq!(pg.scalar("SELECT balance FROM ledger"), Some(5));
+}
+
+/// A record that fails is rolled back to its savepoint: its SQL and its dedup entry are undone,
+/// and the records before and after it in the batch commit.
+#[test]
+fn savepoint_rollback_undoes_one_record_and_keeps_the_batch() {
+    let pg = Postgres::new();
+    block_on(async {
+        let store = pg.connect().await;
+        let pid = PartitionId::new("g", "t", 0);
+        let epoch = store.acquire(&pid).await.unwrap().epoch;
+        let keys = [
+            store_key("g", "a"),
+            store_key("g", "b"),
+            store_key("g", "c"),
+        ];
+        let mut tx = store.begin(&pid, epoch).await.unwrap();
+        for (offset, key) in keys.iter().enumerate() {
+            assert_eq!(tx.claim(key, 10).await.unwrap(), Claim::Claimed);
+            tx.savepoint().await.unwrap();
+            tx.add("eve", 1 << offset).await.unwrap();
+            tx.put_entry(key, &entry(offset as i64, b"p"))
+                .await
+                .unwrap();
+            if offset == 1 {
+                tx.rollback_to_savepoint().await.unwrap();
+                assert_eq!(tx.lookup(key).await.unwrap(), None, "the entry is undone");
+            }
+        }
+        tx.commit(3).await.unwrap();
+        assert!(store.entry(&keys[0]).await.unwrap().is_some());
+        assert_eq!(store.entry(&keys[1]).await.unwrap(), None);
+        assert!(store.entry(&keys[2]).await.unwrap().is_some());
+    });
+    assert_eq!(
+        pg.balances()["eve"],
+        1 + 4,
+        "the middle record's write is undone"
+    );
 }
 
 /// A claimed key whose record did not finish (retried later, or stopped before) is released by

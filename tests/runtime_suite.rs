@@ -355,12 +355,7 @@ fn background_purge_removes_expired_entries_only<B: Backend>(b: &B) {
     running.stop().unwrap();
     assert_eq!(stats.expired_purged, 1, "{stats:?}");
 
-    let key_of = |k: &str| {
-        let record = idempotent_consumer::Record::new(&topic, 0, 0, None, None)
-            .with_header("idempotency-key", Some(k.as_bytes().to_vec()));
-        let id = idempotent_consumer::Identity::new();
-        id.scope(&group).store_key(&id.key_of(&record).unwrap())
-    };
+    let key_of = |k: &str| common::store_key(&group, k);
     assert!(b.entry(&key_of("old")).is_none(), "expired: purged");
     assert!(
         b.entry(&key_of("young")).is_some(),

@@ -635,6 +635,18 @@ mod tests {
         (dir, store)
     }
 
+    /// Partitions 0 and 1 of one topic, acquired.
+    async fn two_partitions(
+        store: &RocksStore,
+    ) -> ((PartitionId, Assignment), (PartitionId, Assignment)) {
+        let (p0, p1) = (PartitionId::new("g", "t", 0), PartitionId::new("g", "t", 1));
+        let (a0, a1) = (
+            store.acquire(&p0).await.unwrap(),
+            store.acquire(&p1).await.unwrap(),
+        );
+        ((p0, a0), (p1, a1))
+    }
+
     #[tokio::test]
     async fn commit_is_all_or_nothing_and_rollback_undoes_one_record() {
         let (_dir, store) = open();
@@ -694,11 +706,7 @@ mod tests {
     #[tokio::test]
     async fn a_claimed_key_is_busy_for_others_until_commit_or_drop() {
         let (_dir, store) = open();
-        let (p0, p1) = (PartitionId::new("g", "t", 0), PartitionId::new("g", "t", 1));
-        let (a0, a1) = (
-            store.acquire(&p0).await.unwrap(),
-            store.acquire(&p1).await.unwrap(),
-        );
+        let ((p0, a0), (p1, a1)) = two_partitions(&store).await;
         let mut first = store.begin(&p0, a0.epoch).await.unwrap();
         let mut second = store.begin(&p1, a1.epoch).await.unwrap();
         assert_eq!(first.claim(b"k", 0).await.unwrap(), Claim::Claimed);
@@ -724,11 +732,7 @@ mod tests {
     #[tokio::test]
     async fn state_keys_are_locked_until_commit() {
         let (_dir, store) = open();
-        let (p0, p1) = (PartitionId::new("g", "t", 0), PartitionId::new("g", "t", 1));
-        let (a0, a1) = (
-            store.acquire(&p0).await.unwrap(),
-            store.acquire(&p1).await.unwrap(),
-        );
+        let ((p0, a0), (p1, a1)) = two_partitions(&store).await;
         let mut first = store.begin(&p0, a0.epoch).await.unwrap();
         let mut second = store.begin(&p1, a1.epoch).await.unwrap();
         first.savepoint().await.unwrap();

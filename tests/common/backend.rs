@@ -103,7 +103,8 @@ impl Backend for Rocks {
 }
 
 #[cfg(feature = "postgres")]
-pub use self::postgres::Postgres;
+#[allow(unused_imports)] // each test binary uses its own part
+pub use self::postgres::{Postgres, block_on};
 
 #[cfg(feature = "postgres")]
 mod postgres {

@@ -594,6 +594,16 @@ impl Drop for Incarnation {
     }
 }
 
+/// The scoped store key of idempotency key `key` (from the default header) in `group`.
+pub fn store_key(group: &str, key: &str) -> Vec<u8> {
+    let record = Record::new("any", 0, 0, None, None)
+        .with_header("idempotency-key", Some(key.as_bytes().to_vec()));
+    let identity = idempotent_consumer::Identity::new();
+    identity
+        .scope(group)
+        .store_key(&identity.key_of(&record).unwrap())
+}
+
 /// Logs to the test output when `RUST_LOG` is set.
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
