@@ -207,7 +207,7 @@ impl Identity {
         self
     }
 
-    /// Scopes keys by a tenant as well as the consumer group.
+    /// Scopes keys by a tenant as well as the consumer group (no control characters).
     pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
         self.tenant = Some(tenant.into());
         self
@@ -229,7 +229,21 @@ impl Identity {
         {
             return Err(Error::Config("tenant is longer than 65535 bytes".into()));
         }
+        if self
+            .tenant
+            .as_ref()
+            .is_some_and(|t| t.chars().any(char::is_control))
+        {
+            return Err(Error::Config(
+                "tenant must not contain control characters".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// The scope of records that conflicted with keys consumed by `group`.
+    pub(crate) fn conflict_scope(&self, group: &str) -> Scope {
+        Scope::conflicts(group, self.tenant.as_deref())
     }
 
     /// The scope for keys consumed by `group`.
@@ -305,6 +319,23 @@ impl Scope {
     /// Stable, unambiguous bytes of the scope (length-prefixed group and tenant).
     pub fn as_bytes(&self) -> &[u8] {
         &self.encoded
+    }
+
+    /// The scope where records that conflicted with a key are remembered: the same group, and
+    /// the tenant followed by a control character no configured tenant may contain.
+    pub(crate) fn conflicts(group: &str, tenant: Option<&str>) -> Self {
+        Scope::new(
+            group,
+            Some(&format!("{}\u{1f}conflicts", tenant.unwrap_or(""))),
+        )
+    }
+
+    /// The store key of the record with `fingerprint` that conflicted with `key`, in a scope
+    /// made by [`Scope::conflicts`]. Unambiguous: the fingerprint has a fixed length.
+    pub(crate) fn conflict_key(&self, key: &IdempotencyKey, fingerprint: &Fingerprint) -> Vec<u8> {
+        let mut out = self.store_key(key);
+        out.extend_from_slice(&fingerprint.0);
+        out
     }
 
     /// The store key of `key` in this scope: scope bytes followed by the key bytes. Prefix-free,

@@ -1,12 +1,46 @@
-//! Counters of what the runtime did.
+//! What the runtime did, as counters, histograms and gauges.
 //!
-//! [`Stats`] is a set of atomic counters shared by every partition task; [`Stats::snapshot`] reads
-//! them all at once for summaries and tests. Every increment is also visible in the `tracing`
-//! events of the record it concerns.
+//! Two views of the same numbers:
+//! - [`Stats`]: atomic counters of one runtime, read all at once with [`Stats::snapshot`] (for
+//!   summaries and tests);
+//! - the [`metrics`](https://docs.rs/metrics) facade: install any recorder (for example
+//!   `metrics-exporter-prometheus`, see `examples/metrics_prometheus.rs`) and the runtime reports
+//!   to it. Without a recorder these calls do nothing.
+//!
+//! Outcomes of records (processed, duplicates, conflicts, dead letters) are reported when their
+//! batch commits, so a crashed, fenced or retried batch is never counted.
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `idempotent_consumer_records_read_total` | counter | group, topic, partition |
+//! | `idempotent_consumer_processed_total` | counter | group, topic, partition |
+//! | `idempotent_consumer_duplicates_total` | counter | group, topic, partition, cause (`redelivery`, `repeated_key`) |
+//! | `idempotent_consumer_conflicts_total` | counter | group, topic, partition, action (`dead_letter`, `skip`, `stop`) |
+//! | `idempotent_consumer_dead_letters_total` | counter | group, topic, partition, reason |
+//! | `idempotent_consumer_retries_total` | counter | group, topic, partition |
+//! | `idempotent_consumer_store_retries_total` | counter | group, topic, partition |
+//! | `idempotent_consumer_batches_committed_total` | counter | group, topic, partition |
+//! | `idempotent_consumer_fenced_commits_total` | counter | group, topic, partition |
+//! | `idempotent_consumer_kafka_commit_failures_total` | counter | group |
+//! | `idempotent_consumer_expired_purged_total` | counter | group |
+//! | `idempotent_consumer_batch_records` | histogram | group, topic, partition |
+//! | `idempotent_consumer_handler_seconds` | histogram | group, topic, partition |
+//! | `idempotent_consumer_commit_seconds` | histogram | group, topic, partition |
+//! | `idempotent_consumer_store_entries` | gauge | group |
+//!
+//! The store-entries gauge is refreshed at each purge round; on large PostgreSQL tables it is
+//! the planner's estimate. Every increment is also visible in the `tracing` events of the record
+//! it concerns.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use metrics::{Counter, Gauge, Histogram, Unit};
+
+use crate::dead_letter::DeadLetterReason;
 use crate::handler::DuplicateCause;
+use crate::runtime::ConflictPolicy;
+use crate::store::PartitionId;
 
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
@@ -44,6 +78,9 @@ counters! {
     duplicates_repeated_key,
     /// Records whose key was already used with a different payload (committed batches).
     conflicts,
+    /// Conflicting records skipped and recorded in the store only, under
+    /// [`ConflictPolicy::SkipAndRecord`] (committed batches; included in `conflicts`).
+    conflicts_skipped,
     /// Records kept as dead letters (committed batches).
     dead_lettered,
     /// Handler retries after a retryable error.
@@ -68,15 +105,17 @@ impl Stats {
     }
 }
 
-/// Outcomes of records in a batch not committed yet. They reach [`Stats`] only once the batch is
-/// committed, so a crashed or fenced batch is never counted.
+/// Outcomes of records in a batch not committed yet. They reach [`Stats`] and the recorder only
+/// once the batch is committed, so a crashed or fenced batch is never counted.
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
     pub(crate) applied: u64,
     pub(crate) duplicates_redelivery: u64,
     pub(crate) duplicates_repeated_key: u64,
     pub(crate) conflicts: u64,
-    pub(crate) dead_lettered: u64,
+    pub(crate) conflicts_skipped: u64,
+    /// Dead letters by [`DeadLetterReason`] (indexed by `reason_index`).
+    pub(crate) dead_lettered: [u64; REASONS.len()],
 }
 
 impl Tally {
@@ -87,14 +126,227 @@ impl Tally {
         }
     }
 
-    /// Adds the tally to the counters and clears it (after a commit).
-    pub(crate) fn flush(&mut self, stats: &Stats) {
-        let t = std::mem::take(self);
+    pub(crate) fn dead_letter(&mut self, reason: DeadLetterReason) {
+        self.dead_lettered[reason_index(reason)] += 1;
+    }
+
+    /// Records settled in the batch (every outcome but a skipped conflict's, which is counted
+    /// as a conflict only).
+    fn records(&self) -> u64 {
+        self.applied
+            + self.duplicates_redelivery
+            + self.duplicates_repeated_key
+            + self.conflicts_skipped
+            + self.dead_lettered.iter().sum::<u64>()
+    }
+}
+
+const REASONS: [DeadLetterReason; 4] = [
+    DeadLetterReason::Permanent,
+    DeadLetterReason::RetriesExhausted,
+    DeadLetterReason::Conflict,
+    DeadLetterReason::InvalidKey,
+];
+
+fn reason_index(reason: DeadLetterReason) -> usize {
+    match reason {
+        DeadLetterReason::Permanent => 0,
+        DeadLetterReason::RetriesExhausted => 1,
+        DeadLetterReason::Conflict => 2,
+        DeadLetterReason::InvalidKey => 3,
+    }
+}
+
+const RECORDS_READ: &str = "idempotent_consumer_records_read_total";
+const PROCESSED: &str = "idempotent_consumer_processed_total";
+const DUPLICATES: &str = "idempotent_consumer_duplicates_total";
+const CONFLICTS: &str = "idempotent_consumer_conflicts_total";
+const DEAD_LETTERS: &str = "idempotent_consumer_dead_letters_total";
+const RETRIES: &str = "idempotent_consumer_retries_total";
+const STORE_RETRIES: &str = "idempotent_consumer_store_retries_total";
+const BATCHES: &str = "idempotent_consumer_batches_committed_total";
+const FENCED: &str = "idempotent_consumer_fenced_commits_total";
+const KAFKA_COMMIT_FAILURES: &str = "idempotent_consumer_kafka_commit_failures_total";
+const EXPIRED_PURGED: &str = "idempotent_consumer_expired_purged_total";
+const BATCH_RECORDS: &str = "idempotent_consumer_batch_records";
+const HANDLER_SECONDS: &str = "idempotent_consumer_handler_seconds";
+const COMMIT_SECONDS: &str = "idempotent_consumer_commit_seconds";
+const STORE_ENTRIES: &str = "idempotent_consumer_store_entries";
+
+/// Describes every metric to the installed recorder (units and help texts).
+pub(crate) fn describe() {
+    metrics::describe_counter!(RECORDS_READ, "Records received from Kafka.");
+    metrics::describe_counter!(PROCESSED, "Records whose handler succeeded (committed).");
+    metrics::describe_counter!(DUPLICATES, "Records skipped as duplicates, by cause.");
+    metrics::describe_counter!(
+        CONFLICTS,
+        "Records whose key was first used with another payload, by the action taken."
+    );
+    metrics::describe_counter!(DEAD_LETTERS, "Records kept as dead letters, by reason.");
+    metrics::describe_counter!(RETRIES, "Handler retries after retryable errors.");
+    metrics::describe_counter!(
+        STORE_RETRIES,
+        "Batches tried again after a transient store failure."
+    );
+    metrics::describe_counter!(BATCHES, "Batches committed to the store.");
+    metrics::describe_counter!(FENCED, "Commits rejected because the partition moved on.");
+    metrics::describe_counter!(
+        KAFKA_COMMIT_FAILURES,
+        "Advisory Kafka offset commits that failed."
+    );
+    metrics::describe_counter!(EXPIRED_PURGED, "Expired dedup entries purged.");
+    metrics::describe_histogram!(BATCH_RECORDS, Unit::Count, "Records per committed batch.");
+    metrics::describe_histogram!(HANDLER_SECONDS, Unit::Seconds, "Handler call latency.");
+    metrics::describe_histogram!(COMMIT_SECONDS, Unit::Seconds, "Store commit latency.");
+    metrics::describe_gauge!(STORE_ENTRIES, Unit::Count, "Dedup entries in the store.");
+}
+
+/// The runtime-wide recorder handles (labelled by group).
+#[derive(Debug, Clone)]
+pub(crate) struct GroupMeter {
+    group: String,
+    kafka_commit_failures: Counter,
+    expired_purged: Counter,
+    store_entries: Gauge,
+}
+
+impl GroupMeter {
+    pub(crate) fn new(group: &str) -> Self {
+        let labels = [("group", group.to_owned())];
+        GroupMeter {
+            group: group.to_owned(),
+            kafka_commit_failures: metrics::counter!(KAFKA_COMMIT_FAILURES, &labels),
+            expired_purged: metrics::counter!(EXPIRED_PURGED, &labels),
+            store_entries: metrics::gauge!(STORE_ENTRIES, &labels),
+        }
+    }
+
+    pub(crate) fn kafka_commit_failed(&self, stats: &Stats) {
+        Stats::add(&stats.kafka_commit_failures, 1);
+        self.kafka_commit_failures.increment(1);
+    }
+
+    pub(crate) fn purged(&self, stats: &Stats, n: u64) {
+        Stats::add(&stats.expired_purged, n);
+        self.expired_purged.increment(n);
+    }
+
+    pub(crate) fn store_entries(&self, n: u64) {
+        self.store_entries.set(n as f64);
+    }
+
+    /// The counter of records read from one partition (kept by the poll thread's route).
+    pub(crate) fn records_read(&self, topic: &str, partition: i32) -> Counter {
+        metrics::counter!(RECORDS_READ, &self.partition_labels(topic, partition))
+    }
+
+    fn partition_labels(&self, topic: &str, partition: i32) -> [(&'static str, String); 3] {
+        [
+            ("group", self.group.clone()),
+            ("topic", topic.to_owned()),
+            ("partition", partition.to_string()),
+        ]
+    }
+}
+
+/// One partition's recorder handles, registered once when the partition is assigned so the
+/// record path never builds labels.
+#[derive(Debug)]
+pub(crate) struct PartitionMeter {
+    processed: Counter,
+    duplicates: [Counter; 2],
+    /// Labelled with the action of the runtime's conflict policy.
+    conflicts: Counter,
+    dead_letters: [Counter; REASONS.len()],
+    retries: Counter,
+    store_retries: Counter,
+    batches: Counter,
+    fenced: Counter,
+    batch_records: Histogram,
+    handler_seconds: Histogram,
+    commit_seconds: Histogram,
+}
+
+impl PartitionMeter {
+    pub(crate) fn new(
+        group: &GroupMeter,
+        partition: &PartitionId,
+        conflict: ConflictPolicy,
+    ) -> Self {
+        let labels = group.partition_labels(&partition.topic, partition.partition);
+        let with = |name: &'static str, value: &str| {
+            let mut l = labels.to_vec();
+            l.push((name, value.to_owned()));
+            l
+        };
+        let conflict_action = match conflict {
+            ConflictPolicy::DeadLetter => "dead_letter",
+            ConflictPolicy::SkipAndRecord => "skip",
+            ConflictPolicy::Stop => "stop",
+        };
+        PartitionMeter {
+            processed: metrics::counter!(PROCESSED, &labels),
+            duplicates: [DuplicateCause::Redelivery, DuplicateCause::RepeatedKey]
+                .map(|c| metrics::counter!(DUPLICATES, &with("cause", c.as_str()))),
+            conflicts: metrics::counter!(CONFLICTS, &with("action", conflict_action)),
+            dead_letters: REASONS
+                .map(|r| metrics::counter!(DEAD_LETTERS, &with("reason", r.as_str()))),
+            retries: metrics::counter!(RETRIES, &labels),
+            store_retries: metrics::counter!(STORE_RETRIES, &labels),
+            batches: metrics::counter!(BATCHES, &labels),
+            fenced: metrics::counter!(FENCED, &labels),
+            batch_records: metrics::histogram!(BATCH_RECORDS, &labels),
+            handler_seconds: metrics::histogram!(HANDLER_SECONDS, &labels),
+            commit_seconds: metrics::histogram!(COMMIT_SECONDS, &labels),
+        }
+    }
+
+    pub(crate) fn retried(&self, stats: &Stats) {
+        Stats::add(&stats.retries, 1);
+        self.retries.increment(1);
+    }
+
+    pub(crate) fn store_retried(&self, stats: &Stats) {
+        Stats::add(&stats.store_retries, 1);
+        self.store_retries.increment(1);
+    }
+
+    pub(crate) fn fenced(&self, stats: &Stats) {
+        Stats::add(&stats.fenced_commits, 1);
+        self.fenced.increment(1);
+    }
+
+    pub(crate) fn handler_latency(&self, elapsed: Duration) {
+        self.handler_seconds.record(elapsed.as_secs_f64());
+    }
+
+    /// Reports a committed batch and its tally, and clears the tally.
+    pub(crate) fn committed(&self, stats: &Stats, tally: &mut Tally, commit_latency: Duration) {
+        Stats::add(&stats.batches_committed, 1);
+        self.batches.increment(1);
+        self.batch_records.record(tally.records() as f64);
+        self.commit_seconds.record(commit_latency.as_secs_f64());
+        self.flush(stats, tally);
+    }
+
+    /// Reports the tally of a transaction that settled records without writing (every record
+    /// was below the position), and clears it.
+    pub(crate) fn flush(&self, stats: &Stats, tally: &mut Tally) {
+        let t = std::mem::take(tally);
         Stats::add(&stats.applied, t.applied);
+        self.processed.increment(t.applied);
         Stats::add(&stats.duplicates_redelivery, t.duplicates_redelivery);
+        self.duplicates[0].increment(t.duplicates_redelivery);
         Stats::add(&stats.duplicates_repeated_key, t.duplicates_repeated_key);
+        self.duplicates[1].increment(t.duplicates_repeated_key);
         Stats::add(&stats.conflicts, t.conflicts);
-        Stats::add(&stats.dead_lettered, t.dead_lettered);
+        Stats::add(&stats.conflicts_skipped, t.conflicts_skipped);
+        self.conflicts.increment(t.conflicts);
+        let letters: u64 = t.dead_lettered.iter().sum();
+        Stats::add(&stats.dead_lettered, letters);
+        for (counter, n) in self.dead_letters.iter().zip(t.dead_lettered) {
+            counter.increment(n);
+        }
     }
 }
 

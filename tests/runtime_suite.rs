@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::backend::Backend;
 use common::{Cluster, Incarnation, Ledger, builder, unique};
 use idempotent_consumer::{ConflictPolicy, DeadLetterReason, DuplicateCause, Error, PartitionId};
-use idempotent_consumer::{ErrorClass, RetryPolicy};
+use idempotent_consumer::{ErrorClass, Identity, OversizeKey, RetryPolicy};
 
 /// A cluster, a fresh topic with `partitions` and a fresh group.
 fn setup(partitions: i32) -> (Cluster, String, String) {
@@ -187,6 +187,95 @@ fn conflict_is_detected_reported_and_dead_lettered<B: Backend>(b: &B) {
     assert_eq!(dlq[0].header("dlq.attempts"), Some("0"));
     assert!(dlq[0].header("dlq.first.failure.ms").is_some());
     assert!(dlq[0].header("dlq.last.failure.ms").is_some());
+
+    // A replay from the start, plus the conflicting record re-sent at a new offset (a producer
+    // retry): all duplicates, no second conflict or dead letter.
+    cluster.send_movement(&topic, 0, "pay-1", "carol", 500);
+    b.set_position(&PartitionId::new(&group, &topic, 0), 0);
+    let ledger = Ledger::new();
+    let observed = ledger.observed.clone();
+    let running = start(&cluster, &group, &topic, b, ledger);
+    running.wait_for("the replay", |s| s.duplicates() == 4);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!(
+        (stats.applied, stats.conflicts, stats.dead_lettered),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.duplicates_repeated_key, 1,
+        "the re-sent conflict: {stats:?}"
+    );
+    assert!(observed.conflicts.lock().unwrap().is_empty());
+    assert_eq!(
+        b.dead_letters(&PartitionId::new(&group, &topic, 0)).len(),
+        1
+    );
+    assert_eq!(cluster.read_all(&format!("{topic}.dlq"), 1).len(), 1);
+    assert_eq!(b.balances()["carol"], 6);
+}
+
+/// Under the skip-and-record policy a conflicting record is skipped, recorded in the store's
+/// dead-letter log with the reason, not produced to the dead-letter topic, and counted; a
+/// replay does not record it twice.
+fn conflict_with_skip_and_record_policy_is_recorded_in_the_store_only<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
+    cluster.send_movement(&topic, 0, "pay-1", "eve", 5);
+    cluster.send_movement(&topic, 0, "pay-1", "eve", 500);
+    cluster.send_movement(&topic, 0, "pay-2", "eve", 1);
+    let launch = |ledger: Ledger| {
+        Incarnation::launch(b, |store| {
+            builder(&cluster, &group, &topic)
+                .conflict_policy(ConflictPolicy::SkipAndRecord)
+                .store(store)
+                .build(ledger)
+                .unwrap()
+        })
+    };
+    let ledger = Ledger::new();
+    let observed = ledger.observed.clone();
+    let running = launch(ledger);
+    running.wait_for("three records", |s| s.applied + s.conflicts == 3);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!(
+        (
+            stats.applied,
+            stats.conflicts,
+            stats.conflicts_skipped,
+            stats.dead_lettered
+        ),
+        (2, 1, 1, 0),
+        "{stats:?}"
+    );
+    assert_eq!(*observed.conflicts.lock().unwrap(), vec![(1, 0)]);
+    let pid = PartitionId::new(&group, &topic, 0);
+    assert_eq!(b.next_offset(&pid), Some(3), "the position moved past it");
+    let recorded = b.dead_letters(&pid);
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0].reason, DeadLetterReason::Conflict);
+    assert_eq!(recorded[0].record.offset(), 1);
+    assert!(
+        recorded[0]
+            .message
+            .contains("idempotency key pay-1 was first used at"),
+        "{}",
+        recorded[0].message
+    );
+    assert!(
+        cluster.read_all(&format!("{topic}.dlq"), 0).is_empty(),
+        "nothing produced to the dead-letter topic"
+    );
+    assert_eq!(b.balances()["eve"], 6);
+
+    b.set_position(&pid, 0);
+    let running = launch(Ledger::new());
+    running.wait_for("the replay", |s| s.duplicates() == 3);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!((stats.conflicts, stats.applied), (0, 0), "{stats:?}");
+    assert_eq!(b.dead_letters(&pid).len(), 1);
 }
 
 fn conflict_with_stop_policy_stops_before_the_record<B: Backend>(b: &B) {
@@ -471,6 +560,173 @@ fn record_without_key_is_rejected_to_dead_letters<B: Backend>(b: &B) {
     assert_eq!(b.balances()["jo"], 1);
 }
 
+/// A key over the length limit (default 1 KiB) is rejected to the dead letters by default, with
+/// the sizes in the message; under the hash policy it is replaced by its SHA-256 and deduplicates
+/// like any key.
+fn oversize_key_is_rejected_or_hashed_by_policy<B: Backend>(b: &B) {
+    let (cluster, topic, _) = setup(1);
+    let long = "k".repeat(1025);
+    for _ in 0..2 {
+        cluster.send_raw(
+            &topic,
+            0,
+            &[("idempotency-key", long.as_bytes())],
+            Some(&common::movement("big", 1)),
+        );
+    }
+    cluster.send_movement(&topic, 0, "short", "small", 2);
+
+    let rejecting = unique("group");
+    let running = start(&cluster, &rejecting, &topic, b, Ledger::new());
+    running.wait_for("three records", |s| s.applied + s.dead_lettered == 3);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!((stats.applied, stats.dead_lettered), (1, 2), "{stats:?}");
+    let dead = b.dead_letters(&PartitionId::new(&rejecting, &topic, 0));
+    assert_eq!(dead.len(), 2);
+    for d in &dead {
+        assert_eq!(d.reason, DeadLetterReason::InvalidKey);
+        assert_eq!(
+            d.message, "idempotency key is 1025 bytes, over the limit of 1024",
+            "the user sees both sizes"
+        );
+        assert_eq!(d.key, None);
+        assert_eq!(d.record.header("idempotency-key"), Some(long.as_bytes()));
+    }
+
+    let hashing = unique("group");
+    let running = Incarnation::launch(b, |store| {
+        builder(&cluster, &hashing, &topic)
+            .identity(Identity::new().oversize_key(OversizeKey::Hash))
+            .store(store)
+            .build(Ledger::new())
+            .unwrap()
+    });
+    running.wait_for("three records", |s| s.applied + s.duplicates() == 3);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!(
+        (
+            stats.applied,
+            stats.duplicates_repeated_key,
+            stats.dead_lettered
+        ),
+        (2, 1, 0),
+        "{stats:?}"
+    );
+    let balances = b.balances();
+    assert_eq!((balances["big"], balances["small"]), (1, 4));
+}
+
+/// An empty payload reaches the handler, which cannot decode it: it is dead-lettered with
+/// "payload is empty", its bytes (empty, not null) kept.
+fn empty_payload_is_dead_lettered_with_the_reason<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
+    cluster.send(&topic, 0, Some("empty-1"), Some(b""));
+    cluster.send_movement(&topic, 0, "after-1", "fay", 3);
+    let running = start(&cluster, &group, &topic, b, Ledger::new());
+    running.wait_for("both records", |s| s.applied + s.dead_lettered == 2);
+    running.stop().unwrap();
+    let dead = b.dead_letters(&PartitionId::new(&group, &topic, 0));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, DeadLetterReason::Permanent);
+    assert_eq!(
+        dead[0].message,
+        format!("cannot decode payload of {topic}/0@0 as JSON: payload is empty")
+    );
+    assert_eq!(dead[0].key.as_deref(), Some(&b"empty-1"[..]));
+    assert_eq!(b.balances()["fay"], 3);
+}
+
+/// A tombstone (null payload) is dead-lettered by a JSON handler with "payload is null
+/// (tombstone)", kept as null, and a redelivery is a duplicate.
+fn tombstone_is_dead_lettered_with_the_reason<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
+    cluster.send(&topic, 0, Some("gone-1"), None);
+    cluster.send_movement(&topic, 0, "after-1", "gil", 3);
+    let running = start(&cluster, &group, &topic, b, Ledger::new());
+    running.wait_for("both records", |s| s.applied + s.dead_lettered == 2);
+    running.stop().unwrap();
+    let pid = PartitionId::new(&group, &topic, 0);
+    let dead = b.dead_letters(&pid);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, DeadLetterReason::Permanent);
+    assert_eq!(
+        dead[0].message,
+        format!("cannot decode payload of {topic}/0@0 as JSON: payload is null (tombstone)")
+    );
+    assert_eq!(dead[0].record.payload(), None, "null, not empty");
+    let dlq = cluster.read_all(&format!("{topic}.dlq"), 1);
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].payload, None, "produced as a tombstone too");
+    assert_eq!(dlq[0].header("dlq.idempotency.key"), Some("gone-1"));
+
+    b.set_position(&pid, 0);
+    let running = start(&cluster, &group, &topic, b, Ledger::new());
+    running.wait_for("the replay", |s| s.duplicates() == 2);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+    assert_eq!(b.dead_letters(&pid).len(), 1);
+}
+
+/// Header values need not be UTF-8: a binary idempotency key identifies records like any other
+/// (a repeat is a duplicate), and dead letters keep every header byte for byte, in the store and
+/// on the dead-letter topic.
+fn non_utf8_header_values_are_kept_byte_for_byte<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
+    let key: &[u8] = &[0xff, 0xfe, 0x00, 0x80];
+    let trace: &[u8] = &[0xc3, 0x28];
+    let headers = [("idempotency-key", key), ("trace", trace)];
+    let payload = common::movement("hal", 7);
+    cluster.send_raw(&topic, 0, &headers, Some(&payload));
+    cluster.send_raw(&topic, 0, &headers, Some(&payload));
+    let other_key: &[u8] = &[0xff, 0x01];
+    cluster.send_raw(
+        &topic,
+        0,
+        &[("idempotency-key", other_key), ("trace", trace)],
+        Some(b"\xff not json"),
+    );
+    let running = start(&cluster, &group, &topic, b, Ledger::new());
+    running.wait_for("three records", |s| {
+        s.applied + s.duplicates() + s.dead_lettered == 3
+    });
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!(
+        (
+            stats.applied,
+            stats.duplicates_repeated_key,
+            stats.dead_lettered
+        ),
+        (1, 1, 1),
+        "{stats:?}"
+    );
+    assert_eq!(b.balances()["hal"], 7);
+    let dead = b.dead_letters(&PartitionId::new(&group, &topic, 0));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].key.as_deref(), Some(other_key));
+    assert_eq!(dead[0].record.header("trace"), Some(trace));
+    assert!(
+        dead[0].message.contains("expected value"),
+        "serde's message: {}",
+        dead[0].message
+    );
+    let dlq = cluster.read_all(&format!("{topic}.dlq"), 1);
+    let raw = |name: &str| {
+        dlq[0]
+            .raw_headers
+            .iter()
+            .rev()
+            .find(|h| h.0 == name)
+            .and_then(|h| h.1.clone())
+    };
+    assert_eq!(raw("idempotency-key").as_deref(), Some(other_key));
+    assert_eq!(raw("trace").as_deref(), Some(trace));
+    assert_eq!(raw("dlq.idempotency.key").as_deref(), Some(other_key));
+}
+
 /// Partitions are processed concurrently and each in order; keys are scoped by group, so a
 /// second group applies everything again.
 fn partitions_in_order_and_keys_scoped_by_group<B: Backend>(b: &B) {
@@ -632,6 +888,7 @@ fn fast_retries(attempts: u32) -> RetryPolicy {
         max_attempts: attempts,
         initial_backoff: Duration::from_millis(10),
         max_backoff: Duration::from_millis(50),
+        ..RetryPolicy::default()
     }
 }
 
@@ -663,6 +920,45 @@ fn retryable_error_is_retried_in_order_then_applied_once<B: Backend>(b: &B) {
         "order kept, offset 2 tried four times"
     );
     assert_eq!(b.balances()["ned"], 15);
+}
+
+/// While a record waits between retries, only its partition waits: the other partition's
+/// records are all handled meanwhile (the held record fails until they are, and would run out of
+/// attempts if its wait blocked them).
+fn retrying_partition_waits_while_other_partitions_flow<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(2);
+    for i in 0..3 {
+        cluster.send_movement(&topic, 0, &format!("p0-{i}"), "ida", 1);
+    }
+    for i in 0..30 {
+        cluster.send_movement(&topic, 1, &format!("p1-{i}"), "jay", 1);
+    }
+    let mut ledger = Ledger::new();
+    ledger.hold_until_others = Some((0, 1, 30));
+    let observed = ledger.observed.clone();
+    let running = Incarnation::launch(b, |store| {
+        builder(&cluster, &group, &topic)
+            .retry(fast_retries(200))
+            .store(store)
+            .build(ledger)
+            .unwrap()
+    });
+    running.wait_for("every record", |s| s.applied == 33);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+    assert!(stats.retries >= 1, "{stats:?}");
+    let p0: Vec<i64> = observed
+        .calls()
+        .iter()
+        .filter(|c| c.0 == 0)
+        .map(|c| c.1)
+        .collect();
+    assert_eq!(p0.first(), Some(&0));
+    assert_eq!(p0.last(), Some(&2), "order kept on the waiting partition");
+    assert!(p0[1..p0.len() - 1].iter().all(|&o| o == 1), "{p0:?}");
+    let balances = b.balances();
+    assert_eq!((balances["ida"], balances["jay"]), (3, 30));
 }
 
 /// Retries are bounded: after the last attempt the record is a dead letter, and the partition
@@ -789,6 +1085,12 @@ suite!(
     repeated_key_at_new_offset_is_a_noop_with_stored_outcome,
     conflict_is_detected_reported_and_dead_lettered,
     conflict_with_stop_policy_stops_before_the_record,
+    conflict_with_skip_and_record_policy_is_recorded_in_the_store_only,
+    oversize_key_is_rejected_or_hashed_by_policy,
+    empty_payload_is_dead_lettered_with_the_reason,
+    tombstone_is_dead_lettered_with_the_reason,
+    non_utf8_header_values_are_kept_byte_for_byte,
+    retrying_partition_waits_while_other_partitions_flow,
     resumes_from_stored_position_when_kafka_is_behind_or_ahead,
     replay_after_rewind_is_a_counted_noop,
     ttl_expiry_readmits_old_key_and_keeps_young_one,

@@ -6,40 +6,55 @@
 //!    Kafka's offset is advisory: on assignment the runtime seeks to the store's position, so a
 //!    lost or late Kafka commit can never skip or repeat a record.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::error::Result;
-use crate::metrics::Stats;
+use crate::metrics::{GroupMeter, PartitionMeter, Stats};
 use crate::store::{PartitionId, Transaction};
 
-/// Commits `tx` with `next_offset` as the partition's position, then tells Kafka.
+/// The meters a commit reports to.
+pub(crate) struct Meters<'a> {
+    pub(crate) stats: &'a Stats,
+    pub(crate) group: &'a GroupMeter,
+    pub(crate) partition: &'a PartitionMeter,
+}
+
+/// Commits `tx` with `next_offset` as the partition's position, then tells Kafka. Returns how
+/// long the store commit took.
 pub(crate) async fn commit_batch<T: Transaction, C: ConsumerContext>(
     tx: T,
     partition: &PartitionId,
     next_offset: i64,
     consumer: &BaseConsumer<C>,
-    stats: &Stats,
-) -> Result<()> {
+    meters: Meters<'_>,
+) -> Result<Duration> {
     let started = Instant::now();
     if let Err(e) = tx.commit(next_offset).await {
         if e.is_fenced() {
-            Stats::add(&stats.fenced_commits, 1);
+            meters.partition.fenced(meters.stats);
         }
         return Err(e);
     }
-    Stats::add(&stats.batches_committed, 1);
+    let latency = started.elapsed();
     tracing::debug!(
         topic = %partition.topic,
         partition = partition.partition,
         next_offset,
-        micros = started.elapsed().as_micros() as u64,
+        micros = latency.as_micros() as u64,
         "batch committed"
     );
-    commit_kafka(consumer, partition, next_offset, CommitMode::Async, stats);
-    Ok(())
+    commit_kafka(
+        consumer,
+        partition,
+        next_offset,
+        CommitMode::Async,
+        meters.stats,
+        meters.group,
+    );
+    Ok(latency)
 }
 
 /// Commits `next_offset` to Kafka. Failures are counted and logged, never fatal.
@@ -49,6 +64,7 @@ pub(crate) fn commit_kafka<C: ConsumerContext>(
     next_offset: i64,
     mode: CommitMode,
     stats: &Stats,
+    meter: &GroupMeter,
 ) {
     let mut tpl = TopicPartitionList::new();
     let added = tpl.add_partition_offset(
@@ -57,7 +73,7 @@ pub(crate) fn commit_kafka<C: ConsumerContext>(
         Offset::Offset(next_offset),
     );
     if let Err(e) = added.and_then(|()| consumer.commit(&tpl, mode)) {
-        Stats::add(&stats.kafka_commit_failures, 1);
+        meter.kafka_commit_failed(stats);
         tracing::debug!(topic = %partition.topic, partition = partition.partition, error = %e, "kafka offset commit failed");
     }
 }

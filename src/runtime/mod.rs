@@ -29,7 +29,7 @@ use crate::dead_letter::{DeadLetterProducer, DeadLetterTopic};
 use crate::error::{Error, Result};
 use crate::handler::Handler;
 use crate::identity::{Identity, Scope};
-use crate::metrics::Stats;
+use crate::metrics::{self, GroupMeter, PartitionMeter, Stats};
 use crate::retry::RetryPolicy;
 use crate::store::{PartitionId, Store};
 
@@ -41,11 +41,20 @@ use partition::PartitionTask;
 use rebalance::{ConsumerCtx, Event, PollThread};
 
 /// What to do with a record whose key was first used with a different payload.
+///
+/// Under the first two policies the conflicting record gets an entry of its own (under its key
+/// and fingerprint), committed with the position: a redelivery or replay of it is a duplicate,
+/// not a second conflict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConflictPolicy {
-    /// Keep it as a dead letter with the reason and go on (default).
+    /// Keep it as a dead letter (in the store and on the dead-letter topic) with the reason,
+    /// and go on (default).
     #[default]
     DeadLetter,
+    /// Skip it and record it in the store's dead-letter log only (reason `conflict`), not on
+    /// the dead-letter topic; count it as a conflict (`conflicts_skipped`) and go on. For
+    /// streams where re-used keys are expected noise but must stay auditable.
+    SkipAndRecord,
     /// Stop the runtime without committing past it.
     Stop,
 }
@@ -59,6 +68,7 @@ pub(crate) struct Config {
     pub(crate) topics: Vec<String>,
     pub(crate) identity: Identity,
     pub(crate) scope: Scope,
+    pub(crate) conflict_scope: Scope,
     pub(crate) batch_max_records: usize,
     pub(crate) batch_linger: Duration,
     pub(crate) retention: Duration,
@@ -75,6 +85,7 @@ pub(crate) struct Shared<S, H> {
     pub(crate) dead_letters: Option<DeadLetterProducer>,
     pub(crate) handler: H,
     pub(crate) stats: Arc<Stats>,
+    pub(crate) meter: GroupMeter,
 }
 
 /// Builds a [`Runtime`]. Start with [`Runtime::builder`].
@@ -268,6 +279,8 @@ impl<S: Store> RuntimeBuilder<S> {
             client.set("auto.offset.reset", "earliest");
         }
         let scope = self.identity.scope(&group);
+        let conflict_scope = self.identity.conflict_scope(&group);
+        let meter = GroupMeter::new(&group);
         let dead_letters = DeadLetterProducer::new(&client, self.dead_letter_topic)?;
         Ok(Runtime {
             client,
@@ -277,6 +290,7 @@ impl<S: Store> RuntimeBuilder<S> {
                     topics: self.topics,
                     identity: self.identity,
                     scope,
+                    conflict_scope,
                     batch_max_records: self.batch_max_records,
                     batch_linger: self.batch_linger,
                     retention: self.retention,
@@ -290,6 +304,7 @@ impl<S: Store> RuntimeBuilder<S> {
                 dead_letters,
                 handler,
                 stats: Arc::new(Stats::default()),
+                meter,
             }),
         })
     }
@@ -362,6 +377,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let shared = self.shared;
         let config = &shared.config;
+        metrics::describe();
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let ctx = ConsumerCtx::new(
             shared.store.clone(),
@@ -370,6 +386,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
             config.batch_max_records.saturating_mul(2).max(16),
             config.drain_timeout,
             shared.stats.clone(),
+            shared.meter.clone(),
         );
         let consumer: BaseConsumer<ConsumerCtx<S>> = self
             .client
@@ -399,7 +416,9 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
                 () = &mut shutdown => break Ok(()),
                 Some(event) = events.recv() => match event {
                     Event::Assigned { partition, epoch, position, records } => {
+                        let meter = PartitionMeter::new(&shared.meter, &partition, config.conflict);
                         let task = PartitionTask {
+                            meter,
                             shared: shared.clone(),
                             consumer: consumer.clone(),
                             partition: partition.clone(),
@@ -408,6 +427,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
                             tally: Default::default(),
                             letters: Vec::new(),
                             first_failure_ms: None,
+                            attempts: Default::default(),
                         };
                         let abort = tasks.spawn(task.run(records));
                         workers.insert(abort.id(), Worker { partition, abort });
@@ -447,7 +467,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
                     }
                 }
                 _ = purge.tick() => {
-                    purge_expired(&*shared.store, config.purge_batch, &shared.stats).await;
+                    purge_expired(&*shared.store, config.purge_batch, &shared.stats, &shared.meter).await;
                 }
                 () = sleep_until_opt(next_deadline) => {
                     let now = Instant::now();
@@ -524,12 +544,21 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Purges expired entries in bounded rounds; a few rounds per tick at most.
-async fn purge_expired<S: Store>(store: &S, batch: usize, stats: &Stats) {
+/// Purges expired entries in bounded rounds (a few rounds per tick at most), then refreshes the
+/// store-entries gauge.
+async fn purge_expired<S: Store>(store: &S, batch: usize, stats: &Stats, meter: &GroupMeter) {
+    purge_rounds(store, batch, stats, meter).await;
+    match store.entry_count().await {
+        Ok(n) => meter.store_entries(n),
+        Err(e) => tracing::warn!(error = %e, "counting store entries failed"),
+    }
+}
+
+async fn purge_rounds<S: Store>(store: &S, batch: usize, stats: &Stats, meter: &GroupMeter) {
     for _ in 0..10 {
         match store.purge_expired(partition::now_ms(), batch).await {
             Ok(n) => {
-                Stats::add(&stats.expired_purged, n as u64);
+                meter.purged(stats, n as u64);
                 if n < batch {
                     break;
                 }

@@ -23,15 +23,16 @@ use rdkafka::consumer::{BaseConsumer, CommitMode};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use super::commit::{commit_batch, commit_kafka};
+use super::commit::{Meters, commit_batch, commit_kafka};
 use super::rebalance::ConsumerCtx;
 use super::{ConflictPolicy, Shared};
 use crate::dead_letter::{DeadLetter, DeadLetterReason};
 use crate::error::{Error, Result};
 use crate::handler::{DuplicateCause, ErrorClass, Handler, HandlerError};
 use crate::identity::{Fingerprint, IdempotencyKey, KeyError};
-use crate::metrics::{Stats, Tally};
+use crate::metrics::{PartitionMeter, Tally};
 use crate::record::Record;
+use crate::retry::{Attempts, NextTry};
 use crate::store::{Claim, DedupEntry, EntryStatus, PartitionId, Store, Transaction};
 
 pub(crate) fn now_ms() -> i64 {
@@ -42,8 +43,9 @@ pub(crate) fn now_ms() -> i64 {
 
 /// What became of one record inside a batch.
 enum Step {
-    /// Settled (applied, duplicate or dead-lettered): the position moves past it.
-    Done,
+    /// Settled (applied, duplicate, conflict or dead-lettered, as named for the record's span):
+    /// the position moves past it.
+    Done(&'static str),
     /// Retry it after this delay, in a new batch.
     Retry(Duration),
     /// Its key is held by another in-flight batch: commit ours (releasing our claims) and try
@@ -68,6 +70,7 @@ impl Pending {
 
 pub(crate) struct PartitionTask<S: Store, H> {
     pub(crate) shared: Arc<Shared<S, H>>,
+    pub(crate) meter: PartitionMeter,
     pub(crate) consumer: Arc<BaseConsumer<ConsumerCtx<S>>>,
     pub(crate) partition: PartitionId,
     pub(crate) epoch: u64,
@@ -75,8 +78,10 @@ pub(crate) struct PartitionTask<S: Store, H> {
     pub(crate) tally: Tally,
     /// Dead letters of the open transaction, produced to the topic just before it commits.
     pub(crate) letters: Vec<DeadLetter>,
-    /// When the current record first failed (for retried records).
+    /// When the current record first failed, wall clock (for dead-letter headers).
     pub(crate) first_failure_ms: Option<i64>,
+    /// The current record's failed runs (for retries).
+    pub(crate) attempts: Attempts,
 }
 
 impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
@@ -95,7 +100,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     // handled again (the next transaction starts with an empty tally); those
                     // whose commit did land are found as duplicates.
                     store_failures = store_failures.saturating_add(1);
-                    Stats::add(&self.shared.stats.store_retries, 1);
+                    self.meter.store_retried(&self.shared.stats);
                     let delay = self
                         .shared
                         .config
@@ -118,13 +123,20 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             && let Some(next) = self.position
         {
             // Last word to Kafka before the partition is released.
-            let (consumer, partition, stats) = (
+            let (consumer, partition, shared) = (
                 self.consumer.clone(),
                 self.partition.clone(),
-                self.shared.stats.clone(),
+                self.shared.clone(),
             );
             let _ = tokio::task::spawn_blocking(move || {
-                commit_kafka(&consumer, &partition, next, CommitMode::Sync, &stats)
+                commit_kafka(
+                    &consumer,
+                    &partition,
+                    next,
+                    CommitMode::Sync,
+                    &shared.stats,
+                    &shared.meter,
+                );
             })
             .await;
         }
@@ -169,17 +181,16 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         let shared = self.shared.clone();
         let mut tx = self.begin(pending).await?;
         let mut next = self.position;
-        let mut attempts = 1u32;
         let mut busy_waits = 0u64;
         // pending[..settled] are settled in the open transaction.
         let mut settled = 0usize;
         while let Some(item) = pending.get(settled) {
             let record = &item.record;
-            match self.record(&mut tx, item, attempts).await? {
-                Step::Done => {
+            match self.record(&mut tx, item).await? {
+                Step::Done(_) => {
                     // Never backwards: a redelivery below the position leaves it where it is.
                     next = Some(next.map_or(record.offset() + 1, |n| n.max(record.offset() + 1)));
-                    attempts = 1;
+                    self.attempts = Attempts::default();
                     self.first_failure_ms = None;
                     settled += 1;
                 }
@@ -187,9 +198,8 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     self.end(tx, next).await?;
                     pending.drain(..settled);
                     settled = 0;
-                    Stats::add(&shared.stats.retries, 1);
+                    self.meter.retried(&shared.stats);
                     tokio::time::sleep(delay).await;
-                    attempts += 1;
                     tx = self.begin(pending).await?;
                 }
                 Step::Busy => {
@@ -254,25 +264,24 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             producer.send_all(&self.letters).await?;
         }
         self.letters.clear();
+        let stats = &self.shared.stats;
         if self.position == Some(next) {
             // Nothing moved (every record was below the position); nothing to write.
-            self.tally.flush(&self.shared.stats);
+            self.meter.flush(stats, &mut self.tally);
             return Ok(());
         }
-        commit_batch(
-            tx,
-            &self.partition,
-            next,
-            &self.consumer,
-            &self.shared.stats,
-        )
-        .await?;
+        let meters = Meters {
+            stats,
+            group: &self.shared.meter,
+            partition: &self.meter,
+        };
+        let latency = commit_batch(tx, &self.partition, next, &self.consumer, meters).await?;
         self.position = Some(next);
-        self.tally.flush(&self.shared.stats);
+        self.meter.committed(stats, &mut self.tally, latency);
         Ok(())
     }
 
-    async fn record(&mut self, tx: &mut S::Tx, item: &Pending, attempts: u32) -> Result<Step> {
+    async fn record(&mut self, tx: &mut S::Tx, item: &Pending) -> Result<Step> {
         let record = &item.record;
         let span = tracing::info_span!(
             "record",
@@ -283,10 +292,10 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             outcome = tracing::field::Empty,
         );
         async {
-            let step = self.decide(tx, item, attempts).await;
+            let step = self.decide(tx, item).await;
             if let Ok(step) = &step {
                 let outcome = match step {
-                    Step::Done => "settled",
+                    Step::Done(outcome) => outcome,
                     Step::Retry(_) => "retry",
                     Step::Busy => "busy",
                     Step::Stop(_) => "stop",
@@ -299,7 +308,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         .await
     }
 
-    async fn decide(&mut self, tx: &mut S::Tx, item: &Pending, attempts: u32) -> Result<Step> {
+    async fn decide(&mut self, tx: &mut S::Tx, item: &Pending) -> Result<Step> {
         let record = &item.record;
         let shared = self.shared.clone();
         let config = &shared.config;
@@ -316,7 +325,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     .on_duplicate(record, &entry, DuplicateCause::Redelivery)
                     .await;
             }
-            return Ok(Step::Done);
+            return Ok(Step::Done("duplicate"));
         }
 
         let (key, store_key) = match &item.key {
@@ -326,7 +335,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 tracing::warn!(%message, "record without a usable idempotency key");
                 self.dead_letter(tx, record, None, DeadLetterReason::InvalidKey, message, 0)
                     .await?;
-                return Ok(Step::Done);
+                return Ok(Step::Done("dead_lettered"));
             }
         };
         span.record("key", tracing::field::display(key));
@@ -343,51 +352,19 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         };
         if let Some(entry) = existing {
             if entry.fingerprint == fingerprint {
-                let same_record = entry.topic == record.topic()
-                    && entry.partition == record.partition()
-                    && entry.offset == record.offset();
-                let cause = if same_record {
-                    DuplicateCause::Redelivery
-                } else {
-                    DuplicateCause::RepeatedKey
-                };
-                self.tally.duplicate(cause);
-                tracing::info!(
-                    cause = cause.as_str(),
-                    first_offset = entry.offset,
-                    "duplicate skipped"
-                );
-                shared.handler.on_duplicate(record, &entry, cause).await;
-                return Ok(Step::Done);
+                self.duplicate(record, &entry).await;
+                return Ok(Step::Done("duplicate"));
             }
-            self.tally.conflicts += 1;
-            let message = format!(
-                "idempotency key {key} was first used at {}/{}@{} with a different payload",
-                entry.topic, entry.partition, entry.offset
-            );
-            tracing::warn!(%message, "conflict");
-            shared.handler.on_conflict(record, &entry).await;
-            return match config.conflict {
-                ConflictPolicy::DeadLetter => {
-                    // The key's entry stays the original record's; only the dead letter is new.
-                    let reason = DeadLetterReason::Conflict;
-                    let dl = dead_letter(record, Some(key), reason, message, 0, now);
-                    tx.put_dead_letter(&dl).await?;
-                    self.letters.push(dl);
-                    self.tally.dead_lettered += 1;
-                    Ok(Step::Done)
-                }
-                ConflictPolicy::Stop => Ok(Step::Stop(Error::Stopped {
-                    at: record.position(),
-                    reason: message,
-                })),
-            };
+            return self
+                .conflict(tx, record, key, &entry, fingerprint, now)
+                .await;
         }
 
         tx.savepoint().await?;
         // A panic is a handler error, not the end of the runtime. Deterministic on the same
         // input as far as the runtime can tell, so it is permanent: the record is kept as a
         // dead letter. The transaction is not left half-written: the savepoint undoes it.
+        let started = std::time::Instant::now();
         let result = AssertUnwindSafe(shared.handler.handle(record, tx))
             .catch_unwind()
             .await
@@ -397,6 +374,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     panic_message(&*panic)
                 )))
             });
+        self.meter.handler_latency(started.elapsed());
         if tx.take_conflict() {
             // It read or wrote state another in-flight batch holds: whatever it returned was
             // computed on state that may change. Undo and handle it again after our commit.
@@ -415,53 +393,132 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 );
                 tx.put_entry(store_key, &entry).await?;
                 self.tally.applied += 1;
-                return Ok(Step::Done);
+                return Ok(Step::Done("applied"));
             }
             Err(error) => error,
         };
         tx.rollback_to_savepoint().await?;
         self.first_failure_ms.get_or_insert(now);
         let message = error.to_string();
-        match error.class() {
-            ErrorClass::Retryable if attempts < config.retry.max_attempts => {
-                let delay = config.retry.backoff(attempts, error.retry_delay());
-                tracing::warn!(%message, attempts, ?delay, "retryable handler error");
-                Ok(Step::Retry(delay))
-            }
+        let (reason, attempts) = match error.class() {
             ErrorClass::Retryable => {
-                tracing::error!(%message, attempts, "retries exhausted; dead-lettering");
-                self.dead_letter(
-                    tx,
-                    record,
-                    Some((key, store_key, fingerprint)),
-                    DeadLetterReason::RetriesExhausted,
-                    message,
-                    attempts,
-                )
-                .await?;
-                Ok(Step::Done)
+                match self.attempts.failed(&config.retry, error.retry_delay()) {
+                    NextTry::After(delay) => {
+                        let attempts = self.attempts.failures();
+                        tracing::warn!(%message, attempts, ?delay, "retryable handler error");
+                        return Ok(Step::Retry(delay));
+                    }
+                    bound => {
+                        let attempts = self.attempts.failures();
+                        let bound = match bound {
+                            NextTry::TimeExhausted => "retry time",
+                            _ => "attempts",
+                        };
+                        tracing::error!(%message, attempts, bound, "retries exhausted; dead-lettering");
+                        (DeadLetterReason::RetriesExhausted, attempts)
+                    }
+                }
             }
             ErrorClass::Permanent => {
                 tracing::error!(%message, "permanent handler error; dead-lettering");
-                self.dead_letter(
-                    tx,
-                    record,
-                    Some((key, store_key, fingerprint)),
-                    DeadLetterReason::Permanent,
-                    message,
-                    attempts,
-                )
-                .await?;
-                Ok(Step::Done)
+                (DeadLetterReason::Permanent, self.attempts.count())
             }
             ErrorClass::Fatal => {
                 tracing::error!(%message, "fatal handler error; stopping before this record");
-                Ok(Step::Stop(Error::HandlerFatal {
+                return Ok(Step::Stop(Error::HandlerFatal {
                     at: record.position(),
                     message,
-                }))
+                }));
+            }
+        };
+        self.dead_letter(
+            tx,
+            record,
+            Some((key, store_key, fingerprint)),
+            reason,
+            message,
+            attempts,
+        )
+        .await?;
+        Ok(Step::Done("dead_lettered"))
+    }
+
+    /// Skips a record whose key has an entry with the same fingerprint.
+    async fn duplicate(&mut self, record: &Record, entry: &DedupEntry) {
+        let same_record = entry.topic == record.topic()
+            && entry.partition == record.partition()
+            && entry.offset == record.offset();
+        let cause = if same_record {
+            DuplicateCause::Redelivery
+        } else {
+            DuplicateCause::RepeatedKey
+        };
+        self.tally.duplicate(cause);
+        tracing::info!(
+            cause = cause.as_str(),
+            first_offset = entry.offset,
+            "duplicate skipped"
+        );
+        self.shared.handler.on_duplicate(record, entry, cause).await;
+    }
+
+    /// A record whose key was first used by `first` with another payload. Unless the policy
+    /// stops, the record gets an entry of its own under its key and fingerprint, committed with
+    /// its dead letter, so a redelivery or replay of it is a duplicate, not a second conflict.
+    async fn conflict(
+        &mut self,
+        tx: &mut S::Tx,
+        record: &Record,
+        key: &IdempotencyKey,
+        first: &DedupEntry,
+        fingerprint: Fingerprint,
+        now: i64,
+    ) -> Result<Step> {
+        let shared = self.shared.clone();
+        let policy = shared.config.conflict;
+        let conflict_key = shared.config.conflict_scope.conflict_key(key, &fingerprint);
+        if policy != ConflictPolicy::Stop {
+            match tx.claim(&conflict_key, now).await? {
+                Claim::Claimed => {}
+                Claim::Existing(entry) => {
+                    // Fingerprints match: it is part of the key.
+                    self.duplicate(record, &entry).await;
+                    return Ok(Step::Done("duplicate"));
+                }
+                Claim::Busy => return Ok(Step::Busy),
             }
         }
+        self.tally.conflicts += 1;
+        let message = format!(
+            "idempotency key {key} was first used at {}/{}@{} with a different payload",
+            first.topic, first.partition, first.offset
+        );
+        tracing::warn!(%message, policy = ?policy, "conflict");
+        shared.handler.on_conflict(record, first).await;
+        if policy == ConflictPolicy::Stop {
+            return Ok(Step::Stop(Error::Stopped {
+                at: record.position(),
+                reason: message,
+            }));
+        }
+        let dl = dead_letter(
+            record,
+            Some(key),
+            DeadLetterReason::Conflict,
+            message,
+            0,
+            now,
+        );
+        self.keep(tx, &dl, Some((&conflict_key, fingerprint)))
+            .await?;
+        if policy == ConflictPolicy::SkipAndRecord {
+            // Kept in the store's log only; not produced to the dead-letter topic.
+            self.tally.conflicts_skipped += 1;
+            return Ok(Step::Done("conflict_skipped"));
+        }
+        self.letters.push(dl);
+        self.tally.dead_letter(DeadLetterReason::Conflict);
+        Ok(Step::Done("dead_lettered"))
     }
 
     fn entry(
@@ -505,10 +562,25 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             attempts,
             first_failure,
         );
-        tx.put_dead_letter(&dl).await?;
-        if let Some((_, store_key, fingerprint)) = key {
+        self.keep(tx, &dl, key.map(|(_, store_key, fp)| (store_key, fp)))
+            .await?;
+        self.letters.push(dl);
+        self.tally.dead_letter(reason);
+        Ok(())
+    }
+
+    /// Writes a dead letter to the store and, under `entry_key`, a dead-lettered entry for its
+    /// record, in the open transaction.
+    async fn keep(
+        &self,
+        tx: &mut S::Tx,
+        dl: &DeadLetter,
+        entry_key: Option<(&[u8], Fingerprint)>,
+    ) -> Result<()> {
+        tx.put_dead_letter(dl).await?;
+        if let Some((store_key, fingerprint)) = entry_key {
             let entry = self.entry(
-                record,
+                &dl.record,
                 fingerprint,
                 EntryStatus::DeadLettered,
                 None,
@@ -516,8 +588,6 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             );
             tx.put_entry(store_key, &entry).await?;
         }
-        self.letters.push(dl);
-        self.tally.dead_lettered += 1;
         Ok(())
     }
 }

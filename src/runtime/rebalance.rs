@@ -26,7 +26,9 @@ use rdkafka::{ClientContext, Offset};
 use tokio::sync::mpsc;
 
 use crate::error::Error;
-use crate::metrics::Stats;
+use metrics::Counter;
+
+use crate::metrics::{GroupMeter, Stats};
 use crate::record::Record;
 use crate::store::{PartitionId, Store};
 
@@ -51,6 +53,8 @@ pub(crate) enum Event {
 
 struct Route {
     records: mpsc::Sender<Record>,
+    /// Records read from the partition (the recorder's counter).
+    read: Counter,
     /// Records that did not fit in the channel; the partition is paused while this is non-empty.
     waiting: VecDeque<Record>,
 }
@@ -65,6 +69,7 @@ pub(crate) struct ConsumerCtx<S> {
     channel_capacity: usize,
     drain_timeout: Duration,
     stats: Arc<Stats>,
+    meter: GroupMeter,
 }
 
 impl<S> ConsumerCtx<S> {
@@ -75,6 +80,7 @@ impl<S> ConsumerCtx<S> {
         channel_capacity: usize,
         drain_timeout: Duration,
         stats: Arc<Stats>,
+        meter: GroupMeter,
     ) -> Self {
         ConsumerCtx {
             store,
@@ -85,6 +91,7 @@ impl<S> ConsumerCtx<S> {
             channel_capacity,
             drain_timeout,
             stats,
+            meter,
         }
     }
 
@@ -124,7 +131,7 @@ impl<S: Store> ConsumerContext for ConsumerCtx<S> {
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
         if let Err(e) = result {
-            Stats::add(&self.stats.kafka_commit_failures, 1);
+            self.meter.kafka_commit_failed(&self.stats);
             tracing::debug!(error = %e, "kafka offset commit failed; the store's position stays authoritative");
         }
     }
@@ -165,6 +172,7 @@ impl<S: Store> ConsumerCtx<S> {
                 (topic.clone(), partition),
                 Route {
                     records: tx,
+                    read: self.meter.records_read(&topic, partition),
                     waiting: VecDeque::new(),
                 },
             );
@@ -230,6 +238,7 @@ impl<S: Store> ConsumerCtx<S> {
             // Not ours (any more): not committed, so the partition's owner reads it.
             return;
         };
+        route.read.increment(1);
         if !route.waiting.is_empty() {
             route.waiting.push_back(record);
             return;

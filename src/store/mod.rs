@@ -86,6 +86,10 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
         limit: usize,
     ) -> impl Future<Output = Result<usize>> + Send;
+
+    /// How many dedup entries the store holds, for the store-entries gauge. May be an estimate
+    /// where counting exactly is expensive.
+    fn entry_count(&self) -> impl Future<Output = Result<u64>> + Send;
 }
 
 /// The answer of [`Transaction::claim`].

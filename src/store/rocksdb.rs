@@ -334,6 +334,10 @@ impl Store for RocksStore {
         })
     }
 
+    async fn entry_count(&self) -> Result<u64> {
+        self.estimated_entries()
+    }
+
     async fn purge_expired(&self, now_ms: i64, limit: usize) -> Result<usize> {
         let inner = &self.inner;
         let _exclusive = inner.purge_gate.write().expect("purge gate poisoned");

@@ -147,22 +147,26 @@ impl Cluster {
                 Some(Ok(m)) => {
                     use rdkafka::Message;
                     use rdkafka::message::Headers;
-                    let headers = m
+                    let raw_headers: Vec<(String, Option<Vec<u8>>)> = m
                         .headers()
                         .map(|hs| {
                             hs.iter()
-                                .map(|h| {
-                                    let v =
-                                        h.value.map(|v| String::from_utf8_lossy(v).into_owned());
-                                    (h.key.to_owned(), v.unwrap_or_default())
-                                })
+                                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
                                 .collect()
                         })
                         .unwrap_or_default();
+                    let headers = raw_headers
+                        .iter()
+                        .map(|(k, v)| {
+                            let v = v.as_deref().map(String::from_utf8_lossy);
+                            (k.clone(), v.unwrap_or_default().into_owned())
+                        })
+                        .collect();
                     out.push(TopicRecord {
                         key: m.key().map(<[u8]>::to_vec),
                         payload: m.payload().map(<[u8]>::to_vec),
                         headers,
+                        raw_headers,
                     });
                     quiet_since = Instant::now();
                 }
@@ -175,13 +179,30 @@ impl Cluster {
 
     /// Produces one record to an explicit partition and waits until it is acknowledged.
     pub fn send(&self, topic: &str, partition: i32, key: Option<&str>, payload: Option<&[u8]>) {
-        let mut headers = OwnedHeaders::new();
-        if let Some(key) = key {
-            headers = headers.insert(Header {
-                key: "idempotency-key",
-                value: Some(key.as_bytes()),
+        let headers: Vec<(&str, &[u8])> = key
+            .map(|k| ("idempotency-key", k.as_bytes()))
+            .into_iter()
+            .collect();
+        self.send_raw(topic, partition, &headers, payload);
+    }
+
+    /// Produces one record with these headers (any bytes) to an explicit partition and waits
+    /// until it is acknowledged.
+    pub fn send_raw(
+        &self,
+        topic: &str,
+        partition: i32,
+        headers: &[(&str, &[u8])],
+        payload: Option<&[u8]>,
+    ) {
+        let headers = headers
+            .iter()
+            .fold(OwnedHeaders::new(), |hs, (name, value)| {
+                hs.insert(Header {
+                    key: name,
+                    value: Some(*value),
+                })
             });
-        }
         let mut record: BaseRecord<'_, (), [u8]> =
             BaseRecord::to(topic).partition(partition).headers(headers);
         if let Some(payload) = payload {
@@ -267,6 +288,8 @@ pub struct TopicRecord {
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<(String, String)>,
+    /// The headers as sent, bytes untouched.
+    pub raw_headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl TopicRecord {
@@ -323,6 +346,9 @@ pub struct Ledger {
     pub panic_at: Option<i64>,
     /// Fail at this offset with this class, this many times (then succeed).
     pub fail_at: Option<(i64, ErrorClass, u32)>,
+    /// (partition, offset, n): fail that record retryably until the handler was called `n`
+    /// times for records of other partitions.
+    pub hold_until_others: Option<(i32, i64, usize)>,
     failures: Arc<std::sync::atomic::AtomicU32>,
     pub delay: Duration,
 }
@@ -335,6 +361,7 @@ impl Ledger {
             notify_at: None,
             panic_at: None,
             fail_at: None,
+            hold_until_others: None,
             failures: Arc::default(),
             delay: Duration::ZERO,
         }
@@ -393,6 +420,21 @@ impl<T: LedgerTx> Handler<T> for Ledger {
         }
         let m: Movement = record.json()?;
         let balance = tx.add(&m.account, m.amount).await?;
+        if let Some((partition, offset, n)) = self.hold_until_others
+            && (partition, offset) == (record.partition(), record.offset())
+        {
+            let others = self
+                .observed
+                .calls()
+                .iter()
+                .filter(|c| c.0 != partition)
+                .count();
+            if others < n {
+                return Err(HandlerError::retryable(format!(
+                    "holding until other partitions had {n} calls (now {others})"
+                )));
+            }
+        }
         if let Some((offset, class, times)) = self.fail_at
             && offset == record.offset()
             && self.failures.fetch_add(1, Ordering::SeqCst) < times

@@ -135,6 +135,7 @@ struct Sql {
     purge: SqlStr,
     dead_letters_of: SqlStr,
     count_entries: SqlStr,
+    estimate_entries: SqlStr,
 }
 
 fn statement(s: String) -> SqlStr {
@@ -244,6 +245,10 @@ impl Sql {
             count_entries: statement(format!(
                 "SELECT count(*) FROM {dedup} WHERE status <> 'claimed'"
             )),
+            // The planner's estimate; -1 before the table was first vacuumed or analyzed.
+            estimate_entries: statement(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass($1)".to_owned(),
+            ),
             positions,
             dedup,
             dead_letters,
@@ -512,6 +517,20 @@ impl Store for PgStore {
             undo: Vec::new(),
             savepoint: false,
         })
+    }
+
+    /// Exact below 100,000 rows; above, the planner's estimate (counting would scan the table).
+    async fn entry_count(&self) -> Result<u64> {
+        const EXACT_BELOW: i64 = 100_000;
+        let estimate: Option<i64> = sqlx::query_scalar(self.inner.sql.estimate_entries.clone())
+            .bind(&self.inner.sql.dedup)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(pg("estimating the entry count"))?;
+        match estimate {
+            Some(n) if n >= EXACT_BELOW => Ok(n as u64),
+            _ => self.count_entries().await,
+        }
     }
 
     async fn purge_expired(&self, now_ms: i64, limit: usize) -> Result<usize> {
