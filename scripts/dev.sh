@@ -140,6 +140,8 @@ case "${1:-}" in
         cargo test --all-features
         log "quickstart"
         cargo run --quiet --example quickstart
+        log "metrics example"
+        cargo run --quiet --example metrics_prometheus
         log "all checks passed in $(( $(date +%s) - start ))s"
         ;;
     postgres)

@@ -84,6 +84,13 @@
 //!   transient failure (lost connection, deadlock) rolls the batch back and it is tried again.
 //!   `examples/payments_postgres.rs` shows it.
 //!
+//! ## Observability
+//!
+//! Every counter of [`Stats`] is also reported through the `metrics` facade, with histograms of
+//! batch size, handler and commit latency and a store-entries gauge (see [`metrics`] for the
+//! names and labels); `examples/metrics_prometheus.rs` serves them to Prometheus. Each record
+//! runs in a `tracing` span with its topic, partition, offset, key and outcome.
+//!
 //! ## Crash semantics
 //!
 //! Dropping the runtime's future (or the process dying) between a handler call and the batch's

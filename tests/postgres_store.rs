@@ -10,7 +10,8 @@ use std::time::Duration;
 use common::backend::{Backend, Postgres, block_on};
 use common::{Cluster, Incarnation, Ledger, LedgerTx, builder, store_key, unique};
 use idempotent_consumer::{
-    Claim, DedupEntry, EntryStatus, Error, PartitionId, PgOptions, PgStore, Store, Transaction,
+    Claim, DeadLetterTopic, DedupEntry, EntryStatus, Error, PartitionId, PgOptions, PgStore, Store,
+    Transaction,
 };
 
 fn entry(offset: i64, payload: &[u8]) -> DedupEntry {
@@ -287,6 +288,48 @@ fn connection_killed_mid_transaction_is_retried_without_loss_or_doubling() {
         observed.calls().iter().filter(|c| c.1 == 5).count() >= 2,
         "the killed batch's records were handled again"
     );
+}
+
+/// With the dead-letter topic disabled, the store's table is the only destination: the row, with
+/// its readable columns, commits in the batch's transaction with the position, and nothing is
+/// produced.
+#[test]
+fn dead_letters_go_to_the_table_only_when_the_topic_is_disabled() {
+    let pg = Postgres::new();
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    cluster.send(&topic, 0, Some("bad-1"), Some(b"not json"));
+    cluster.send_movement(&topic, 0, "ok-1", "max", 2);
+    let running = Incarnation::launch(&pg, |store| {
+        builder(&cluster, &group, &topic)
+            .dead_letter_topic(DeadLetterTopic::Disabled)
+            .store(store)
+            .build(Ledger::new())
+            .unwrap()
+    });
+    running.wait_for("both records", |s| s.applied + s.dead_lettered == 2);
+    running.stop().unwrap();
+    assert_eq!(
+        pg.scalar(
+            "SELECT count(*) FROM idc_dead_letters WHERE reason = 'permanent' \
+             AND \"offset\" = 0 AND idempotency_key = 'bad-1'::bytea \
+             AND payload = 'not json'::bytea AND attempts = 1 \
+             AND message LIKE 'cannot decode payload of %expected ident%'"
+        ),
+        Some(1),
+        "one readable row: {:?}",
+        pg.dead_letters(&PartitionId::new(&group, &topic, 0))
+    );
+    assert_eq!(
+        pg.next_offset(&PartitionId::new(&group, &topic, 0)),
+        Some(2)
+    );
+    assert!(
+        cluster.read_all(&format!("{topic}.dlq"), 0).is_empty(),
+        "nothing produced"
+    );
+    assert_eq!(pg.balances()["max"], 2);
 }
 
 /// Table names come from validated configuration; a custom schema and prefix work; with
