@@ -852,6 +852,68 @@ fn rebalance_mid_stream_applies_every_record_once<B: Backend>(b: &B) {
     assert_eq!(balances["acct0"], 134);
 }
 
+/// Partitions paused because their tasks' queues were full, then revoked by a rebalance, flow
+/// again where they are assigned, the same instance included: the pause does not outlive the
+/// assignment (librdkafka keeps an application pause across unassign and assign).
+fn paused_partitions_flow_again_after_a_rebalance<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(2);
+    for p in 0..2 {
+        cluster.send_movements(
+            &topic,
+            p,
+            (0..100).map(|i| (format!("q{p}-{i}"), format!("ray{p}"), 1)),
+        );
+    }
+    let open = b.shared();
+    let launch = |ledger: Ledger| {
+        Incarnation::launch_with(&*open, |store| {
+            builder(&cluster, &group, &topic)
+                .batch(8, Duration::from_millis(5))
+                .drain_timeout(Duration::from_secs(2))
+                .store(store)
+                .build(ledger)
+                .unwrap()
+        })
+    };
+    // The first instance's handler stalls once on each partition: both queues fill up and both
+    // partitions are paused, and stay paused until the rebalance takes them away.
+    let mut stalling = Ledger::new();
+    stalling.hang_once_at = Some(5);
+    let observed = stalling.observed.clone();
+    let first = launch(stalling);
+    let start = std::time::Instant::now();
+    while !observed.calls().contains(&(0, 5)) || !observed.calls().contains(&(1, 5)) {
+        assert!(start.elapsed() < common::WAIT, "{:?}", observed.calls());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    // Joining revokes both (the stalled batches are abandoned after the drain timeout) and
+    // gives one back to the first instance.
+    let second = launch(Ledger::new());
+    let start = std::time::Instant::now();
+    while first.stats().applied + second.stats().applied < 200 {
+        assert!(
+            start.elapsed() < common::WAIT,
+            "a partition never flowed again: {:?} {:?}",
+            first.stats(),
+            second.stats()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (first_stats, second_stats) = (first.stats.clone(), second.stats.clone());
+    second.stop().unwrap();
+    first.stop().unwrap();
+    let (a, c) = (first_stats.snapshot(), second_stats.snapshot());
+    assert!(
+        a.applied > 0 && c.applied > 0,
+        "one partition each: {a:?} {c:?}"
+    );
+    assert_eq!(a.applied + c.applied, 200, "{a:?} {c:?}");
+    drop(open);
+    let balances = b.balances();
+    assert_eq!((balances["ray0"], balances["ray1"]), (100, 100));
+}
+
 /// A handler that panics (after writing) does not crash the runtime: its writes are rolled
 /// back, the record is kept as a dead letter with the panic message, and the next record runs.
 fn handler_panic_is_dead_lettered_and_the_runtime_goes_on<B: Backend>(b: &B) {
@@ -1102,6 +1164,7 @@ suite!(
     partitions_in_order_and_keys_scoped_by_group,
     same_key_on_two_partitions_at_once_runs_once,
     rebalance_mid_stream_applies_every_record_once,
+    paused_partitions_flow_again_after_a_rebalance,
     handler_panic_is_dead_lettered_and_the_runtime_goes_on,
     retryable_error_is_retried_in_order_then_applied_once,
     exhausted_retries_are_dead_lettered,

@@ -188,6 +188,9 @@ impl<S: Store> ConsumerCtx<S> {
             RebalanceProtocol::Cooperative => consumer.incremental_assign(&assigned),
             _ => consumer.assign(&assigned),
         };
+        // librdkafka keeps an application pause across unassign and assign: a partition paused
+        // (its queue was full) when it was revoked would otherwise never be fetched again.
+        let result = result.and_then(|()| consumer.resume(&assigned));
         if let Err(e) = result {
             let _ = self
                 .events

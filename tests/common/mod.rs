@@ -217,6 +217,35 @@ impl Cluster {
             .expect("flushing the producer");
     }
 
+    /// Produces ledger movements `(key, account, amount)` to one partition, in order, waiting
+    /// once for all acknowledgements (the idempotent producer keeps the order).
+    pub fn send_movements(
+        &self,
+        topic: &str,
+        partition: i32,
+        movements: impl IntoIterator<Item = (String, String, i64)>,
+    ) {
+        for (key, account, amount) in movements {
+            let payload = movement(&account, amount);
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "idempotency-key",
+                value: Some(key.as_bytes()),
+            });
+            let record: BaseRecord<'_, (), [u8]> = BaseRecord::to(topic)
+                .partition(partition)
+                .headers(headers)
+                .payload(&payload);
+            self.producer
+                .send(record)
+                .map_err(|(e, _)| e)
+                .expect("enqueueing a record");
+            self.producer.poll(Duration::ZERO);
+        }
+        self.producer
+            .flush(Duration::from_secs(30))
+            .expect("flushing the producer");
+    }
+
     /// Produces a ledger movement: `{"account": .., "amount": ..}` under an idempotency key.
     pub fn send_movement(
         &self,
@@ -342,6 +371,9 @@ impl Observed {
 pub struct Ledger {
     pub observed: Arc<Observed>,
     pub hang_at: Option<i64>,
+    /// Hang like `hang_at`, but only the first time each partition reaches this offset.
+    pub hang_once_at: Option<i64>,
+    hung: Arc<Mutex<std::collections::HashSet<i32>>>,
     pub notify_at: Option<i64>,
     pub panic_at: Option<i64>,
     /// Fail at this offset with this class, this many times (then succeed).
@@ -358,6 +390,8 @@ impl Ledger {
         Ledger {
             observed: Arc::new(Observed::default()),
             hang_at: None,
+            hang_once_at: None,
+            hung: Arc::default(),
             notify_at: None,
             panic_at: None,
             fail_at: None,
@@ -451,6 +485,11 @@ impl<T: LedgerTx> Handler<T> for Ledger {
         }
         if self.notify_at == Some(record.offset()) {
             self.observed.reached.notify_one();
+        }
+        if self.hang_once_at == Some(record.offset())
+            && self.hung.lock().unwrap().insert(record.partition())
+        {
+            std::future::pending::<()>().await;
         }
         if self.hang_at == Some(record.offset()) {
             self.observed.reached.notify_one();
