@@ -14,7 +14,9 @@
 # PostgreSQL: unless DATABASE_URL is set, `test` starts a throwaway server (initdb and pg_ctl in
 # a temporary directory, on a free loopback port, as an unprivileged user), installing Debian's
 # postgresql first when it is missing and we are root, and stops and removes it on exit, failure
-# included. Each test creates (and drops) its own database on it.
+# included. Each test creates (and drops) its own database on it. The fault harness restarts it
+# mid-run through CHAOS_PG_RESTART; with your own DATABASE_URL, set CHAOS_PG_RESTART to a
+# command that restarts that server, or to `none`.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -62,6 +64,13 @@ as_pg_user() {
     fi
 }
 
+# The command prefix that runs a command as the server's user, for commands run by others.
+as_pg_user_prefix() {
+    if [ "$(id -u)" -eq 0 ]; then
+        printf 'runuser -u %s -- ' "$PG_USER"
+    fi
+}
+
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
@@ -106,6 +115,8 @@ start_postgres() {
         exit 1
     fi
     export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+    # How the fault harness restarts this server mid-run (pg_ctl keeps the start options).
+    export CHAOS_PG_RESTART="$(as_pg_user_prefix)$PG_CTL -D $PG_DIR/data -l $PG_DIR/server.log -m fast -w -t 60 restart"
     log "throwaway PostgreSQL on 127.0.0.1:$port ($PG_DIR)"
 }
 
@@ -142,6 +153,8 @@ case "${1:-}" in
         cargo run --quiet --example quickstart
         log "metrics example"
         cargo run --quiet --example metrics_prometheus
+        log "fault harness (kill -9, rebalance storm, zombies, broker and database faults)"
+        cargo run --quiet --all-features --example chaos -- run
         log "all checks passed in $(( $(date +%s) - start ))s"
         ;;
     postgres)
@@ -149,6 +162,7 @@ case "${1:-}" in
         # keeps it until Ctrl-C.
         start_postgres
         echo "DATABASE_URL=$DATABASE_URL"
+        echo "CHAOS_PG_RESTART=$CHAOS_PG_RESTART"
         trap 'stop_postgres; exit 0' INT TERM
         # `wait` returns as soon as a signal arrives, so the trap stops the server at once.
         while :; do sleep 3600 & wait $!; done

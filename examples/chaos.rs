@@ -1,0 +1,1364 @@
+//! Process-level fault harness: consumers killed with SIGKILL, frozen past their session,
+//! rebalanced at random, while the broker and PostgreSQL fail under them. Every invariant is then
+//! read back from the real stores.
+//!
+//! One binary, three roles (it starts copies of itself):
+//! - `broker`: hosts librdkafka's mock cluster (3 brokers) in its own process, prints its
+//!   bootstrap address and takes fault commands on stdin, so it outlives every consumer kill;
+//! - `consumer`: the consumer under test, an ordinary runtime on RocksDB or PostgreSQL whose
+//!   handler journals account transfers in the batch's transaction;
+//! - `run` (the default): the harness. For each scenario and store it produces a workload of
+//!   transfers (about 20% re-send an earlier key at a new offset, a few re-send a key with
+//!   another amount), drives the consumers, then checks the stores: every distinct key applied
+//!   exactly once with its original amount, every conflicting record dead-lettered, every
+//!   partition's position at its end, the ledger equal to the expected one, and (rebalance
+//!   storm) fenced zombie commits > 0. It ends each scenario with a line
+//!   `CHAOS scenario=.. store=.. records=.. kills=.. rebalances=.. fenced=.. applied=.. duplicates=.. conflicts=.. lost=.. doubled=..`
+//!   and exits non-zero if any invariant broke.
+//!
+//! Scenarios: `kill-storm` (both stores), `rebalance-storm` (PostgreSQL: three instances started,
+//! stopped, killed; one frozen with SIGSTOP past the session timeout and resumed after its
+//! partitions moved), `faults` (both stores: request errors on fetch, offset commit and produce,
+//! a broker down and up, and PostgreSQL restarted mid-run).
+//!
+//! Run: `cargo run --all-features --example chaos -- run` with `DATABASE_URL` set (a server where
+//! databases may be created) and `CHAOS_PG_RESTART` set to a shell command that restarts that
+//! server (or `none` to leave the restart fault out, which the output then says). Knobs, as
+//! flags or environment variables: `--records N` (`CHAOS_RECORDS`, default 50000), `--kills N`
+//! (`CHAOS_KILLS`, default 20), `--scenarios a,b` (`CHAOS_SCENARIOS`), `--stores a,b`
+//! (`CHAOS_STORES`), `--seed N` (`CHAOS_SEED`). `scripts/dev.sh test` runs the CI-sized version.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use idempotent_consumer::{
+    DeadLetter, DeadLetterReason, Handler, HandlerError, Outcome, PartitionId, PgOptions, PgStore,
+    PgTx, Record, RocksStore, RocksTx, Runtime, Stats, Store,
+};
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use sqlx::{Connection, Executor, PgConnection};
+
+const PARTITIONS: i32 = 4;
+const ACCOUNTS: u64 = 200;
+/// The consumers' session timeout; a frozen instance is held well past it.
+const SESSION_MS: u64 = 3_000;
+
+type Res<T> = std::result::Result<T, String>;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let role = args.first().map(String::as_str).unwrap_or("run");
+    let result = match role {
+        "broker" => broker(),
+        "consumer" => consumer(&Flags::parse(&args[1..])),
+        "run" => run(&Flags::parse(args.get(1..).unwrap_or_default())),
+        other => Err(format!(
+            "unknown role {other:?}: use run, broker or consumer"
+        )),
+    };
+    if let Err(e) = result {
+        eprintln!("chaos {role}: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `--name value` flags, falling back to `CHAOS_<NAME>` environment variables.
+struct Flags(HashMap<String, String>);
+
+impl Flags {
+    fn parse(args: &[String]) -> Self {
+        let mut map = HashMap::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if let Some(name) = a.strip_prefix("--") {
+                map.insert(name.to_owned(), it.next().cloned().unwrap_or_default());
+            }
+        }
+        Flags(map)
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned().or_else(|| {
+            std::env::var(format!("CHAOS_{}", name.to_uppercase().replace('-', "_"))).ok()
+        })
+    }
+
+    fn need(&self, name: &str) -> Res<String> {
+        self.get(name)
+            .ok_or_else(|| format!("--{name} is required"))
+    }
+
+    fn num(&self, name: &str, default: u64) -> Res<u64> {
+        self.get(name).map_or(Ok(default), |v| {
+            v.parse()
+                .map_err(|_| format!("--{name} must be a number, got {v:?}"))
+        })
+    }
+
+    fn list(&self, name: &str, default: &[&str]) -> Vec<String> {
+        self.get(name).map_or_else(
+            || default.iter().map(|s| (*s).to_owned()).collect(),
+            |v| v.split(',').map(str::to_owned).collect(),
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The workload and the handler.
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Transfer {
+    from: String,
+    to: String,
+    amount: i64,
+}
+
+/// A small deterministic generator: the same seed gives the same workload.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % below.max(1)
+    }
+}
+
+/// Journals each transfer under its key in the batch's transaction. A double application
+/// shows as a second journal row (PostgreSQL) or a count of 2 (RocksDB).
+struct Journal;
+
+trait JournalTx: Send {
+    fn journal(
+        &mut self,
+        key: &str,
+        t: &Transfer,
+    ) -> impl std::future::Future<Output = Result<(), HandlerError>> + Send;
+}
+
+impl JournalTx for RocksTx {
+    async fn journal(&mut self, key: &str, t: &Transfer) -> Result<(), HandlerError> {
+        let count_key = format!("count/{key}");
+        let n = match self.get(&count_key).map_err(HandlerError::retryable)? {
+            Some(b) => String::from_utf8_lossy(&b).parse::<u64>().unwrap_or(0),
+            None => 0,
+        };
+        self.put(&count_key, (n + 1).to_string());
+        let body = serde_json::to_vec(t).map_err(HandlerError::permanent)?;
+        self.put(format!("xfer/{key}"), body);
+        Ok(())
+    }
+}
+
+impl JournalTx for PgTx {
+    async fn journal(&mut self, key: &str, t: &Transfer) -> Result<(), HandlerError> {
+        sqlx::query("INSERT INTO chaos_journal (key, src, dst, amount) VALUES ($1, $2, $3, $4)")
+            .bind(key)
+            .bind(&t.from)
+            .bind(&t.to)
+            .bind(t.amount)
+            .execute(self.conn())
+            .await
+            .map(|_| ())
+            .map_err(HandlerError::retryable)
+    }
+}
+
+impl<T: JournalTx + idempotent_consumer::Transaction> Handler<T> for Journal {
+    async fn handle(&self, record: &Record, tx: &mut T) -> Result<Outcome, HandlerError> {
+        let t: Transfer = record.json()?;
+        let key = record
+            .header("idempotency-key")
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .ok_or_else(|| HandlerError::permanent("no idempotency key"))?;
+        tx.journal(&key, &t).await?;
+        Ok(Outcome::none())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The broker process.
+
+fn broker() -> Res<()> {
+    let mock = MockCluster::new(3).map_err(|e| format!("starting the mock cluster: {e}"))?;
+    println!("BOOTSTRAP {}", mock.bootstrap_servers());
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let answer = match words.as_slice() {
+            ["topic", name, partitions] => partitions
+                .parse()
+                .map_err(|_| "bad partition count".to_owned())
+                .and_then(|p| mock.create_topic(name, p, 1).map_err(|e| e.to_string())),
+            ["errors", api, n, code] => api_key(api).and_then(|api| {
+                let n: usize = n.parse().map_err(|_| "bad count".to_owned())?;
+                let err = error_code(code)?;
+                mock.request_errors(api, &vec![err; n]);
+                Ok(())
+            }),
+            ["down", id] => id
+                .parse()
+                .map_err(|_| "bad broker id".to_owned())
+                .and_then(|id| mock.broker_down(id).map_err(|e| e.to_string())),
+            ["up", id] => id
+                .parse()
+                .map_err(|_| "bad broker id".to_owned())
+                .and_then(|id| mock.broker_up(id).map_err(|e| e.to_string())),
+            _ => Err(format!("unknown command {line:?}")),
+        };
+        match answer {
+            Ok(()) => println!("ok"),
+            Err(e) => println!("err {e}"),
+        }
+        std::io::stdout().flush().map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn api_key(name: &str) -> Res<RDKafkaApiKey> {
+    Ok(match name {
+        "fetch" => RDKafkaApiKey::Fetch,
+        "commit" => RDKafkaApiKey::OffsetCommit,
+        "produce" => RDKafkaApiKey::Produce,
+        "heartbeat" => RDKafkaApiKey::Heartbeat,
+        other => return Err(format!("unknown api {other:?}")),
+    })
+}
+
+fn error_code(name: &str) -> Res<RDKafkaRespErr> {
+    Ok(match name {
+        "not_leader" => RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        "timed_out" => RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+        "coordinator" => RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
+        "not_enough_replicas" => RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+        other => return Err(format!("unknown error {other:?}")),
+    })
+}
+
+/// The broker process and its command channel.
+struct Broker {
+    child: Child,
+    stdin: ChildStdin,
+    answers: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    bootstrap: String,
+}
+
+impl Broker {
+    fn start() -> Res<Self> {
+        let mut child = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+            .arg("broker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting the broker process: {e}"))?;
+        let stdin = child.stdin.take().expect("piped stdin");
+        let mut answers = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let first = answers
+            .next()
+            .ok_or("the broker process ended before starting")?
+            .map_err(|e| e.to_string())?;
+        let bootstrap = first
+            .strip_prefix("BOOTSTRAP ")
+            .ok_or_else(|| format!("unexpected broker output {first:?}"))?
+            .to_owned();
+        Ok(Broker {
+            child,
+            stdin,
+            answers,
+            bootstrap,
+        })
+    }
+
+    fn command(&mut self, command: &str) -> Res<()> {
+        writeln!(self.stdin, "{command}").map_err(|e| e.to_string())?;
+        let answer = self
+            .answers
+            .next()
+            .ok_or("the broker process ended")?
+            .map_err(|e| e.to_string())?;
+        if answer == "ok" {
+            Ok(())
+        } else {
+            Err(format!("broker command {command:?}: {answer}"))
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The consumer process.
+
+fn consumer(flags: &Flags) -> Res<()> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let bootstrap = flags.need("bootstrap")?;
+    let group = flags.need("group")?;
+    let topic = flags.need("topic")?;
+    let until: Vec<i64> = flags
+        .need("until")?
+        .split(',')
+        .map(|v| v.parse().map_err(|_| format!("bad --until {v:?}")))
+        .collect::<Res<_>>()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let builder = Runtime::builder()
+        .bootstrap_servers(bootstrap)
+        .group_id(&group)
+        .topics([topic.as_str()])
+        .set("session.timeout.ms", SESSION_MS.to_string())
+        .set("heartbeat.interval.ms", "300")
+        .set("topic.metadata.refresh.interval.ms", "1000")
+        .set("message.timeout.ms", "20000")
+        .batch(200, Duration::from_millis(20));
+    // Static membership: a restarted instance takes its slot back at once instead of waiting
+    // for the killed one's session to expire (Kubernetes-style deployments do the same).
+    let builder = match flags.get("instance") {
+        Some(id) => builder.set("group.instance.id", id),
+        None => builder,
+    };
+    let caught_up = |positions: Vec<Option<i64>>| {
+        positions
+            .iter()
+            .zip(&until)
+            .all(|(p, end)| p.unwrap_or(0) >= *end)
+    };
+    let pids: Vec<PartitionId> = (0..until.len() as i32)
+        .map(|p| PartitionId::new(&group, &topic, p))
+        .collect();
+    match flags.need("store")?.as_str() {
+        "rocksdb" => {
+            let store = RocksStore::open(flags.need("path")?).map_err(|e| e.to_string())?;
+            let runtime = builder
+                .store(store.clone())
+                .build(Journal)
+                .map_err(|e| e.to_string())?;
+            let done = move || {
+                let positions = pids
+                    .iter()
+                    .map(|p| store.position(p).ok().flatten().and_then(|s| s.next_offset))
+                    .collect();
+                async move { caught_up(positions) }
+            };
+            rt.block_on(serve(runtime, done))
+        }
+        "postgres" => rt.block_on(async {
+            let options = PgOptions {
+                max_connections: 8,
+                // A frozen instance's open transaction is ended soon, so the new owner of its
+                // partitions does not wait long on the keys it claimed.
+                idle_in_transaction_timeout: Some(Duration::from_secs(3)),
+                ..PgOptions::default()
+            };
+            let store = PgStore::connect_with(&flags.need("path")?, options)
+                .await
+                .map_err(|e| e.to_string())?;
+            let runtime = builder
+                .store(store.clone())
+                .build(Journal)
+                .map_err(|e| e.to_string())?;
+            let done = move || {
+                let (store, pids) = (store.clone(), pids.clone());
+                async move {
+                    let mut positions = Vec::new();
+                    for p in &pids {
+                        let pos = store.position(p).await.ok().flatten();
+                        positions.push(pos.and_then(|s| s.next_offset));
+                    }
+                    caught_up(positions)
+                }
+            };
+            serve(runtime, done).await
+        }),
+        other => Err(format!("unknown store {other:?}")),
+    }
+}
+
+/// Runs the consumer until SIGTERM or until `done` says every partition reached its end,
+/// printing its counters every 200 ms and once more at the end.
+async fn serve<S, H, F, Fut>(runtime: Runtime<S, H>, done: F) -> Res<()>
+where
+    S: Store,
+    H: Handler<S::Tx>,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let stats = runtime.stats();
+    let report = move |stats: &Stats| {
+        let s = stats.snapshot();
+        println!(
+            "STATS applied={} duplicates={} conflicts={} dead_lettered={} fenced={} store_retries={} retries={}",
+            s.applied,
+            s.duplicates(),
+            s.conflicts,
+            s.dead_lettered,
+            s.fenced_commits,
+            s.store_retries,
+            s.retries
+        );
+        let _ = std::io::stdout().flush();
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    let ticker_stats = stats.clone();
+    let ticker = tokio::spawn(async move {
+        loop {
+            report(&ticker_stats);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let result = runtime
+        .run(async {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => return,
+                    () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+                if done().await {
+                    return;
+                }
+            }
+        })
+        .await;
+    ticker.abort();
+    report(&stats);
+    result.map_err(|e| e.to_string())
+}
+
+/// A consumer process and the last counters it printed.
+struct Instance {
+    child: Child,
+    last: Arc<Mutex<BTreeMap<String, u64>>>,
+}
+
+impl Instance {
+    /// Starts a consumer in `slot` of the group (its static member id).
+    fn start(spec: &ConsumerSpec, slot: usize) -> Res<Self> {
+        let mut child = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+            .arg("consumer")
+            .args(["--store", &spec.store, "--path", &spec.path])
+            .args(["--bootstrap", &spec.bootstrap, "--group", &spec.group])
+            .args(["--topic", &spec.topic, "--until", &spec.until])
+            .args(["--instance", &format!("{}-{slot}", spec.group)])
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting a consumer: {e}"))?;
+        let last = Arc::new(Mutex::new(BTreeMap::new()));
+        let out = child.stdout.take().expect("piped stdout");
+        let sink = last.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("STATS ") {
+                    let parsed = rest
+                        .split_whitespace()
+                        .filter_map(|kv| kv.split_once('='))
+                        .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+                        .collect();
+                    *sink.lock().unwrap() = parsed;
+                }
+            }
+        });
+        Ok(Instance { child, last })
+    }
+
+    fn stat(&self, name: &str) -> u64 {
+        self.last.lock().unwrap().get(name).copied().unwrap_or(0)
+    }
+
+    fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status();
+    }
+
+    /// SIGKILL, then reap.
+    fn kill(mut self) -> BTreeMap<String, u64> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(50));
+        self.last.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, then wait for the drain (the runtime commits what it holds).
+    fn stop(mut self) -> Res<BTreeMap<String, u64>> {
+        self.signal("TERM");
+        let status = wait_timeout(&mut self.child, Duration::from_secs(90))?;
+        std::thread::sleep(Duration::from_millis(50));
+        let last = self.last.lock().unwrap().clone();
+        match status {
+            Some(s) if s.success() => Ok(last),
+            Some(s) => Err(format!("a consumer stopped with {s}")),
+            None => {
+                let _ = self.child.kill();
+                Err("a consumer did not stop within 90 s of SIGTERM".into())
+            }
+        }
+    }
+
+    /// Waits (up to 300 s) for a consumer to reach the end of every partition and stop by
+    /// itself, then adds its last counters; an error exit counts as a restart.
+    fn run_out(mut self, tally: &mut Tally) -> Res<()> {
+        match wait_timeout(&mut self.child, Duration::from_secs(300))? {
+            Some(s) if s.success() => {}
+            Some(s) => {
+                eprintln!("chaos: a consumer exited with {s}");
+                tally.restarts += 1;
+            }
+            None => return Err("a consumer did not catch up in 300 s".into()),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        tally.add_fenced(&self.last.lock().unwrap());
+        Ok(())
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Res<Option<std::process::ExitStatus>> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            return Ok(Some(status));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(None)
+}
+
+#[derive(Clone)]
+struct ConsumerSpec {
+    store: String,
+    path: String,
+    bootstrap: String,
+    group: String,
+    topic: String,
+    until: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The harness.
+
+/// One scenario's records, planned up front and produced in chunks, and what they expect.
+struct Workload {
+    topic: String,
+    producer: BaseProducer,
+    /// (partition, idempotency key, transfer), in production order.
+    planned: Vec<(i32, String, Transfer)>,
+    /// How many of `planned` were produced.
+    produced: usize,
+    /// key -> the first transfer sent under it.
+    originals: BTreeMap<String, Transfer>,
+    /// (partition, offset) of records that re-sent a key with another amount.
+    conflicts: HashSet<(i32, i64)>,
+    /// Each partition's end offset once everything is produced.
+    ends: Vec<i64>,
+}
+
+impl Workload {
+    /// Plans `n` records: about 20% repeat an earlier key (same transfer) at a new offset,
+    /// about 1 in 500 re-sends an earlier key with another amount.
+    fn new(bootstrap: &str, topic: &str, n: u64, seed: u64) -> Res<Self> {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "60000")
+            .create()
+            .map_err(|e| format!("creating the producer: {e}"))?;
+        let mut rng = Lcg(seed);
+        let mut order: Vec<String> = Vec::new();
+        let mut originals: BTreeMap<String, Transfer> = BTreeMap::new();
+        let mut first_partition: HashMap<String, i32> = HashMap::new();
+        let mut conflicts = HashSet::new();
+        let mut ends = vec![0i64; PARTITIONS as usize];
+        let mut planned = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let roll = rng.next(1000);
+            let mut partition = rng.next(PARTITIONS as u64) as i32;
+            let (key, transfer) = if !order.is_empty() && roll < 2 {
+                // On the original's partition: across partitions "first" is whichever is
+                // processed first, and the original could be the one found conflicting.
+                let key = order[rng.next(order.len() as u64) as usize].clone();
+                partition = first_partition[&key];
+                let mut t: Transfer = originals[&key].clone();
+                t.amount += 1 + rng.next(50) as i64;
+                conflicts.insert((partition, ends[partition as usize]));
+                (key, t)
+            } else if !order.is_empty() && roll < 200 {
+                let key = order[rng.next(order.len() as u64) as usize].clone();
+                let t = originals[&key].clone();
+                (key, t)
+            } else {
+                let key = format!("t-{}", order.len());
+                let from = rng.next(ACCOUNTS);
+                let to = (from + 1 + rng.next(ACCOUNTS - 1)) % ACCOUNTS;
+                let t = Transfer {
+                    from: format!("a{from}"),
+                    to: format!("a{to}"),
+                    amount: 1 + rng.next(1_000) as i64,
+                };
+                originals.insert(key.clone(), t.clone());
+                first_partition.insert(key.clone(), partition);
+                order.push(key.clone());
+                (key, t)
+            };
+            ends[partition as usize] += 1;
+            planned.push((partition, key, transfer));
+        }
+        Ok(Workload {
+            topic: topic.to_owned(),
+            producer,
+            planned,
+            produced: 0,
+            originals,
+            conflicts,
+            ends,
+        })
+    }
+
+    /// Produces the next `n` planned records (fewer at the end) and waits for every ack.
+    fn produce(&mut self, n: u64) -> Res<()> {
+        let upto = (self.produced + n as usize).min(self.planned.len());
+        for (partition, key, transfer) in &self.planned[self.produced..upto] {
+            let payload = serde_json::to_vec(transfer).map_err(|e| e.to_string())?;
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "idempotency-key",
+                value: Some(key.as_bytes()),
+            });
+            let mut record = BaseRecord::<(), [u8]>::to(&self.topic)
+                .partition(*partition)
+                .payload(&payload)
+                .headers(headers);
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        back,
+                    )) => {
+                        record = back;
+                        self.producer.poll(Duration::from_millis(10));
+                    }
+                    Err((e, _)) => return Err(format!("producing: {e}")),
+                }
+            }
+            self.producer.poll(Duration::ZERO);
+        }
+        self.produced = upto;
+        self.producer
+            .flush(Duration::from_secs(60))
+            .map_err(|e| format!("flushing the producer: {e}"))
+    }
+
+    /// Records planned but not produced yet.
+    fn rest(&self) -> u64 {
+        (self.planned.len() - self.produced) as u64
+    }
+
+    /// Every partition's end offset, as the consumers' `--until`.
+    fn until(&self) -> String {
+        self.ends
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// What the stores say after a scenario.
+struct Effects {
+    /// key -> (times applied, the transfer applied)
+    applied: HashMap<String, (u64, Transfer)>,
+    dead_letters: Vec<DeadLetter>,
+    positions: Vec<Option<i64>>,
+}
+
+#[derive(Default)]
+struct Tally {
+    kills: u64,
+    rebalances: u64,
+    fenced: u64,
+    /// Consumers that stopped with an error and were started again.
+    restarts: u64,
+    /// Batches the consumers tried again after a transient store failure.
+    store_retries: u64,
+}
+
+impl Tally {
+    /// Adds the last counters an ended consumer printed.
+    fn add_fenced(&mut self, last: &BTreeMap<String, u64>) {
+        self.fenced += last.get("fenced").copied().unwrap_or(0);
+        self.store_retries += last.get("store_retries").copied().unwrap_or(0);
+    }
+}
+
+/// A store for one scenario: a RocksDB directory or a PostgreSQL database.
+struct StoreUnderTest {
+    kind: String,
+    path: String,
+    _dir: Option<tempfile::TempDir>,
+    admin_url: Option<String>,
+    database: Option<String>,
+}
+
+impl StoreUnderTest {
+    fn create(kind: &str) -> Res<Self> {
+        match kind {
+            "rocksdb" => {
+                let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+                Ok(StoreUnderTest {
+                    kind: kind.into(),
+                    path: dir.path().display().to_string(),
+                    _dir: Some(dir),
+                    admin_url: None,
+                    database: None,
+                })
+            }
+            "postgres" => {
+                let admin_url = std::env::var("DATABASE_URL").map_err(|_| {
+                    "DATABASE_URL is not set: the PostgreSQL scenarios need a server where \
+                     databases may be created (scripts/dev.sh test starts one)"
+                        .to_owned()
+                })?;
+                let database = format!("chaos_{}_{}", std::process::id(), unique_suffix());
+                let url = with_database(&admin_url, &database);
+                block_on(async {
+                    let mut admin = PgConnection::connect(&admin_url)
+                        .await
+                        .map_err(|e| format!("connecting to DATABASE_URL: {e}"))?;
+                    admin
+                        .execute(sqlx::AssertSqlSafe(format!(
+                            "CREATE DATABASE \"{database}\""
+                        )))
+                        .await
+                        .map_err(|e| format!("creating the scenario database: {e}"))?;
+                    let mut conn = PgConnection::connect(&url)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    conn.execute(
+                        "CREATE TABLE chaos_journal (key text NOT NULL, src text NOT NULL, \
+                         dst text NOT NULL, amount bigint NOT NULL)",
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    Ok::<_, String>(())
+                })?;
+                Ok(StoreUnderTest {
+                    kind: kind.into(),
+                    path: url,
+                    _dir: None,
+                    admin_url: Some(admin_url),
+                    database: Some(database),
+                })
+            }
+            other => Err(format!("unknown store {other:?}")),
+        }
+    }
+
+    fn read(&self, group: &str, topic: &str) -> Res<Effects> {
+        let pids: Vec<PartitionId> = (0..PARTITIONS)
+            .map(|p| PartitionId::new(group, topic, p))
+            .collect();
+        if self.kind == "rocksdb" {
+            let store = RocksStore::open(&self.path).map_err(|e| e.to_string())?;
+            let mut transfers: HashMap<String, Transfer> = HashMap::new();
+            for (k, v) in store.scan_prefix(b"xfer/").map_err(|e| e.to_string())? {
+                let key = String::from_utf8_lossy(&k["xfer/".len()..]).into_owned();
+                let t = serde_json::from_slice(&v).map_err(|e| e.to_string())?;
+                transfers.insert(key, t);
+            }
+            let mut applied = HashMap::new();
+            for (k, v) in store.scan_prefix(b"count/").map_err(|e| e.to_string())? {
+                let key = String::from_utf8_lossy(&k["count/".len()..]).into_owned();
+                let n: u64 = String::from_utf8_lossy(&v).parse().unwrap_or(0);
+                let t = transfers
+                    .remove(&key)
+                    .ok_or_else(|| format!("no transfer journaled under {key}"))?;
+                applied.insert(key, (n, t));
+            }
+            let positions = pids
+                .iter()
+                .map(|p| {
+                    store
+                        .position(p)
+                        .map(|s| s.and_then(|s| s.next_offset))
+                        .map_err(|e| e.to_string())
+                })
+                .collect::<Res<_>>()?;
+            let dead_letters = store.dead_letters().map_err(|e| e.to_string())?;
+            return Ok(Effects {
+                applied,
+                dead_letters,
+                positions,
+            });
+        }
+        block_on(async {
+            let store = PgStore::connect_with(&self.path, PgOptions::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let rows: Vec<(String, i64, String, String, i64, i64)> = sqlx::query_as(
+                "SELECT key, count(*), min(src), min(dst), min(amount), max(amount) \
+                 FROM chaos_journal GROUP BY key",
+            )
+            .fetch_all(store.pool())
+            .await
+            .map_err(|e| e.to_string())?;
+            let mut applied = HashMap::new();
+            for (key, n, from, to, min, max) in rows {
+                // Two different amounts under one key would be a conflict applied: a
+                // double application at the least, whatever the count says.
+                let n = if min == max {
+                    n as u64
+                } else {
+                    n.max(2) as u64
+                };
+                applied.insert(
+                    key,
+                    (
+                        n,
+                        Transfer {
+                            from,
+                            to,
+                            amount: min,
+                        },
+                    ),
+                );
+            }
+            let mut dead_letters = Vec::new();
+            let mut positions = Vec::new();
+            for p in &pids {
+                dead_letters.extend(store.dead_letters(p).await.map_err(|e| e.to_string())?);
+                let pos = store.position(p).await.map_err(|e| e.to_string())?;
+                positions.push(pos.and_then(|s| s.next_offset));
+            }
+            store.pool().close().await;
+            Ok(Effects {
+                applied,
+                dead_letters,
+                positions,
+            })
+        })
+    }
+}
+
+impl Drop for StoreUnderTest {
+    fn drop(&mut self) {
+        if let (Some(admin_url), Some(database)) = (&self.admin_url, &self.database) {
+            let _ = block_on(async {
+                let mut admin = PgConnection::connect(admin_url).await?;
+                admin
+                    .execute(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+                    )))
+                    .await
+            });
+        }
+    }
+}
+
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let base = match base.rfind('/') {
+        Some(i) if base[..i].contains("//") && i > base.find("//").unwrap() + 1 => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{database}?{q}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+fn unique_suffix() -> u64 {
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("starting tokio")
+        .block_on(f)
+}
+
+struct Harness {
+    broker: Broker,
+    records: u64,
+    kills: u64,
+    seed: u64,
+    pg_restart: Option<String>,
+}
+
+fn run(flags: &Flags) -> Res<()> {
+    let records = flags.num("records", 50_000)?;
+    let kills = flags.num("kills", 20)?;
+    let seed = flags.num("seed", 7)?;
+    let scenarios = flags.list("scenarios", &["kill-storm", "rebalance-storm", "faults"]);
+    let stores = flags.list("stores", &["rocksdb", "postgres"]);
+    let pg_restart = match std::env::var("CHAOS_PG_RESTART") {
+        Ok(cmd) if cmd == "none" => None,
+        Ok(cmd) => Some(cmd),
+        Err(_)
+            if stores.iter().any(|s| s == "postgres")
+                && scenarios.iter().any(|s| s == "faults") =>
+        {
+            return Err(
+                "CHAOS_PG_RESTART is not set: give a shell command that restarts the \
+                        server of DATABASE_URL (scripts/dev.sh test sets it), or `none` to leave \
+                        the restart fault out"
+                    .into(),
+            );
+        }
+        Err(_) => None,
+    };
+    let mut harness = Harness {
+        broker: Broker::start()?,
+        records,
+        kills,
+        seed,
+        pg_restart,
+    };
+    eprintln!(
+        "chaos: broker process at {}, {records} records per scenario",
+        harness.broker.bootstrap
+    );
+    let mut failures = Vec::new();
+    let mut n = 0;
+    for scenario in &scenarios {
+        for store in &stores {
+            if scenario == "rebalance-storm" && store != "postgres" {
+                // One RocksDB directory belongs to one process: no group of instances shares it.
+                continue;
+            }
+            n += 1;
+            let started = Instant::now();
+            match harness.scenario(scenario, store, n) {
+                Ok(true) => {}
+                Ok(false) => failures.push(format!("{scenario}/{store}")),
+                Err(e) => {
+                    eprintln!("chaos: {scenario}/{store} could not run: {e}");
+                    failures.push(format!("{scenario}/{store}"));
+                }
+            }
+            eprintln!("chaos: {scenario}/{store} took {:.0?}", started.elapsed());
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("invariants broken in {}", failures.join(", ")))
+    }
+}
+
+impl Harness {
+    fn scenario(&mut self, scenario: &str, store_kind: &str, n: u64) -> Res<bool> {
+        let topic = format!("chaos-{n}-{}", std::process::id());
+        self.broker
+            .command(&format!("topic {topic} {PARTITIONS}"))?;
+        self.broker.command(&format!("topic {topic}.dlq 1"))?;
+        let store = StoreUnderTest::create(store_kind)?;
+        let mut work = Workload::new(&self.broker.bootstrap, &topic, self.records, self.seed + n)?;
+        let spec = ConsumerSpec {
+            store: store_kind.to_owned(),
+            path: store.path.clone(),
+            bootstrap: self.broker.bootstrap.clone(),
+            group: format!("group-{topic}"),
+            topic: topic.clone(),
+            until: work.until(),
+        };
+        let mut tally = Tally::default();
+        let mut rng = Lcg(self.seed * 31 + n);
+        match scenario {
+            "kill-storm" => {
+                let chunk = self.records / self.kills.max(1);
+                for i in 0..self.kills {
+                    work.produce(if i + 1 == self.kills {
+                        work.rest()
+                    } else {
+                        chunk
+                    })?;
+                    let instance = Instance::start(&spec, 0)?;
+                    tally.rebalances += 1;
+                    // Kill once it is consuming, at a random moment.
+                    wait_until(Duration::from_secs(60), || {
+                        instance.stat("applied") + instance.stat("duplicates") > 0
+                    });
+                    std::thread::sleep(Duration::from_millis(rng.next(400)));
+                    let last = instance.kill();
+                    tally.add_fenced(&last);
+                    tally.kills += 1;
+                    if std::env::var_os("CHAOS_VERBOSE").is_some() {
+                        eprintln!("chaos: kill {} after {:?}", tally.kills, last);
+                    }
+                    tally.rebalances += 1;
+                }
+                self.finish(&spec, &mut tally)?;
+            }
+            "rebalance-storm" => self.rebalance_storm(&mut work, &spec, &mut tally, &mut rng)?,
+            "faults" => self.faults(&mut work, &spec, store_kind, &mut tally)?,
+            other => return Err(format!("unknown scenario {other:?}")),
+        }
+        let effects = store.read(&spec.group, &topic)?;
+        Ok(check(scenario, store_kind, &work, &effects, &tally))
+    }
+
+    /// Runs one consumer to the end of every partition and collects its counters.
+    fn finish(&mut self, spec: &ConsumerSpec, tally: &mut Tally) -> Res<()> {
+        for attempt in 0..5 {
+            let mut instance = Instance::start(spec, 0)?;
+            tally.rebalances += 1;
+            let status = wait_timeout(&mut instance.child, Duration::from_secs(300))?;
+            std::thread::sleep(Duration::from_millis(50));
+            let last = instance.last.lock().unwrap().clone();
+            tally.add_fenced(&last);
+            match status {
+                Some(s) if s.success() => return Ok(()),
+                Some(s) => {
+                    eprintln!(
+                        "chaos: the final consumer exited with {s} (attempt {attempt}); restarting it"
+                    );
+                    tally.restarts += 1;
+                }
+                None => return Err("the final consumer did not catch up in 300 s".into()),
+            }
+        }
+        Err("the final consumer kept failing".into())
+    }
+
+    fn rebalance_storm(
+        &mut self,
+        work: &mut Workload,
+        spec: &ConsumerSpec,
+        tally: &mut Tally,
+        rng: &mut Lcg,
+    ) -> Res<()> {
+        let rounds = 12u64;
+        let chunk = self.records / (rounds + 1);
+        work.produce(chunk)?;
+        let mut instances: Vec<Option<Instance>> = (0..3)
+            .map(|slot| Instance::start(spec, slot).map(Some))
+            .collect::<Res<_>>()?;
+        tally.rebalances += 3;
+        let mut froze = 0;
+        let mut seen_fenced = false;
+        for round in 0..rounds {
+            work.produce(if round + 1 == rounds {
+                work.rest()
+            } else {
+                chunk
+            })?;
+            let slot = rng.next(3) as usize;
+            let freeze_now = (round == 3 || round == 8)
+                || (round > 8 && !seen_fenced && tally.fenced == 0 && froze < 4);
+            if freeze_now {
+                if let Some(zombie) = instances[slot].as_ref() {
+                    // Freeze it while it holds work, past the session timeout: the group moves
+                    // its partitions to the others, then it wakes up and tries to commit.
+                    let before = zombie.stat("applied") + zombie.stat("duplicates");
+                    wait_until(Duration::from_secs(10), || {
+                        zombie.stat("applied") + zombie.stat("duplicates") > before
+                    });
+                    zombie.signal("STOP");
+                    froze += 1;
+                    tally.rebalances += 1;
+                    std::thread::sleep(Duration::from_millis(SESSION_MS * 2 + 2_000));
+                    zombie.signal("CONT");
+                    std::thread::sleep(Duration::from_secs(3));
+                    tally.rebalances += 1;
+                }
+            } else {
+                match rng.next(3) {
+                    0 => {
+                        if let Some(i) = instances[slot].take() {
+                            let last = i.kill();
+                            tally.add_fenced(&last);
+                            tally.kills += 1;
+                            tally.rebalances += 1;
+                        }
+                    }
+                    1 => {
+                        if let Some(i) = instances[slot].take() {
+                            match i.stop() {
+                                Ok(last) => tally.add_fenced(&last),
+                                Err(e) => {
+                                    eprintln!("chaos: {e}");
+                                    tally.restarts += 1;
+                                }
+                            }
+                            tally.rebalances += 1;
+                        }
+                    }
+                    _ => {}
+                }
+                std::thread::sleep(Duration::from_millis(300 + rng.next(1_500)));
+            }
+            for (slot, i) in instances.iter_mut().enumerate() {
+                let ended = i.as_mut().is_some_and(|i| i.exited().is_some());
+                if ended {
+                    let done = i.take().unwrap();
+                    tally.add_fenced(&done.last.lock().unwrap());
+                    tally.restarts += 1;
+                }
+                if i.is_none() {
+                    *i = Some(Instance::start(spec, slot)?);
+                    tally.rebalances += 1;
+                }
+            }
+            let fenced_live: u64 = instances.iter().flatten().map(|i| i.stat("fenced")).sum();
+            if fenced_live > 0 && !seen_fenced {
+                seen_fenced = true;
+                eprintln!("chaos: a zombie commit was fenced (round {round})");
+            }
+        }
+        // The survivors run to the end of every partition, then stop by themselves.
+        for i in instances.into_iter().flatten() {
+            i.run_out(tally)?;
+        }
+        // A last one finds nothing to do; it checks the end positions too.
+        self.finish(spec, tally)
+    }
+
+    fn faults(
+        &mut self,
+        work: &mut Workload,
+        spec: &ConsumerSpec,
+        store_kind: &str,
+        tally: &mut Tally,
+    ) -> Res<()> {
+        work.produce(self.records / 5)?;
+        let mut steps: Vec<(&str, Vec<String>)> = vec![
+            ("fetch errors", vec!["errors fetch 30 not_leader".into()]),
+            (
+                "offset commit errors",
+                vec!["errors commit 30 coordinator".into()],
+            ),
+            (
+                "produce errors",
+                vec!["errors produce 10 not_enough_replicas".into()],
+            ),
+            ("broker 1 down", vec!["down 1".into()]),
+        ];
+        if store_kind == "postgres" {
+            steps.push(("postgres restart", Vec::new()));
+        }
+        let per_step = work.rest() / steps.len() as u64;
+        let mut instance = Instance::start(spec, 0)?;
+        tally.rebalances += 1;
+        let progress = |i: &Instance| i.stat("applied") + i.stat("duplicates");
+        for (i, (what, commands)) in steps.iter().enumerate() {
+            // Work in flight when the fault hits.
+            work.produce(if i + 1 == steps.len() {
+                work.rest()
+            } else {
+                per_step
+            })?;
+            let before = progress(&instance);
+            wait_until(Duration::from_secs(30), || progress(&instance) > before);
+            eprintln!("chaos: fault: {what}");
+            for c in commands {
+                self.broker.command(c)?;
+            }
+            if *what == "broker 1 down" {
+                std::thread::sleep(Duration::from_secs(3));
+                self.broker.command("up 1")?;
+            }
+            if *what == "postgres restart" {
+                match &self.pg_restart {
+                    Some(cmd) => {
+                        let status = Command::new("sh")
+                            .args(["-c", cmd])
+                            .stdout(Stdio::null())
+                            .status()
+                            .map_err(|e| format!("restarting PostgreSQL: {e}"))?;
+                        if !status.success() {
+                            return Err(format!("restarting PostgreSQL failed: {status}"));
+                        }
+                    }
+                    None => eprintln!("chaos: PostgreSQL restart left out (CHAOS_PG_RESTART=none)"),
+                }
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            if let Some(status) = instance.exited() {
+                if status.success() {
+                    // Caught up with everything produced: it stopped by itself.
+                    break;
+                }
+                // A supervisor's job: the runtime stopped without committing past the record
+                // it could not finish; start it again.
+                eprintln!("chaos: the consumer exited with {status} during {what}; restarting it");
+                tally.add_fenced(&instance.last.lock().unwrap());
+                tally.restarts += 1;
+                instance = Instance::start(spec, 0)?;
+                tally.rebalances += 1;
+            }
+        }
+        instance.run_out(tally)?;
+        self.finish(spec, tally)
+    }
+}
+
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Checks every invariant, prints the details and the CHAOS line; true when all hold.
+fn check(scenario: &str, store: &str, work: &Workload, fx: &Effects, tally: &Tally) -> bool {
+    let mut problems = Vec::new();
+    let mut lost = 0u64;
+    let mut doubled = 0u64;
+    for (key, original) in &work.originals {
+        match fx.applied.get(key) {
+            None => {
+                lost += 1;
+                if problems.len() < 10 {
+                    problems.push(format!("key {key} never applied"));
+                }
+            }
+            Some((n, t)) => {
+                doubled += n.saturating_sub(1);
+                if *n > 1 && problems.len() < 10 {
+                    problems.push(format!("key {key} applied {n} times"));
+                }
+                if t != original {
+                    lost += 1;
+                    problems.push(format!("key {key} applied with {t:?}, not {original:?}"));
+                }
+            }
+        }
+    }
+    for key in fx
+        .applied
+        .keys()
+        .filter(|k| !work.originals.contains_key(*k))
+    {
+        problems.push(format!("unknown key {key} applied"));
+        doubled += 1;
+    }
+    let conflict_letters: HashSet<(i32, i64)> = fx
+        .dead_letters
+        .iter()
+        .filter(|d| d.reason == DeadLetterReason::Conflict)
+        .map(|d| (d.record.partition(), d.record.offset()))
+        .collect();
+    for c in &work.conflicts {
+        if !conflict_letters.contains(c) {
+            lost += 1;
+            problems.push(format!(
+                "conflicting record {}@{} not dead-lettered",
+                c.0, c.1
+            ));
+        }
+    }
+    let other_letters: Vec<&DeadLetter> = fx
+        .dead_letters
+        .iter()
+        .filter(|d| d.reason != DeadLetterReason::Conflict)
+        .collect();
+    for d in other_letters.iter().take(5) {
+        problems.push(format!(
+            "unexpected dead letter {}@{}: {} {}",
+            d.record.partition(),
+            d.record.offset(),
+            d.reason,
+            d.message
+        ));
+    }
+    let dead_letter_count = fx.dead_letters.len() as u64;
+    let distinct_letters: HashSet<(i32, i64)> = fx
+        .dead_letters
+        .iter()
+        .map(|d| (d.record.partition(), d.record.offset()))
+        .collect();
+    if distinct_letters.len() as u64 != dead_letter_count {
+        doubled += dead_letter_count - distinct_letters.len() as u64;
+        problems.push("a record was dead-lettered twice".into());
+    }
+    for (p, (got, want)) in fx.positions.iter().zip(&work.ends).enumerate() {
+        if *got != Some(*want) {
+            problems.push(format!("partition {p} position {got:?}, expected {want}"));
+        }
+    }
+    // The ledger: balances from what was applied against balances from the originals.
+    let mut expected: BTreeMap<&str, i64> = BTreeMap::new();
+    for t in work.originals.values() {
+        *expected.entry(&t.from).or_default() -= t.amount;
+        *expected.entry(&t.to).or_default() += t.amount;
+    }
+    let mut actual: BTreeMap<&str, i64> = BTreeMap::new();
+    for (n, t) in fx.applied.values() {
+        *actual.entry(&t.from).or_default() -= t.amount * *n as i64;
+        *actual.entry(&t.to).or_default() += t.amount * *n as i64;
+    }
+    if expected != actual {
+        problems.push("the ledger differs from the expected one".into());
+    }
+    if scenario == "rebalance-storm" && tally.fenced == 0 {
+        problems.push("no zombie commit was fenced".into());
+    }
+    let applied = work
+        .originals
+        .keys()
+        .filter(|k| fx.applied.contains_key(*k))
+        .count() as u64;
+    let conflicts = conflict_letters.len() as u64;
+    let duplicates =
+        (work.produced as u64).saturating_sub(applied + conflicts + other_letters.len() as u64);
+    for p in &problems {
+        eprintln!("chaos: VIOLATION {scenario}/{store}: {p}");
+    }
+    eprintln!(
+        "chaos: {scenario}/{store}: {} consumer restarts after an error exit, {} store retries, {} non-conflict dead letters",
+        tally.restarts,
+        tally.store_retries,
+        other_letters.len()
+    );
+    println!(
+        "CHAOS scenario={scenario} store={store} records={} kills={} rebalances={} fenced={} applied={applied} duplicates={duplicates} conflicts={conflicts} lost={lost} doubled={doubled}",
+        work.produced, tally.kills, tally.rebalances, tally.fenced
+    );
+    problems.is_empty()
+}
