@@ -3,6 +3,7 @@
 #
 #   scripts/dev.sh quickstart   run the quickstart on the embedded store (no services needed)
 #   scripts/dev.sh test         fmt, clippy, docs and the whole test suite
+#   scripts/dev.sh bench        the throughput benchmark (release build; flags pass through)
 #
 # Both first make sure the Debian packages the native builds need are present: RocksDB's build
 # runs bindgen (libclang), librdkafka's needs a C toolchain. As root they are installed with
@@ -107,9 +108,9 @@ start_postgres() {
     port=$(free_port)
     as_pg_user "$bindir/initdb" -D "$PG_DIR/data" -U postgres --auth=trust -E UTF8 --no-sync \
         >"$PG_DIR/initdb.log" 2>&1 || { cat "$PG_DIR/initdb.log" >&2; exit 1; }
-    # fsync off: a throwaway test server; durability is not what the tests measure.
+    # fsync off for tests (durability is not what they measure); on for benchmarks.
     if ! as_pg_user "$PG_CTL" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 60 start \
-        -o "-p $port -k $PG_DIR -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300" \
+        -o "-p $port -k $PG_DIR -c listen_addresses=127.0.0.1 -c fsync=${PG_FSYNC:-off} -c max_connections=300" \
         >/dev/null; then
         cat "$PG_DIR/server.log" >&2
         exit 1
@@ -157,6 +158,12 @@ case "${1:-}" in
         cargo run --quiet --all-features --example chaos -- run
         log "all checks passed in $(( $(date +%s) - start ))s"
         ;;
+    bench)
+        # The throughput benchmark (release build), against a throwaway server with fsync on.
+        shift
+        PG_FSYNC=on start_postgres
+        cargo bench --all-features --bench throughput -- "$@"
+        ;;
     postgres)
         # A throwaway server for working on the PostgreSQL store by hand: prints its URL and
         # keeps it until Ctrl-C.
@@ -168,7 +175,7 @@ case "${1:-}" in
         while :; do sleep 3600 & wait $!; done
         ;;
     *)
-        echo "usage: $0 quickstart|test|postgres" >&2
+        echo "usage: $0 quickstart|test|bench|postgres" >&2
         exit 2
         ;;
 esac

@@ -119,6 +119,8 @@ pub use retry::RetryPolicy;
 pub use runtime::{ConflictPolicy, Runtime, RuntimeBuilder};
 pub use store::{Claim, DedupEntry, EntryStatus, PartitionId, Store, StoredPosition, Transaction};
 
+#[cfg(feature = "memory")]
+pub use store::memory::{MemoryStore, MemoryTx};
 #[cfg(feature = "postgres")]
 pub use store::postgres::{PgOptions, PgStore, PgTx};
 #[cfg(feature = "rocksdb")]

@@ -8,7 +8,8 @@
 //! [`Store::purge_expired`], which the runtime calls in bounded batches.
 //!
 //! Stores: `rocksdb::RocksStore` (embedded default, feature `rocksdb`) and
-//! `postgres::PgStore` (shared by many instances, feature `postgres`).
+//! `postgres::PgStore` (shared by many instances, feature `postgres`); `memory::MemoryStore`
+//! (feature `memory`) keeps nothing across restarts and exists to measure and test the runtime.
 
 use std::future::Future;
 
@@ -16,6 +17,8 @@ use crate::dead_letter::DeadLetter;
 use crate::error::Result;
 
 pub mod entry;
+#[cfg(feature = "memory")]
+pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "rocksdb")]

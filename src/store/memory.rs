@@ -1,0 +1,343 @@
+//! An in-memory store (feature `memory`), to measure and test the runtime without a database.
+//!
+//! It keeps the full contract of [`Store`]: claims that make a concurrent transaction see
+//! [`Claim::Busy`], savepoints, epochs that fence a previous owner, expiry. It keeps nothing
+//! across a restart of the process, so it gives no guarantee a real deployment needs: never use
+//! it for one. The handler's own state is a key-value map written through [`MemoryTx::put`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{Assignment, Claim, PartitionId, Store, StoredPosition, Transaction};
+use crate::dead_letter::DeadLetter;
+use crate::error::{Error, Result};
+use crate::store::entry::DedupEntry;
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<Vec<u8>, DedupEntry>,
+    /// Keys claimed by an open transaction (its id).
+    claims: HashMap<Vec<u8>, u64>,
+    positions: HashMap<PartitionId, StoredPosition>,
+    dead_letters: Vec<DeadLetter>,
+    data: BTreeMap<Vec<u8>, Vec<u8>>,
+    next_tx: u64,
+}
+
+impl State {
+    /// A partition's position row, created (epoch 0, no offset) when missing.
+    fn position_row(&mut self, partition: &PartitionId) -> &mut StoredPosition {
+        self.positions
+            .entry(partition.clone())
+            .or_insert(StoredPosition {
+                next_offset: None,
+                epoch: 0,
+            })
+    }
+}
+
+/// The in-memory store. Clones share the same state.
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    state: Arc<Mutex<State>>,
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore").finish_non_exhaustive()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("memory store poisoned")
+    }
+
+    /// The stored position of a partition.
+    pub fn position(&self, partition: &PartitionId) -> Option<StoredPosition> {
+        self.lock().positions.get(partition).copied()
+    }
+
+    /// Sets a partition's next offset (an operator's rewind), keeping its epoch.
+    pub fn set_position(&self, partition: &PartitionId, next_offset: i64) {
+        self.lock().position_row(partition).next_offset = Some(next_offset);
+    }
+
+    /// The committed entry of a store key.
+    pub fn entry(&self, key: &[u8]) -> Option<DedupEntry> {
+        self.lock().entries.get(key).cloned()
+    }
+
+    /// Every committed dead letter, in commit order.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.lock().dead_letters.clone()
+    }
+
+    /// A committed value of the handler's state.
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Option<Vec<u8>> {
+        self.lock().data.get(key.as_ref()).cloned()
+    }
+
+    /// How many committed dedup entries it holds.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Whether it holds no committed dedup entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+enum Write {
+    Entry(Vec<u8>, DedupEntry),
+    DeadLetter(DeadLetter),
+    Data(Vec<u8>, Vec<u8>),
+}
+
+/// A batch's writes, applied under the store's lock at commit.
+pub struct MemoryTx {
+    store: MemoryStore,
+    id: u64,
+    partition: PartitionId,
+    epoch: u64,
+    writes: Vec<Write>,
+    savepoint: usize,
+}
+
+impl fmt::Debug for MemoryTx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryTx")
+            .field("partition", &self.partition)
+            .field("epoch", &self.epoch)
+            .field("writes", &self.writes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryTx {
+    /// Writes a value of the handler's state, committed with the batch.
+    pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.writes.push(Write::Data(key.into(), value.into()));
+    }
+
+    /// Reads a value of the handler's state, this batch's writes included.
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Option<Vec<u8>> {
+        let key = key.as_ref();
+        self.writes
+            .iter()
+            .rev()
+            .find_map(|w| match w {
+                Write::Data(k, v) if k == key => Some(v.clone()),
+                _ => None,
+            })
+            .or_else(|| self.store.get(key))
+    }
+
+    fn release(&self, state: &mut State) {
+        state.claims.retain(|_, owner| *owner != self.id);
+    }
+}
+
+impl Drop for MemoryTx {
+    fn drop(&mut self) {
+        // Dropped without a commit (or after one): its claims are released.
+        if let Ok(mut state) = self.store.state.lock() {
+            self.release(&mut state);
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    type Tx = MemoryTx;
+
+    async fn acquire(&self, partition: &PartitionId) -> Result<Assignment> {
+        let mut state = self.lock();
+        let row = state.position_row(partition);
+        row.epoch += 1;
+        Ok(Assignment {
+            epoch: row.epoch,
+            position: row.next_offset,
+        })
+    }
+
+    async fn begin(&self, partition: &PartitionId, epoch: u64) -> Result<MemoryTx> {
+        let id = {
+            let mut state = self.lock();
+            state.next_tx += 1;
+            state.next_tx
+        };
+        Ok(MemoryTx {
+            store: self.clone(),
+            id,
+            partition: partition.clone(),
+            epoch,
+            writes: Vec::new(),
+            savepoint: 0,
+        })
+    }
+
+    async fn purge_expired(&self, now_ms: i64, limit: usize) -> Result<usize> {
+        let mut state = self.lock();
+        let expired: Vec<Vec<u8>> = state
+            .entries
+            .iter()
+            .filter(|(_, e)| e.is_expired(now_ms))
+            .map(|(k, _)| k.clone())
+            .take(limit)
+            .collect();
+        for key in &expired {
+            state.entries.remove(key);
+        }
+        Ok(expired.len())
+    }
+
+    async fn entry_count(&self) -> Result<u64> {
+        Ok(self.len() as u64)
+    }
+}
+
+impl Transaction for MemoryTx {
+    async fn lookup(&mut self, key: &[u8]) -> Result<Option<DedupEntry>> {
+        let written = self.writes.iter().rev().find_map(|w| match w {
+            Write::Entry(k, e) if k == key => Some(e.clone()),
+            _ => None,
+        });
+        Ok(written.or_else(|| self.store.entry(key)))
+    }
+
+    async fn claim(&mut self, key: &[u8], now_ms: i64) -> Result<Claim> {
+        if let Some(entry) = self.lookup(key).await?
+            && !entry.is_expired(now_ms)
+        {
+            return Ok(Claim::Existing(entry));
+        }
+        let mut state = self.store.lock();
+        match state.claims.get(key) {
+            Some(owner) if *owner != self.id => Ok(Claim::Busy),
+            _ => {
+                state.claims.insert(key.to_vec(), self.id);
+                Ok(Claim::Claimed)
+            }
+        }
+    }
+
+    async fn savepoint(&mut self) -> Result<()> {
+        self.savepoint = self.writes.len();
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(&mut self) -> Result<()> {
+        self.writes.truncate(self.savepoint);
+        Ok(())
+    }
+
+    async fn put_entry(&mut self, key: &[u8], entry: &DedupEntry) -> Result<()> {
+        self.writes.push(Write::Entry(key.to_vec(), entry.clone()));
+        Ok(())
+    }
+
+    async fn put_dead_letter(&mut self, dead_letter: &DeadLetter) -> Result<()> {
+        self.writes.push(Write::DeadLetter(dead_letter.clone()));
+        Ok(())
+    }
+
+    async fn commit(mut self, next_offset: i64) -> Result<()> {
+        let store = self.store.clone();
+        let mut state = store.lock();
+        let current = state.positions.get(&self.partition).map_or(0, |p| p.epoch);
+        if current != self.epoch {
+            self.release(&mut state);
+            return Err(Error::Fenced {
+                topic: self.partition.topic.clone(),
+                partition: self.partition.partition,
+                epoch: self.epoch,
+                current,
+            });
+        }
+        for write in std::mem::take(&mut self.writes) {
+            match write {
+                Write::Entry(k, e) => {
+                    state.entries.insert(k, e);
+                }
+                Write::DeadLetter(dl) => state.dead_letters.push(dl),
+                Write::Data(k, v) => {
+                    state.data.insert(k, v);
+                }
+            }
+        }
+        state.positions.insert(
+            self.partition.clone(),
+            StoredPosition {
+                next_offset: Some(next_offset),
+                epoch: self.epoch,
+            },
+        );
+        self.release(&mut state);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Fingerprint;
+    use crate::store::EntryStatus;
+
+    fn entry(offset: i64) -> DedupEntry {
+        DedupEntry {
+            status: EntryStatus::Completed,
+            fingerprint: Fingerprint::of(Some(b"p")),
+            outcome: None,
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            created_at_ms: 0,
+            expires_at_ms: 1_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn claims_savepoints_commit_and_fencing() {
+        let store = MemoryStore::new();
+        let p = PartitionId::new("g", "t", 0);
+        let a = store.acquire(&p).await.unwrap();
+        let mut one = store.begin(&p, a.epoch).await.unwrap();
+        let mut two = store.begin(&p, a.epoch).await.unwrap();
+        assert_eq!(one.claim(b"k", 0).await.unwrap(), Claim::Claimed);
+        assert_eq!(two.claim(b"k", 0).await.unwrap(), Claim::Busy);
+        one.savepoint().await.unwrap();
+        one.put("x", "1");
+        one.put_entry(b"k", &entry(0)).await.unwrap();
+        one.savepoint().await.unwrap();
+        one.put("x", "2");
+        one.rollback_to_savepoint().await.unwrap();
+        assert_eq!(one.get("x").as_deref(), Some(&b"1"[..]));
+        one.commit(1).await.unwrap();
+        assert_eq!(store.get("x").as_deref(), Some(&b"1"[..]));
+        assert_eq!(store.position(&p).unwrap().next_offset, Some(1));
+        assert_eq!(
+            two.claim(b"k", 0).await.unwrap(),
+            Claim::Existing(entry(0)),
+            "the committed entry, not a busy claim"
+        );
+        // Expired: claimable again, and purged.
+        assert_eq!(two.claim(b"k", 5_000).await.unwrap(), Claim::Claimed);
+        drop(two);
+        assert_eq!(store.purge_expired(5_000, 10).await.unwrap(), 1);
+
+        // A newer owner fences the old one's commit; nothing of it is written.
+        let mut zombie = store.begin(&p, a.epoch).await.unwrap();
+        zombie.put("x", "zombie");
+        store.acquire(&p).await.unwrap();
+        assert!(zombie.commit(9).await.unwrap_err().is_fenced());
+        assert_eq!(store.get("x").as_deref(), Some(&b"1"[..]));
+        assert_eq!(store.position(&p).unwrap().next_offset, Some(1));
+    }
+}
