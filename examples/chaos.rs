@@ -919,7 +919,8 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 }
 
 struct Harness {
-    broker: Broker,
+    broker: Mutex<Broker>,
+    bootstrap: String,
     records: u64,
     kills: u64,
     seed: u64,
@@ -948,8 +949,10 @@ fn run(flags: &Flags) -> Res<()> {
         }
         Err(_) => None,
     };
-    let mut harness = Harness {
-        broker: Broker::start()?,
+    let broker = Broker::start()?;
+    let harness = Harness {
+        bootstrap: broker.bootstrap.clone(),
+        broker: Mutex::new(broker),
         records,
         kills,
         seed,
@@ -957,27 +960,49 @@ fn run(flags: &Flags) -> Res<()> {
     };
     eprintln!(
         "chaos: broker process at {}, {records} records per scenario",
-        harness.broker.bootstrap
+        harness.bootstrap
     );
     let mut failures = Vec::new();
     let mut n = 0;
     for scenario in &scenarios {
-        for store in &stores {
-            if scenario == "rebalance-storm" && store != "postgres" {
-                // One RocksDB directory belongs to one process: no group of instances shares it.
-                continue;
-            }
-            n += 1;
+        // One RocksDB directory belongs to one process: no group of instances shares it.
+        let runs: Vec<(&String, u64)> = stores
+            .iter()
+            .filter(|store| scenario != "rebalance-storm" || *store == "postgres")
+            .map(|store| {
+                n += 1;
+                (store, n)
+            })
+            .collect();
+        let one = |store: &str, n: u64| {
             let started = Instant::now();
-            match harness.scenario(scenario, store, n) {
-                Ok(true) => {}
-                Ok(false) => failures.push(format!("{scenario}/{store}")),
+            let result = harness.scenario(scenario, store, n);
+            eprintln!("chaos: {scenario}/{store} took {:.0?}", started.elapsed());
+            match result {
+                Ok(true) => None,
+                Ok(false) => Some(format!("{scenario}/{store}")),
                 Err(e) => {
                     eprintln!("chaos: {scenario}/{store} could not run: {e}");
-                    failures.push(format!("{scenario}/{store}"));
+                    Some(format!("{scenario}/{store}"))
                 }
             }
-            eprintln!("chaos: {scenario}/{store} took {:.0?}", started.elapsed());
+        };
+        if scenario == "kill-storm" {
+            // The stores' kill storms share nothing but the broker: run them side by side
+            // (the faults scenario cannot: its broker faults would hit both).
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = runs
+                    .iter()
+                    .map(|(store, n)| scope.spawn(move || one(store, *n)))
+                    .collect();
+                for h in handles {
+                    failures.extend(h.join().expect("a scenario thread panicked"));
+                }
+            });
+        } else {
+            for (store, n) in runs {
+                failures.extend(one(store, n));
+            }
         }
     }
     if failures.is_empty() {
@@ -988,17 +1013,20 @@ fn run(flags: &Flags) -> Res<()> {
 }
 
 impl Harness {
-    fn scenario(&mut self, scenario: &str, store_kind: &str, n: u64) -> Res<bool> {
+    fn command(&self, command: &str) -> Res<()> {
+        self.broker.lock().unwrap().command(command)
+    }
+
+    fn scenario(&self, scenario: &str, store_kind: &str, n: u64) -> Res<bool> {
         let topic = format!("chaos-{n}-{}", std::process::id());
-        self.broker
-            .command(&format!("topic {topic} {PARTITIONS}"))?;
-        self.broker.command(&format!("topic {topic}.dlq 1"))?;
+        self.command(&format!("topic {topic} {PARTITIONS}"))?;
+        self.command(&format!("topic {topic}.dlq 1"))?;
         let store = StoreUnderTest::create(store_kind)?;
-        let mut work = Workload::new(&self.broker.bootstrap, &topic, self.records, self.seed + n)?;
+        let mut work = Workload::new(&self.bootstrap, &topic, self.records, self.seed + n)?;
         let spec = ConsumerSpec {
             store: store_kind.to_owned(),
             path: store.path.clone(),
-            bootstrap: self.broker.bootstrap.clone(),
+            bootstrap: self.bootstrap.clone(),
             group: format!("group-{topic}"),
             topic: topic.clone(),
             until: work.until(),
@@ -1040,7 +1068,7 @@ impl Harness {
     }
 
     /// Runs one consumer to the end of every partition and collects its counters.
-    fn finish(&mut self, spec: &ConsumerSpec, tally: &mut Tally) -> Res<()> {
+    fn finish(&self, spec: &ConsumerSpec, tally: &mut Tally) -> Res<()> {
         for attempt in 0..5 {
             let mut instance = Instance::start(spec, 0)?;
             tally.rebalances += 1;
@@ -1063,7 +1091,7 @@ impl Harness {
     }
 
     fn rebalance_storm(
-        &mut self,
+        &self,
         work: &mut Workload,
         spec: &ConsumerSpec,
         tally: &mut Tally,
@@ -1156,7 +1184,7 @@ impl Harness {
     }
 
     fn faults(
-        &mut self,
+        &self,
         work: &mut Workload,
         spec: &ConsumerSpec,
         store_kind: &str,
@@ -1193,11 +1221,11 @@ impl Harness {
             wait_until(Duration::from_secs(30), || progress(&instance) > before);
             eprintln!("chaos: fault: {what}");
             for c in commands {
-                self.broker.command(c)?;
+                self.command(c)?;
             }
             if *what == "broker 1 down" {
                 std::thread::sleep(Duration::from_secs(3));
-                self.broker.command("up 1")?;
+                self.command("up 1")?;
             }
             if *what == "postgres restart" {
                 match &self.pg_restart {
