@@ -135,8 +135,11 @@ impl Lcg {
 }
 
 /// Journals each transfer under its key in the batch's transaction. A double application
-/// shows as a second journal row (PostgreSQL) or a count of 2 (RocksDB).
-struct Journal;
+/// shows as a second journal row (PostgreSQL) or a count of 2 (RocksDB). `delay` slows every
+/// call down (the instance the rebalance storm freezes has work in flight when it stops).
+struct Journal {
+    delay: Duration,
+}
 
 trait JournalTx: Send {
     fn journal(
@@ -181,6 +184,9 @@ impl<T: JournalTx + idempotent_consumer::Transaction> Handler<T> for Journal {
             .header("idempotency-key")
             .map(|k| String::from_utf8_lossy(k).into_owned())
             .ok_or_else(|| HandlerError::permanent("no idempotency key"))?;
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
         tx.journal(&key, &t).await?;
         Ok(Outcome::none())
     }
@@ -320,6 +326,7 @@ fn consumer(flags: &Flags) -> Res<()> {
         .split(',')
         .map(|v| v.parse().map_err(|_| format!("bad --until {v:?}")))
         .collect::<Res<_>>()?;
+    let delay = Duration::from_micros(flags.num("handler-delay-us", 0)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -354,7 +361,7 @@ fn consumer(flags: &Flags) -> Res<()> {
             let store = RocksStore::open(flags.need("path")?).map_err(|e| e.to_string())?;
             let runtime = builder
                 .store(store.clone())
-                .build(Journal)
+                .build(Journal { delay })
                 .map_err(|e| e.to_string())?;
             let done = move || {
                 let positions = pids
@@ -378,7 +385,7 @@ fn consumer(flags: &Flags) -> Res<()> {
                 .map_err(|e| e.to_string())?;
             let runtime = builder
                 .store(store.clone())
-                .build(Journal)
+                .build(Journal { delay })
                 .map_err(|e| e.to_string())?;
             let done = move || {
                 let (store, pids) = (store.clone(), pids.clone());
@@ -463,6 +470,10 @@ impl Instance {
             .args(["--bootstrap", &spec.bootstrap, "--group", &spec.group])
             .args(["--topic", &spec.topic, "--until", &spec.until])
             .args(["--instance", &format!("{}-{slot}", spec.group)])
+            .args([
+                "--handler-delay-us",
+                &if slot == 0 { spec.slot0_delay_us } else { 0 }.to_string(),
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| format!("starting a consumer: {e}"))?;
@@ -565,6 +576,8 @@ struct ConsumerSpec {
     group: String,
     topic: String,
     until: String,
+    /// Handler delay of the instance in slot 0, in microseconds (0: none).
+    slot0_delay_us: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1030,6 +1043,12 @@ impl Harness {
             group: format!("group-{topic}"),
             topic: topic.clone(),
             until: work.until(),
+            // The rebalance storm freezes slot 0: slowed down, it is always mid-stream.
+            slot0_delay_us: if scenario == "rebalance-storm" {
+                1_500
+            } else {
+                0
+            },
         };
         let mut tally = Tally::default();
         let mut rng = Lcg(self.seed * 31 + n);
@@ -1116,7 +1135,8 @@ impl Harness {
             let freeze_now = (round == 3 || round == 8)
                 || (round > 8 && !seen_fenced && tally.fenced == 0 && froze < 4);
             if freeze_now {
-                if let Some(zombie) = instances[slot].as_ref() {
+                // Slot 0, slowed down, still has work in flight.
+                if let Some(zombie) = instances[0].as_ref() {
                     // Freeze it while it holds work, past the session timeout: the group moves
                     // its partitions to the others, then it wakes up and tries to commit.
                     let before = zombie.stat("applied") + zombie.stat("duplicates");
