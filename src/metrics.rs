@@ -32,6 +32,7 @@
 //! the planner's estimate. Every increment is also visible in the `tracing` events of the record
 //! it concerns.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -201,9 +202,11 @@ pub(crate) fn describe() {
     metrics::describe_gauge!(STORE_ENTRIES, Unit::Count, "Dedup entries in the store.");
 }
 
-/// The runtime-wide recorder handles (labelled by group).
+/// The runtime's [`Stats`] and its group-wide recorder handles (labelled by group). Every
+/// report goes to both.
 #[derive(Debug, Clone)]
 pub(crate) struct GroupMeter {
+    stats: Arc<Stats>,
     group: String,
     kafka_commit_failures: Counter,
     expired_purged: Counter,
@@ -214,6 +217,7 @@ impl GroupMeter {
     pub(crate) fn new(group: &str) -> Self {
         let labels = [("group", group.to_owned())];
         GroupMeter {
+            stats: Arc::default(),
             group: group.to_owned(),
             kafka_commit_failures: metrics::counter!(KAFKA_COMMIT_FAILURES, &labels),
             expired_purged: metrics::counter!(EXPIRED_PURGED, &labels),
@@ -221,13 +225,18 @@ impl GroupMeter {
         }
     }
 
-    pub(crate) fn kafka_commit_failed(&self, stats: &Stats) {
-        Stats::add(&stats.kafka_commit_failures, 1);
+    /// The runtime's counters.
+    pub(crate) fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    pub(crate) fn kafka_commit_failed(&self) {
+        Stats::add(&self.stats.kafka_commit_failures, 1);
         self.kafka_commit_failures.increment(1);
     }
 
-    pub(crate) fn purged(&self, stats: &Stats, n: u64) {
-        Stats::add(&stats.expired_purged, n);
+    pub(crate) fn purged(&self, n: u64) {
+        Stats::add(&self.stats.expired_purged, n);
         self.expired_purged.increment(n);
     }
 
@@ -253,6 +262,7 @@ impl GroupMeter {
 /// record path never builds labels.
 #[derive(Debug)]
 pub(crate) struct PartitionMeter {
+    stats: Arc<Stats>,
     processed: Counter,
     duplicates: [Counter; 2],
     /// Labelled with the action of the runtime's conflict policy.
@@ -285,6 +295,7 @@ impl PartitionMeter {
             ConflictPolicy::Stop => "stop",
         };
         PartitionMeter {
+            stats: group.stats.clone(),
             processed: metrics::counter!(PROCESSED, &labels),
             duplicates: [DuplicateCause::Redelivery, DuplicateCause::RepeatedKey]
                 .map(|c| metrics::counter!(DUPLICATES, &with("cause", c.as_str()))),
@@ -301,18 +312,18 @@ impl PartitionMeter {
         }
     }
 
-    pub(crate) fn retried(&self, stats: &Stats) {
-        Stats::add(&stats.retries, 1);
+    pub(crate) fn retried(&self) {
+        Stats::add(&self.stats.retries, 1);
         self.retries.increment(1);
     }
 
-    pub(crate) fn store_retried(&self, stats: &Stats) {
-        Stats::add(&stats.store_retries, 1);
+    pub(crate) fn store_retried(&self) {
+        Stats::add(&self.stats.store_retries, 1);
         self.store_retries.increment(1);
     }
 
-    pub(crate) fn fenced(&self, stats: &Stats) {
-        Stats::add(&stats.fenced_commits, 1);
+    pub(crate) fn fenced(&self) {
+        Stats::add(&self.stats.fenced_commits, 1);
         self.fenced.increment(1);
     }
 
@@ -321,17 +332,18 @@ impl PartitionMeter {
     }
 
     /// Reports a committed batch and its tally, and clears the tally.
-    pub(crate) fn committed(&self, stats: &Stats, tally: &mut Tally, commit_latency: Duration) {
-        Stats::add(&stats.batches_committed, 1);
+    pub(crate) fn committed(&self, tally: &mut Tally, commit_latency: Duration) {
+        Stats::add(&self.stats.batches_committed, 1);
         self.batches.increment(1);
         self.batch_records.record(tally.records() as f64);
         self.commit_seconds.record(commit_latency.as_secs_f64());
-        self.flush(stats, tally);
+        self.flush(tally);
     }
 
     /// Reports the tally of a transaction that settled records without writing (every record
     /// was below the position), and clears it.
-    pub(crate) fn flush(&self, stats: &Stats, tally: &mut Tally) {
+    pub(crate) fn flush(&self, tally: &mut Tally) {
+        let stats = &*self.stats;
         let t = std::mem::take(tally);
         Stats::add(&stats.applied, t.applied);
         self.processed.increment(t.applied);

@@ -53,7 +53,9 @@ impl RetryPolicy {
 #[derive(Debug, Default)]
 pub(crate) struct Attempts {
     failures: u32,
-    first_failure: Option<Instant>,
+    /// When the record first failed: tokio's clock (for the time bound) and the wall clock in
+    /// milliseconds since the epoch (for dead-letter headers).
+    first_failure: Option<(Instant, i64)>,
 }
 
 /// What to do after a retryable failure.
@@ -78,10 +80,20 @@ impl Attempts {
         self.failures
     }
 
-    /// Records a retryable failure now and decides on the next try.
-    pub(crate) fn failed(&mut self, policy: &RetryPolicy, floor: Option<Duration>) -> NextTry {
+    /// When the record first failed (wall clock, ms since the epoch), if it has.
+    pub(crate) fn first_failure_ms(&self) -> Option<i64> {
+        self.first_failure.map(|(_, ms)| ms)
+    }
+
+    /// Records a retryable failure now (`now_ms` on the wall clock) and decides on the next try.
+    pub(crate) fn failed(
+        &mut self,
+        policy: &RetryPolicy,
+        floor: Option<Duration>,
+        now_ms: i64,
+    ) -> NextTry {
         let now = Instant::now();
-        let first = *self.first_failure.get_or_insert(now);
+        let (first, _) = *self.first_failure.get_or_insert((now, now_ms));
         self.failures += 1;
         if self.failures >= policy.max_attempts {
             return NextTry::AttemptsExhausted;
@@ -142,7 +154,7 @@ mod tests {
         let mut attempts = Attempts::default();
         let mut delays = Vec::new();
         loop {
-            match attempts.failed(policy, None) {
+            match attempts.failed(policy, None, 0) {
                 NextTry::After(d) => {
                     delays.push(d);
                     tokio::time::sleep(d).await;
@@ -189,15 +201,20 @@ mod tests {
         let p = policy(10, Duration::from_secs(30));
         let mut attempts = Attempts::default();
         assert_eq!(
-            attempts.failed(&p, Some(Duration::from_secs(20))),
+            attempts.failed(&p, Some(Duration::from_secs(20)), 7),
             NextTry::After(Duration::from_secs(20))
         );
         tokio::time::advance(Duration::from_secs(20)).await;
         assert_eq!(
-            attempts.failed(&p, Some(Duration::from_secs(20))),
+            attempts.failed(&p, Some(Duration::from_secs(20)), 9),
             NextTry::TimeExhausted,
             "a second 20 s wait would end 40 s after the first failure"
         );
         assert_eq!(attempts.count(), 3);
+        assert_eq!(
+            attempts.first_failure_ms(),
+            Some(7),
+            "the first failure's time is kept"
+        );
     }
 }

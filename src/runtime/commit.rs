@@ -12,15 +12,8 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::error::Result;
-use crate::metrics::{GroupMeter, PartitionMeter, Stats};
+use crate::metrics::{GroupMeter, PartitionMeter};
 use crate::store::{PartitionId, Transaction};
-
-/// The meters a commit reports to.
-pub(crate) struct Meters<'a> {
-    pub(crate) stats: &'a Stats,
-    pub(crate) group: &'a GroupMeter,
-    pub(crate) partition: &'a PartitionMeter,
-}
 
 /// Commits `tx` with `next_offset` as the partition's position, then tells Kafka. Returns how
 /// long the store commit took.
@@ -29,12 +22,13 @@ pub(crate) async fn commit_batch<T: Transaction, C: ConsumerContext>(
     partition: &PartitionId,
     next_offset: i64,
     consumer: &BaseConsumer<C>,
-    meters: Meters<'_>,
+    group: &GroupMeter,
+    meter: &PartitionMeter,
 ) -> Result<Duration> {
     let started = Instant::now();
     if let Err(e) = tx.commit(next_offset).await {
         if e.is_fenced() {
-            meters.partition.fenced(meters.stats);
+            meter.fenced();
         }
         return Err(e);
     }
@@ -46,14 +40,7 @@ pub(crate) async fn commit_batch<T: Transaction, C: ConsumerContext>(
         micros = latency.as_micros() as u64,
         "batch committed"
     );
-    commit_kafka(
-        consumer,
-        partition,
-        next_offset,
-        CommitMode::Async,
-        meters.stats,
-        meters.group,
-    );
+    commit_kafka(consumer, partition, next_offset, CommitMode::Async, group);
     Ok(latency)
 }
 
@@ -63,7 +50,6 @@ pub(crate) fn commit_kafka<C: ConsumerContext>(
     partition: &PartitionId,
     next_offset: i64,
     mode: CommitMode,
-    stats: &Stats,
     meter: &GroupMeter,
 ) {
     let mut tpl = TopicPartitionList::new();
@@ -73,7 +59,7 @@ pub(crate) fn commit_kafka<C: ConsumerContext>(
         Offset::Offset(next_offset),
     );
     if let Err(e) = added.and_then(|()| consumer.commit(&tpl, mode)) {
-        meter.kafka_commit_failed(stats);
+        meter.kafka_commit_failed();
         tracing::debug!(topic = %partition.topic, partition = partition.partition, error = %e, "kafka offset commit failed");
     }
 }

@@ -84,7 +84,7 @@ pub(crate) struct Shared<S, H> {
     pub(crate) store: Arc<S>,
     pub(crate) dead_letters: Option<DeadLetterProducer>,
     pub(crate) handler: H,
-    pub(crate) stats: Arc<Stats>,
+    /// The runtime's counters and recorder handles.
     pub(crate) meter: GroupMeter,
 }
 
@@ -303,7 +303,6 @@ impl<S: Store> RuntimeBuilder<S> {
                 store: Arc::new(self.store),
                 dead_letters,
                 handler,
-                stats: Arc::new(Stats::default()),
                 meter,
             }),
         })
@@ -361,7 +360,7 @@ struct PendingRevoke {
 impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
     /// Live counters of this runtime.
     pub fn stats(&self) -> Arc<Stats> {
-        self.shared.stats.clone()
+        self.shared.meter.stats().clone()
     }
 
     /// The store this runtime commits into.
@@ -385,7 +384,6 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
             events_tx,
             config.batch_max_records.saturating_mul(2).max(16),
             config.drain_timeout,
-            shared.stats.clone(),
             shared.meter.clone(),
         );
         let consumer: BaseConsumer<ConsumerCtx<S>> = self
@@ -426,7 +424,6 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
                             position,
                             tally: Default::default(),
                             letters: Vec::new(),
-                            first_failure_ms: None,
                             attempts: Default::default(),
                         };
                         let abort = tasks.spawn(task.run(records));
@@ -467,7 +464,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
                     }
                 }
                 _ = purge.tick() => {
-                    purge_expired(&*shared.store, config.purge_batch, &shared.stats, &shared.meter).await;
+                    purge_expired(&*shared.store, config.purge_batch, &shared.meter).await;
                 }
                 () = sleep_until_opt(next_deadline) => {
                     let now = Instant::now();
@@ -517,7 +514,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
         }
         drop(consumer);
         poller.stop().await;
-        tracing::info!(stats = ?shared.stats.snapshot(), "consumer stopped");
+        tracing::info!(stats = ?shared.meter.stats().snapshot(), "consumer stopped");
         match (outcome, drain_error) {
             (Err(e), _) | (Ok(()), Some(e)) => Err(e),
             (Ok(()), None) => Ok(()),
@@ -546,19 +543,19 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 
 /// Purges expired entries in bounded rounds (a few rounds per tick at most), then refreshes the
 /// store-entries gauge.
-async fn purge_expired<S: Store>(store: &S, batch: usize, stats: &Stats, meter: &GroupMeter) {
-    purge_rounds(store, batch, stats, meter).await;
+async fn purge_expired<S: Store>(store: &S, batch: usize, meter: &GroupMeter) {
+    purge_rounds(store, batch, meter).await;
     match store.entry_count().await {
         Ok(n) => meter.store_entries(n),
         Err(e) => tracing::warn!(error = %e, "counting store entries failed"),
     }
 }
 
-async fn purge_rounds<S: Store>(store: &S, batch: usize, stats: &Stats, meter: &GroupMeter) {
+async fn purge_rounds<S: Store>(store: &S, batch: usize, meter: &GroupMeter) {
     for _ in 0..10 {
         match store.purge_expired(partition::now_ms(), batch).await {
             Ok(n) => {
-                meter.purged(stats, n as u64);
+                meter.purged(n as u64);
                 if n < batch {
                     break;
                 }

@@ -23,7 +23,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use super::commit::{Meters, commit_batch, commit_kafka};
+use super::commit::{commit_batch, commit_kafka};
 use super::rebalance::ConsumerCtx;
 use super::{ConflictPolicy, Shared};
 use crate::dead_letter::{DeadLetter, DeadLetterReason};
@@ -78,9 +78,8 @@ pub(crate) struct PartitionTask<S: Store, H> {
     pub(crate) tally: Tally,
     /// Dead letters of the open transaction, produced to the topic just before it commits.
     pub(crate) letters: Vec<DeadLetter>,
-    /// When the current record first failed, wall clock (for dead-letter headers).
-    pub(crate) first_failure_ms: Option<i64>,
-    /// The current record's failed runs (for retries).
+    /// The current record's failed runs and when it first failed (for retries and dead
+    /// letters).
     pub(crate) attempts: Attempts,
 }
 
@@ -100,7 +99,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     // handled again (the next transaction starts with an empty tally); those
                     // whose commit did land are found as duplicates.
                     store_failures = store_failures.saturating_add(1);
-                    self.meter.store_retried(&self.shared.stats);
+                    self.meter.store_retried();
                     let delay = self
                         .shared
                         .config
@@ -129,14 +128,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 self.shared.clone(),
             );
             let _ = tokio::task::spawn_blocking(move || {
-                commit_kafka(
-                    &consumer,
-                    &partition,
-                    next,
-                    CommitMode::Sync,
-                    &shared.stats,
-                    &shared.meter,
-                );
+                commit_kafka(&consumer, &partition, next, CommitMode::Sync, &shared.meter);
             })
             .await;
         }
@@ -191,14 +183,13 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     // Never backwards: a redelivery below the position leaves it where it is.
                     next = Some(next.map_or(record.offset() + 1, |n| n.max(record.offset() + 1)));
                     self.attempts = Attempts::default();
-                    self.first_failure_ms = None;
                     settled += 1;
                 }
                 Step::Retry(delay) => {
                     self.end(tx, next).await?;
                     pending.drain(..settled);
                     settled = 0;
-                    self.meter.retried(&shared.stats);
+                    self.meter.retried();
                     tokio::time::sleep(delay).await;
                     tx = self.begin(pending).await?;
                 }
@@ -264,20 +255,23 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             producer.send_all(&self.letters).await?;
         }
         self.letters.clear();
-        let stats = &self.shared.stats;
         if self.position == Some(next) {
             // Nothing moved (every record was below the position); nothing to write.
-            self.meter.flush(stats, &mut self.tally);
+            self.meter.flush(&mut self.tally);
             return Ok(());
         }
-        let meters = Meters {
-            stats,
-            group: &self.shared.meter,
-            partition: &self.meter,
-        };
-        let latency = commit_batch(tx, &self.partition, next, &self.consumer, meters).await?;
+        let group = &self.shared.meter;
+        let latency = commit_batch(
+            tx,
+            &self.partition,
+            next,
+            &self.consumer,
+            group,
+            &self.meter,
+        )
+        .await?;
         self.position = Some(next);
-        self.meter.committed(stats, &mut self.tally, latency);
+        self.meter.committed(&mut self.tally, latency);
         Ok(())
     }
 
@@ -398,11 +392,13 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             Err(error) => error,
         };
         tx.rollback_to_savepoint().await?;
-        self.first_failure_ms.get_or_insert(now);
         let message = error.to_string();
         let (reason, attempts) = match error.class() {
             ErrorClass::Retryable => {
-                match self.attempts.failed(&config.retry, error.retry_delay()) {
+                match self
+                    .attempts
+                    .failed(&config.retry, error.retry_delay(), now)
+                {
                     NextTry::After(delay) => {
                         let attempts = self.attempts.failures();
                         tracing::warn!(%message, attempts, ?delay, "retryable handler error");
@@ -476,10 +472,14 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     ) -> Result<Step> {
         let shared = self.shared.clone();
         let policy = shared.config.conflict;
-        let conflict_key = shared.config.conflict_scope.conflict_key(key, &fingerprint);
-        if policy != ConflictPolicy::Stop {
+        // Unless the policy stops, the record is remembered under its own key: a replay of it
+        // finds that entry and is a duplicate.
+        let conflict_key = if policy == ConflictPolicy::Stop {
+            None
+        } else {
+            let conflict_key = shared.config.conflict_scope.conflict_key(key, &fingerprint);
             match tx.claim(&conflict_key, now).await? {
-                Claim::Claimed => {}
+                Claim::Claimed => Some(conflict_key),
                 Claim::Existing(entry) => {
                     // Fingerprints match: it is part of the key.
                     self.duplicate(record, &entry).await;
@@ -487,7 +487,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 }
                 Claim::Busy => return Ok(Step::Busy),
             }
-        }
+        };
         self.tally.conflicts += 1;
         let message = format!(
             "idempotency key {key} was first used at {}/{}@{} with a different payload",
@@ -495,12 +495,12 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         );
         tracing::warn!(%message, policy = ?policy, "conflict");
         shared.handler.on_conflict(record, first).await;
-        if policy == ConflictPolicy::Stop {
+        let Some(conflict_key) = conflict_key else {
             return Ok(Step::Stop(Error::Stopped {
                 at: record.position(),
                 reason: message,
             }));
-        }
+        };
         let dl = dead_letter(
             record,
             Some(key),
@@ -553,7 +553,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         message: String,
         attempts: u32,
     ) -> Result<()> {
-        let first_failure = self.first_failure_ms.unwrap_or_else(now_ms);
+        let first_failure = self.attempts.first_failure_ms().unwrap_or_else(now_ms);
         let dl = dead_letter(
             record,
             key.map(|k| k.0),

@@ -68,7 +68,6 @@ pub(crate) struct ConsumerCtx<S> {
     routes: Mutex<HashMap<(String, i32), Route>>,
     channel_capacity: usize,
     drain_timeout: Duration,
-    stats: Arc<Stats>,
     meter: GroupMeter,
 }
 
@@ -79,7 +78,6 @@ impl<S> ConsumerCtx<S> {
         events: mpsc::UnboundedSender<Event>,
         channel_capacity: usize,
         drain_timeout: Duration,
-        stats: Arc<Stats>,
         meter: GroupMeter,
     ) -> Self {
         ConsumerCtx {
@@ -90,7 +88,6 @@ impl<S> ConsumerCtx<S> {
             routes: Mutex::new(HashMap::new()),
             channel_capacity,
             drain_timeout,
-            stats,
             meter,
         }
     }
@@ -131,7 +128,7 @@ impl<S: Store> ConsumerContext for ConsumerCtx<S> {
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
         if let Err(e) = result {
-            self.meter.kafka_commit_failed(&self.stats);
+            self.meter.kafka_commit_failed();
             tracing::debug!(error = %e, "kafka offset commit failed; the store's position stays authoritative");
         }
     }
@@ -234,7 +231,7 @@ impl<S: Store> ConsumerCtx<S> {
 
     /// Hands a record to its partition task, or parks it and pauses the partition.
     fn dispatch(&self, consumer: &BaseConsumer<Self>, record: Record) {
-        Stats::add(&self.stats.records_read, 1);
+        Stats::add(&self.meter.stats().records_read, 1);
         let mut routes = self.routes();
         let tp = (record.topic().to_owned(), record.partition());
         let Some(route) = routes.get_mut(&tp) else {
