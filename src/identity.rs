@@ -474,7 +474,39 @@ mod tests {
         assert_eq!(c, Fingerprint::of(Some(b"x")));
     }
 
+    #[test]
+    fn tenants_with_control_characters_are_rejected() {
+        // The conflict scope appends a control character to the tenant: a configured tenant
+        // holding one could name that scope.
+        let err = Identity::new()
+            .tenant("acme\u{1f}conflicts")
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("control characters"), "{err}");
+        Identity::new().tenant("acme").validate().unwrap();
+    }
+
     proptest! {
+        // A conflicting record's key never equals a key of the records' own scope, whatever
+        // group, valid tenant and key bytes (so it can never shadow or be shadowed by one).
+        #[test]
+        fn conflict_keys_never_meet_record_keys(
+            g in ".{0,8}", t in proptest::option::of("[^\\p{Cc}]{0,8}"),
+            k1 in proptest::collection::vec(any::<u8>(), 1..48),
+            k2 in proptest::collection::vec(any::<u8>(), 1..48),
+            t2 in proptest::option::of("[^\\p{Cc}]{0,8}"),
+        ) {
+            let key = |b: Vec<u8>| IdempotencyKey { bytes: b, origin: KeyOrigin::Header };
+            let fingerprint = Fingerprint::of(Some(b"p"));
+            let conflict = Scope::conflicts(&g, t.as_deref()).conflict_key(&key(k1.clone()), &fingerprint);
+            // The record key that spells the same bytes after the scope: key + fingerprint.
+            let spelled = [k1, fingerprint.0.to_vec()].concat();
+            let record = |t: Option<&str>, k: Vec<u8>| Scope::new(&g, t).store_key(&key(k));
+            prop_assert_ne!(&conflict, &record(t.as_deref(), spelled.clone()));
+            prop_assert_ne!(&conflict, &record(t2.as_deref(), spelled));
+            prop_assert_ne!(&conflict, &record(t2.as_deref(), k2));
+        }
+
         // Different (group, tenant, key) triples never produce the same store key.
         #[test]
         fn store_keys_are_unambiguous(

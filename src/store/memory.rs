@@ -330,6 +330,13 @@ mod tests {
         // Expired: claimable again, and purged.
         assert_eq!(two.claim(b"k", 5_000).await.unwrap(), Claim::Claimed);
         drop(two);
+        let mut three = store.begin(&p, a.epoch).await.unwrap();
+        assert_eq!(
+            three.claim(b"k", 5_000).await.unwrap(),
+            Claim::Claimed,
+            "a dropped transaction releases its claims"
+        );
+        drop(three);
         assert_eq!(store.purge_expired(5_000, 10).await.unwrap(), 1);
 
         // A newer owner fences the old one's commit; nothing of it is written.
