@@ -34,7 +34,11 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Message};
-use sqlx::{Connection, Executor, PgConnection};
+use sqlx::{Connection, PgConnection};
+
+#[path = "../tests/common/throwaway_db.rs"]
+mod throwaway_db;
+use throwaway_db::ThrowawayDb;
 
 const PARTITIONS: i32 = 4;
 const TOPIC: &str = "bench";
@@ -219,7 +223,7 @@ fn run() -> Res<()> {
         );
     }
     if let Some(url) = &pg_url {
-        let db = Database::create(url)?;
+        let db = database(url)?;
         let options = PgOptions {
             max_connections: 8,
             ..PgOptions::default()
@@ -557,66 +561,19 @@ async fn preload(store: &RocksStore, n: usize) -> Res<()> {
     Ok(())
 }
 
-/// A database for the PostgreSQL rows, dropped at the end.
-struct Database {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl Database {
-    fn create(admin_url: &str) -> Res<Self> {
-        let name = format!("bench_{}", std::process::id());
-        let url = match admin_url.rsplit_once('/') {
-            Some((base, rest)) => match rest.split_once('?') {
-                Some((_, q)) => format!("{base}/{name}?{q}"),
-                None => format!("{base}/{name}"),
-            },
-            None => return Err("DATABASE_URL has no database part".into()),
-        };
-        block_on(async {
-            let mut admin = PgConnection::connect(admin_url)
-                .await
-                .map_err(|e| format!("connecting to DATABASE_URL: {e}"))?;
-            admin
-                .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut conn = PgConnection::connect(&url)
-                .await
-                .map_err(|e| e.to_string())?;
-            conn.execute(
-                "CREATE TABLE bench_effects (key bytea NOT NULL, body bytea NOT NULL); \
-                 CREATE TABLE naive_dedup (key bytea PRIMARY KEY); \
-                 CREATE TABLE limit_dedup (key bytea PRIMARY KEY, fingerprint bytea NOT NULL, \
-                   topic text NOT NULL, \"partition\" integer NOT NULL, \"offset\" bigint NOT NULL, \
-                   created_at timestamptz NOT NULL, expires_at timestamptz NOT NULL); \
-                 CREATE TABLE limit_effects (key bytea NOT NULL, body bytea NOT NULL)",
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            Ok::<_, String>(())
-        })?;
-        Ok(Database {
-            admin_url: admin_url.to_owned(),
-            name,
-            url,
-        })
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let _ = block_on(async {
-            let mut admin = PgConnection::connect(&self.admin_url).await?;
-            admin
-                .execute(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                    self.name
-                )))
-                .await
-        });
-    }
+/// A database of its own for the PostgreSQL rows, dropped at the end.
+fn database(admin_url: &str) -> Res<ThrowawayDb> {
+    block_on(ThrowawayDb::create(
+        admin_url,
+        &format!("bench_{}", std::process::id()),
+        "CREATE TABLE bench_effects (key bytea NOT NULL, body bytea NOT NULL); \
+         CREATE TABLE naive_dedup (key bytea PRIMARY KEY); \
+         CREATE TABLE limit_dedup (key bytea PRIMARY KEY, fingerprint bytea NOT NULL, \
+           topic text NOT NULL, \"partition\" integer NOT NULL, \"offset\" bigint NOT NULL, \
+           created_at timestamptz NOT NULL, expires_at timestamptz NOT NULL); \
+         CREATE TABLE limit_effects (key bytea NOT NULL, body bytea NOT NULL)",
+    ))
+    .map_err(|e| format!("creating the benchmark database on DATABASE_URL: {e}"))
 }
 
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {

@@ -44,7 +44,10 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use sqlx::{Connection, Executor, PgConnection};
+
+#[path = "../tests/common/throwaway_db.rs"]
+mod throwaway_db;
+use throwaway_db::ThrowawayDb;
 
 const PARTITIONS: i32 = 4;
 const ACCOUNTS: u64 = 200;
@@ -530,19 +533,18 @@ impl Instance {
     }
 
     /// Waits (up to 300 s) for a consumer to reach the end of every partition and stop by
-    /// itself, then adds its last counters; an error exit counts as a restart.
-    fn run_out(mut self, tally: &mut Tally) -> Res<()> {
-        match wait_timeout(&mut self.child, Duration::from_secs(300))? {
-            Some(s) if s.success() => {}
-            Some(s) => {
-                eprintln!("chaos: a consumer exited with {s}");
-                tally.restarts += 1;
-            }
-            None => return Err("a consumer did not catch up in 300 s".into()),
-        }
+    /// itself, then adds its last counters. Returns whether it did; an error exit counts as a
+    /// restart.
+    fn run_out(mut self, tally: &mut Tally) -> Res<bool> {
+        let status = wait_timeout(&mut self.child, Duration::from_secs(300))?
+            .ok_or("a consumer did not catch up in 300 s")?;
         std::thread::sleep(Duration::from_millis(50));
         tally.add_fenced(&self.last.lock().unwrap());
-        Ok(())
+        if !status.success() {
+            eprintln!("chaos: a consumer exited with {status}");
+            tally.restarts += 1;
+        }
+        Ok(status.success())
     }
 
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
@@ -743,9 +745,9 @@ impl Tally {
 struct StoreUnderTest {
     kind: String,
     path: String,
+    /// What holds the store, removed when the scenario ends.
     _dir: Option<tempfile::TempDir>,
-    admin_url: Option<String>,
-    database: Option<String>,
+    _db: Option<ThrowawayDb>,
 }
 
 impl StoreUnderTest {
@@ -757,8 +759,7 @@ impl StoreUnderTest {
                     kind: kind.into(),
                     path: dir.path().display().to_string(),
                     _dir: Some(dir),
-                    admin_url: None,
-                    database: None,
+                    _db: None,
                 })
             }
             "postgres" => {
@@ -768,34 +769,18 @@ impl StoreUnderTest {
                         .to_owned()
                 })?;
                 let database = format!("chaos_{}_{}", std::process::id(), unique_suffix());
-                let url = with_database(&admin_url, &database);
-                block_on(async {
-                    let mut admin = PgConnection::connect(&admin_url)
-                        .await
-                        .map_err(|e| format!("connecting to DATABASE_URL: {e}"))?;
-                    admin
-                        .execute(sqlx::AssertSqlSafe(format!(
-                            "CREATE DATABASE \"{database}\""
-                        )))
-                        .await
-                        .map_err(|e| format!("creating the scenario database: {e}"))?;
-                    let mut conn = PgConnection::connect(&url)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    conn.execute(
-                        "CREATE TABLE chaos_journal (key text NOT NULL, src text NOT NULL, \
-                         dst text NOT NULL, amount bigint NOT NULL)",
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                    Ok::<_, String>(())
-                })?;
+                let db = block_on(ThrowawayDb::create(
+                    &admin_url,
+                    &database,
+                    "CREATE TABLE chaos_journal (key text NOT NULL, src text NOT NULL, \
+                     dst text NOT NULL, amount bigint NOT NULL)",
+                ))
+                .map_err(|e| format!("creating the scenario database: {e}"))?;
                 Ok(StoreUnderTest {
                     kind: kind.into(),
-                    path: url,
+                    path: db.url.clone(),
                     _dir: None,
-                    admin_url: Some(admin_url),
-                    database: Some(database),
+                    _db: Some(db),
                 })
             }
             other => Err(format!("unknown store {other:?}")),
@@ -885,36 +870,6 @@ impl StoreUnderTest {
                 positions,
             })
         })
-    }
-}
-
-impl Drop for StoreUnderTest {
-    fn drop(&mut self) {
-        if let (Some(admin_url), Some(database)) = (&self.admin_url, &self.database) {
-            let _ = block_on(async {
-                let mut admin = PgConnection::connect(admin_url).await?;
-                admin
-                    .execute(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
-                    )))
-                    .await
-            });
-        }
-    }
-}
-
-fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let base = match base.rfind('/') {
-        Some(i) if base[..i].contains("//") && i > base.find("//").unwrap() + 1 => &base[..i],
-        _ => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{database}?{q}"),
-        None => format!("{base}/{database}"),
     }
 }
 
@@ -1088,22 +1043,10 @@ impl Harness {
 
     /// Runs one consumer to the end of every partition and collects its counters.
     fn finish(&self, spec: &ConsumerSpec, tally: &mut Tally) -> Res<()> {
-        for attempt in 0..5 {
-            let mut instance = Instance::start(spec, 0)?;
+        for _ in 0..5 {
             tally.rebalances += 1;
-            let status = wait_timeout(&mut instance.child, Duration::from_secs(300))?;
-            std::thread::sleep(Duration::from_millis(50));
-            let last = instance.last.lock().unwrap().clone();
-            tally.add_fenced(&last);
-            match status {
-                Some(s) if s.success() => return Ok(()),
-                Some(s) => {
-                    eprintln!(
-                        "chaos: the final consumer exited with {s} (attempt {attempt}); restarting it"
-                    );
-                    tally.restarts += 1;
-                }
-                None => return Err("the final consumer did not catch up in 300 s".into()),
+            if Instance::start(spec, 0)?.run_out(tally)? {
+                return Ok(());
             }
         }
         Err("the final consumer kept failing".into())

@@ -114,16 +114,15 @@ mod postgres {
     use idempotent_consumer::{
         DeadLetter, DedupEntry, PartitionId, PgOptions, PgStore, StoredPosition,
     };
-    use sqlx::{Connection, Executor, PgConnection};
+    use sqlx::{Connection, PgConnection};
 
+    use super::super::throwaway_db::ThrowawayDb;
     use super::Backend;
 
     /// A database of its own on the server named by `DATABASE_URL`, with the ledger table.
     /// Dropped when the test ends.
     pub struct Postgres {
-        pub url: String,
-        admin_url: String,
-        name: String,
+        db: ThrowawayDb,
         pub options: PgOptions,
     }
 
@@ -147,60 +146,32 @@ mod postgres {
             .block_on(f)
     }
 
-    /// `url` with its database name replaced.
-    fn with_database(url: &str, name: &str) -> String {
-        let (base, query) = match url.split_once('?') {
-            Some((b, q)) => (b, Some(q)),
-            None => (url, None),
-        };
-        let after_scheme = base.find("://").map_or(0, |i| i + 3);
-        let base = match base[after_scheme..].find('/') {
-            Some(i) => &base[..after_scheme + i],
-            None => base,
-        };
-        match query {
-            Some(q) => format!("{base}/{name}?{q}"),
-            None => format!("{base}/{name}"),
-        }
-    }
-
     impl Postgres {
         pub fn new() -> Self {
-            let admin_url = server_url();
             let name = super::super::unique("idc_test")
                 .replace('-', "_")
                 .to_lowercase();
-            let url = with_database(&admin_url, &name);
-            block_on(async {
-                let mut admin = PgConnection::connect(&admin_url)
-                    .await
-                    .expect("connecting to DATABASE_URL");
-                admin
-                    .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-                    .await
-                    .expect("creating the test database");
-                let mut conn = PgConnection::connect(&url).await.unwrap();
-                conn.execute(
-                    "CREATE TABLE ledger (account text PRIMARY KEY, balance bigint NOT NULL)",
-                )
-                .await
-                .unwrap();
-            });
+            let db = block_on(ThrowawayDb::create(
+                &server_url(),
+                &name,
+                "CREATE TABLE ledger (account text PRIMARY KEY, balance bigint NOT NULL)",
+            ))
+            .expect("creating the test database on DATABASE_URL");
             let options = PgOptions {
                 max_connections: 8,
                 ..PgOptions::default()
             };
-            Postgres {
-                url,
-                admin_url,
-                name,
-                options,
-            }
+            Postgres { db, options }
+        }
+
+        /// The URL of this test's database.
+        pub fn url(&self) -> &str {
+            &self.db.url
         }
 
         /// A store on this database, opened on the current runtime.
         pub async fn connect(&self) -> PgStore {
-            PgStore::connect_with(&self.url, self.options.clone())
+            PgStore::connect_with(self.url(), self.options.clone())
                 .await
                 .expect("connecting the store")
         }
@@ -219,31 +190,12 @@ mod postgres {
         pub fn scalar(&self, query: &str) -> Option<i64> {
             let query = query.to_owned();
             block_on(async {
-                let mut conn = PgConnection::connect(&self.url).await.unwrap();
+                let mut conn = PgConnection::connect(self.url()).await.unwrap();
                 sqlx::query_scalar(sqlx::AssertSqlSafe(query))
                     .fetch_optional(&mut conn)
                     .await
                     .unwrap()
             })
-        }
-    }
-
-    impl Drop for Postgres {
-        fn drop(&mut self) {
-            let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
-            // Best effort, on a thread: the test may be unwinding inside a runtime.
-            let _ = std::thread::spawn(move || {
-                block_on(async {
-                    if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
-                        let _ = admin
-                            .execute(sqlx::AssertSqlSafe(format!(
-                                "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-                            )))
-                            .await;
-                    }
-                })
-            })
-            .join();
         }
     }
 
@@ -255,7 +207,7 @@ mod postgres {
         }
 
         fn balances(&self) -> HashMap<String, i64> {
-            let url = self.url.clone();
+            let url = self.url().to_owned();
             block_on(async move {
                 let mut conn = PgConnection::connect(&url).await.unwrap();
                 sqlx::query_as::<_, (String, i64)>("SELECT account, balance FROM ledger")

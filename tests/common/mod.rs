@@ -6,6 +6,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod backend;
+#[cfg(feature = "postgres")]
+pub mod throwaway_db;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
