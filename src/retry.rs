@@ -2,8 +2,8 @@
 //!
 //! Exponential backoff with jitter, bounded by a number of attempts and by the time elapsed
 //! since the record first failed. While a record waits, its partition waits too (order is kept):
-//! its records queue up to the channel's capacity, then the partition is paused in Kafka, while
-//! other partitions keep flowing. Time is tokio's clock, so tests run it paused.
+//! its records wait in librdkafka's queue for that partition, which stops fetching it once full,
+//! while other partitions keep flowing. Time is tokio's clock, so tests run it paused.
 
 use std::time::Duration;
 

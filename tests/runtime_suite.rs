@@ -852,10 +852,11 @@ fn rebalance_mid_stream_applies_every_record_once<B: Backend>(b: &B) {
     assert_eq!(balances["acct0"], 134);
 }
 
-/// Partitions paused because their tasks' queues were full, then revoked by a rebalance, flow
-/// again where they are assigned, the same instance included: the pause does not outlive the
-/// assignment (librdkafka keeps an application pause across unassign and assign).
-fn paused_partitions_flow_again_after_a_rebalance<B: Backend>(b: &B) {
+/// Partitions whose tasks stalled with records waiting in their queues, then revoked by a
+/// rebalance, flow again where they are assigned, the same instance included: the records of
+/// the old assignment left in a partition's queue are dropped, and the queue split off again
+/// for the new assignment wakes its new task.
+fn stalled_partitions_flow_again_after_a_rebalance<B: Backend>(b: &B) {
     let (cluster, topic, group) = setup(2);
     for p in 0..2 {
         cluster.send_movements(
@@ -875,8 +876,8 @@ fn paused_partitions_flow_again_after_a_rebalance<B: Backend>(b: &B) {
                 .unwrap()
         })
     };
-    // The first instance's handler stalls once on each partition: both queues fill up and both
-    // partitions are paused, and stay paused until the rebalance takes them away.
+    // The first instance's handler stalls once on each partition, with the rest of the
+    // partition's records waiting in its queue, until the rebalance takes them away.
     let mut stalling = Ledger::new();
     stalling.hang_once_at = Some(5);
     let observed = stalling.observed.clone();
@@ -1164,7 +1165,7 @@ suite!(
     partitions_in_order_and_keys_scoped_by_group,
     same_key_on_two_partitions_at_once_runs_once,
     rebalance_mid_stream_applies_every_record_once,
-    paused_partitions_flow_again_after_a_rebalance,
+    stalled_partitions_flow_again_after_a_rebalance,
     handler_panic_is_dead_lettered_and_the_runtime_goes_on,
     retryable_error_is_retried_in_order_then_applied_once,
     exhausted_retries_are_dead_lettered,

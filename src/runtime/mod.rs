@@ -34,6 +34,7 @@ use crate::retry::RetryPolicy;
 use crate::store::{PartitionId, Store};
 
 mod commit;
+mod feed;
 mod partition;
 mod rebalance;
 
@@ -382,7 +383,6 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
             shared.store.clone(),
             config.group.clone(),
             events_tx,
-            config.batch_max_records.saturating_mul(2).max(16),
             config.drain_timeout,
             shared.meter.clone(),
         );
@@ -395,6 +395,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
             .subscribe(&topics)
             .map_err(|e| Error::kafka("subscribing", e))?;
         let consumer = Arc::new(consumer);
+        ConsumerCtx::attach(&consumer);
         let poller = PollThread::spawn(consumer.clone());
         tracing::info!(group = %config.group, topics = ?config.topics, "consumer started");
 
@@ -484,7 +485,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
             }
         };
 
-        // Drain: close every channel, let the tasks commit what they hold, then leave. Without a
+        // Drain: close every feed, let the tasks commit what they hold, then leave. Without a
         // control loop nobody answers rebalance events any more: closing the receiver makes the
         // poll thread release partitions at once instead of waiting for an answer.
         drop(events);

@@ -20,10 +20,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode};
-use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::commit::{commit_batch, commit_kafka};
+use super::feed::Feed;
 use super::rebalance::ConsumerCtx;
 use super::{ConflictPolicy, Shared};
 use crate::dead_letter::{DeadLetter, DeadLetterReason};
@@ -84,8 +84,9 @@ pub(crate) struct PartitionTask<S: Store, H> {
 }
 
 impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
-    /// Runs until the channel is closed and drained (revocation or shutdown) or a record stops it.
-    pub(crate) async fn run(mut self, mut records: mpsc::Receiver<Record>) -> Result<()> {
+    /// Runs until its feed is closed (revocation or shutdown) and what it holds is settled, or a
+    /// record stops it.
+    pub(crate) async fn run(mut self, mut records: Feed<ConsumerCtx<S>>) -> Result<()> {
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut store_failures = 0u32;
         let result = loop {
@@ -136,10 +137,10 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     }
 
     /// Waits for a record, then gathers more until the batch is full or the linger time passed.
-    /// Returns false when the channel is closed and empty.
+    /// Returns false once the feed is closed.
     async fn next_batch(
         &self,
-        records: &mut mpsc::Receiver<Record>,
+        records: &mut Feed<ConsumerCtx<S>>,
         batch: &mut VecDeque<Pending>,
     ) -> bool {
         let config = &self.shared.config;
@@ -155,12 +156,11 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         };
         batch.push_back(pending(first));
         let deadline = tokio::time::Instant::now() + config.batch_linger;
-        let mut buf = Vec::new();
         while batch.len() < config.batch_max_records {
-            let room = config.batch_max_records - batch.len();
-            match tokio::time::timeout_at(deadline, records.recv_many(&mut buf, room)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => batch.extend(buf.drain(..).map(pending)),
+            match records.try_recv() {
+                Some(record) => batch.push_back(pending(record)),
+                None if records.wait_until(deadline).await => {}
+                None => break,
             }
         }
         true

@@ -1,20 +1,20 @@
 //! The Kafka side of the runtime: the consumer's context, its poll thread, and rebalances.
 //!
-//! One OS thread polls the consumer, which serves librdkafka's events (rebalances, commit results)
-//! and hands each record to its partition task through a bounded channel. When a partition's
-//! channel is full the partition is paused and its records wait here until there is room, so a
-//! slow partition does not stall the others.
+//! One OS thread polls the consumer's main queue, which serves librdkafka's events (rebalances,
+//! commit results). Records never come through it: each partition's queue is split off before
+//! the partition is assigned, and its task reads it directly (`feed.rs`), so a slow partition
+//! holds back only its own fetching.
 //!
 //! Rebalance callbacks run on that thread, where blocking is harmless:
 //! - on assignment, each partition is acquired in the store (its epoch bumped, fencing the
 //!   previous owner) and assigned at the position stored there, not Kafka's committed offset;
-//! - on revocation, the partitions' channels are closed and the thread waits (bounded by the
+//! - on revocation, the partitions' feeds are closed and the thread waits (bounded by the
 //!   drain timeout) until their tasks have drained and committed, or were abandoned, before the
 //!   partitions are released.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -22,26 +22,24 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtoc
 use rdkafka::error::KafkaResult;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Offset};
+use rdkafka::{ClientContext, Message, Offset};
 use tokio::sync::mpsc;
 
+use super::feed::{Feed, FeedCloser};
 use crate::error::Error;
-use metrics::Counter;
-
-use crate::metrics::{GroupMeter, Stats};
-use crate::record::Record;
+use crate::metrics::GroupMeter;
 use crate::store::{PartitionId, Store};
 
 /// What the poll thread tells the runtime's control loop.
-pub(crate) enum Event {
+pub(crate) enum Event<S: Store> {
     /// A partition was acquired and assigned; its records arrive on `records`.
     Assigned {
         partition: PartitionId,
         epoch: u64,
         position: Option<i64>,
-        records: mpsc::Receiver<Record>,
+        records: Feed<ConsumerCtx<S>>,
     },
-    /// These partitions are being revoked: their channels are closed. Send on `ack` once their
+    /// These partitions are being revoked: their feeds are closed. Send on `ack` once their
     /// tasks are gone.
     Revoked {
         partitions: Vec<PartitionId>,
@@ -51,32 +49,24 @@ pub(crate) enum Event {
     Failed(Error),
 }
 
-struct Route {
-    records: mpsc::Sender<Record>,
-    /// Records read from the partition (the recorder's counter).
-    read: Counter,
-    /// Records that did not fit in the channel; the partition is paused while this is non-empty.
-    waiting: VecDeque<Record>,
-}
-
-/// The consumer context: store access for assignments, routes to partition tasks.
-pub(crate) struct ConsumerCtx<S> {
+/// The consumer context: store access for assignments, the open feeds of partition tasks.
+pub(crate) struct ConsumerCtx<S: Store> {
     store: Arc<S>,
     group: String,
     handle: tokio::runtime::Handle,
-    events: mpsc::UnboundedSender<Event>,
-    routes: Mutex<HashMap<(String, i32), Route>>,
-    channel_capacity: usize,
+    events: mpsc::UnboundedSender<Event<S>>,
+    /// The consumer itself, to split partition queues off it (set once it is in its `Arc`).
+    consumer: OnceLock<Weak<BaseConsumer<ConsumerCtx<S>>>>,
+    feeds: Mutex<HashMap<(String, i32), FeedCloser>>,
     drain_timeout: Duration,
     meter: GroupMeter,
 }
 
-impl<S> ConsumerCtx<S> {
+impl<S: Store> ConsumerCtx<S> {
     pub(crate) fn new(
         store: Arc<S>,
         group: String,
-        events: mpsc::UnboundedSender<Event>,
-        channel_capacity: usize,
+        events: mpsc::UnboundedSender<Event<S>>,
         drain_timeout: Duration,
         meter: GroupMeter,
     ) -> Self {
@@ -85,20 +75,25 @@ impl<S> ConsumerCtx<S> {
             group,
             handle: tokio::runtime::Handle::current(),
             events,
-            routes: Mutex::new(HashMap::new()),
-            channel_capacity,
+            consumer: OnceLock::new(),
+            feeds: Mutex::new(HashMap::new()),
             drain_timeout,
             meter,
         }
     }
 
-    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), Route>> {
-        self.routes.lock().expect("routes poisoned")
+    /// Gives the context its consumer; before the consumer is first polled.
+    pub(crate) fn attach(consumer: &Arc<BaseConsumer<Self>>) {
+        let _ = consumer.context().consumer.set(Arc::downgrade(consumer));
     }
 
-    /// Closes every partition channel: the tasks drain what they hold, commit and end.
+    fn feeds(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), FeedCloser>> {
+        self.feeds.lock().expect("feeds poisoned")
+    }
+
+    /// Closes every feed: the tasks settle what they hold, commit and end.
     pub(crate) fn close_all(&self) {
-        self.routes().clear();
+        self.feeds().clear();
     }
 }
 
@@ -143,6 +138,12 @@ fn partitions_of(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 
 impl<S: Store> ConsumerCtx<S> {
     fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let Some(this) = self.consumer.get().and_then(Weak::upgrade) else {
+            let _ = self.events.send(Event::Failed(Error::Task(
+                "assignment before the consumer was attached to its context".into(),
+            )));
+            return;
+        };
         let mut assigned = TopicPartitionList::new();
         for (topic, partition) in partitions_of(tpl) {
             let id = PartitionId::new(self.group.clone(), topic.clone(), partition);
@@ -164,30 +165,31 @@ impl<S: Store> ConsumerCtx<S> {
                     .send(Event::Failed(Error::kafka("building the assignment", e)));
                 continue;
             }
-            let (tx, rx) = mpsc::channel(self.channel_capacity);
-            self.routes().insert(
-                (topic.clone(), partition),
-                Route {
-                    records: tx,
-                    read: self.meter.records_read(&topic, partition),
-                    waiting: VecDeque::new(),
-                },
+            // Split before assigning: no record of the partition may reach the main queue.
+            let Some(queue) = this.split_partition_queue(&topic, partition) else {
+                let _ = self.events.send(Event::Failed(Error::Task(format!(
+                    "cannot split the queue of {topic}/{partition} off the consumer"
+                ))));
+                continue;
+            };
+            let (feed, closer) = Feed::new(
+                queue,
+                self.meter.records_read(&topic, partition),
+                self.meter.stats().clone(),
             );
+            self.feeds().insert((topic.clone(), partition), closer);
             tracing::info!(%topic, partition, epoch = assignment.epoch, position = ?assignment.position, "partition assigned");
             let _ = self.events.send(Event::Assigned {
                 partition: id,
                 epoch: assignment.epoch,
                 position: assignment.position,
-                records: rx,
+                records: feed,
             });
         }
         let result = match consumer.rebalance_protocol() {
             RebalanceProtocol::Cooperative => consumer.incremental_assign(&assigned),
             _ => consumer.assign(&assigned),
         };
-        // librdkafka keeps an application pause across unassign and assign: a partition paused
-        // (its queue was full) when it was revoked would otherwise never be fetched again.
-        let result = result.and_then(|()| consumer.resume(&assigned));
         if let Err(e) = result {
             let _ = self
                 .events
@@ -198,11 +200,12 @@ impl<S: Store> ConsumerCtx<S> {
     fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
         let revoked = partitions_of(tpl);
         {
-            let mut routes = self.routes();
+            let mut feeds = self.feeds();
             for tp in &revoked {
-                // Dropping the sender closes the channel: the task drains it, commits and ends.
-                // Records still waiting here were never handed over; the next owner reads them.
-                routes.remove(tp);
+                // Dropping the closer closes the feed: the task settles what it holds, commits
+                // and ends. Records left in the queue were never taken; the next owner reads
+                // them.
+                feeds.remove(tp);
             }
         }
         let partitions = revoked
@@ -229,69 +232,17 @@ impl<S: Store> ConsumerCtx<S> {
         tracing::info!(partitions = revoked.len(), "partitions revoked");
     }
 
-    /// Hands a record to its partition task, or parks it and pauses the partition.
-    fn dispatch(&self, consumer: &BaseConsumer<Self>, record: Record) {
-        Stats::add(&self.meter.stats().records_read, 1);
-        let mut routes = self.routes();
-        let tp = (record.topic().to_owned(), record.partition());
-        let Some(route) = routes.get_mut(&tp) else {
-            // Not ours (any more): not committed, so the partition's owner reads it.
-            return;
-        };
-        route.read.increment(1);
-        if !route.waiting.is_empty() {
-            route.waiting.push_back(record);
-            return;
+    /// A record on the main queue. Partition queues are split off before assignment, so this
+    /// is a record of a partition we do not own (any more), which its owner reads. If we do
+    /// own it, its task would commit past it: the runtime stops rather than lose it.
+    fn stray(&self, topic: &str, partition: i32, offset: i64) {
+        if self.feeds().contains_key(&(topic.to_owned(), partition)) {
+            let _ = self.events.send(Event::Failed(Error::Task(format!(
+                "record {topic}/{partition}@{offset} arrived outside its partition's queue"
+            ))));
+        } else {
+            tracing::debug!(%topic, partition, offset, "record of a partition not owned here");
         }
-        match route.records.try_send(record) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(record)) => {
-                route.waiting.push_back(record);
-                set_paused(consumer, &tp, true);
-            }
-            // The task ended; the runtime is stopping or the partition is being revoked.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
-    }
-
-    /// Moves parked records into channels that have room again; resumes drained partitions.
-    /// Returns whether records are still parked.
-    fn flush_waiting(&self, consumer: &BaseConsumer<Self>) -> bool {
-        let mut still_waiting = false;
-        for (tp, route) in self.routes().iter_mut() {
-            if route.waiting.is_empty() {
-                continue;
-            }
-            while let Some(record) = route.waiting.pop_front() {
-                match route.records.try_send(record) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(record)) => {
-                        route.waiting.push_front(record);
-                        break;
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => route.waiting.clear(),
-                }
-            }
-            if route.waiting.is_empty() {
-                set_paused(consumer, tp, false);
-            } else {
-                still_waiting = true;
-            }
-        }
-        still_waiting
-    }
-}
-
-fn set_paused<C: ConsumerContext>(consumer: &BaseConsumer<C>, tp: &(String, i32), pause: bool) {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(&tp.0, tp.1);
-    let result = if pause {
-        consumer.pause(&tpl)
-    } else {
-        consumer.resume(&tpl)
-    };
-    if let Err(e) = result {
-        tracing::warn!(topic = %tp.0, partition = tp.1, pause, error = %e, "pause/resume failed");
     }
 }
 
@@ -308,17 +259,16 @@ impl PollThread {
         let thread = std::thread::Builder::new()
             .name("idempotent-consumer-poll".into())
             .spawn(move || {
-                let mut waiting = false;
                 while !stopping.load(Ordering::Acquire) {
-                    let timeout = Duration::from_millis(if waiting { 5 } else { 100 });
-                    match consumer.poll(timeout) {
+                    match consumer.poll(Duration::from_millis(100)) {
                         None => {}
-                        Some(Ok(message)) => consumer
-                            .context()
-                            .dispatch(&consumer, Record::from_message(&message)),
+                        Some(Ok(m)) => {
+                            consumer
+                                .context()
+                                .stray(m.topic(), m.partition(), m.offset());
+                        }
                         Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                     }
-                    waiting = consumer.context().flush_waiting(&consumer);
                 }
                 // Dropping the consumer closes it: leaves the group (revoking what is left).
             })

@@ -1,0 +1,130 @@
+//! One partition's records, read by its task straight from librdkafka's queue for that
+//! partition.
+//!
+//! Each assigned partition's fetch queue is split off the consumer's main queue (before the
+//! partition is assigned, so no record of it can reach the main queue). librdkafka keeps
+//! prefetching into that queue up to `queued.max.messages.kbytes` and then stops fetching the
+//! partition by itself: a partition whose handler is slow holds back only its own fetching, and
+//! nothing is paused, purged and fetched again. The task takes records as it goes; it waits on
+//! the queue's non-empty callback when the queue is empty.
+//!
+//! Closing a feed (revocation, shutdown) makes it yield nothing more: the task settles the
+//! records it holds, commits and ends. Records left in the queue were never taken; the
+//! partition's next owner reads them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use metrics::Counter;
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::metrics::Stats;
+use crate::record::Record;
+
+/// A wait re-checks the queue at least this often, whatever the callback does.
+const RECHECK: Duration = Duration::from_millis(100);
+
+#[derive(Default)]
+struct Signal {
+    ready: Notify,
+    closed: AtomicBool,
+}
+
+/// Closes a [`Feed`] from the poll thread.
+pub(crate) struct FeedCloser(Arc<Signal>);
+
+impl FeedCloser {
+    /// The feed yields nothing more; a task waiting on it wakes up.
+    pub(crate) fn close(&self) {
+        self.0.closed.store(true, Ordering::Release);
+        self.0.ready.notify_one();
+    }
+}
+
+impl Drop for FeedCloser {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// One partition's records, in offset order.
+pub(crate) struct Feed<C: ConsumerContext + 'static> {
+    queue: PartitionQueue<C>,
+    signal: Arc<Signal>,
+    /// Records read from the partition (the recorder's counter).
+    read: Counter,
+    stats: Arc<Stats>,
+}
+
+impl<C: ConsumerContext + 'static> Feed<C> {
+    pub(crate) fn new(
+        mut queue: PartitionQueue<C>,
+        read: Counter,
+        stats: Arc<Stats>,
+    ) -> (Self, FeedCloser) {
+        let signal = Arc::new(Signal::default());
+        let ready = signal.clone();
+        // Called by librdkafka when the queue goes from empty to non-empty.
+        queue.set_nonempty_callback(move || ready.ready.notify_one());
+        let closer = FeedCloser(signal.clone());
+        (
+            Feed {
+                queue,
+                signal,
+                read,
+                stats,
+            },
+            closer,
+        )
+    }
+
+    fn closed(&self) -> bool {
+        self.signal.closed.load(Ordering::Acquire)
+    }
+
+    /// The next record that is there now, if any (never once closed).
+    pub(crate) fn try_recv(&mut self) -> Option<Record> {
+        loop {
+            if self.closed() {
+                return None;
+            }
+            match self.queue.poll(Duration::ZERO)? {
+                Ok(message) => {
+                    Stats::add(&self.stats.records_read, 1);
+                    self.read.increment(1);
+                    return Some(Record::from_message(&message));
+                }
+                // Fetch errors are reported here; librdkafka goes on fetching.
+                Err(e) => tracing::warn!(error = %e, "partition fetch error"),
+            }
+        }
+    }
+
+    /// Waits for the next record; `None` once the feed is closed.
+    pub(crate) async fn recv(&mut self) -> Option<Record> {
+        loop {
+            if let Some(record) = self.try_recv() {
+                return Some(record);
+            }
+            if self.closed() {
+                return None;
+            }
+            let _ = tokio::time::timeout(RECHECK, self.signal.ready.notified()).await;
+        }
+    }
+
+    /// Waits until a record may be there or `deadline` passes; false once the deadline passed
+    /// or the feed is closed.
+    pub(crate) async fn wait_until(&self, deadline: Instant) -> bool {
+        if self.closed() {
+            return false;
+        }
+        let until = deadline.min(Instant::now() + RECHECK);
+        let _ = tokio::time::timeout_at(until, self.signal.ready.notified()).await;
+        !self.closed() && Instant::now() < deadline
+    }
+}
