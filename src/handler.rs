@@ -2,7 +2,10 @@
 //!
 //! A handler is called once per new record with the record and the store's open transaction
 //! (`Tx`). Whatever it writes through `tx` commits atomically with the record's dedup entry and
-//! the partition position, or not at all. Effects that cannot join the transaction (an HTTP call,
+//! the partition position, or not at all. A run whose transaction does not commit counts for
+//! nothing, and the record is handled again: after a store failure, a crash, a retry, or, on
+//! PostgreSQL (which runs records without per-record savepoints, a round trip each), when a
+//! later record of the same batch fails. Effects that cannot join the transaction (an HTTP call,
 //! an e-mail) run at least once; pass [`IdempotencyKey`](crate::identity::IdempotencyKey)
 //! downstream so the other side can deduplicate them.
 //!

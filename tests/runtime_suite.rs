@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::backend::Backend;
 use common::{Cluster, Incarnation, Ledger, builder, unique};
 use idempotent_consumer::{ConflictPolicy, DeadLetterReason, DuplicateCause, Error, PartitionId};
-use idempotent_consumer::{ErrorClass, Identity, OversizeKey, RetryPolicy};
+use idempotent_consumer::{ErrorClass, Identity, OversizeKey, RetryPolicy, Store, Transaction};
 
 /// A cluster, a fresh topic with `partitions` and a fresh group.
 fn setup(partitions: i32) -> (Cluster, String, String) {
@@ -955,6 +955,11 @@ fn fast_retries(attempts: u32) -> RetryPolicy {
     }
 }
 
+/// Whether the backend's handlers run without savepoints until one fails.
+fn redoes<B: Backend>() -> bool {
+    <<B::S as Store>::Tx as Transaction>::SAVEPOINT_ROUND_TRIP
+}
+
 /// A retryable error is retried in place: the partition keeps its order, the record is applied
 /// once, and the records before it are not held back by the wait.
 fn retryable_error_is_retried_in_order_then_applied_once<B: Backend>(b: &B) {
@@ -977,11 +982,15 @@ fn retryable_error_is_retried_in_order_then_applied_once<B: Backend>(b: &B) {
     running.stop().unwrap();
     assert_eq!((stats.retries, stats.dead_lettered), (3, 0), "{stats:?}");
     let offsets: Vec<i64> = observed.calls().iter().map(|c| c.1).collect();
-    assert_eq!(
-        offsets,
-        vec![0, 1, 2, 2, 2, 2, 3],
-        "order kept, offset 2 tried four times"
-    );
+    // Where a savepoint costs a round trip, records run without one: the first failure drops
+    // the transaction, so the records before the failing one are handled again (once) and
+    // committed before the wait. Its failed run counts as its first attempt either way.
+    let expected = if redoes::<B>() {
+        vec![0, 1, 2, 0, 1, 2, 2, 2, 3]
+    } else {
+        vec![0, 1, 2, 2, 2, 2, 3]
+    };
+    assert_eq!(offsets, expected, "order kept, offset 2 tried four times");
     assert_eq!(b.balances()["ned"], 15);
 }
 
@@ -1018,9 +1027,14 @@ fn retrying_partition_waits_while_other_partitions_flow<B: Backend>(b: &B) {
         .filter(|c| c.0 == 0)
         .map(|c| c.1)
         .collect();
-    assert_eq!(p0.first(), Some(&0));
+    // Without savepoints the first failure is redone from offset 0 (see the test above).
+    let head: &[i64] = if redoes::<B>() { &[0, 1, 0] } else { &[0] };
+    assert!(p0.starts_with(head), "{p0:?}");
     assert_eq!(p0.last(), Some(&2), "order kept on the waiting partition");
-    assert!(p0[1..p0.len() - 1].iter().all(|&o| o == 1), "{p0:?}");
+    assert!(
+        p0[head.len()..p0.len() - 1].iter().all(|&o| o == 1),
+        "{p0:?}"
+    );
     let balances = b.balances();
     assert_eq!((balances["ida"], balances["jay"]), (3, 30));
 }

@@ -426,6 +426,8 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
                             tally: Default::default(),
                             letters: Vec::new(),
                             attempts: Default::default(),
+                            careful: false,
+                            unguarded_failure: None,
                         };
                         let abort = tasks.spawn(task.run(records));
                         workers.insert(abort.id(), Worker { partition, abort });

@@ -51,6 +51,10 @@ enum Step {
     /// Its key is held by another in-flight batch: commit ours (releasing our claims) and try
     /// again shortly.
     Busy,
+    /// The handler failed without a savepoint to undo it: drop the transaction and handle the
+    /// batch again from its first record, with savepoints; the failed run counts for the record
+    /// (its error is kept, the handler is not called again for it).
+    Redo,
     /// Stop before it.
     Stop(Error),
 }
@@ -81,6 +85,12 @@ pub(crate) struct PartitionTask<S: Store, H> {
     /// The current record's failed runs and when it first failed (for retries and dead
     /// letters).
     pub(crate) attempts: Attempts,
+    /// A savepoint before every record, even where it costs a round trip: set once a handler
+    /// failed without one, until the pending records are all committed.
+    pub(crate) careful: bool,
+    /// The error of a record whose handler failed without a savepoint, kept for when the redo
+    /// reaches it.
+    pub(crate) unguarded_failure: Option<(i64, HandlerError)>,
 }
 
 impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
@@ -204,6 +214,14 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     tokio::time::sleep(wait).await;
                     tx = self.begin(pending).await?;
                 }
+                Step::Redo => {
+                    // Nothing of this transaction counts; its records are handled again.
+                    drop(tx);
+                    next = self.position;
+                    settled = 0;
+                    self.careful = true;
+                    tx = self.begin(pending).await?;
+                }
                 Step::Stop(e) => {
                     self.end(tx, next).await?;
                     pending.drain(..settled);
@@ -213,6 +231,8 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         }
         self.end(tx, next).await?;
         pending.clear();
+        self.careful = false;
+        self.unguarded_failure = None;
         Ok(())
     }
 
@@ -292,6 +312,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     Step::Done(outcome) => outcome,
                     Step::Retry(_) => "retry",
                     Step::Busy => "busy",
+                    Step::Redo => "redo",
                     Step::Stop(_) => "stop",
                 };
                 tracing::Span::current().record("outcome", outcome);
@@ -354,22 +375,44 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 .await;
         }
 
-        tx.savepoint().await?;
+        // Where a savepoint costs a round trip, records run without one until a handler fails.
+        let guarded = self.careful || !<S::Tx as Transaction>::SAVEPOINT_ROUND_TRIP;
+        if guarded {
+            tx.savepoint().await?;
+        }
         // A panic is a handler error, not the end of the runtime. Deterministic on the same
         // input as far as the runtime can tell, so it is permanent: the record is kept as a
         // dead letter. The transaction is not left half-written: the savepoint undoes it.
-        let started = std::time::Instant::now();
-        let result = AssertUnwindSafe(shared.handler.handle(record, tx))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| {
-                Err(HandlerError::permanent(format!(
-                    "handler panicked: {}",
-                    panic_message(&*panic)
-                )))
-            });
-        self.meter.handler_latency(started.elapsed());
-        if tx.take_conflict() {
+        let result = match self
+            .unguarded_failure
+            .take_if(|(offset, _)| *offset == record.offset())
+        {
+            // It failed in a transaction that was dropped for want of a savepoint: that run
+            // counts, and the handler is not called again for it.
+            Some((_, error)) => Err(error),
+            None => {
+                let started = std::time::Instant::now();
+                let result = AssertUnwindSafe(shared.handler.handle(record, tx))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| {
+                        Err(HandlerError::permanent(format!(
+                            "handler panicked: {}",
+                            panic_message(&*panic)
+                        )))
+                    });
+                self.meter.handler_latency(started.elapsed());
+                result
+            }
+        };
+        let conflicted = tx.take_conflict();
+        if !guarded && (conflicted || result.is_err()) {
+            if let Err(error) = result {
+                self.unguarded_failure = Some((record.offset(), error));
+            }
+            return Ok(Step::Redo);
+        }
+        if conflicted {
             // It read or wrote state another in-flight batch holds: whatever it returned was
             // computed on state that may change. Undo and handle it again after our commit.
             tx.rollback_to_savepoint().await?;

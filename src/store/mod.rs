@@ -111,8 +111,16 @@ pub enum Claim {
 ///
 /// Writes made between [`savepoint`](Transaction::savepoint) and
 /// [`rollback_to_savepoint`](Transaction::rollback_to_savepoint) are undone by the latter; the
-/// runtime sets a savepoint before each record so a failing record does not poison the batch.
+/// runtime sets a savepoint before each record so a failing record does not poison the batch
+/// (see [`SAVEPOINT_ROUND_TRIP`](Transaction::SAVEPOINT_ROUND_TRIP) for stores where that costs).
 pub trait Transaction: Send + 'static {
+    /// True when a savepoint costs a round trip to a server. The runtime then handles records
+    /// without savepoints; when a handler fails, it drops the whole transaction and handles the
+    /// batch again from its first record with a savepoint before each (so records before the
+    /// failing one may be handled twice, never committed twice). False: a savepoint before
+    /// every record.
+    const SAVEPOINT_ROUND_TRIP: bool = false;
+
     /// The entry stored under `key` (a scoped store key), including entries written earlier in
     /// this transaction, expired or not.
     fn lookup(&mut self, key: &[u8]) -> impl Future<Output = Result<Option<DedupEntry>>> + Send;

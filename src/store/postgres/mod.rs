@@ -808,6 +808,8 @@ fn read_entry(row: &PgRow) -> Result<ReadEntry> {
 }
 
 impl Transaction for PgTx {
+    const SAVEPOINT_ROUND_TRIP: bool = true;
+
     async fn lookup(&mut self, key: &[u8]) -> Result<Option<DedupEntry>> {
         match self.keys.get(key) {
             Some(KeyState::Existing(entry) | KeyState::Written(entry)) => {
