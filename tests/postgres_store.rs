@@ -249,7 +249,7 @@ fn same_key_on_partitions_of_two_instances_runs_once() {
 }
 
 /// The database connection is killed in the middle of a batch (pg_terminate_backend): the batch
-/// rolls back, the runtime tries it again on a new connection, and every record counts once.
+/// rolls back, the runtime handles it again on a new connection, and every record counts once.
 #[test]
 fn connection_killed_mid_transaction_is_retried_without_loss_or_doubling() {
     let pg = Postgres::new();
@@ -280,7 +280,10 @@ fn connection_killed_mid_transaction_is_retried_without_loss_or_doubling() {
     running.wait_for("every record", |s| s.applied == 30);
     let stats = running.stats();
     running.stop().unwrap();
-    assert!(stats.store_retries >= 1, "{stats:?}");
+    // The kill surfaces where the connection is next used: in the runtime's own statements (a
+    // store retry of the batch) or in the handler's query, which the handler reports as
+    // retryable (the batch is dropped and handled again: a retry).
+    assert!(stats.store_retries + stats.retries >= 1, "{stats:?}");
     assert_eq!(pg.balances()["lou"], 30, "nothing lost, nothing doubled");
     assert_eq!(
         pg.next_offset(&PartitionId::new(&group, &topic, 0)),
