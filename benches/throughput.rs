@@ -6,7 +6,8 @@
 //! median of three passes),
 //! `framework-noop` (the runtime, no-op handler, in-memory store), `rocksdb` (handler writes one
 //! key per record), `postgres-b1`, `-b100`, `-b1000` (handler inserts one row per record, at
-//! those batch sizes), `naive` (per record: SELECT the key, the same insert, INSERT the key,
+//! those batch sizes, deferred with `PgTx::defer` to one statement per batch),
+//! `postgres-b1000-sql` (the same with the handler's own INSERT per record), `naive` (per record: SELECT the key, the same insert, INSERT the key,
 //! COMMIT, commit the offset), `pg-limit` (the same dedup rows and inserts with UNNEST in
 //! batches of 1,000, no Kafka), `replay-rocksdb` and `replay-postgres-b1000` (the same records
 //! again: all duplicates), `rocksdb-10m` (the rocksdb row with 10 million entries already
@@ -32,8 +33,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use idempotent_consumer::{
-    DedupEntry, EntryStatus, Handler, HandlerError, MemoryStore, MemoryTx, Outcome, PartitionId,
-    PgOptions, PgStore, PgTx, Record, RocksStore, RocksTx, Runtime, Stats, Store, Transaction,
+    BatchStatement, DedupEntry, EntryStatus, Handler, HandlerError, MemoryStore, MemoryTx, Outcome,
+    PartitionId, PgOptions, PgStore, PgTx, Record, RocksStore, RocksTx, Runtime, Stats, Store,
+    Transaction,
 };
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -253,14 +255,22 @@ fn run() -> Res<()> {
             rt.block_on(PgStore::connect_with(&db.url, options.clone()))
                 .map_err(|e| e.to_string())
         };
-        for (name, batch, n) in [
-            ("postgres-b1", 1, args.slow_records),
-            ("postgres-b100", 100, records),
-            ("postgres-b1000", 1000, records),
+        for (name, batch, n, batched) in [
+            ("postgres-b1", 1, args.slow_records, true),
+            ("postgres-b100", 100, records, true),
+            ("postgres-b1000", 1000, records, true),
+            ("postgres-b1000-sql", 1000, records, false),
         ] {
+            let handler = || {
+                if batched {
+                    RowPerRecord::batched()
+                } else {
+                    RowPerRecord { batched: None }
+                }
+            };
             if wanted(name) || (name == "postgres-b1000" && wanted("replay-postgres-b1000")) {
                 let store = connect()?;
-                let row = bench.runtime_in(name, name, n, store.clone(), RowPerRecord, batch)?;
+                let row = bench.runtime_in(name, name, n, store.clone(), handler(), batch)?;
                 report(row, Some(raw_rate));
                 if name == "postgres-b1000" && wanted("replay-postgres-b1000") {
                     for p in 0..PARTITIONS {
@@ -273,7 +283,7 @@ fn run() -> Res<()> {
                             "replay-postgres-b1000",
                             n,
                             store,
-                            RowPerRecord,
+                            handler(),
                             batch,
                         )?,
                         Some(raw_rate),
@@ -593,18 +603,37 @@ impl Handler<RocksTx> for KeyPerRecord {
     }
 }
 
-/// Inserts one row per record.
-struct RowPerRecord;
+/// Inserts one row per record: deferred to a statement that writes the batch's rows at once,
+/// or (`batched: None`) with its own INSERT per record on the transaction's connection.
+struct RowPerRecord {
+    batched: Option<BatchStatement<(Vec<u8>, Vec<u8>)>>,
+}
+
+impl RowPerRecord {
+    fn batched() -> Self {
+        RowPerRecord {
+            batched: Some(BatchStatement::new(
+                "INSERT INTO bench_effects (key, body) SELECT * FROM unnest($1::bytea[], $2::bytea[])",
+            )),
+        }
+    }
+}
 
 impl Handler<PgTx> for RowPerRecord {
     async fn handle(&self, record: &Record, tx: &mut PgTx) -> Result<Outcome, HandlerError> {
         let key = record.header("idempotency-key").unwrap_or_default();
-        sqlx::query("INSERT INTO bench_effects (key, body) VALUES ($1, $2)")
-            .bind(key)
-            .bind(record.payload().unwrap_or_default())
-            .execute(tx.conn())
-            .await
-            .map_err(HandlerError::retryable)?;
+        let body = record.payload().unwrap_or_default();
+        match &self.batched {
+            Some(insert) => tx.defer(insert, (key.to_vec(), body.to_vec())),
+            None => {
+                sqlx::query("INSERT INTO bench_effects (key, body) VALUES ($1, $2)")
+                    .bind(key)
+                    .bind(body)
+                    .execute(tx.conn())
+                    .await
+                    .map_err(HandlerError::retryable)?;
+            }
+        }
         Ok(Outcome::none())
     }
 }
@@ -654,9 +683,6 @@ fn database(admin_url: &str) -> Res<ThrowawayDb> {
         &format!("bench_{}", std::process::id()),
         "CREATE TABLE bench_effects (key bytea NOT NULL, body bytea NOT NULL); \
          CREATE TABLE naive_dedup (key bytea PRIMARY KEY); \
-         CREATE TABLE limit_dedup (key bytea PRIMARY KEY, fingerprint bytea NOT NULL, \
-           topic text NOT NULL, \"partition\" integer NOT NULL, \"offset\" bigint NOT NULL, \
-           created_at timestamptz NOT NULL, expires_at timestamptz NOT NULL); \
          CREATE TABLE limit_effects (key bytea NOT NULL, body bytea NOT NULL)",
     ))
     .map_err(|e| format!("creating the benchmark database on DATABASE_URL: {e}"))
@@ -726,8 +752,21 @@ fn naive(rt: &tokio::runtime::Runtime, bootstrap: &str, url: &str, n: usize) -> 
 }
 
 /// The database's own limit: the same dedup rows and effect rows, inserted with UNNEST ... ON
-/// CONFLICT DO NOTHING in batches of 1,000 (one transaction each), no Kafka.
+/// CONFLICT DO NOTHING in batches of 1,000 (one transaction each), no Kafka. The dedup rows go
+/// to a table of the store's own shape (its migrations, under the prefix `limit_`: the same
+/// key, indexes and collation).
 async fn pg_limit(url: &str, n: usize) -> Res<Duration> {
+    let options = PgOptions {
+        table_prefix: "limit_".into(),
+        max_connections: 1,
+        ..PgOptions::default()
+    };
+    PgStore::connect_with(url, options)
+        .await
+        .map_err(|e| e.to_string())?
+        .pool()
+        .close()
+        .await;
     let mut conn = PgConnection::connect(url)
         .await
         .map_err(|e| e.to_string())?;
@@ -765,8 +804,9 @@ async fn pg_limit(url: &str, n: usize) -> Res<Duration> {
             .collect();
         let mut tx = conn.begin().await.map_err(|e| e.to_string())?;
         sqlx::query(
-            "INSERT INTO limit_dedup (key, fingerprint, topic, \"partition\", \"offset\", created_at, expires_at) \
-             SELECT k, f, 'bench', p, o, now(), now() + interval '7 days' \
+            "INSERT INTO limit_dedup (consumer_group, tenant, idempotency_key, status, fingerprint, \
+               topic, \"partition\", \"offset\", created_at, expires_at) \
+             SELECT 'pg-limit', '', k, 'completed', f, 'bench', p, o, now(), now() + interval '7 days' \
              FROM UNNEST($1::bytea[], $2::bytea[], $3::int[], $4::bigint[]) AS t(k, f, p, o) \
              ON CONFLICT DO NOTHING",
         )

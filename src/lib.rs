@@ -79,7 +79,8 @@
 //!   the machine: if a partition moves to another instance, that instance has no entries for it.
 //!   Run one instance per store directory.
 //! - `PgStore` (feature `postgres`): shared by every instance of a group. The handler gets
-//!   `PgTx` and runs its own SQL on `tx.conn()`; keys are claimed first as uncommitted rows, so a
+//!   `PgTx` and runs its own SQL on `tx.conn()`, or defers rows with `tx.defer` to a
+//!   `BatchStatement` that writes the whole batch's rows in one round trip; keys are claimed first as uncommitted rows, so a
 //!   duplicate arriving at another instance waits on the primary key and then sees the entry. A
 //!   transient failure (lost connection, deadlock) rolls the batch back and it is tried again.
 //!   `examples/payments_postgres.rs` shows it.
@@ -117,11 +118,13 @@ pub use metrics::{Stats, StatsSnapshot};
 pub use record::{DecodeError, Header, Record};
 pub use retry::RetryPolicy;
 pub use runtime::{ConflictPolicy, Runtime, RuntimeBuilder};
-pub use store::{Claim, DedupEntry, EntryStatus, PartitionId, Store, StoredPosition, Transaction};
+pub use store::{
+    Claim, ClaimAhead, DedupEntry, EntryStatus, PartitionId, Store, StoredPosition, Transaction,
+};
 
 #[cfg(feature = "memory")]
 pub use store::memory::{MemoryStore, MemoryTx};
 #[cfg(feature = "postgres")]
-pub use store::postgres::{PgOptions, PgStore, PgTx};
+pub use store::postgres::{BatchStatement, PgOptions, PgStore, PgTx};
 #[cfg(feature = "rocksdb")]
 pub use store::rocksdb::{RocksOptions, RocksStore, RocksTx};

@@ -8,9 +8,10 @@ mod common;
 use std::time::Duration;
 
 use common::backend::{Backend, Postgres, block_on};
-use common::{Cluster, Incarnation, Ledger, LedgerTx, builder, store_key, unique};
+use common::{Cluster, Incarnation, Ledger, LedgerTx, Movement, builder, store_key, unique};
 use idempotent_consumer::{
-    Claim, DeadLetterTopic, DedupEntry, EntryStatus, Error, PartitionId, PgOptions, PgStore, Store,
+    BatchStatement, Claim, ClaimAhead, DeadLetterTopic, DedupEntry, EntryStatus, Error, ErrorClass,
+    Handler, HandlerError, Outcome, PartitionId, PgOptions, PgStore, PgTx, Record, Store,
     Transaction,
 };
 
@@ -169,26 +170,59 @@ fn savepoint_rollback_undoes_one_record_and_keeps_the_batch() {
     );
 }
 
-/// A claimed key whose record did not finish (retried later, or stopped before) is released by
-/// the commit, so it never blocks or shadows the record's next attempt.
+/// Keys claimed ahead: a record that leaves the entry its claim expected commits it (the claim
+/// already wrote it), one that leaves another entry (an outcome) commits that one, and a claim
+/// whose record did not finish (retried later, or stopped before) is released by the commit, so
+/// it never blocks or shadows the record's next attempt.
 #[test]
-fn unfinished_claims_do_not_survive_the_commit() {
+fn claims_ahead_commit_the_entry_their_record_left_and_unfinished_ones_are_released() {
     let pg = Postgres::new();
     block_on(async {
         let store = pg.connect().await;
         let pid = PartitionId::new("g", "t", 0);
         let epoch = store.acquire(&pid).await.unwrap().epoch;
-        let (done, unfinished) = (store_key("g", "done"), store_key("g", "later"));
+        let keys = [
+            store_key("g", "as-expected"),
+            store_key("g", "with-outcome"),
+            store_key("g", "later"),
+        ];
+        let ahead = |i: usize| ClaimAhead {
+            key: &keys[i],
+            fingerprint: idempotent_consumer::identity::Fingerprint::of(Some(b"p")),
+            topic: "t",
+            partition: 0,
+            offset: i as i64,
+            created_at_ms: 1,
+            expires_at_ms: 4_000_000_000_000,
+        };
         let mut tx = store.begin(&pid, epoch).await.unwrap();
-        tx.prepare_claims(&[&done, &unfinished], 10).await.unwrap();
-        assert_eq!(tx.claim(&done, 10).await.unwrap(), Claim::Claimed);
-        tx.put_entry(&done, &entry(0, b"p")).await.unwrap();
-        tx.commit(1).await.unwrap();
-        assert!(store.entry(&done).await.unwrap().is_some());
-        assert_eq!(store.entry(&unfinished).await.unwrap(), None);
-        assert_eq!(store.count_entries().await.unwrap(), 1);
+        tx.prepare_claims(&[ahead(0), ahead(1), ahead(2), ahead(0)], 10)
+            .await
+            .unwrap();
+        for key in &keys {
+            assert_eq!(tx.claim(key, 10).await.unwrap(), Claim::Claimed);
+        }
+        let expected = ahead(0).entry();
+        tx.put_entry(&keys[0], &expected).await.unwrap();
+        let mut with_outcome = ahead(1).entry();
+        with_outcome.outcome = Some(b"receipt".to_vec());
+        tx.put_entry(&keys[1], &with_outcome).await.unwrap();
+        tx.commit(2).await.unwrap();
+        assert_eq!(store.entry(&keys[0]).await.unwrap(), Some(expected));
+        assert_eq!(store.entry(&keys[1]).await.unwrap(), Some(with_outcome));
+        assert_eq!(store.entry(&keys[2]).await.unwrap(), None);
+        assert_eq!(store.count_entries().await.unwrap(), 2);
         // The gauge's count (exact on a small table) leaves claims out too.
-        assert_eq!(Store::entry_count(&store).await.unwrap(), 1);
+        assert_eq!(Store::entry_count(&store).await.unwrap(), 2);
+
+        // The released key is free for the next batch.
+        let mut tx = store.begin(&pid, epoch).await.unwrap();
+        tx.prepare_claims(&[ahead(2)], 10).await.unwrap();
+        assert_eq!(tx.claim(&keys[2], 10).await.unwrap(), Claim::Claimed);
+        assert!(matches!(
+            tx.claim(&keys[0], 10).await.unwrap(),
+            Claim::Existing(_)
+        ));
     });
 }
 
@@ -393,5 +427,201 @@ fn schema_options_are_validated_and_applied() {
         pg.scalar("SELECT count(*) FROM ledger"),
         Some(0),
         "the ledger table is still there"
+    );
+}
+
+/// A deposits table whose rows handlers defer, and a count of the INSERT statements run on it
+/// (a statement-level trigger), to tell one statement per batch from one per record.
+const DEPOSITS: &str = "CREATE TABLE deposits (key text PRIMARY KEY, account text NOT NULL, \
+     amount bigint NOT NULL CHECK (amount >= 0)); \
+     CREATE TABLE deposit_statements (n bigint NOT NULL); \
+     INSERT INTO deposit_statements VALUES (0); \
+     CREATE FUNCTION count_deposit_statement() RETURNS trigger LANGUAGE plpgsql AS \
+     $$ BEGIN UPDATE deposit_statements SET n = n + 1; RETURN NULL; END $$; \
+     CREATE TRIGGER deposits_counted AFTER INSERT ON deposits \
+     FOR EACH STATEMENT EXECUTE FUNCTION count_deposit_statement()";
+
+const INSERT_DEPOSITS: &str = "INSERT INTO deposits (key, account, amount) SELECT * FROM unnest($1::text[], $2::text[], $3::int8[])";
+
+/// Defers one `deposits` row per record: (idempotency key, account, amount).
+struct Deposits {
+    insert: BatchStatement<(String, String, i64)>,
+}
+
+impl Deposits {
+    fn new(sql: &'static str) -> Self {
+        Deposits {
+            insert: BatchStatement::new(sql),
+        }
+    }
+}
+
+impl Handler<PgTx> for Deposits {
+    async fn handle(&self, record: &Record, tx: &mut PgTx) -> Result<Outcome, HandlerError> {
+        let m: Movement = record.json()?;
+        let key = record.header("idempotency-key").unwrap_or_default();
+        let key = String::from_utf8_lossy(key).into_owned();
+        tx.defer(&self.insert, (key, m.account, m.amount));
+        Ok(Outcome::none())
+    }
+}
+
+/// Deferred rows commit with their batch, once, in one statement per batch (not one per
+/// record); redelivered and repeated keys add nothing.
+#[test]
+fn deferred_rows_are_written_once_per_batch() {
+    let pg = Postgres::new();
+    pg.execute(DEPOSITS);
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    let movements = (0..250).map(|i| (format!("d{}", i % 200), "ada".to_owned(), 1));
+    cluster.send_movements(&topic, 0, movements);
+    let running = Incarnation::launch(&pg, |store| {
+        builder(&cluster, &group, &topic)
+            .batch(100, Duration::from_millis(200))
+            .store(store)
+            .build(Deposits::new(INSERT_DEPOSITS))
+            .unwrap()
+    });
+    running.wait_for("every record", |s| s.applied + s.duplicates() == 250);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!(stats.applied, 200, "{stats:?}");
+    assert_eq!(pg.scalar("SELECT count(*) FROM deposits"), Some(200));
+    assert_eq!(
+        pg.scalar("SELECT sum(amount)::bigint FROM deposits"),
+        Some(200)
+    );
+    let statements = pg.scalar("SELECT n FROM deposit_statements").unwrap();
+    assert!(
+        (2..=stats.batches_committed as i64).contains(&statements),
+        "{statements} INSERT statements for 200 rows in {} batches",
+        stats.batches_committed
+    );
+    assert_eq!(
+        pg.next_offset(&PartitionId::new(&group, &topic, 0)),
+        Some(250)
+    );
+}
+
+/// A deferred row the database rejects fails at the batch's statement; the batch is handled
+/// again record by record, the rejected row's record is dead-lettered as a permanent failure,
+/// and every other record's row commits once.
+#[test]
+fn a_rejected_deferred_row_dead_letters_its_record_alone() {
+    let pg = Postgres::new();
+    pg.execute(DEPOSITS);
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    let movements = (0..10).map(|i| {
+        (
+            format!("r{i}"),
+            "bo".to_owned(),
+            if i == 4 { -1 } else { 1 },
+        )
+    });
+    cluster.send_movements(&topic, 0, movements);
+    let running = Incarnation::launch(&pg, |store| {
+        builder(&cluster, &group, &topic)
+            .batch(100, Duration::from_millis(200))
+            .dead_letter_topic(DeadLetterTopic::Disabled)
+            .store(store)
+            .build(Deposits::new(INSERT_DEPOSITS))
+            .unwrap()
+    });
+    running.wait_for("every record", |s| s.applied + s.dead_lettered == 10);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!((stats.applied, stats.dead_lettered), (9, 1), "{stats:?}");
+    assert_eq!(pg.scalar("SELECT count(*) FROM deposits"), Some(9));
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM deposits WHERE key = 'r4'"),
+        Some(0)
+    );
+    let pid = PartitionId::new(&group, &topic, 0);
+    let letters = pg.dead_letters(&pid);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].record.offset(), 4);
+    assert!(
+        letters[0].message.contains("deferred") && letters[0].message.contains("check"),
+        "{}",
+        letters[0].message
+    );
+    assert_eq!(pg.next_offset(&pid), Some(10));
+}
+
+/// A batch statement that cannot run (its table does not exist) stops the runtime before the
+/// first record that deferred a row: nothing is committed past it.
+#[test]
+fn a_broken_batch_statement_stops_before_the_first_record() {
+    let pg = Postgres::new();
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    for i in 0..3 {
+        cluster.send_movement(&topic, 0, &format!("b{i}"), "cy", 1);
+    }
+    let mut running = Incarnation::launch(&pg, |store| {
+        builder(&cluster, &group, &topic)
+            .store(store)
+            .build(Deposits::new(
+                "INSERT INTO no_such_table SELECT * FROM unnest($1::text[], $2::text[], $3::int8[])",
+            ))
+            .unwrap()
+    });
+    let err = running.join().unwrap_err();
+    assert!(matches!(err, Error::HandlerFatal { .. }), "{err}");
+    assert_eq!(err.record_position().unwrap().offset, 0);
+    assert!(err.to_string().contains("no_such_table"), "{err}");
+    let position = pg.position(&PartitionId::new(&group, &topic, 0));
+    assert_eq!(
+        position.and_then(|p| p.next_offset),
+        None,
+        "nothing committed"
+    );
+}
+
+/// Driven step by step: rows deferred after a savepoint go with a rollback to it, rows written
+/// early stay written, the commit writes what is still deferred, and a rejected row is the
+/// caller's error (permanent), not the store's.
+#[test]
+fn deferred_rows_follow_savepoints_and_fail_as_the_record() {
+    let pg = Postgres::new();
+    pg.execute(DEPOSITS);
+    block_on(async {
+        let store = pg.connect().await;
+        let pid = PartitionId::new("g", "t", 0);
+        let epoch = store.acquire(&pid).await.unwrap().epoch;
+        let insert = BatchStatement::<(String, String, i64)>::new(INSERT_DEPOSITS);
+        let row = |key: &str, amount| (key.to_owned(), "dee".to_owned(), amount);
+
+        let mut tx = store.begin(&pid, epoch).await.unwrap();
+        tx.defer(&insert, row("kept", 1));
+        tx.savepoint().await.unwrap();
+        tx.defer(&insert, row("undone", 2));
+        tx.rollback_to_savepoint().await.unwrap();
+        tx.savepoint().await.unwrap();
+        tx.defer(&insert, row("early", 4));
+        tx.write_deferred().await.unwrap().unwrap();
+        tx.savepoint().await.unwrap();
+        tx.defer(&insert, row("late", 8));
+        tx.commit(1).await.unwrap();
+
+        let mut tx = store.begin(&pid, epoch).await.unwrap();
+        tx.savepoint().await.unwrap();
+        tx.defer(&insert, row("negative", -1));
+        let failure = tx.write_deferred().await.unwrap().unwrap_err();
+        assert_eq!(failure.class(), ErrorClass::Permanent, "{failure}");
+        tx.rollback_to_savepoint().await.unwrap();
+        tx.defer(&insert, row("after", 16));
+        tx.write_deferred().await.unwrap().unwrap();
+        tx.commit(2).await.unwrap();
+    });
+    assert_eq!(
+        pg.scalar("SELECT sum(amount)::bigint FROM deposits"),
+        Some(1 + 4 + 8 + 16),
+        "every row but the undone one (the commit writes what is still deferred)"
     );
 }

@@ -428,6 +428,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
                             attempts: Default::default(),
                             careful: false,
                             unguarded_failure: None,
+                            batch_now: 0,
                         };
                         let abort = tasks.spawn(task.run(records));
                         workers.insert(abort.id(), Worker { partition, abort });

@@ -33,7 +33,7 @@ use crate::identity::{Fingerprint, IdempotencyKey, KeyError};
 use crate::metrics::{PartitionMeter, Tally};
 use crate::record::Record;
 use crate::retry::{Attempts, NextTry};
-use crate::store::{Claim, DedupEntry, EntryStatus, PartitionId, Store, Transaction};
+use crate::store::{Claim, ClaimAhead, DedupEntry, EntryStatus, PartitionId, Store, Transaction};
 
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -59,11 +59,36 @@ enum Step {
     Stop(Error),
 }
 
-/// A record waiting in its partition, with its idempotency key derived once on arrival.
+/// What `process` does once the open transaction has ended.
+enum Then {
+    /// Every pending record is settled: done.
+    Finish,
+    /// Drop the transaction and handle the pending records again with savepoints.
+    Redo,
+    /// Sleep, then go on with the record that asked for a retry.
+    Retry(Duration),
+    /// Wait a moment, then go on with the record whose key was busy.
+    Busy,
+    /// Return this error.
+    Stop(Error),
+}
+
+/// How a transaction ended.
+enum Ended {
+    /// Committed, or dropped with nothing settled in it.
+    Committed,
+    /// Its deferred writes failed before anything was written: nothing of it counts, and the
+    /// batch is handled again one savepoint at a time.
+    Redo,
+}
+
+/// A record waiting in its partition, with its idempotency key and fingerprint derived once on
+/// arrival.
 pub(crate) struct Pending {
     record: Record,
     /// The key and its scoped store key, or why the record has none.
     key: std::result::Result<(IdempotencyKey, Vec<u8>), KeyError>,
+    fingerprint: Fingerprint,
 }
 
 impl Pending {
@@ -91,6 +116,10 @@ pub(crate) struct PartitionTask<S: Store, H> {
     /// The error of a record whose handler failed without a savepoint, kept for when the redo
     /// reaches it.
     pub(crate) unguarded_failure: Option<(i64, HandlerError)>,
+    /// The open transaction's clock (milliseconds since the Unix epoch), read once when it
+    /// began: what claims check expiry against, and the creation time of the entries it writes,
+    /// so an entry claimed ahead is exactly the one the record then leaves.
+    pub(crate) batch_now: i64,
 }
 
 impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
@@ -162,7 +191,12 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 let store_key = config.scope.store_key(&key);
                 (key, store_key)
             });
-            Pending { record, key }
+            let fingerprint = Fingerprint::of(record.payload());
+            Pending {
+                record,
+                key,
+                fingerprint,
+            }
         };
         batch.push_back(pending(first));
         let deadline = tokio::time::Instant::now() + config.batch_linger;
@@ -186,54 +220,65 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         let mut busy_waits = 0u64;
         // pending[..settled] are settled in the open transaction.
         let mut settled = 0usize;
-        while let Some(item) = pending.get(settled) {
-            let record = &item.record;
-            match self.record(&mut tx, item).await? {
-                Step::Done(_) => {
-                    // Never backwards: a redelivery below the position leaves it where it is.
-                    next = Some(next.map_or(record.offset() + 1, |n| n.max(record.offset() + 1)));
-                    self.attempts = Attempts::default();
-                    settled += 1;
+        loop {
+            // What to do once the open transaction has ended, if the loop gets there.
+            let then = match pending.get(settled) {
+                None => Then::Finish,
+                Some(item) => match self.record(&mut tx, item).await? {
+                    Step::Done(_) => {
+                        // Never backwards: a redelivery below the position leaves it where it is.
+                        let offset = item.record.offset();
+                        next = Some(next.map_or(offset + 1, |n| n.max(offset + 1)));
+                        self.attempts = Attempts::default();
+                        settled += 1;
+                        continue;
+                    }
+                    Step::Redo => Then::Redo,
+                    Step::Retry(delay) => Then::Retry(delay),
+                    Step::Busy => Then::Busy,
+                    Step::Stop(e) => Then::Stop(e),
+                },
+            };
+            let ended = match then {
+                // Nothing of this transaction counts; its records are handled again.
+                Then::Redo => {
+                    drop(tx);
+                    Ended::Redo
                 }
-                Step::Retry(delay) => {
-                    self.end(tx, next).await?;
-                    pending.drain(..settled);
-                    settled = 0;
+                _ => self.end(tx, next).await?,
+            };
+            if let Ended::Redo = ended {
+                // The handler failed without a savepoint, or the deferred writes failed at the
+                // commit: again from the first pending record, one savepoint at a time.
+                next = self.position;
+                settled = 0;
+                self.careful = true;
+                tx = self.begin(pending).await?;
+                continue;
+            }
+            pending.drain(..settled);
+            settled = 0;
+            match then {
+                Then::Retry(delay) => {
                     self.meter.retried();
                     tokio::time::sleep(delay).await;
-                    tx = self.begin(pending).await?;
                 }
-                Step::Busy => {
-                    self.end(tx, next).await?;
-                    pending.drain(..settled);
-                    settled = 0;
+                Then::Busy => {
                     busy_waits += 1;
                     // Grows and is jittered, so two partitions that keep meeting on the same
                     // keys fall out of step.
                     let wait = shared.config.retry.backoff(busy_waits.min(6) as u32, None) / 20;
                     tokio::time::sleep(wait).await;
-                    tx = self.begin(pending).await?;
                 }
-                Step::Redo => {
-                    // Nothing of this transaction counts; its records are handled again.
-                    drop(tx);
-                    next = self.position;
-                    settled = 0;
-                    self.careful = true;
-                    tx = self.begin(pending).await?;
-                }
-                Step::Stop(e) => {
-                    self.end(tx, next).await?;
-                    pending.drain(..settled);
-                    return Err(e);
+                Then::Stop(e) => return Err(e),
+                Then::Finish | Then::Redo => {
+                    self.careful = false;
+                    self.unguarded_failure = None;
+                    return Ok(());
                 }
             }
+            tx = self.begin(pending).await?;
         }
-        self.end(tx, next).await?;
-        pending.clear();
-        self.careful = false;
-        self.unguarded_failure = None;
-        Ok(())
     }
 
     /// Opens a transaction for the pending records and claims their keys in one go, where the
@@ -242,14 +287,26 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     async fn begin(&mut self, pending: &VecDeque<Pending>) -> Result<S::Tx> {
         self.tally = Tally::default();
         self.letters.clear();
+        self.batch_now = now_ms();
         let mut tx = self.shared.store.begin(&self.partition, self.epoch).await?;
-        let keys: Vec<&[u8]> = pending
+        let (now, retention) = (self.batch_now, self.retention_ms());
+        let claims: Vec<ClaimAhead<'_>> = pending
             .iter()
             .filter(|p| self.position.is_none_or(|pos| p.record.offset() >= pos))
-            .filter_map(Pending::store_key)
+            .filter_map(|p| {
+                Some(ClaimAhead {
+                    key: p.store_key()?,
+                    fingerprint: p.fingerprint,
+                    topic: p.record.topic(),
+                    partition: p.record.partition(),
+                    offset: p.record.offset(),
+                    created_at_ms: now,
+                    expires_at_ms: now.saturating_add(retention),
+                })
+            })
             .collect();
-        if !keys.is_empty() {
-            tx.prepare_claims(&keys, now_ms()).await?;
+        if !claims.is_empty() {
+            tx.prepare_claims(&claims, now).await?;
         }
         Ok(tx)
     }
@@ -257,17 +314,34 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     /// Ends the open transaction before anything else begins: commits it when records settled,
     /// drops it (writing nothing, releasing its claims) otherwise. A new transaction must never
     /// start while this one lives, or it could wait on this one's claims.
-    async fn end(&mut self, tx: S::Tx, next: Option<i64>) -> Result<()> {
+    async fn end(&mut self, tx: S::Tx, next: Option<i64>) -> Result<Ended> {
         match next {
             Some(n) => self.commit(tx, n).await,
             None => {
                 drop(tx);
-                Ok(())
+                Ok(Ended::Committed)
             }
         }
     }
 
-    async fn commit(&mut self, tx: S::Tx, next: i64) -> Result<()> {
+    async fn commit(&mut self, mut tx: S::Tx, next: i64) -> Result<Ended> {
+        if let Err(error) = tx.write_deferred().await? {
+            if self.careful {
+                // One savepoint at a time, each record's deferred writes went out after its
+                // handler: nothing should be left to fail here.
+                return Err(Error::store(
+                    "writing deferred rows at the commit",
+                    error.to_string(),
+                ));
+            }
+            tracing::warn!(
+                topic = %self.partition.topic,
+                partition = self.partition.partition,
+                error = %error,
+                "deferred rows failed at the commit; handling the batch again record by record"
+            );
+            return Ok(Ended::Redo);
+        }
         if let Some(producer) = &self.shared.dead_letters
             && !self.letters.is_empty()
         {
@@ -278,7 +352,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         if self.position == Some(next) {
             // Nothing moved (every record was below the position); nothing to write.
             self.meter.flush(&mut self.tally);
-            return Ok(());
+            return Ok(Ended::Committed);
         }
         let group = &self.shared.meter;
         let latency = commit_batch(
@@ -292,7 +366,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         .await?;
         self.position = Some(next);
         self.meter.committed(&mut self.tally, latency);
-        Ok(())
+        Ok(Ended::Committed)
     }
 
     async fn record(&mut self, tx: &mut S::Tx, item: &Pending) -> Result<Step> {
@@ -354,9 +428,8 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             }
         };
         span.record("key", tracing::field::display(key));
-        let now = now_ms();
-
-        let fingerprint = Fingerprint::of(record.payload());
+        let now = self.batch_now;
+        let fingerprint = item.fingerprint;
         let existing = match tx.claim(store_key, now).await? {
             Claim::Claimed => None,
             Claim::Existing(entry) => Some(entry),
@@ -383,7 +456,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         // A panic is a handler error, not the end of the runtime. Deterministic on the same
         // input as far as the runtime can tell, so it is permanent: the record is kept as a
         // dead letter. The transaction is not left half-written: the savepoint undoes it.
-        let result = match self
+        let mut result = match self
             .unguarded_failure
             .take_if(|(offset, _)| *offset == record.offset())
         {
@@ -405,6 +478,13 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 result
             }
         };
+        if guarded
+            && result.is_ok()
+            && let Err(error) = tx.write_deferred().await?
+        {
+            // Written now, after a savepoint, so a failure is this record's.
+            result = Err(error);
+        }
         let conflicted = tx.take_conflict();
         if !guarded && (conflicted || result.is_err()) {
             if let Err(error) = result {
@@ -440,7 +520,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             ErrorClass::Retryable => {
                 match self
                     .attempts
-                    .failed(&config.retry, error.retry_delay(), now)
+                    .failed(&config.retry, error.retry_delay(), now_ms())
                 {
                     NextTry::After(delay) => {
                         let attempts = self.attempts.failures();
@@ -572,7 +652,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         outcome: Option<Vec<u8>>,
         now: i64,
     ) -> DedupEntry {
-        let retention = self.shared.config.retention.as_millis() as i64;
+        let retention = self.retention_ms();
         DedupEntry {
             status,
             fingerprint,
@@ -583,6 +663,10 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             created_at_ms: now,
             expires_at_ms: now.saturating_add(retention),
         }
+    }
+
+    fn retention_ms(&self) -> i64 {
+        i64::try_from(self.shared.config.retention.as_millis()).unwrap_or(i64::MAX)
     }
 
     /// Keeps the record as a dead letter and, when it has a key, marks the key dead-lettered in

@@ -15,6 +15,8 @@ use std::future::Future;
 
 use crate::dead_letter::DeadLetter;
 use crate::error::Result;
+use crate::handler::HandlerError;
+use crate::identity::Fingerprint;
 
 pub mod entry;
 #[cfg(feature = "memory")]
@@ -107,6 +109,42 @@ pub enum Claim {
     Busy,
 }
 
+/// A key claimed ahead of its record by [`Transaction::prepare_claims`], with the entry the
+/// record leaves if its handler succeeds without an outcome: completed, with these fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimAhead<'a> {
+    /// The scoped store key.
+    pub key: &'a [u8],
+    /// The record's payload fingerprint.
+    pub fingerprint: Fingerprint,
+    /// The record's topic.
+    pub topic: &'a str,
+    /// The record's partition.
+    pub partition: i32,
+    /// The record's offset.
+    pub offset: i64,
+    /// When the entry is created (the batch's clock).
+    pub created_at_ms: i64,
+    /// When the entry expires.
+    pub expires_at_ms: i64,
+}
+
+impl ClaimAhead<'_> {
+    /// The entry: completed, no outcome.
+    pub fn entry(&self) -> DedupEntry {
+        DedupEntry {
+            status: EntryStatus::Completed,
+            fingerprint: self.fingerprint,
+            outcome: None,
+            topic: self.topic.to_owned(),
+            partition: self.partition,
+            offset: self.offset,
+            created_at_ms: self.created_at_ms,
+            expires_at_ms: self.expires_at_ms,
+        }
+    }
+}
+
 /// One batch's writes, committed atomically with the partition's new position.
 ///
 /// Writes made between [`savepoint`](Transaction::savepoint) and
@@ -132,15 +170,18 @@ pub trait Transaction: Send + 'static {
     fn claim(&mut self, key: &[u8], now_ms: i64) -> impl Future<Output = Result<Claim>> + Send;
 
     /// Claims several keys ahead of their records, so a store with round trips claims a whole
-    /// batch at once; [`claim`](Transaction::claim) then answers from what this learned. A
-    /// claimed key whose record is not finished by the commit is released by the commit.
-    /// The default does nothing (claims are answered one by one).
+    /// batch at once; [`claim`](Transaction::claim) then answers from what this learned. Each
+    /// claim comes with the entry its record leaves in the usual case (see [`ClaimAhead`]), so
+    /// such a store can write that entry with the claim and nothing more when
+    /// [`put_entry`](Transaction::put_entry) brings the same entry. A claimed key whose record
+    /// is not finished by the commit is released by the commit. The default does nothing
+    /// (claims are answered one by one).
     fn prepare_claims(
         &mut self,
-        keys: &[&[u8]],
+        claims: &[ClaimAhead<'_>],
         now_ms: i64,
     ) -> impl Future<Output = Result<()>> + Send {
-        let _ = (keys, now_ms);
+        let _ = (claims, now_ms);
         async { Ok(()) }
     }
 
@@ -156,6 +197,21 @@ pub trait Transaction: Send + 'static {
 
     /// Undoes every write since the last savepoint.
     fn rollback_to_savepoint(&mut self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Writes now what the handler deferred to the end of the batch (the rows of PostgreSQL's
+    /// `PgTx::defer`); a no-op where nothing is ever deferred (the default).
+    ///
+    /// The runtime calls it before every commit, and after each record's handler while it
+    /// handles records one savepoint at a time (so a failure belongs to that record). The outer
+    /// error is the store's (a transient one means: try the batch again); the inner one is a
+    /// failure of the deferred writes themselves, classed like a handler error of the record
+    /// that deferred them. After either, the transaction is rolled back to its savepoint or
+    /// dropped.
+    fn write_deferred(
+        &mut self,
+    ) -> impl Future<Output = Result<std::result::Result<(), HandlerError>>> + Send {
+        async { Ok(Ok(())) }
+    }
 
     /// Writes (or replaces an expired) dedup entry.
     fn put_entry(

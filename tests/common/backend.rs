@@ -186,6 +186,18 @@ mod postgres {
             })
         }
 
+        /// Runs statements (no parameters) on a fresh connection.
+        pub fn execute(&self, statements: &str) {
+            let statements = statements.to_owned();
+            block_on(async {
+                let mut conn = PgConnection::connect(self.url()).await.unwrap();
+                sqlx::raw_sql(sqlx::AssertSqlSafe(statements))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            })
+        }
+
         /// One row of a query returning a bigint, on a fresh connection.
         pub fn scalar(&self, query: &str) -> Option<i64> {
             let query = query.to_owned();

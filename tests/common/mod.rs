@@ -337,10 +337,11 @@ pub fn movement(account: &str, amount: i64) -> Vec<u8> {
     format!(r#"{{"account":"{account}","amount":{amount}}}"#).into_bytes()
 }
 
+/// The payload of [`Cluster::send_movement`].
 #[derive(serde::Deserialize)]
-struct Movement {
-    account: String,
-    amount: i64,
+pub struct Movement {
+    pub account: String,
+    pub amount: i64,
 }
 
 /// One `on_duplicate` call: offset, cause and the stored outcome.

@@ -33,13 +33,26 @@ use sqlx::{AssertSqlSafe, Row, SqlSafeStr, SqlStr};
 
 use crate::dead_letter::DeadLetter;
 use crate::error::{Error, Result};
+use crate::handler::HandlerError;
 use crate::identity::{Fingerprint, split_store_key};
 use crate::store::entry::{DedupEntry, EntryStatus};
-use crate::store::{Assignment, Claim, PartitionId, Store, StoredPosition, Transaction};
+use crate::store::{
+    Assignment, Claim, ClaimAhead, PartitionId, Store, StoredPosition, Transaction,
+};
+
+mod batch;
+
+pub use batch::{BatchRow, BatchStatement, Column};
 
 /// The migrations, in order: (version, description, SQL template).
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "initial", include_str!("migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "initial", include_str!("migrations/0001_initial.sql")),
+    (
+        2,
+        "byte order keys",
+        include_str!("migrations/0002_byte_order_keys.sql"),
+    ),
+];
 
 /// Options of the PostgreSQL store.
 #[derive(Debug, Clone)]
@@ -125,6 +138,7 @@ struct Sql {
     position: SqlStr,
     set_position: SqlStr,
     claim_many: SqlStr,
+    claim_ahead: SqlStr,
     select_many: SqlStr,
     take_over: SqlStr,
     write_entries: SqlStr,
@@ -175,10 +189,22 @@ impl Sql {
             claim_many: statement(format!(
                 "INSERT INTO {dedup} (consumer_group, tenant, idempotency_key, status, fingerprint, topic, \"partition\", \"offset\", created_at, expires_at) \
                  SELECT u.g, u.t, u.k, 'claimed', '\\x'::bytea, $4, -1, -1, {now}, {now} \
-                 FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(g, t, k) ORDER BY u.g, u.t, u.k \
+                 FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(g, t, k) \
+                 ORDER BY u.g COLLATE \"C\", u.t COLLATE \"C\", u.k \
                  ON CONFLICT (consumer_group, tenant, idempotency_key) DO NOTHING \
                  RETURNING consumer_group, tenant, idempotency_key",
                 now = ts(5)
+            )),
+            // The same, each row holding the entry its record usually leaves.
+            claim_ahead: statement(format!(
+                "INSERT INTO {dedup} (consumer_group, tenant, idempotency_key, status, fingerprint, topic, \"partition\", \"offset\", created_at, expires_at) \
+                 SELECT u.g, u.t, u.k, 'completed', u.f, u.tp, u.p, u.o, \
+                 timestamptz 'epoch' + u.c * interval '1 millisecond', timestamptz 'epoch' + u.e * interval '1 millisecond' \
+                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bytea[], $6::int4[], $7::int8[], $8::int8[], $9::int8[]) \
+                      AS u(g, t, k, tp, f, p, o, c, e) \
+                 ORDER BY u.g COLLATE \"C\", u.t COLLATE \"C\", u.k \
+                 ON CONFLICT (consumer_group, tenant, idempotency_key) DO NOTHING \
+                 RETURNING consumer_group, tenant, idempotency_key"
             )),
             select_many: statement(format!(
                 "SELECT {entry_select} FROM {dedup} d \
@@ -206,7 +232,7 @@ impl Sql {
             )),
             release_claims: statement(format!(
                 "DELETE FROM {dedup} d USING unnest($1::text[], $2::text[], $3::bytea[]) AS u(g, t, k) \
-                 WHERE d.consumer_group = u.g AND d.tenant = u.t AND d.idempotency_key = u.k AND d.status = 'claimed'"
+                 WHERE d.consumer_group = u.g AND d.tenant = u.t AND d.idempotency_key = u.k"
             )),
             write_dead_letters: statement(format!(
                 "INSERT INTO {dead_letters} (consumer_group, topic, \"partition\", \"offset\", idempotency_key, reason, message, \
@@ -516,6 +542,8 @@ impl Store for PgStore {
             dead_letters: Vec::new(),
             undo: Vec::new(),
             savepoint: false,
+            deferred: Vec::new(),
+            deferred_marks: Vec::new(),
         })
     }
 
@@ -547,12 +575,15 @@ impl Store for PgStore {
 /// What a transaction knows about a key.
 #[derive(Debug, Clone)]
 enum KeyState {
-    /// Claimed by this transaction; no entry written yet.
-    Claimed,
+    /// Claimed by this transaction; its row holds a placeholder (`None`) or, claimed ahead, the
+    /// entry its record usually leaves (not an entry yet: released by the commit unless
+    /// written).
+    Claimed(Option<DedupEntry>),
     /// A live entry committed by an earlier transaction.
     Existing(DedupEntry),
-    /// Written by this transaction; goes to the table in the commit.
-    Written(DedupEntry),
+    /// Written by this transaction. `stored`: the row claimed ahead already holds it; otherwise
+    /// it goes to the table in the commit.
+    Written { entry: DedupEntry, stored: bool },
 }
 
 /// One batch's PostgreSQL transaction. The handler runs its own SQL through [`PgTx::conn`].
@@ -569,6 +600,10 @@ pub struct PgTx {
     /// Changes to `keys` since the savepoint: (key, state before).
     undo: Vec<(Vec<u8>, Option<KeyState>)>,
     savepoint: bool,
+    /// Rows deferred to the end of the batch, per statement (by id), in order of first use.
+    deferred: Vec<(u64, Box<dyn batch::Deferred>)>,
+    /// How many rows each of `deferred` held at the savepoint.
+    deferred_marks: Vec<usize>,
 }
 
 impl fmt::Debug for PgTx {
@@ -603,6 +638,17 @@ impl PgTx {
         &self.partition
     }
 
+    /// Defers `row` to `statement`, which writes the rows of the whole batch at once, in this
+    /// transaction, just before it commits: one round trip per batch instead of one per record.
+    /// Rows keep the order they were deferred in. Rows of a record that fails or is rolled back
+    /// are discarded with it. Queries on [`conn`](PgTx::conn) in the same batch do not see
+    /// deferred rows. What a failing statement does is told in [`BatchStatement`]'s module:
+    /// in short, the batch is handled again one record at a time and the failure becomes that
+    /// record's handler error.
+    pub fn defer<R: BatchRow>(&mut self, statement: &BatchStatement<R>, row: R) {
+        batch::push(&mut self.deferred, statement, row);
+    }
+
     fn set_key(&mut self, key: &[u8], state: KeyState) {
         let before = self.keys.insert(key.to_vec(), state);
         if self.savepoint {
@@ -610,40 +656,97 @@ impl PgTx {
         }
     }
 
-    /// Claims every key of `keys` not known yet, in one insert; then reads the entries of the
-    /// ones it did not get, taking over the expired ones.
-    async fn claim_unknown(&mut self, keys: &[&[u8]], now_ms: i64) -> Result<()> {
-        let mut unknown: Vec<&[u8]> = keys
+    /// Claims every key of `claims` not known yet, in one insert (two if some come with the
+    /// entry to write and some without); then reads the entries of the ones it did not get,
+    /// taking over the expired ones.
+    async fn claim_unknown(
+        &mut self,
+        claims: &[(&[u8], Option<&ClaimAhead<'_>>)],
+        now_ms: i64,
+    ) -> Result<()> {
+        let mut unknown: Vec<(&[u8], Option<&ClaimAhead<'_>>)> = claims
             .iter()
             .copied()
-            .filter(|k| !self.keys.contains_key(*k))
+            .filter(|(k, _)| !self.keys.contains_key(*k))
             .collect();
-        unknown.sort_unstable();
-        unknown.dedup();
+        // Stable: of a key's claims, the first (its first record's) stays.
+        unknown.sort_by(|a, b| a.0.cmp(b.0));
+        unknown.dedup_by(|a, b| a.0 == b.0);
         // A key the purge deleted between the insert and the read, or that another batch
         // refreshed between the read and the takeover, is simply tried again.
         for _ in 0..3 {
             if unknown.is_empty() {
                 return Ok(());
             }
-            let (groups, tenants, bytes) = split_all(&unknown)?;
-            let claimed = sqlx::query(self.store.sql.claim_many.clone())
-                .bind(&groups)
-                .bind(&tenants)
-                .bind(&bytes)
-                .bind(&self.partition.topic)
-                .bind(clamp_ms(now_ms))
-                .fetch_all(&mut *self.tx)
-                .await
-                .map_err(pg("claiming keys"))?;
-            for row in &claimed {
-                self.set_key(&store_key_of(row)?, KeyState::Claimed);
+            let (ahead, plain): (Vec<_>, Vec<_>) =
+                unknown.iter().partition(|(_, entry)| entry.is_some());
+            if !ahead.is_empty() {
+                let keys: Vec<&[u8]> = ahead.iter().map(|(k, _)| *k).collect();
+                let (groups, tenants, bytes) = split_all(&keys)?;
+                let entries: Vec<&ClaimAhead<'_>> = ahead.iter().filter_map(|(_, e)| *e).collect();
+                let claimed = sqlx::query(self.store.sql.claim_ahead.clone())
+                    .bind(&groups)
+                    .bind(&tenants)
+                    .bind(&bytes)
+                    .bind(entries.iter().map(|e| e.topic).collect::<Vec<_>>())
+                    .bind(
+                        entries
+                            .iter()
+                            .map(|e| e.fingerprint.0.as_slice())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(entries.iter().map(|e| e.partition).collect::<Vec<_>>())
+                    .bind(entries.iter().map(|e| e.offset).collect::<Vec<_>>())
+                    .bind(
+                        entries
+                            .iter()
+                            .map(|e| clamp_ms(e.created_at_ms))
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        entries
+                            .iter()
+                            .map(|e| clamp_ms(e.expires_at_ms))
+                            .collect::<Vec<_>>(),
+                    )
+                    .fetch_all(&mut *self.tx)
+                    .await
+                    .map_err(pg("claiming keys"))?;
+                for row in &claimed {
+                    let key = store_key_of(row)?;
+                    let entry = ahead
+                        .binary_search_by(|(k, _)| (*k).cmp(key.as_slice()))
+                        .ok()
+                        .and_then(|at| ahead[at].1)
+                        .ok_or_else(|| {
+                            Error::Corrupt("a claim returned a key not asked for".into())
+                        })?
+                        .entry();
+                    self.set_key(&key, KeyState::Claimed(Some(entry)));
+                }
             }
-            unknown.retain(|k| !self.keys.contains_key(*k));
+            if !plain.is_empty() {
+                let keys: Vec<&[u8]> = plain.iter().map(|(k, _)| *k).collect();
+                let (groups, tenants, bytes) = split_all(&keys)?;
+                let claimed = sqlx::query(self.store.sql.claim_many.clone())
+                    .bind(&groups)
+                    .bind(&tenants)
+                    .bind(&bytes)
+                    .bind(&self.partition.topic)
+                    .bind(clamp_ms(now_ms))
+                    .fetch_all(&mut *self.tx)
+                    .await
+                    .map_err(pg("claiming keys"))?;
+                for row in &claimed {
+                    self.set_key(&store_key_of(row)?, KeyState::Claimed(None));
+                }
+            }
+            unknown.retain(|(k, _)| !self.keys.contains_key(*k));
             if unknown.is_empty() {
                 return Ok(());
             }
-            for (key, read) in select_entries(&mut self.tx, &self.store.sql, &unknown).await? {
+            let keys: Vec<&[u8]> = unknown.iter().map(|(k, _)| *k).collect();
+            for (key, read) in select_entries(&mut self.tx, &self.store.sql, &keys).await? {
                 if read.status_is_claimed {
                     // Our own claims are known keys (filtered out above) and other
                     // transactions' claims are invisible: this row should not exist.
@@ -667,10 +770,10 @@ impl PgTx {
                     .await
                     .map_err(pg("taking over an expired key"))?;
                 if took.is_some() {
-                    self.set_key(&key, KeyState::Claimed);
+                    self.set_key(&key, KeyState::Claimed(None));
                 }
             }
-            unknown.retain(|k| !self.keys.contains_key(*k));
+            unknown.retain(|(k, _)| !self.keys.contains_key(*k));
         }
         Err(Error::store_transient(
             "claiming keys",
@@ -812,10 +915,10 @@ impl Transaction for PgTx {
 
     async fn lookup(&mut self, key: &[u8]) -> Result<Option<DedupEntry>> {
         match self.keys.get(key) {
-            Some(KeyState::Existing(entry) | KeyState::Written(entry)) => {
+            Some(KeyState::Existing(entry) | KeyState::Written { entry, .. }) => {
                 return Ok(Some(entry.clone()));
             }
-            Some(KeyState::Claimed) => return Ok(None),
+            Some(KeyState::Claimed(_)) => return Ok(None),
             None => {}
         }
         let found = select_entries(&mut self.tx, &self.store.sql, &[key]).await?;
@@ -825,17 +928,18 @@ impl Transaction for PgTx {
             .map(|(_, e)| e.entry))
     }
 
-    async fn prepare_claims(&mut self, keys: &[&[u8]], now_ms: i64) -> Result<()> {
-        self.claim_unknown(keys, now_ms).await
+    async fn prepare_claims(&mut self, claims: &[ClaimAhead<'_>], now_ms: i64) -> Result<()> {
+        let claims: Vec<_> = claims.iter().map(|c| (c.key, Some(c))).collect();
+        self.claim_unknown(&claims, now_ms).await
     }
 
     async fn claim(&mut self, key: &[u8], now_ms: i64) -> Result<Claim> {
         if !self.keys.contains_key(key) {
-            self.claim_unknown(&[key], now_ms).await?;
+            self.claim_unknown(&[(key, None)], now_ms).await?;
         }
         match self.keys.get(key) {
-            Some(KeyState::Claimed) => Ok(Claim::Claimed),
-            Some(KeyState::Existing(entry) | KeyState::Written(entry)) => {
+            Some(KeyState::Claimed(_)) => Ok(Claim::Claimed),
+            Some(KeyState::Existing(entry) | KeyState::Written { entry, .. }) => {
                 Ok(Claim::Existing(entry.clone()))
             }
             None => Err(Error::Corrupt(
@@ -856,6 +960,9 @@ impl Transaction for PgTx {
             .map_err(pg("setting a savepoint"))?;
         self.savepoint = true;
         self.undo.clear();
+        self.deferred_marks.clear();
+        self.deferred_marks
+            .extend(self.deferred.iter().map(|(_, rows)| rows.len()));
         Ok(())
     }
 
@@ -873,11 +980,36 @@ impl Transaction for PgTx {
                 None => self.keys.remove(&key),
             };
         }
+        for (i, (_, rows)) in self.deferred.iter_mut().enumerate() {
+            rows.truncate(self.deferred_marks.get(i).copied().unwrap_or(0));
+        }
         Ok(())
     }
 
+    async fn write_deferred(&mut self) -> Result<std::result::Result<(), HandlerError>> {
+        for (_, rows) in &mut self.deferred {
+            if rows.len() == 0 {
+                continue;
+            }
+            let query = rows.take();
+            match query.execute(&mut *self.tx).await {
+                Ok(_) => {}
+                Err(e) if is_transient(&e) => {
+                    return Err(Error::store_transient("writing deferred rows", e));
+                }
+                Err(e) => return Ok(Err(batch::record_error(e))),
+            }
+        }
+        // Written rows are below every mark now.
+        self.deferred_marks.iter_mut().for_each(|m| *m = 0);
+        Ok(Ok(()))
+    }
+
     async fn put_entry(&mut self, key: &[u8], entry: &DedupEntry) -> Result<()> {
-        self.set_key(key, KeyState::Written(entry.clone()));
+        let stored =
+            matches!(self.keys.get(key), Some(KeyState::Claimed(Some(row))) if row == entry);
+        let entry = entry.clone();
+        self.set_key(key, KeyState::Written { entry, stored });
         Ok(())
     }
 
@@ -918,10 +1050,25 @@ impl Transaction for PgTx {
             });
         }
 
+        // Rows still deferred (the runtime writes them before the commit, so a failure can be
+        // put down to a record; a caller driving the transaction may not have).
+        for (_, rows) in &mut self.deferred {
+            if rows.len() > 0 {
+                rows.take()
+                    .execute(&mut *self.tx)
+                    .await
+                    .map_err(pg("writing deferred rows"))?;
+            }
+        }
+
         // The entries written by the batch (the last write of a key is its state), as columns.
         let mut rows = EntryColumns::default();
         for (key, state) in &self.keys {
-            if let KeyState::Written(entry) = state {
+            if let KeyState::Written {
+                entry,
+                stored: false,
+            } = state
+            {
                 rows.push(key, entry)?;
             }
         }
@@ -947,7 +1094,7 @@ impl Transaction for PgTx {
         let unfinished: Vec<&[u8]> = self
             .keys
             .iter()
-            .filter(|(_, s)| matches!(s, KeyState::Claimed))
+            .filter(|(_, s)| matches!(s, KeyState::Claimed(_)))
             .map(|(k, _)| k.as_slice())
             .collect();
         if !unfinished.is_empty() {
