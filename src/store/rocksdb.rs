@@ -24,7 +24,9 @@ use rocksdb::{
 use crate::dead_letter::DeadLetter;
 use crate::error::{Error, Result};
 use crate::store::entry::{DedupEntry, Reader};
-use crate::store::{Assignment, Claim, PartitionId, Store, StoredPosition, Transaction};
+use crate::store::{
+    Assignment, Claim, ClaimAhead, PartitionId, Store, StoredPosition, Transaction,
+};
 
 const CF_DEDUP: &str = "dedup";
 const CF_EXPIRY: &str = "expiry";
@@ -184,6 +186,17 @@ impl RocksStore {
         self.inner.entry(key)
     }
 
+    /// Flushes the memtables and waits until background compactions have finished: after a
+    /// bulk load, before a measurement or a backup that should not race them.
+    pub fn wait_for_compactions(&self) -> Result<()> {
+        let mut options = rocksdb::WaitForCompactOptions::default();
+        options.set_flush(true);
+        self.inner
+            .db
+            .wait_for_compact(&options)
+            .map_err(rocks("waiting for compactions"))
+    }
+
     /// The stored position of a partition.
     pub fn position(&self, partition: &PartitionId) -> Result<Option<StoredPosition>> {
         self.inner
@@ -331,6 +344,7 @@ impl Store for RocksStore {
             overlay: HashMap::new(),
             undo: Vec::new(),
             savepoint: 0,
+            known: HashMap::new(),
         })
     }
 
@@ -415,6 +429,9 @@ pub struct RocksTx {
     /// Previous overlay state of each slot written since the transaction began, newest last.
     undo: Vec<(Slot, Option<Option<Vec<u8>>>)>,
     savepoint: usize,
+    /// Live entries read by `prepare_claims` (committed, so only a claim could change them,
+    /// and a live entry is never claimed).
+    known: HashMap<Vec<u8>, DedupEntry>,
 }
 
 impl fmt::Debug for RocksTx {
@@ -528,6 +545,9 @@ impl Transaction for RocksTx {
         if self.claimed.contains(key) {
             return Ok(Claim::Claimed);
         }
+        if let Some(entry) = self.known.get(key).filter(|e| !e.is_expired(now_ms)) {
+            return Ok(Claim::Existing(entry.clone()));
+        }
         let inner = &self.store.inner;
         let mut claims = inner.claims.lock().expect("claims poisoned");
         if claims.get(key).is_some_and(|owner| *owner != self.id) {
@@ -541,6 +561,38 @@ impl Transaction for RocksTx {
         claims.insert(key.to_vec(), self.id);
         self.claimed.insert(key.to_vec());
         Ok(Claim::Claimed)
+    }
+
+    /// Claims the batch's keys under one lock of the claim table, reading their entries with
+    /// one `MultiGet`; keys another transaction holds are left for `claim` to answer.
+    async fn prepare_claims(&mut self, claims: &[ClaimAhead<'_>], now_ms: i64) -> Result<()> {
+        let mut keys: Vec<&[u8]> = claims
+            .iter()
+            .map(|c| c.key)
+            .filter(|k| !self.claimed.contains(*k) && !self.known.contains_key(*k))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let inner = self.store.inner.clone();
+        let mut table = inner.claims.lock().expect("claims poisoned");
+        keys.retain(|k| !table.contains_key(*k));
+        // Read under the claim lock, as in `claim`: a key is either busy or its entry visible.
+        let values = inner
+            .db
+            .batched_multi_get_cf(inner.cf(CF_DEDUP), &keys, true);
+        for (key, value) in keys.iter().zip(values) {
+            let value = value.map_err(rocks("reading dedup entries"))?;
+            match value.map(|v| DedupEntry::decode(&v)).transpose()? {
+                Some(entry) if !entry.is_expired(now_ms) => {
+                    self.known.insert(key.to_vec(), entry);
+                }
+                _ => {
+                    table.insert(key.to_vec(), self.id);
+                    self.claimed.insert(key.to_vec());
+                }
+            }
+        }
+        Ok(())
     }
 
     fn take_conflict(&mut self) -> bool {
@@ -731,6 +783,52 @@ mod tests {
         // Committed: the entry answers; once expired, the key can be claimed again.
         assert!(matches!(third.claim(b"k", 0).await.unwrap(), Claim::Existing(e) if e.offset == 5));
         assert_eq!(third.claim(b"k", 100).await.unwrap(), Claim::Claimed);
+    }
+
+    #[tokio::test]
+    async fn batch_claims_take_free_keys_answer_live_ones_and_leave_busy_ones() {
+        let (_dir, store) = open();
+        let ((p0, a0), (p1, a1)) = two_partitions(&store).await;
+        let mut setup = store.begin(&p0, a0.epoch).await.unwrap();
+        setup.put_entry(b"live", &entry(1, 1_000)).await.unwrap();
+        setup.put_entry(b"expired", &entry(2, 10)).await.unwrap();
+        setup.commit(3).await.unwrap();
+        let mut other = store.begin(&p1, a1.epoch).await.unwrap();
+        assert_eq!(other.claim(b"held", 50).await.unwrap(), Claim::Claimed);
+
+        let ahead = |key: &'static [u8]| ClaimAhead {
+            key,
+            fingerprint: Fingerprint::of(Some(b"p")),
+            topic: "t",
+            partition: 0,
+            offset: 0,
+            created_at_ms: 50,
+            expires_at_ms: 1_000,
+        };
+        let mut tx = store.begin(&p0, a0.epoch).await.unwrap();
+        let keys: [&'static [u8]; 5] = [b"new", b"live", b"expired", b"held", b"new"];
+        let claims: Vec<_> = keys.iter().map(|k| ahead(k)).collect();
+        tx.prepare_claims(&claims, 50).await.unwrap();
+        // Claimed in the table already: another transaction finds them busy.
+        let mut third = store.begin(&p1, a1.epoch).await.unwrap();
+        assert_eq!(third.claim(b"new", 50).await.unwrap(), Claim::Busy);
+        assert_eq!(third.claim(b"expired", 50).await.unwrap(), Claim::Busy);
+        drop(third);
+
+        assert_eq!(tx.claim(b"new", 50).await.unwrap(), Claim::Claimed);
+        assert!(
+            matches!(tx.claim(b"live", 50).await.unwrap(), Claim::Existing(e) if e.offset == 1)
+        );
+        assert_eq!(tx.claim(b"expired", 50).await.unwrap(), Claim::Claimed);
+        assert_eq!(tx.claim(b"held", 50).await.unwrap(), Claim::Busy);
+        drop(other);
+        assert_eq!(tx.claim(b"held", 50).await.unwrap(), Claim::Claimed);
+        // Dropped: every key it claimed is free again.
+        drop(tx);
+        let mut last = store.begin(&p1, a1.epoch).await.unwrap();
+        for key in [&b"new"[..], b"expired", b"held"] {
+            assert_eq!(last.claim(key, 50).await.unwrap(), Claim::Claimed);
+        }
     }
 
     #[tokio::test]
