@@ -162,7 +162,9 @@ impl<S> RuntimeBuilder<S> {
     }
 
     /// How long a dedup entry keeps its key taken (default [`DEFAULT_RETENTION`]). Set it to at
-    /// least the topic's retention: a replay older than this is applied again.
+    /// least the topic's retention: a replay older than this is applied again. Time is read
+    /// once per batch, when its transaction begins: an entry is created at that instant, and a
+    /// key that expires while a batch runs still counts as taken in that batch.
     pub fn retention(mut self, retention: Duration) -> Self {
         self.retention = retention;
         self
