@@ -30,22 +30,38 @@ fn entry(offset: i64, payload: &[u8]) -> DedupEntry {
 
 /// A zombie (an instance that lost its partition but does not know yet) commits after the new
 /// owner acquired the partition: the commit is rejected and nothing of it remains: no ledger
-/// row, no dedup row, no position change. Driven step by step, two stores as two instances.
+/// row, no dedup row (not even one claimed ahead, which already held its entry), no deferred
+/// row, no position change. Driven step by step, two stores as two instances.
 #[test]
 fn zombie_commit_is_fenced_and_rolled_back() {
     let pg = Postgres::new();
+    pg.execute(DEPOSITS);
     block_on(async {
         let zombie = pg.connect().await;
         let owner = pg.connect().await;
         let pid = PartitionId::new("g", "t", 0);
         let key = store_key("g", "pay-1");
+        let ahead_key = store_key("g", "pay-2");
+        let ahead = ClaimAhead {
+            key: &ahead_key,
+            fingerprint: idempotent_consumer::identity::Fingerprint::of(Some(b"p")),
+            topic: "t",
+            partition: 0,
+            offset: 1,
+            created_at_ms: 1,
+            expires_at_ms: 4_000_000_000_000,
+        };
+        let insert = BatchStatement::<(String, String, i64)>::new(INSERT_DEPOSITS);
 
         let a = zombie.acquire(&pid).await.unwrap();
         let mut tx = zombie.begin(&pid, a.epoch).await.unwrap();
+        tx.prepare_claims(&[ahead], 10).await.unwrap();
         assert_eq!(tx.claim(&key, 10).await.unwrap(), Claim::Claimed);
         tx.savepoint().await.unwrap();
         tx.add("alice", 100).await.unwrap();
         tx.put_entry(&key, &entry(0, b"p")).await.unwrap();
+        tx.put_entry(&ahead_key, &ahead.entry()).await.unwrap();
+        tx.defer(&insert, ("pay-2".into(), "alice".into(), 5));
 
         // The partition moves on while the zombie's batch is open.
         let b = owner.acquire(&pid).await.unwrap();
@@ -63,6 +79,11 @@ fn zombie_commit_is_fenced_and_rolled_back() {
         assert_eq!(position.next_offset, None, "the position did not move");
         assert_eq!(position.epoch, b.epoch);
         assert_eq!(owner.entry(&key).await.unwrap(), None, "no dedup row");
+        assert_eq!(
+            owner.entry(&ahead_key).await.unwrap(),
+            None,
+            "no row claimed ahead"
+        );
         assert_eq!(owner.count_entries().await.unwrap(), 0);
         // The new owner can claim the key: the zombie's claim went with its rollback.
         let mut tx = owner.begin(&pid, b.epoch).await.unwrap();
@@ -72,6 +93,11 @@ fn zombie_commit_is_fenced_and_rolled_back() {
         pg.scalar("SELECT count(*) FROM ledger"),
         Some(0),
         "no ledger row"
+    );
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM deposits"),
+        Some(0),
+        "no deferred row"
     );
 }
 

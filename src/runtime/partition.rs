@@ -63,8 +63,6 @@ enum Step {
 enum Then {
     /// Every pending record is settled: done.
     Finish,
-    /// Drop the transaction and handle the pending records again with savepoints.
-    Redo,
     /// Sleep, then go on with the record that asked for a retry.
     Retry(Duration),
     /// Wait a moment, then go on with the record whose key was busy.
@@ -233,27 +231,22 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                         settled += 1;
                         continue;
                     }
-                    Step::Redo => Then::Redo,
+                    Step::Redo => {
+                        // Nothing of this transaction counts; its records are handled again.
+                        drop(tx);
+                        (next, settled) = (self.position, 0);
+                        tx = self.begin_careful(pending).await?;
+                        continue;
+                    }
                     Step::Retry(delay) => Then::Retry(delay),
                     Step::Busy => Then::Busy,
                     Step::Stop(e) => Then::Stop(e),
                 },
             };
-            let ended = match then {
-                // Nothing of this transaction counts; its records are handled again.
-                Then::Redo => {
-                    drop(tx);
-                    Ended::Redo
-                }
-                _ => self.end(tx, next).await?,
-            };
-            if let Ended::Redo = ended {
-                // The handler failed without a savepoint, or the deferred writes failed at the
-                // commit: again from the first pending record, one savepoint at a time.
-                next = self.position;
-                settled = 0;
-                self.careful = true;
-                tx = self.begin(pending).await?;
+            if let Ended::Redo = self.end(tx, next).await? {
+                // The deferred writes failed at the commit, before anything was written.
+                (next, settled) = (self.position, 0);
+                tx = self.begin_careful(pending).await?;
                 continue;
             }
             pending.drain(..settled);
@@ -271,7 +264,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     tokio::time::sleep(wait).await;
                 }
                 Then::Stop(e) => return Err(e),
-                Then::Finish | Then::Redo => {
+                Then::Finish => {
                     self.careful = false;
                     self.unguarded_failure = None;
                     return Ok(());
@@ -279,6 +272,14 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             }
             tx = self.begin(pending).await?;
         }
+    }
+
+    /// Opens a transaction for the pending records again, this time with a savepoint before
+    /// each record (until they are all committed): a handler failed without one, or the
+    /// deferred writes failed at the commit.
+    async fn begin_careful(&mut self, pending: &VecDeque<Pending>) -> Result<S::Tx> {
+        self.careful = true;
+        self.begin(pending).await
     }
 
     /// Opens a transaction for the pending records and claims their keys in one go, where the
@@ -289,7 +290,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         self.letters.clear();
         self.batch_now = now_ms();
         let mut tx = self.shared.store.begin(&self.partition, self.epoch).await?;
-        let (now, retention) = (self.batch_now, self.retention_ms());
+        let now = self.batch_now;
         let claims: Vec<ClaimAhead<'_>> = pending
             .iter()
             .filter(|p| self.position.is_none_or(|pos| p.record.offset() >= pos))
@@ -301,7 +302,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     partition: p.record.partition(),
                     offset: p.record.offset(),
                     created_at_ms: now,
-                    expires_at_ms: now.saturating_add(retention),
+                    expires_at_ms: self.expires_at(now),
                 })
             })
             .collect();
@@ -652,7 +653,6 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         outcome: Option<Vec<u8>>,
         now: i64,
     ) -> DedupEntry {
-        let retention = self.retention_ms();
         DedupEntry {
             status,
             fingerprint,
@@ -661,12 +661,15 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             partition: record.partition(),
             offset: record.offset(),
             created_at_ms: now,
-            expires_at_ms: now.saturating_add(retention),
+            expires_at_ms: self.expires_at(now),
         }
     }
 
-    fn retention_ms(&self) -> i64 {
-        i64::try_from(self.shared.config.retention.as_millis()).unwrap_or(i64::MAX)
+    /// When an entry created at `created_ms` expires. One place for claims made ahead and the
+    /// entries records leave, which must agree for the store to skip a second write.
+    fn expires_at(&self, created_ms: i64) -> i64 {
+        let retention = i64::try_from(self.shared.config.retention.as_millis()).unwrap_or(i64::MAX);
+        created_ms.saturating_add(retention)
     }
 
     /// Keeps the record as a dead letter and, when it has a key, marks the key dead-lettered in

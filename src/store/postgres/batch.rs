@@ -26,7 +26,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sqlx::postgres::{PgArguments, PgHasArrayType, Postgres};
+use sqlx::postgres::{PgArguments, PgConnection, PgHasArrayType, Postgres};
 use sqlx::query::Query;
 use sqlx::{Encode, SqlSafeStr, SqlStr, Type};
 
@@ -261,6 +261,20 @@ pub(super) fn push<R: BatchRow>(
         // An id belongs to one statement, and a statement to one row type.
         None => unreachable!("a batch statement's rows have the statement's row type"),
     }
+}
+
+/// Runs every statement that holds rows, in order of first use, leaving no row held. Stops at
+/// the first failure (the transaction is then rolled back to a savepoint or dropped).
+pub(super) async fn write_all(
+    conn: &mut PgConnection,
+    deferred: &mut [(u64, Box<dyn Deferred>)],
+) -> Result<(), sqlx::Error> {
+    for (_, rows) in deferred {
+        if rows.len() > 0 {
+            rows.take().execute(&mut *conn).await?;
+        }
+    }
+    Ok(())
 }
 
 /// How a failed deferred write counts for the record that deferred it (see the module docs).

@@ -987,18 +987,12 @@ impl Transaction for PgTx {
     }
 
     async fn write_deferred(&mut self) -> Result<std::result::Result<(), HandlerError>> {
-        for (_, rows) in &mut self.deferred {
-            if rows.len() == 0 {
-                continue;
+        match batch::write_all(&mut self.tx, &mut self.deferred).await {
+            Ok(()) => {}
+            Err(e) if is_transient(&e) => {
+                return Err(Error::store_transient("writing deferred rows", e));
             }
-            let query = rows.take();
-            match query.execute(&mut *self.tx).await {
-                Ok(_) => {}
-                Err(e) if is_transient(&e) => {
-                    return Err(Error::store_transient("writing deferred rows", e));
-                }
-                Err(e) => return Ok(Err(batch::record_error(e))),
-            }
+            Err(e) => return Ok(Err(batch::record_error(e))),
         }
         // Written rows are below every mark now.
         self.deferred_marks.iter_mut().for_each(|m| *m = 0);
@@ -1052,14 +1046,9 @@ impl Transaction for PgTx {
 
         // Rows still deferred (the runtime writes them before the commit, so a failure can be
         // put down to a record; a caller driving the transaction may not have).
-        for (_, rows) in &mut self.deferred {
-            if rows.len() > 0 {
-                rows.take()
-                    .execute(&mut *self.tx)
-                    .await
-                    .map_err(pg("writing deferred rows"))?;
-            }
-        }
+        batch::write_all(&mut self.tx, &mut self.deferred)
+            .await
+            .map_err(pg("writing deferred rows"))?;
 
         // The entries written by the batch (the last write of a key is its state), as columns.
         let mut rows = EntryColumns::default();
