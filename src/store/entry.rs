@@ -91,6 +91,20 @@ impl DedupEntry {
         out
     }
 
+    /// The expiry time of an encoded entry, without decoding the rest.
+    pub(crate) fn encoded_expiry(bytes: &[u8]) -> Result<i64> {
+        let mut r = Reader::new(bytes, "dedup entry");
+        let version = r.u8()?;
+        if version != ENTRY_VERSION {
+            return Err(Error::Corrupt(format!(
+                "dedup entry version {version} is not supported"
+            )));
+        }
+        // Status, fingerprint, partition, offset, creation time.
+        r.take(1 + 32 + 4 + 8 + 8)?;
+        Ok(i64::from_be_bytes(r.array()?))
+    }
+
     /// Decodes an entry written by [`DedupEntry::encode`].
     pub fn decode(bytes: &[u8]) -> Result<Self> {
         let mut r = Reader::new(bytes, "dedup entry");
@@ -172,6 +186,11 @@ impl<'a> Reader<'a> {
             .map_err(|_| Error::Corrupt(format!("{what} holds a non-UTF-8 string")))
     }
 
+    /// True once every byte was read.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
     pub(crate) fn finish(self) -> Result<()> {
         if self.bytes.is_empty() {
             Ok(())
@@ -218,6 +237,14 @@ mod tests {
         #[test]
         fn entry_round_trips(entry in entry_strategy()) {
             prop_assert_eq!(DedupEntry::decode(&entry.encode()).unwrap(), entry);
+        }
+
+        #[test]
+        fn expiry_reads_from_the_encoding(entry in entry_strategy()) {
+            prop_assert_eq!(
+                DedupEntry::encoded_expiry(&entry.encode()).unwrap(),
+                entry.expires_at_ms
+            );
         }
 
         #[test]

@@ -16,9 +16,9 @@ use crate::store::entry::DedupEntry;
 
 #[derive(Default)]
 struct State {
-    entries: HashMap<Vec<u8>, DedupEntry>,
+    entries: foldhash::HashMap<Vec<u8>, DedupEntry>,
     /// Keys claimed by an open transaction (its id).
-    claims: HashMap<Vec<u8>, u64>,
+    claims: foldhash::HashMap<Vec<u8>, u64>,
     positions: HashMap<PartitionId, StoredPosition>,
     dead_letters: Vec<DeadLetter>,
     data: BTreeMap<Vec<u8>, Vec<u8>>,
@@ -95,10 +95,11 @@ impl MemoryStore {
     }
 }
 
-enum Write {
-    Entry(Vec<u8>, DedupEntry),
-    DeadLetter(DeadLetter),
-    Data(Vec<u8>, Vec<u8>),
+/// What a write replaced, to undo it back to the last savepoint.
+enum Undo {
+    Entry(Vec<u8>, Option<DedupEntry>),
+    Data(Vec<u8>, Option<Vec<u8>>),
+    DeadLetter,
 }
 
 /// A batch's writes, applied under the store's lock at commit.
@@ -107,8 +108,13 @@ pub struct MemoryTx {
     id: u64,
     partition: PartitionId,
     epoch: u64,
-    writes: Vec<Write>,
-    savepoint: usize,
+    entries: foldhash::HashMap<Vec<u8>, DedupEntry>,
+    data: foldhash::HashMap<Vec<u8>, Vec<u8>>,
+    dead_letters: Vec<DeadLetter>,
+    /// Writes since the last savepoint, newest last.
+    undo: Vec<Undo>,
+    /// Keys this transaction claimed, released when it ends.
+    claimed: Vec<Vec<u8>>,
 }
 
 impl fmt::Debug for MemoryTx {
@@ -116,7 +122,10 @@ impl fmt::Debug for MemoryTx {
         f.debug_struct("MemoryTx")
             .field("partition", &self.partition)
             .field("epoch", &self.epoch)
-            .field("writes", &self.writes.len())
+            .field(
+                "writes",
+                &(self.entries.len() + self.data.len() + self.dead_letters.len()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -124,31 +133,37 @@ impl fmt::Debug for MemoryTx {
 impl MemoryTx {
     /// Writes a value of the handler's state, committed with the batch.
     pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
-        self.writes.push(Write::Data(key.into(), value.into()));
+        let key = key.into();
+        let previous = self.data.insert(key.clone(), value.into());
+        self.undo.push(Undo::Data(key, previous));
     }
 
     /// Reads a value of the handler's state, this batch's writes included.
     pub fn get(&self, key: impl AsRef<[u8]>) -> Option<Vec<u8>> {
         let key = key.as_ref();
-        self.writes
-            .iter()
-            .rev()
-            .find_map(|w| match w {
-                Write::Data(k, v) if k == key => Some(v.clone()),
-                _ => None,
-            })
-            .or_else(|| self.store.get(key))
+        match self.data.get(key) {
+            Some(value) => Some(value.clone()),
+            None => self.store.get(key),
+        }
     }
 
-    fn release(&self, state: &mut State) {
-        state.claims.retain(|_, owner| *owner != self.id);
+    fn release(&mut self, state: &mut State) {
+        for key in self.claimed.drain(..) {
+            if state.claims.get(&key) == Some(&self.id) {
+                state.claims.remove(&key);
+            }
+        }
     }
 }
 
 impl Drop for MemoryTx {
     fn drop(&mut self) {
         // Dropped without a commit (or after one): its claims are released.
-        if let Ok(mut state) = self.store.state.lock() {
+        if self.claimed.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        if let Ok(mut state) = store.state.lock() {
             self.release(&mut state);
         }
     }
@@ -178,8 +193,11 @@ impl Store for MemoryStore {
             id,
             partition: partition.clone(),
             epoch,
-            writes: Vec::new(),
-            savepoint: 0,
+            entries: foldhash::HashMap::default(),
+            data: foldhash::HashMap::default(),
+            dead_letters: Vec::new(),
+            undo: Vec::new(),
+            claimed: Vec::new(),
         })
     }
 
@@ -205,11 +223,10 @@ impl Store for MemoryStore {
 
 impl Transaction for MemoryTx {
     async fn lookup(&mut self, key: &[u8]) -> Result<Option<DedupEntry>> {
-        let written = self.writes.iter().rev().find_map(|w| match w {
-            Write::Entry(k, e) if k == key => Some(e.clone()),
-            _ => None,
-        });
-        Ok(written.or_else(|| self.store.entry(key)))
+        Ok(match self.entries.get(key) {
+            Some(entry) => Some(entry.clone()),
+            None => self.store.entry(key),
+        })
     }
 
     async fn claim(&mut self, key: &[u8], now_ms: i64) -> Result<Claim> {
@@ -221,30 +238,53 @@ impl Transaction for MemoryTx {
         let mut state = self.store.lock();
         match state.claims.get(key) {
             Some(owner) if *owner != self.id => Ok(Claim::Busy),
-            _ => {
+            Some(_) => Ok(Claim::Claimed),
+            None => {
                 state.claims.insert(key.to_vec(), self.id);
+                self.claimed.push(key.to_vec());
                 Ok(Claim::Claimed)
             }
         }
     }
 
     async fn savepoint(&mut self) -> Result<()> {
-        self.savepoint = self.writes.len();
+        // A rollback only returns to the last savepoint.
+        self.undo.clear();
         Ok(())
     }
 
     async fn rollback_to_savepoint(&mut self) -> Result<()> {
-        self.writes.truncate(self.savepoint);
+        while let Some(undo) = self.undo.pop() {
+            match undo {
+                Undo::Entry(key, Some(previous)) => {
+                    self.entries.insert(key, previous);
+                }
+                Undo::Entry(key, None) => {
+                    self.entries.remove(&key);
+                }
+                Undo::Data(key, Some(previous)) => {
+                    self.data.insert(key, previous);
+                }
+                Undo::Data(key, None) => {
+                    self.data.remove(&key);
+                }
+                Undo::DeadLetter => {
+                    self.dead_letters.pop();
+                }
+            }
+        }
         Ok(())
     }
 
     async fn put_entry(&mut self, key: &[u8], entry: &DedupEntry) -> Result<()> {
-        self.writes.push(Write::Entry(key.to_vec(), entry.clone()));
+        let previous = self.entries.insert(key.to_vec(), entry.clone());
+        self.undo.push(Undo::Entry(key.to_vec(), previous));
         Ok(())
     }
 
     async fn put_dead_letter(&mut self, dead_letter: &DeadLetter) -> Result<()> {
-        self.writes.push(Write::DeadLetter(dead_letter.clone()));
+        self.dead_letters.push(dead_letter.clone());
+        self.undo.push(Undo::DeadLetter);
         Ok(())
     }
 
@@ -261,17 +301,9 @@ impl Transaction for MemoryTx {
                 current,
             });
         }
-        for write in std::mem::take(&mut self.writes) {
-            match write {
-                Write::Entry(k, e) => {
-                    state.entries.insert(k, e);
-                }
-                Write::DeadLetter(dl) => state.dead_letters.push(dl),
-                Write::Data(k, v) => {
-                    state.data.insert(k, v);
-                }
-            }
-        }
+        state.entries.extend(self.entries.drain());
+        state.data.extend(self.data.drain());
+        state.dead_letters.append(&mut self.dead_letters);
         state.positions.insert(
             self.partition.clone(),
             StoredPosition {

@@ -1,7 +1,8 @@
 //! The embedded RocksDB store (default).
 //!
 //! Five column families: `dedup` (scoped key → [`DedupEntry`], bloom-filtered for misses),
-//! `expiry` (expiry time ‖ key, the index the purge walks), `positions` (group/topic/partition →
+//! `expiry` (expiry time ‖ commit → the keys that commit wrote with that expiry: the index the
+//! purge walks, one row per commit and expiry time), `positions` (group/topic/partition →
 //! next offset and epoch), `dead_letters` (partition ‖ offset → [`DeadLetter`]) and `data` (the
 //! handler's own key-value state, through [`RocksTx`]).
 //!
@@ -11,7 +12,7 @@
 //! its directory); epochs still fence a partition task that was abandoned after a revoke.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
@@ -23,7 +24,7 @@ use rocksdb::{
 
 use crate::dead_letter::DeadLetter;
 use crate::error::{Error, Result};
-use crate::store::entry::{DedupEntry, Reader};
+use crate::store::entry::{DedupEntry, Reader, put_bytes};
 use crate::store::{
     Assignment, Claim, ClaimAhead, PartitionId, Store, StoredPosition, Transaction,
 };
@@ -35,9 +36,8 @@ const CF_DEAD_LETTERS: &str = "dead_letters";
 const CF_DATA: &str = "data";
 const ALL_CFS: [&str; 5] = [CF_DEDUP, CF_EXPIRY, CF_POSITIONS, CF_DEAD_LETTERS, CF_DATA];
 
-/// Dedup keys start with a length-prefixed scope (first byte 0 for any group under 256 bytes);
-/// state-key locks start with this tag, so the two never collide in the claim table.
-const DATA_LOCK_TAG: u8 = 0xFF;
+/// A key held by a transaction's overlay, its undo log and the claim tables: allocated once.
+type Key = Arc<[u8]>;
 
 /// Options of the RocksDB store.
 #[derive(Debug, Clone)]
@@ -67,10 +67,17 @@ struct Inner {
     /// Commits hold it shared; a purge round holds it exclusively, so a purge never deletes an
     /// entry that a concurrent commit just rewrote.
     purge_gate: RwLock<()>,
-    /// Keys claimed by in-flight transactions, with the claiming transaction's id.
-    claims: Mutex<HashMap<Vec<u8>, u64>>,
+    /// Dedup keys claimed by in-flight transactions, with the holder's transaction id.
+    claims: Mutex<Holders>,
+    /// Keys of the handler's state locked by in-flight transactions (by a read or a write),
+    /// with the holder's transaction id. Apart from `claims`, so a batch claiming its keys
+    /// never holds up another partition's handler.
+    data_locks: Mutex<Holders>,
     next_tx_id: std::sync::atomic::AtomicU64,
 }
+
+/// Keys held by in-flight transactions, each with the holder's transaction id.
+type Holders = foldhash::HashMap<Key, u64>;
 
 impl fmt::Debug for RocksStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -114,21 +121,39 @@ fn position_key(p: &PartitionId) -> Vec<u8> {
     k
 }
 
-/// Expiry index key: the time first, order-preserving for negative values too.
-fn expiry_key(expires_at_ms: i64, key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + key.len());
+/// Expiry index key of the entries one commit wrote with one expiry time: the time first
+/// (order-preserving for negative values too), then what makes the commit unique (epoch, next
+/// offset, partition; a partition's position only moves forward within an epoch). The value
+/// lists the entries' keys.
+fn expiry_key(expires_at_ms: i64, epoch: u64, next_offset: i64, position_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(24 + position_key.len());
     k.extend_from_slice(&((expires_at_ms as u64) ^ (1 << 63)).to_be_bytes());
-    k.extend_from_slice(key);
+    k.extend_from_slice(&epoch.to_be_bytes());
+    k.extend_from_slice(&next_offset.to_be_bytes());
+    k.extend_from_slice(position_key);
     k
 }
 
-fn split_expiry_key(k: &[u8]) -> Result<(i64, &[u8])> {
-    if k.len() < 8 {
-        return Err(Error::Corrupt("expiry index key is truncated".into()));
+/// The expiry time of an index row.
+fn expiry_of(index_key: &[u8]) -> Result<i64> {
+    let t = index_key
+        .first_chunk::<8>()
+        .ok_or_else(|| Error::Corrupt("expiry index key is truncated".into()))?;
+    Ok((u64::from_be_bytes(*t) ^ (1 << 63)) as i64)
+}
+
+/// The dedup keys an index row stands for. A row with an empty value is of the earlier
+/// one-row-per-entry layout: its key holds the entry's key after the time.
+fn indexed_keys<'a>(index_key: &'a [u8], value: &'a [u8]) -> Result<Vec<&'a [u8]>> {
+    if value.is_empty() {
+        return Ok(vec![&index_key[8..]]);
     }
-    let (t, key) = k.split_at(8);
-    let t = u64::from_be_bytes(t.try_into().expect("8 bytes")) ^ (1 << 63);
-    Ok((t as i64, key))
+    let mut keys = Vec::new();
+    let mut r = Reader::new(value, "expiry index row");
+    while !r.is_empty() {
+        keys.push(r.bytes()?);
+    }
+    Ok(keys)
 }
 
 fn dead_letter_key(group: &str, record_topic: &str, partition: i32, offset: i64) -> Vec<u8> {
@@ -170,7 +195,8 @@ impl RocksStore {
                 write_opts,
                 fences: Mutex::new(HashMap::new()),
                 purge_gate: RwLock::new(()),
-                claims: Mutex::new(HashMap::new()),
+                claims: Mutex::new(Holders::default()),
+                data_locks: Mutex::new(Holders::default()),
                 next_tx_id: std::sync::atomic::AtomicU64::new(1),
             }),
         })
@@ -334,17 +360,17 @@ impl Store for RocksStore {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(RocksTx {
             id,
-            claimed: HashSet::new(),
+            claimed: foldhash::HashSet::default(),
+            locked: foldhash::HashSet::default(),
             conflicted: false,
             fence: self.fence(&position_key),
             store: self.clone(),
             partition: partition.clone(),
             position_key,
             epoch,
-            overlay: HashMap::new(),
+            overlay: Default::default(),
             undo: Vec::new(),
-            savepoint: 0,
-            known: HashMap::new(),
+            known: foldhash::HashMap::default(),
         })
     }
 
@@ -356,25 +382,32 @@ impl Store for RocksStore {
         let inner = &self.inner;
         let _exclusive = inner.purge_gate.write().expect("purge gate poisoned");
         let mut batch = WriteBatch::default();
-        let mut purged = 0;
+        let (mut examined, mut purged) = (0, 0);
         let index = inner
             .db
             .iterator_cf(inner.cf(CF_EXPIRY), IteratorMode::Start);
-        for item in index.take(limit) {
-            let (index_key, _) = item.map_err(rocks("scanning the expiry index"))?;
-            let (expires_at, key) = split_expiry_key(&index_key)?;
+        // Whole index rows, until `limit` keys were examined.
+        for item in index {
+            if examined >= limit {
+                break;
+            }
+            let (index_key, value) = item.map_err(rocks("scanning the expiry index"))?;
+            let expires_at = expiry_of(&index_key)?;
             if expires_at > now_ms {
                 break;
             }
             batch.delete_cf(inner.cf(CF_EXPIRY), &index_key);
-            // The key may have been admitted again since: only its current entry's own expiry
-            // counts.
-            if inner
-                .entry(key)?
-                .is_some_and(|entry| entry.expires_at_ms == expires_at)
-            {
-                batch.delete_cf(inner.cf(CF_DEDUP), key);
-                purged += 1;
+            for key in indexed_keys(&index_key, &value)? {
+                examined += 1;
+                // The key may have been admitted again since: only its current entry's own
+                // expiry counts.
+                if inner
+                    .entry(key)?
+                    .is_some_and(|entry| entry.expires_at_ms == expires_at)
+                {
+                    batch.delete_cf(inner.cf(CF_DEDUP), key);
+                    purged += 1;
+                }
             }
         }
         if !batch.is_empty() {
@@ -387,26 +420,32 @@ impl Store for RocksStore {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The families a transaction writes through its overlay. The expiry index is derived from the
+/// dedup entries at commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Family {
-    Dedup,
-    Expiry,
-    DeadLetters,
-    Data,
+    Dedup = 0,
+    DeadLetters = 1,
+    Data = 2,
 }
+
+const FAMILIES: [Family; 3] = [Family::Dedup, Family::DeadLetters, Family::Data];
 
 impl Family {
     fn name(self) -> &'static str {
         match self {
             Family::Dedup => CF_DEDUP,
-            Family::Expiry => CF_EXPIRY,
             Family::DeadLetters => CF_DEAD_LETTERS,
             Family::Data => CF_DATA,
         }
     }
 }
 
-type Slot = (Family, Vec<u8>);
+/// Pending writes of one family: `Some(value)` is a put, `None` a delete.
+type Writes = foldhash::HashMap<Key, Option<Vec<u8>>>;
+
+/// A slot written since the last savepoint and what it held before (`None`: nothing pending).
+type Undo = (Family, Key, Option<Option<Vec<u8>>>);
 
 /// A batch transaction on the RocksDB store.
 ///
@@ -415,8 +454,10 @@ type Slot = (Family, Vec<u8>);
 /// the runtime commits the batch, in one `WriteBatch` with the dedup entries and the position.
 pub struct RocksTx {
     id: u64,
-    /// Keys this transaction holds in the store's claim table; released on drop.
-    claimed: HashSet<Vec<u8>>,
+    /// Dedup keys this transaction holds in the store's claim table; released on drop.
+    claimed: foldhash::HashSet<Key>,
+    /// Keys of the handler's state this transaction holds locked; released on drop.
+    locked: foldhash::HashSet<Key>,
     /// Set when the handler touched a state key held by another transaction.
     conflicted: bool,
     store: RocksStore,
@@ -424,14 +465,13 @@ pub struct RocksTx {
     position_key: Vec<u8>,
     epoch: u64,
     fence: Arc<Mutex<u64>>,
-    /// Pending writes: `Some(value)` is a put, `None` a delete.
-    overlay: HashMap<Slot, Option<Vec<u8>>>,
-    /// Previous overlay state of each slot written since the transaction began, newest last.
-    undo: Vec<(Slot, Option<Option<Vec<u8>>>)>,
-    savepoint: usize,
+    /// Pending writes of each family, indexed by `Family as usize`.
+    overlay: [Writes; FAMILIES.len()],
+    /// Previous overlay state of each slot written since the last savepoint, newest last.
+    undo: Vec<Undo>,
     /// Live entries read by `prepare_claims` (committed, so only a claim could change them,
     /// and a live entry is never claimed).
-    known: HashMap<Vec<u8>, DedupEntry>,
+    known: foldhash::HashMap<Vec<u8>, DedupEntry>,
 }
 
 impl fmt::Debug for RocksTx {
@@ -439,39 +479,39 @@ impl fmt::Debug for RocksTx {
         f.debug_struct("RocksTx")
             .field("partition", &self.partition)
             .field("epoch", &self.epoch)
-            .field("pending_writes", &self.overlay.len())
+            .field(
+                "pending_writes",
+                &self.overlay.iter().map(HashMap::len).sum::<usize>(),
+            )
             .finish_non_exhaustive()
     }
 }
 
 impl RocksTx {
-    fn write(&mut self, family: Family, key: &[u8], value: Option<Vec<u8>>) {
-        let slot = (family, key.to_vec());
-        let previous = self.overlay.insert(slot.clone(), value);
-        self.undo.push((slot, previous));
+    fn write(&mut self, family: Family, key: Key, value: Option<Vec<u8>>) {
+        let previous = self.overlay[family as usize].insert(key.clone(), value);
+        self.undo.push((family, key, previous));
     }
 
     /// Locks a key of the handler's state for the rest of the transaction (no-wait: a key held
-    /// by another transaction marks this one conflicted).
-    fn lock_data(&mut self, key: &[u8]) -> Result<()> {
-        let mut lock_key = Vec::with_capacity(key.len() + 1);
-        lock_key.push(DATA_LOCK_TAG);
-        lock_key.extend_from_slice(key);
-        if self.claimed.contains(&lock_key) {
-            return Ok(());
+    /// by another transaction marks this one conflicted). Returns the shared key.
+    fn lock_data(&mut self, key: &[u8]) -> Result<Key> {
+        if let Some(held) = self.locked.get(key) {
+            return Ok(held.clone());
         }
-        let mut claims = self.store.inner.claims.lock().expect("claims poisoned");
-        if claims.get(&lock_key).is_some_and(|owner| *owner != self.id) {
+        let mut locks = self.store.inner.data_locks.lock().expect("locks poisoned");
+        if locks.get(key).is_some_and(|owner| *owner != self.id) {
             self.conflicted = true;
             return Err(Error::KeyBusy);
         }
-        claims.insert(lock_key.clone(), self.id);
-        self.claimed.insert(lock_key);
-        Ok(())
+        let key = Key::from(key);
+        locks.insert(key.clone(), self.id);
+        self.locked.insert(key.clone());
+        Ok(key)
     }
 
     fn read(&self, family: Family, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        if let Some(pending) = self.overlay.get(&(family, key.to_vec())) {
+        if let Some(pending) = self.overlay[family as usize].get(key) {
             return Ok(pending.clone());
         }
         let inner = &self.store.inner;
@@ -479,6 +519,13 @@ impl RocksTx {
             .db
             .get_cf(inner.cf(family.name()), key)
             .map_err(rocks("reading through a transaction"))
+    }
+
+    /// Takes a free dedup key in the store's claim table (the caller holds its lock).
+    fn take_claim(&mut self, table: &mut Holders, key: &[u8]) {
+        let key = Key::from(key);
+        table.insert(key.clone(), self.id);
+        self.claimed.insert(key);
     }
 
     /// Reads a key of the handler's state, seeing this batch's own writes.
@@ -495,15 +542,15 @@ impl RocksTx {
     /// Writes a key of the handler's state (locking it like [`get`](RocksTx::get); on a busy
     /// key the write is dropped and the record is handled again).
     pub fn put(&mut self, key: impl AsRef<[u8]>, value: impl Into<Vec<u8>>) {
-        if self.lock_data(key.as_ref()).is_ok() {
-            self.write(Family::Data, key.as_ref(), Some(value.into()));
+        if let Ok(key) = self.lock_data(key.as_ref()) {
+            self.write(Family::Data, key, Some(value.into()));
         }
     }
 
     /// Deletes a key of the handler's state (locking it like [`put`](RocksTx::put)).
     pub fn delete(&mut self, key: impl AsRef<[u8]>) {
-        if self.lock_data(key.as_ref()).is_ok() {
-            self.write(Family::Data, key.as_ref(), None);
+        if let Ok(key) = self.lock_data(key.as_ref()) {
+            self.write(Family::Data, key, None);
         }
     }
 
@@ -514,16 +561,22 @@ impl RocksTx {
 }
 
 impl Drop for RocksTx {
-    /// Releases the claims: after the commit's write (the entries are visible by then), or
-    /// without a commit (the keys are free again).
+    /// Releases the claims and locks: after the commit's write (the entries are visible by
+    /// then), or without a commit (the keys are free again).
     fn drop(&mut self) {
-        if self.claimed.is_empty() {
-            return;
-        }
-        let mut claims = self.store.inner.claims.lock().expect("claims poisoned");
-        for key in self.claimed.drain() {
-            if claims.get(&key) == Some(&self.id) {
-                claims.remove(&key);
+        let inner = &self.store.inner;
+        for (held, table) in [
+            (&mut self.claimed, &inner.claims),
+            (&mut self.locked, &inner.data_locks),
+        ] {
+            if held.is_empty() {
+                continue;
+            }
+            let mut table = table.lock().expect("claims poisoned");
+            for key in held.drain() {
+                if table.get(&key) == Some(&self.id) {
+                    table.remove(&key);
+                }
             }
         }
     }
@@ -538,7 +591,7 @@ impl Transaction for RocksTx {
 
     async fn claim(&mut self, key: &[u8], now_ms: i64) -> Result<Claim> {
         let live = |e: DedupEntry| (!e.is_expired(now_ms)).then_some(e);
-        if let Some(pending) = self.overlay.get(&(Family::Dedup, key.to_vec())) {
+        if let Some(pending) = self.overlay[Family::Dedup as usize].get(key) {
             let entry = pending.as_deref().map(DedupEntry::decode).transpose()?;
             return Ok(entry.and_then(live).map_or(Claim::Claimed, Claim::Existing));
         }
@@ -548,7 +601,7 @@ impl Transaction for RocksTx {
         if let Some(entry) = self.known.get(key).filter(|e| !e.is_expired(now_ms)) {
             return Ok(Claim::Existing(entry.clone()));
         }
-        let inner = &self.store.inner;
+        let inner = self.store.inner.clone();
         let mut claims = inner.claims.lock().expect("claims poisoned");
         if claims.get(key).is_some_and(|owner| *owner != self.id) {
             return Ok(Claim::Busy);
@@ -558,8 +611,7 @@ impl Transaction for RocksTx {
         if let Some(entry) = inner.entry(key)?.and_then(live) {
             return Ok(Claim::Existing(entry));
         }
-        claims.insert(key.to_vec(), self.id);
-        self.claimed.insert(key.to_vec());
+        self.take_claim(&mut claims, key);
         Ok(Claim::Claimed)
     }
 
@@ -586,10 +638,7 @@ impl Transaction for RocksTx {
                 Some(entry) if !entry.is_expired(now_ms) => {
                     self.known.insert(key.to_vec(), entry);
                 }
-                _ => {
-                    table.insert(key.to_vec(), self.id);
-                    self.claimed.insert(key.to_vec());
-                }
+                _ => self.take_claim(&mut table, key),
             }
         }
         Ok(())
@@ -601,47 +650,71 @@ impl Transaction for RocksTx {
 
     async fn savepoint(&mut self) -> Result<()> {
         self.conflicted = false;
-        self.savepoint = self.undo.len();
+        // A rollback only returns to the last savepoint.
+        self.undo.clear();
         Ok(())
     }
 
     async fn rollback_to_savepoint(&mut self) -> Result<()> {
-        while self.undo.len() > self.savepoint {
-            let (slot, previous) = self.undo.pop().expect("length checked");
+        while let Some((family, key, previous)) = self.undo.pop() {
+            let writes = &mut self.overlay[family as usize];
             match previous {
-                Some(value) => self.overlay.insert(slot, value),
-                None => self.overlay.remove(&slot),
+                Some(value) => writes.insert(key, value),
+                None => writes.remove(&key),
             };
         }
         Ok(())
     }
 
     async fn put_entry(&mut self, key: &[u8], entry: &DedupEntry) -> Result<()> {
+        let key = self
+            .claimed
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| Key::from(key));
         self.write(Family::Dedup, key, Some(entry.encode()));
-        self.write(
-            Family::Expiry,
-            &expiry_key(entry.expires_at_ms, key),
-            Some(Vec::new()),
-        );
         Ok(())
     }
 
     async fn put_dead_letter(&mut self, dead_letter: &DeadLetter) -> Result<()> {
         let r = &dead_letter.record;
         let key = dead_letter_key(&self.partition.group, r.topic(), r.partition(), r.offset());
-        self.write(Family::DeadLetters, &key, Some(dead_letter.encode()));
+        self.write(
+            Family::DeadLetters,
+            Key::from(key),
+            Some(dead_letter.encode()),
+        );
         Ok(())
     }
 
     async fn commit(self, next_offset: i64) -> Result<()> {
         let inner = &self.store.inner;
-        let mut batch = WriteBatch::with_capacity_bytes(256 * (self.overlay.len() + 1));
-        for ((family, key), value) in &self.overlay {
+        let pending: usize = self.overlay.iter().map(HashMap::len).sum();
+        let mut batch = WriteBatch::with_capacity_bytes(128 * (pending + 1));
+        // The keys of the entries written, by expiry time: one index row per expiry time.
+        let mut expiring: BTreeMap<i64, Vec<u8>> = BTreeMap::new();
+        for family in FAMILIES {
             let cf = inner.cf(family.name());
-            match value {
-                Some(v) => batch.put_cf(cf, key, v),
-                None => batch.delete_cf(cf, key),
+            // In key order: the memtable inserts of a sorted batch reuse their search path.
+            let mut writes: Vec<_> = self.overlay[family as usize].iter().collect();
+            writes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (key, value) in writes {
+                match value {
+                    Some(v) => {
+                        batch.put_cf(cf, key, v);
+                        if family == Family::Dedup {
+                            let keys = expiring.entry(DedupEntry::encoded_expiry(v)?).or_default();
+                            put_bytes(keys, key);
+                        }
+                    }
+                    None => batch.delete_cf(cf, key),
+                }
             }
+        }
+        let expiry = inner.cf(CF_EXPIRY);
+        for (expires_at_ms, keys) in &expiring {
+            let index_key = expiry_key(*expires_at_ms, self.epoch, next_offset, &self.position_key);
+            batch.put_cf(expiry, index_key, keys);
         }
         let row = StoredPosition {
             next_offset: Some(next_offset),
@@ -938,12 +1011,68 @@ mod tests {
     #[test]
     fn expiry_keys_sort_by_time_including_negative() {
         let mut ks = [
-            expiry_key(5, b"a"),
-            expiry_key(-3, b"b"),
-            expiry_key(0, b"c"),
+            expiry_key(5, 1, 0, b"a"),
+            expiry_key(-3, 9, 7, b"b"),
+            expiry_key(0, 2, 1, b"c"),
         ];
         ks.sort();
-        let times: Vec<i64> = ks.iter().map(|k| split_expiry_key(k).unwrap().0).collect();
+        let times: Vec<i64> = ks.iter().map(|k| expiry_of(k).unwrap()).collect();
         assert_eq!(times, [-3, 0, 5]);
+    }
+
+    #[tokio::test]
+    async fn one_index_row_per_commit_and_expiry_and_the_purge_takes_whole_rows() {
+        let (_dir, store) = open();
+        let p = PartitionId::new("g", "t", 0);
+        let a = store.acquire(&p).await.unwrap();
+        let mut tx = store.begin(&p, a.epoch).await.unwrap();
+        for i in 0..4 {
+            tx.put_entry(format!("k{i}").as_bytes(), &entry(i, 1_000))
+                .await
+                .unwrap();
+        }
+        tx.put_entry(b"later", &entry(4, 3_000)).await.unwrap();
+        // Undone: not in the index.
+        tx.savepoint().await.unwrap();
+        tx.put_entry(b"undone", &entry(5, 1_000)).await.unwrap();
+        tx.rollback_to_savepoint().await.unwrap();
+        tx.commit(5).await.unwrap();
+        // A row of the earlier layout (time ‖ key, empty value) is still purged.
+        let inner = &store.inner;
+        let mut legacy = ((1_500u64) ^ (1 << 63)).to_be_bytes().to_vec();
+        legacy.extend_from_slice(b"legacy");
+        inner
+            .db
+            .put_cf(inner.cf(CF_DEDUP), b"legacy", entry(6, 1_500).encode())
+            .unwrap();
+        inner.db.put_cf(inner.cf(CF_EXPIRY), &legacy, []).unwrap();
+
+        let rows = inner
+            .db
+            .iterator_cf(inner.cf(CF_EXPIRY), IteratorMode::Start)
+            .count();
+        assert_eq!(
+            rows, 3,
+            "two rows for the commit (two expiry times) and the legacy row"
+        );
+        assert_eq!(
+            store.purge_expired(2_000, 1).await.unwrap(),
+            4,
+            "a row is purged whole, past the limit"
+        );
+        assert!(store.entry(b"k3").unwrap().is_none());
+        assert!(store.entry(b"legacy").unwrap().is_some(), "after the limit");
+        assert_eq!(store.purge_expired(2_000, 10).await.unwrap(), 1);
+        assert!(store.entry(b"legacy").unwrap().is_none());
+        assert!(store.entry(b"later").unwrap().is_some());
+        assert_eq!(store.purge_expired(2_000, 10).await.unwrap(), 0);
+        assert_eq!(store.purge_expired(5_000, 10).await.unwrap(), 1);
+        assert_eq!(
+            inner
+                .db
+                .iterator_cf(inner.cf(CF_EXPIRY), IteratorMode::Start)
+                .count(),
+            0
+        );
     }
 }
