@@ -291,6 +291,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         self.batch_now = now_ms();
         let mut tx = self.shared.store.begin(&self.partition, self.epoch).await?;
         let now = self.batch_now;
+        let expires_at_ms = self.expires_at(now);
         let claims: Vec<ClaimAhead<'_>> = pending
             .iter()
             .filter(|p| self.position.is_none_or(|pos| p.record.offset() >= pos))
@@ -302,7 +303,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     partition: p.record.partition(),
                     offset: p.record.offset(),
                     created_at_ms: now,
-                    expires_at_ms: self.expires_at(now),
+                    expires_at_ms,
                 })
             })
             .collect();

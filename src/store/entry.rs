@@ -91,8 +91,8 @@ impl DedupEntry {
         out
     }
 
-    /// The expiry time of an encoded entry, without decoding the rest.
-    pub(crate) fn encoded_expiry(bytes: &[u8]) -> Result<i64> {
+    /// A reader past the version byte of an encoded entry, which must be this version.
+    fn reader(bytes: &[u8]) -> Result<Reader<'_>> {
         let mut r = Reader::new(bytes, "dedup entry");
         let version = r.u8()?;
         if version != ENTRY_VERSION {
@@ -100,6 +100,12 @@ impl DedupEntry {
                 "dedup entry version {version} is not supported"
             )));
         }
+        Ok(r)
+    }
+
+    /// The expiry time of an encoded entry, without decoding the rest.
+    pub(crate) fn encoded_expiry(bytes: &[u8]) -> Result<i64> {
+        let mut r = Self::reader(bytes)?;
         // Status, fingerprint, partition, offset, creation time.
         r.take(1 + 32 + 4 + 8 + 8)?;
         Ok(i64::from_be_bytes(r.array()?))
@@ -107,13 +113,7 @@ impl DedupEntry {
 
     /// Decodes an entry written by [`DedupEntry::encode`].
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader::new(bytes, "dedup entry");
-        let version = r.u8()?;
-        if version != ENTRY_VERSION {
-            return Err(Error::Corrupt(format!(
-                "dedup entry version {version} is not supported"
-            )));
-        }
+        let mut r = Self::reader(bytes)?;
         let status = EntryStatus::from_code(r.u8()?)?;
         let fingerprint = Fingerprint(r.array()?);
         let partition = i32::from_be_bytes(r.array()?);

@@ -315,10 +315,19 @@ impl Inner {
     }
 
     fn entry(&self, key: &[u8]) -> Result<Option<DedupEntry>> {
+        self.read_entry(key, DedupEntry::decode)
+    }
+
+    /// The committed entry under `key`, read with `decode`.
+    fn read_entry<T>(
+        &self,
+        key: &[u8],
+        decode: impl FnOnce(&[u8]) -> Result<T>,
+    ) -> Result<Option<T>> {
         self.db
             .get_pinned_cf(self.cf(CF_DEDUP), key)
             .map_err(rocks("reading a dedup entry"))?
-            .map(|b| DedupEntry::decode(&b))
+            .map(|b| decode(&b))
             .transpose()
     }
 }
@@ -386,7 +395,6 @@ impl Store for RocksStore {
         let index = inner
             .db
             .iterator_cf(inner.cf(CF_EXPIRY), IteratorMode::Start);
-        // Whole index rows, until `limit` keys were examined.
         for item in index {
             if examined >= limit {
                 break;
@@ -396,18 +404,24 @@ impl Store for RocksStore {
             if expires_at > now_ms {
                 break;
             }
-            batch.delete_cf(inner.cf(CF_EXPIRY), &index_key);
-            for key in indexed_keys(&index_key, &value)? {
-                examined += 1;
+            let keys = indexed_keys(&index_key, &value)?;
+            // At most `limit` keys a round: a row cut short keeps the keys left for the next.
+            let (now, later) = keys.split_at(keys.len().min(limit - examined));
+            for key in now {
                 // The key may have been admitted again since: only its current entry's own
                 // expiry counts.
-                if inner
-                    .entry(key)?
-                    .is_some_and(|entry| entry.expires_at_ms == expires_at)
-                {
+                if inner.read_entry(key, DedupEntry::encoded_expiry)? == Some(expires_at) {
                     batch.delete_cf(inner.cf(CF_DEDUP), key);
                     purged += 1;
                 }
+            }
+            examined += now.len();
+            if later.is_empty() {
+                batch.delete_cf(inner.cf(CF_EXPIRY), &index_key);
+            } else {
+                let mut rest = Vec::new();
+                later.iter().for_each(|key| put_bytes(&mut rest, key));
+                batch.put_cf(inner.cf(CF_EXPIRY), &index_key, rest);
             }
         }
         if !batch.is_empty() {
@@ -439,6 +453,15 @@ impl Family {
             Family::Data => CF_DATA,
         }
     }
+}
+
+/// Enters a free key in a store table (whose lock the caller holds) and in the transaction's
+/// own set of what it holds (released on drop); returns the key, allocated once for both.
+fn hold(table: &mut Holders, held: &mut foldhash::HashSet<Key>, key: &[u8], id: u64) -> Key {
+    let key = Key::from(key);
+    table.insert(key.clone(), id);
+    held.insert(key.clone());
+    key
 }
 
 /// Pending writes of one family: `Some(value)` is a put, `None` a delete.
@@ -504,10 +527,7 @@ impl RocksTx {
             self.conflicted = true;
             return Err(Error::KeyBusy);
         }
-        let key = Key::from(key);
-        locks.insert(key.clone(), self.id);
-        self.locked.insert(key.clone());
-        Ok(key)
+        Ok(hold(&mut locks, &mut self.locked, key, self.id))
     }
 
     fn read(&self, family: Family, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -519,13 +539,6 @@ impl RocksTx {
             .db
             .get_cf(inner.cf(family.name()), key)
             .map_err(rocks("reading through a transaction"))
-    }
-
-    /// Takes a free dedup key in the store's claim table (the caller holds its lock).
-    fn take_claim(&mut self, table: &mut Holders, key: &[u8]) {
-        let key = Key::from(key);
-        table.insert(key.clone(), self.id);
-        self.claimed.insert(key);
     }
 
     /// Reads a key of the handler's state, seeing this batch's own writes.
@@ -611,7 +624,7 @@ impl Transaction for RocksTx {
         if let Some(entry) = inner.entry(key)?.and_then(live) {
             return Ok(Claim::Existing(entry));
         }
-        self.take_claim(&mut claims, key);
+        hold(&mut claims, &mut self.claimed, key, self.id);
         Ok(Claim::Claimed)
     }
 
@@ -638,7 +651,9 @@ impl Transaction for RocksTx {
                 Some(entry) if !entry.is_expired(now_ms) => {
                     self.known.insert(key.to_vec(), entry);
                 }
-                _ => self.take_claim(&mut table, key),
+                _ => {
+                    hold(&mut table, &mut self.claimed, key, self.id);
+                }
             }
         }
         Ok(())
@@ -1020,8 +1035,16 @@ mod tests {
         assert_eq!(times, [-3, 0, 5]);
     }
 
+    fn index_rows(store: &RocksStore) -> usize {
+        let inner = &store.inner;
+        inner
+            .db
+            .iterator_cf(inner.cf(CF_EXPIRY), IteratorMode::Start)
+            .count()
+    }
+
     #[tokio::test]
-    async fn one_index_row_per_commit_and_expiry_and_the_purge_takes_whole_rows() {
+    async fn one_index_row_per_commit_and_expiry_and_the_purge_keeps_its_bound() {
         let (_dir, store) = open();
         let p = PartitionId::new("g", "t", 0);
         let a = store.acquire(&p).await.unwrap();
@@ -1037,6 +1060,14 @@ mod tests {
         tx.put_entry(b"undone", &entry(5, 1_000)).await.unwrap();
         tx.rollback_to_savepoint().await.unwrap();
         tx.commit(5).await.unwrap();
+        // The next commit, same expiry time: a row of its own, not a replacement.
+        let mut tx = store.begin(&p, a.epoch).await.unwrap();
+        for i in 0..2 {
+            tx.put_entry(format!("m{i}").as_bytes(), &entry(5 + i, 1_000))
+                .await
+                .unwrap();
+        }
+        tx.commit(7).await.unwrap();
         // A row of the earlier layout (time ‖ key, empty value) is still purged.
         let inner = &store.inner;
         let mut legacy = ((1_500u64) ^ (1 << 63)).to_be_bytes().to_vec();
@@ -1047,32 +1078,31 @@ mod tests {
             .unwrap();
         inner.db.put_cf(inner.cf(CF_EXPIRY), &legacy, []).unwrap();
 
-        let rows = inner
-            .db
-            .iterator_cf(inner.cf(CF_EXPIRY), IteratorMode::Start)
-            .count();
         assert_eq!(
-            rows, 3,
-            "two rows for the commit (two expiry times) and the legacy row"
-        );
-        assert_eq!(
-            store.purge_expired(2_000, 1).await.unwrap(),
+            index_rows(&store),
             4,
-            "a row is purged whole, past the limit"
+            "two rows for the first commit (two expiry times), one for the second, the legacy row"
         );
+        assert_eq!(
+            store.purge_expired(2_000, 3).await.unwrap(),
+            3,
+            "bounded: a row is cut short"
+        );
+        assert!(store.entry(b"k2").unwrap().is_none());
+        assert!(
+            store.entry(b"k3").unwrap().is_some(),
+            "left in its row for the next round"
+        );
+        assert_eq!(index_rows(&store), 4, "the cut row keeps the rest");
+        assert_eq!(store.purge_expired(2_000, 3).await.unwrap(), 3);
         assert!(store.entry(b"k3").unwrap().is_none());
+        assert!(store.entry(b"m1").unwrap().is_none());
         assert!(store.entry(b"legacy").unwrap().is_some(), "after the limit");
         assert_eq!(store.purge_expired(2_000, 10).await.unwrap(), 1);
         assert!(store.entry(b"legacy").unwrap().is_none());
         assert!(store.entry(b"later").unwrap().is_some());
         assert_eq!(store.purge_expired(2_000, 10).await.unwrap(), 0);
         assert_eq!(store.purge_expired(5_000, 10).await.unwrap(), 1);
-        assert_eq!(
-            inner
-                .db
-                .iterator_cf(inner.cf(CF_EXPIRY), IteratorMode::Start)
-                .count(),
-            0
-        );
+        assert_eq!(index_rows(&store), 0);
     }
 }
