@@ -33,9 +33,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use idempotent_consumer::{
-    BatchStatement, DedupEntry, EntryStatus, Handler, HandlerError, MemoryStore, MemoryTx, Outcome,
-    PartitionId, PgOptions, PgStore, PgTx, Record, RocksStore, RocksTx, Runtime, Stats, Store,
-    Transaction,
+    BatchStatement, DedupEntry, EntryStatus, Handler, HandlerError, Inspect, MemoryStore, MemoryTx,
+    Outcome, PartitionId, PgOptions, PgStore, PgTx, Record, RocksStore, RocksTx, Runtime, Stats,
+    Store, Transaction,
 };
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -44,9 +44,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Message};
 use sqlx::{Connection, PgConnection};
 
-#[path = "../tests/common/throwaway_db.rs"]
-mod throwaway_db;
-use throwaway_db::ThrowawayDb;
+use idempotent_consumer::testkit::ThrowawayDb;
 
 const PARTITIONS: i32 = 4;
 const TOPIC: &str = "bench";
@@ -214,8 +212,7 @@ fn run() -> Res<()> {
             Some(raw_rate),
         );
         for p in 0..PARTITIONS {
-            store
-                .set_position(&PartitionId::new(group, TOPIC, p), 0)
+            block_on(store.set_position(&PartitionId::new(group, TOPIC, p), 0))
                 .map_err(|e| e.to_string())?;
         }
         report(
@@ -254,7 +251,7 @@ fn run() -> Res<()> {
             ..PgOptions::default()
         };
         let connect = || {
-            rt.block_on(PgStore::connect_with(&db.url, options.clone()))
+            rt.block_on(PgStore::connect_with(db.url(), options.clone()))
                 .map_err(|e| e.to_string())
         };
         for (name, batch, n, batched) in [
@@ -295,12 +292,12 @@ fn run() -> Res<()> {
         }
         if wanted("naive") {
             let n = args.slow_records;
-            let row = measure("naive", n, || naive(&rt, &bootstrap, &db.url, n))?;
+            let row = measure("naive", n, || naive(&rt, &bootstrap, db.url(), n))?;
             report(row, Some(raw_rate));
         }
         if wanted("pg-limit") {
             let n = records;
-            let row = measure("pg-limit", n, || rt.block_on(pg_limit(&db.url, n)))?;
+            let row = measure("pg-limit", n, || rt.block_on(pg_limit(db.url(), n)))?;
             report(row, Some(raw_rate));
         }
     }
@@ -650,7 +647,7 @@ async fn preload(store: &RocksStore, n: usize) -> Res<()> {
         .epoch;
     let entry = DedupEntry {
         status: EntryStatus::Completed,
-        fingerprint: idempotent_consumer::identity::Fingerprint::of(Some(b"preloaded")),
+        fingerprint: idempotent_consumer::Fingerprint::of(Some(b"preloaded")),
         outcome: None,
         topic: "preload".into(),
         partition: 0,
@@ -658,7 +655,6 @@ async fn preload(store: &RocksStore, n: usize) -> Res<()> {
         created_at_ms: 0,
         expires_at_ms: i64::MAX,
     };
-    let scope = idempotent_consumer::identity::Scope::new("rocksdb-10m", None);
     let mut written = 0;
     while written < n {
         let mut tx = store
@@ -666,8 +662,8 @@ async fn preload(store: &RocksStore, n: usize) -> Res<()> {
             .await
             .map_err(|e| e.to_string())?;
         for i in written..(written + 50_000).min(n) {
-            let mut key = scope.as_bytes().to_vec();
-            key.extend_from_slice(format!("preloaded-{i:010}").as_bytes());
+            let key = format!("preloaded-{i:010}");
+            let key = idempotent_consumer::EntryKey::new("rocksdb-10m", &key).store_key();
             tx.put_entry(&key, &entry)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -793,8 +789,8 @@ async fn pg_limit(url: &str, n: usize) -> Res<Duration> {
         let fingerprints: Vec<Vec<u8>> = bodies
             .iter()
             .map(|b| {
-                idempotent_consumer::identity::Fingerprint::of(Some(b))
-                    .0
+                idempotent_consumer::Fingerprint::of(Some(b))
+                    .as_bytes()
                     .to_vec()
             })
             .collect();

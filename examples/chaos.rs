@@ -4,7 +4,8 @@
 //!
 //! One binary, three roles (it starts copies of itself):
 //! - `broker`: hosts librdkafka's mock cluster (3 brokers) in its own process, prints its
-//!   bootstrap address and takes fault commands on stdin, so it outlives every consumer kill;
+//!   bootstrap address and takes fault commands on stdin, so it outlives every consumer kill
+//!   (`testkit::serve_mock_broker`; the harness drives it through `testkit::BrokerProcess`);
 //! - `consumer`: the consumer under test, an ordinary runtime on RocksDB or PostgreSQL whose
 //!   handler journals account transfers in the batch's transaction;
 //! - `run` (the default): the harness. For each scenario and store it produces a workload of
@@ -30,24 +31,20 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idempotent_consumer::{
-    DeadLetter, DeadLetterReason, Handler, HandlerError, Outcome, PartitionId, PgOptions, PgStore,
-    PgTx, Record, RocksStore, RocksTx, Runtime, Stats, Store,
+    DeadLetter, DeadLetterReason, Handler, HandlerError, Inspect, Outcome, PartitionId, PgOptions,
+    PgStore, PgTx, Record, RocksStore, RocksTx, Runtime, Stats, Store,
 };
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
-#[path = "../tests/common/throwaway_db.rs"]
-mod throwaway_db;
-use throwaway_db::ThrowawayDb;
+use idempotent_consumer::testkit::{BrokerProcess, ThrowawayDb, serve_mock_broker};
 
 const PARTITIONS: i32 = 4;
 const ACCOUNTS: u64 = 200;
@@ -60,7 +57,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let role = args.first().map(String::as_str).unwrap_or("run");
     let result = match role {
-        "broker" => broker(),
+        "broker" => serve_mock_broker(3),
         "consumer" => consumer(&Flags::parse(&args[1..])),
         "run" => run(&Flags::parse(args.get(1..).unwrap_or_default())),
         other => Err(format!(
@@ -196,122 +193,6 @@ impl<T: JournalTx + idempotent_consumer::Transaction> Handler<T> for Journal {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The broker process.
-
-fn broker() -> Res<()> {
-    let mock = MockCluster::new(3).map_err(|e| format!("starting the mock cluster: {e}"))?;
-    println!("BOOTSTRAP {}", mock.bootstrap_servers());
-    std::io::stdout().flush().map_err(|e| e.to_string())?;
-    for line in std::io::stdin().lock().lines() {
-        let line = line.map_err(|e| e.to_string())?;
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let answer = match words.as_slice() {
-            ["topic", name, partitions] => partitions
-                .parse()
-                .map_err(|_| "bad partition count".to_owned())
-                .and_then(|p| mock.create_topic(name, p, 1).map_err(|e| e.to_string())),
-            ["errors", api, n, code] => api_key(api).and_then(|api| {
-                let n: usize = n.parse().map_err(|_| "bad count".to_owned())?;
-                let err = error_code(code)?;
-                mock.request_errors(api, &vec![err; n]);
-                Ok(())
-            }),
-            ["down", id] => id
-                .parse()
-                .map_err(|_| "bad broker id".to_owned())
-                .and_then(|id| mock.broker_down(id).map_err(|e| e.to_string())),
-            ["up", id] => id
-                .parse()
-                .map_err(|_| "bad broker id".to_owned())
-                .and_then(|id| mock.broker_up(id).map_err(|e| e.to_string())),
-            _ => Err(format!("unknown command {line:?}")),
-        };
-        match answer {
-            Ok(()) => println!("ok"),
-            Err(e) => println!("err {e}"),
-        }
-        std::io::stdout().flush().map_err(|e| e.to_string())?;
-    }
-    Ok(())
-}
-
-fn api_key(name: &str) -> Res<RDKafkaApiKey> {
-    Ok(match name {
-        "fetch" => RDKafkaApiKey::Fetch,
-        "commit" => RDKafkaApiKey::OffsetCommit,
-        "produce" => RDKafkaApiKey::Produce,
-        "heartbeat" => RDKafkaApiKey::Heartbeat,
-        other => return Err(format!("unknown api {other:?}")),
-    })
-}
-
-fn error_code(name: &str) -> Res<RDKafkaRespErr> {
-    Ok(match name {
-        "not_leader" => RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
-        "timed_out" => RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
-        "coordinator" => RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
-        "not_enough_replicas" => RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
-        other => return Err(format!("unknown error {other:?}")),
-    })
-}
-
-/// The broker process and its command channel.
-struct Broker {
-    child: Child,
-    stdin: ChildStdin,
-    answers: std::io::Lines<BufReader<std::process::ChildStdout>>,
-    bootstrap: String,
-}
-
-impl Broker {
-    fn start() -> Res<Self> {
-        let mut child = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
-            .arg("broker")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("starting the broker process: {e}"))?;
-        let stdin = child.stdin.take().expect("piped stdin");
-        let mut answers = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        let first = answers
-            .next()
-            .ok_or("the broker process ended before starting")?
-            .map_err(|e| e.to_string())?;
-        let bootstrap = first
-            .strip_prefix("BOOTSTRAP ")
-            .ok_or_else(|| format!("unexpected broker output {first:?}"))?
-            .to_owned();
-        Ok(Broker {
-            child,
-            stdin,
-            answers,
-            bootstrap,
-        })
-    }
-
-    fn command(&mut self, command: &str) -> Res<()> {
-        writeln!(self.stdin, "{command}").map_err(|e| e.to_string())?;
-        let answer = self
-            .answers
-            .next()
-            .ok_or("the broker process ended")?
-            .map_err(|e| e.to_string())?;
-        if answer == "ok" {
-            Ok(())
-        } else {
-            Err(format!("broker command {command:?}: {answer}"))
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // The consumer process.
 
 fn consumer(flags: &Flags) -> Res<()> {
@@ -367,11 +248,8 @@ fn consumer(flags: &Flags) -> Res<()> {
                 .build(Journal { delay })
                 .map_err(|e| e.to_string())?;
             let done = move || {
-                let positions = pids
-                    .iter()
-                    .map(|p| store.position(p).ok().flatten().and_then(|s| s.next_offset))
-                    .collect();
-                async move { caught_up(positions) }
+                let (store, pids) = (store.clone(), pids.clone());
+                async move { caught_up(next_offsets(&store, &pids).await) }
             };
             rt.block_on(serve(runtime, done))
         }
@@ -392,19 +270,36 @@ fn consumer(flags: &Flags) -> Res<()> {
                 .map_err(|e| e.to_string())?;
             let done = move || {
                 let (store, pids) = (store.clone(), pids.clone());
-                async move {
-                    let mut positions = Vec::new();
-                    for p in &pids {
-                        let pos = store.position(p).await.ok().flatten();
-                        positions.push(pos.and_then(|s| s.next_offset));
-                    }
-                    caught_up(positions)
-                }
+                async move { caught_up(next_offsets(&store, &pids).await) }
             };
             serve(runtime, done).await
         }),
         other => Err(format!("unknown store {other:?}")),
     }
+}
+
+/// The stored next offsets of `pids` (`None` where unknown, or unreadable for now).
+async fn next_offsets<S: Inspect>(store: &S, pids: &[PartitionId]) -> Vec<Option<i64>> {
+    let mut offsets = Vec::with_capacity(pids.len());
+    for p in pids {
+        let stored = store.position(p).await.ok().flatten();
+        offsets.push(stored.and_then(|s| s.next_offset));
+    }
+    offsets
+}
+
+/// The stored next offsets and dead letters of `pids`.
+async fn positions_and_letters<S: Inspect>(
+    store: &S,
+    pids: &[PartitionId],
+) -> Res<(Vec<Option<i64>>, Vec<DeadLetter>)> {
+    let (mut positions, mut dead_letters) = (Vec::new(), Vec::new());
+    for p in pids {
+        dead_letters.extend(store.dead_letters(p).await.map_err(|e| e.to_string())?);
+        let stored = store.position(p).await.map_err(|e| e.to_string())?;
+        positions.push(stored.and_then(|s| s.next_offset));
+    }
+    Ok((positions, dead_letters))
 }
 
 /// Runs the consumer until SIGTERM or until `done` says every partition reached its end,
@@ -778,7 +673,7 @@ impl StoreUnderTest {
                 .map_err(|e| format!("creating the scenario database: {e}"))?;
                 Ok(StoreUnderTest {
                     kind: kind.into(),
-                    path: db.url.clone(),
+                    path: db.url().to_owned(),
                     _dir: None,
                     _db: Some(db),
                 })
@@ -808,16 +703,7 @@ impl StoreUnderTest {
                     .ok_or_else(|| format!("no transfer journaled under {key}"))?;
                 applied.insert(key, (n, t));
             }
-            let positions = pids
-                .iter()
-                .map(|p| {
-                    store
-                        .position(p)
-                        .map(|s| s.and_then(|s| s.next_offset))
-                        .map_err(|e| e.to_string())
-                })
-                .collect::<Res<_>>()?;
-            let dead_letters = store.dead_letters().map_err(|e| e.to_string())?;
+            let (positions, dead_letters) = block_on(positions_and_letters(&store, &pids))?;
             return Ok(Effects {
                 applied,
                 dead_letters,
@@ -856,13 +742,7 @@ impl StoreUnderTest {
                     ),
                 );
             }
-            let mut dead_letters = Vec::new();
-            let mut positions = Vec::new();
-            for p in &pids {
-                dead_letters.extend(store.dead_letters(p).await.map_err(|e| e.to_string())?);
-                let pos = store.position(p).await.map_err(|e| e.to_string())?;
-                positions.push(pos.and_then(|s| s.next_offset));
-            }
+            let (positions, dead_letters) = positions_and_letters(&store, &pids).await?;
             store.pool().close().await;
             Ok(Effects {
                 applied,
@@ -887,7 +767,7 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 }
 
 struct Harness {
-    broker: Mutex<Broker>,
+    broker: Mutex<BrokerProcess>,
     bootstrap: String,
     records: u64,
     kills: u64,
@@ -917,9 +797,12 @@ fn run(flags: &Flags) -> Res<()> {
         }
         Err(_) => None,
     };
-    let broker = Broker::start()?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut host = Command::new(exe);
+    host.arg("broker");
+    let broker = BrokerProcess::start(host)?;
     let harness = Harness {
-        bootstrap: broker.bootstrap.clone(),
+        bootstrap: broker.bootstrap().to_owned(),
         broker: Mutex::new(broker),
         records,
         kills,

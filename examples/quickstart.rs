@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use idempotent_consumer::{
-    DeadLetterReason, Handler, HandlerError, Outcome, PartitionId, Record, RocksStore, RocksTx,
-    Runtime, StatsSnapshot,
+    DeadLetterReason, Handler, HandlerError, Inspect, Outcome, PartitionId, Record, RocksStore,
+    RocksTx, Runtime, StatsSnapshot,
 };
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -203,16 +203,15 @@ fn incarnation(
             () = interrupted() => eprintln!("interrupted: draining and committing"),
         }
     }));
-    let caught_up = || {
-        (0..PARTITIONS).all(|p| {
+    let caught_up = async || {
+        for p in 0..PARTITIONS {
             let id = PartitionId::new(GROUP, TOPIC, p);
-            let next = store
-                .position(&id)
-                .ok()
-                .flatten()
-                .and_then(|s| s.next_offset);
-            next.unwrap_or(0) >= end[p as usize]
-        })
+            let stored = store.position(&id).await.ok().flatten();
+            if stored.and_then(|s| s.next_offset).unwrap_or(0) < end[p as usize] {
+                return false;
+            }
+        }
+        true
     };
     rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -224,7 +223,7 @@ fn incarnation(
                 }
                 () = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
-            if task.is_finished() || (crash_after.is_none() && caught_up()) {
+            if task.is_finished() || (crash_after.is_none() && caught_up().await) {
                 done.notify_one();
                 return;
             }
@@ -284,8 +283,14 @@ fn main() {
     runs.push(incarnation(&bootstrap, dir.path(), None, &end));
 
     // An operator replays partition 0 from the start: every record is a counted no-op.
-    RocksStore::open(dir.path())
-        .and_then(|s| s.set_position(&PartitionId::new(GROUP, TOPIC, 0), 0))
+    let operator = tokio::runtime::Runtime::new().expect("starting a tokio runtime");
+    operator
+        .block_on(async {
+            let store = RocksStore::open(dir.path())?;
+            store
+                .set_position(&PartitionId::new(GROUP, TOPIC, 0), 0)
+                .await
+        })
         .expect("rewinding partition 0");
     println!("run 4: operator rewinds partition 0 to offset 0 and replays it");
     runs.push(incarnation(&bootstrap, dir.path(), None, &end));
@@ -304,7 +309,14 @@ fn main() {
             )
         })
         .collect();
-    let dead = store.dead_letters().expect("reading dead letters");
+    let dead: Vec<_> = (0..PARTITIONS)
+        .flat_map(|p| {
+            let partition = PartitionId::new(GROUP, TOPIC, p);
+            operator
+                .block_on(store.dead_letters(&partition))
+                .expect("reading dead letters")
+        })
+        .collect();
     let conflicts_kept = dead
         .iter()
         .filter(|d| d.reason == DeadLetterReason::Conflict)

@@ -98,7 +98,7 @@ const DEAD_LETTER_VERSION: u8 = 1;
 
 impl DeadLetter {
     /// Encodes the dead letter for the embedded store.
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let r = &self.record;
         let mut out = Vec::with_capacity(128 + r.payload().map_or(0, <[u8]>::len));
         out.push(DEAD_LETTER_VERSION);
@@ -129,7 +129,7 @@ impl DeadLetter {
     }
 
     /// Decodes a dead letter written by [`DeadLetter::encode`].
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
         let mut rd = Reader::new(bytes, "dead letter");
         let version = rd.u8()?;
         if version != DEAD_LETTER_VERSION {
@@ -176,7 +176,7 @@ impl DeadLetter {
     /// The headers of the dead-letter topic record: the original headers, then `dlq.*` headers
     /// with the original position, the idempotency key, the reason class and message, the
     /// attempts and the first and last failure times.
-    pub fn topic_headers(&self) -> OwnedHeaders {
+    pub(crate) fn topic_headers(&self) -> OwnedHeaders {
         let r = &self.record;
         let mut headers = OwnedHeaders::new_with_capacity(r.headers().len() + 9);
         for h in r.headers() {

@@ -78,12 +78,6 @@ pub enum Error {
         reason: String,
     },
 
-    /// A key of the handler's state is held by another in-flight batch. The runtime rolls the
-    /// record back and handles it again once that batch has committed; a handler only needs to
-    /// return the error (any class will do).
-    #[error("state key is held by another in-flight batch; the record will be handled again")]
-    KeyBusy,
-
     /// A background task of the runtime failed unexpectedly (for example it panicked).
     #[error("runtime task failed: {0}")]
     Task(String),
@@ -112,6 +106,17 @@ impl Error {
         Error::Kafka {
             context: context.into(),
             source,
+        }
+    }
+
+    /// The error of a commit of `partition` at `epoch`, refused because the store holds the
+    /// newer epoch `current`. Stores build [`Error::Fenced`] with it.
+    pub fn fenced(partition: &crate::store::PartitionId, epoch: u64, current: u64) -> Self {
+        Error::Fenced {
+            topic: partition.topic.clone(),
+            partition: partition.partition,
+            epoch,
+            current,
         }
     }
 

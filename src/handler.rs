@@ -6,8 +6,8 @@
 //! nothing, and the record is handled again: after a store failure, a crash, a retry, or, on
 //! PostgreSQL (which runs records without per-record savepoints, a round trip each), when a
 //! later record of the same batch fails. Effects that cannot join the transaction (an HTTP call,
-//! an e-mail) run at least once; pass [`IdempotencyKey`](crate::identity::IdempotencyKey)
-//! downstream so the other side can deduplicate them.
+//! an e-mail) run at least once; pass the record's idempotency key downstream so the other side
+//! can deduplicate them.
 //!
 //! The hooks `on_duplicate` and `on_conflict` have default no-op bodies, like rdkafka's
 //! `ConsumerContext` callbacks: override only what you need.

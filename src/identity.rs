@@ -73,7 +73,7 @@ pub enum OversizeKey {
 
 /// Which source produced a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyOrigin {
+pub(crate) enum KeyOrigin {
     /// A header.
     Header,
     /// The record key.
@@ -88,19 +88,20 @@ pub enum KeyOrigin {
 
 /// An idempotency key as stored (after any hashing), with where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdempotencyKey {
+pub(crate) struct IdempotencyKey {
     bytes: Vec<u8>,
     origin: KeyOrigin,
 }
 
 impl IdempotencyKey {
     /// The key bytes.
-    pub fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.bytes
     }
 
     /// Which source produced it.
-    pub fn origin(&self) -> KeyOrigin {
+    #[cfg_attr(not(test), allow(dead_code))] // read by the tests of the key sources
+    pub(crate) fn origin(&self) -> KeyOrigin {
         self.origin
     }
 }
@@ -122,7 +123,7 @@ impl fmt::Display for IdempotencyKey {
 
 /// Why a record has no usable key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyError {
+pub(crate) enum KeyError {
     /// No source produced a key and the policy is [`MissingKey::Reject`].
     Missing {
         /// The sources that were tried, for the error message.
@@ -247,12 +248,12 @@ impl Identity {
     }
 
     /// The scope for keys consumed by `group`.
-    pub fn scope(&self, group: &str) -> Scope {
+    pub(crate) fn scope(&self, group: &str) -> Scope {
         Scope::new(group, self.tenant.as_deref())
     }
 
     /// Derives the idempotency key of a record.
-    pub fn key_of(&self, record: &Record) -> Result<IdempotencyKey, KeyError> {
+    pub(crate) fn key_of(&self, record: &Record) -> Result<IdempotencyKey, KeyError> {
         let found = self.sources.iter().find_map(|source| {
             let (bytes, origin) = match source {
                 KeySource::Header(name) => (record.header(name)?.to_vec(), KeyOrigin::Header),
@@ -302,13 +303,13 @@ impl Identity {
 
 /// The namespace of keys: consumer group plus optional tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Scope {
+pub(crate) struct Scope {
     encoded: Vec<u8>,
 }
 
 impl Scope {
     /// Scope of a group and tenant.
-    pub fn new(group: &str, tenant: Option<&str>) -> Self {
+    pub(crate) fn new(group: &str, tenant: Option<&str>) -> Self {
         let tenant = tenant.unwrap_or("");
         let mut encoded = Vec::with_capacity(4 + group.len() + tenant.len());
         push_len_prefixed(&mut encoded, group.as_bytes());
@@ -317,7 +318,7 @@ impl Scope {
     }
 
     /// Stable, unambiguous bytes of the scope (length-prefixed group and tenant).
-    pub fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.encoded
     }
 
@@ -340,7 +341,7 @@ impl Scope {
 
     /// The store key of `key` in this scope: scope bytes followed by the key bytes. Prefix-free,
     /// because the scope part is length-prefixed.
-    pub fn store_key(&self, key: &IdempotencyKey) -> Vec<u8> {
+    pub(crate) fn store_key(&self, key: &IdempotencyKey) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded.len() + key.bytes.len());
         out.extend_from_slice(&self.encoded);
         out.extend_from_slice(&key.bytes);
@@ -371,7 +372,7 @@ fn push_len_prefixed(out: &mut Vec<u8>, bytes: &[u8]) {
 
 /// SHA-256 over the payload, distinguishing a null payload from an empty one.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Fingerprint(pub [u8; 32]);
+pub struct Fingerprint(pub(crate) [u8; 32]);
 
 impl Fingerprint {
     /// Fingerprint of a payload (`None` for a tombstone).
@@ -385,6 +386,11 @@ impl Fingerprint {
             }
         }
         Fingerprint(h.finalize().into())
+    }
+
+    /// The SHA-256 digest.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
     }
 }
 

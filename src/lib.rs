@@ -53,21 +53,28 @@
 //!
 //! ## How a record is processed
 //!
-//! 1. **Identity** ([`identity`]): the idempotency key comes from the `idempotency-key` header by
+//! 1. **Identity** ([`Identity`]): the idempotency key comes from the `idempotency-key` header by
 //!    default, or the record key, a function, or a payload hash; records without one are
 //!    dead-lettered or keyed by topic/partition/offset ([`MissingKey`]). Keys are scoped by the
 //!    consumer group and an optional tenant. A SHA-256 fingerprint of the payload is kept with
 //!    the key: the same key with another payload is a **conflict** ([`ConflictPolicy`]), never a
 //!    duplicate.
-//! 2. **Claim**: the key is claimed in the batch's transaction. A key with a live entry is a
+//! 2. **Claim** (`runtime/partition/decide.rs`, as are steps 1 and 3 for each record; the batch
+//!    loop around them is `runtime/partition.rs`): the key is claimed in the batch's
+//!    transaction. A key with a live entry is a
 //!    duplicate (cause: redelivery or repeated key); a key in flight in another partition's
 //!    batch waits for that batch to commit.
 //! 3. **Handle**: the handler runs after a savepoint. On error the record's writes are rolled
 //!    back; retryable errors are retried with backoff ([`RetryPolicy`]), permanent ones are kept
 //!    as [`DeadLetter`]s, fatal ones stop the runtime before the record.
-//! 4. **Commit** (`runtime/commit.rs`): the batch's effects, entries, dead letters and the
-//!    partition's next offset go to the store in one write, checked against the partition's
-//!    epoch (a stale owner is [`Error::Fenced`]); only then is the offset committed to Kafka.
+//! 4. **Commit** (`runtime/commit.rs`, the whole protocol in one function): deferred writes
+//!    first, then the batch's dead letters produced and acknowledged, then the batch's effects,
+//!    entries, dead letters and the partition's next offset go to the store in one write,
+//!    checked against the partition's epoch (a stale owner is [`Error::Fenced`]); only then is
+//!    the offset committed to Kafka.
+//!
+//! What a store must keep for this is the contract of [`Store`] and [`Transaction`], checked
+//! for every store by `tests/store_contract.rs`; [`Inspect`] reads a store from outside.
 //!
 //! On assignment the runtime seeks to the position **stored in the store**, not Kafka's committed
 //! offset. Dedup entries expire after the retention (default seven days) and are purged in
@@ -80,17 +87,40 @@
 //!   Run one instance per store directory.
 //! - `PgStore` (feature `postgres`): shared by every instance of a group. The handler gets
 //!   `PgTx` and runs its own SQL on `tx.conn()`, or defers rows with `tx.defer` to a
-//!   `BatchStatement` that writes the whole batch's rows in one round trip; keys are claimed first as uncommitted rows, so a
-//!   duplicate arriving at another instance waits on the primary key and then sees the entry. A
+//!   `BatchStatement` that writes the whole batch's rows in one round trip; keys are claimed
+//!   first as uncommitted rows, so a duplicate arriving at another instance waits on the primary key and then sees the entry. A
 //!   transient failure (lost connection, deadlock) rolls the batch back and it is tried again.
 //!   `examples/payments_postgres.rs` shows it.
 //!
 //! ## Observability
 //!
-//! Every counter of [`Stats`] is also reported through the `metrics` facade, with histograms of
-//! batch size, handler and commit latency and a store-entries gauge (see [`metrics`] for the
-//! names and labels); `examples/metrics_prometheus.rs` serves them to Prometheus. Each record
-//! runs in a `tracing` span with its topic, partition, offset, key and outcome.
+//! Every counter of [`Stats`] is also reported through the [`metrics`](https://docs.rs/metrics)
+//! facade (install any recorder; without one these calls do nothing), with histograms of batch
+//! size, handler and commit latency and a store-entries gauge; `examples/metrics_prometheus.rs`
+//! serves them to Prometheus. Each record runs in a `tracing` span with its topic, partition,
+//! offset, key and outcome. Outcomes of records are reported when their batch commits, so a
+//! crashed, fenced or retried batch is never counted.
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `idempotent_consumer_records_read_total` | counter | group, topic, partition |
+//! | `idempotent_consumer_processed_total` | counter | group, topic, partition |
+//! | `idempotent_consumer_duplicates_total` | counter | group, topic, partition, cause (`redelivery`, `repeated_key`) |
+//! | `idempotent_consumer_conflicts_total` | counter | group, topic, partition, action (`dead_letter`, `skip`, `stop`) |
+//! | `idempotent_consumer_dead_letters_total` | counter | group, topic, partition, reason |
+//! | `idempotent_consumer_retries_total` | counter | group, topic, partition |
+//! | `idempotent_consumer_store_retries_total` | counter | group, topic, partition |
+//! | `idempotent_consumer_batches_committed_total` | counter | group, topic, partition |
+//! | `idempotent_consumer_fenced_commits_total` | counter | group, topic, partition |
+//! | `idempotent_consumer_kafka_commit_failures_total` | counter | group |
+//! | `idempotent_consumer_expired_purged_total` | counter | group |
+//! | `idempotent_consumer_batch_records` | histogram | group, topic, partition |
+//! | `idempotent_consumer_handler_seconds` | histogram | group, topic, partition |
+//! | `idempotent_consumer_commit_seconds` | histogram | group, topic, partition |
+//! | `idempotent_consumer_store_entries` | gauge | group |
+//!
+//! The store-entries gauge is refreshed at each purge round; on large PostgreSQL tables it is
+//! the planner's estimate.
 //!
 //! ## Crash semantics
 //!
@@ -100,31 +130,37 @@
 
 #![forbid(unsafe_code)]
 
-pub mod dead_letter;
-pub mod error;
-pub mod handler;
-pub mod identity;
-pub mod metrics;
-pub mod record;
-pub mod retry;
-pub mod runtime;
+mod dead_letter;
+mod error;
+mod handler;
+mod identity;
+mod metrics;
+mod record;
+mod retry;
+mod runtime;
 pub mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use dead_letter::{DeadLetter, DeadLetterReason, DeadLetterTopic};
 pub use error::{Error, RecordPosition, Result};
 pub use handler::{DuplicateCause, ErrorClass, Handler, HandlerError, Outcome};
-pub use identity::{Identity, KeySource, MissingKey, OversizeKey};
+pub use identity::{
+    DEFAULT_KEY_HEADER, DEFAULT_MAX_KEY_LEN, Fingerprint, Identity, KeyFn, KeySource, MissingKey,
+    OversizeKey,
+};
 pub use metrics::{Stats, StatsSnapshot};
 pub use record::{DecodeError, Header, Record};
 pub use retry::RetryPolicy;
-pub use runtime::{ConflictPolicy, Runtime, RuntimeBuilder};
+pub use runtime::{ConflictPolicy, DEFAULT_RETENTION, Runtime, RuntimeBuilder};
 pub use store::{
-    Claim, ClaimAhead, DedupEntry, EntryStatus, PartitionId, Store, StoredPosition, Transaction,
+    Assignment, Claim, ClaimAhead, DedupEntry, DeferredWrites, EntryKey, EntryStatus, Inspect,
+    PartitionId, Store, StoredPosition, Transaction,
 };
 
 #[cfg(feature = "memory")]
 pub use store::memory::{MemoryStore, MemoryTx};
 #[cfg(feature = "postgres")]
-pub use store::postgres::{BatchStatement, PgOptions, PgStore, PgTx};
+pub use store::postgres::{BatchRow, BatchStatement, Column, PgOptions, PgStore, PgTx};
 #[cfg(feature = "rocksdb")]
-pub use store::rocksdb::{RocksOptions, RocksStore, RocksTx};
+pub use store::rocksdb::{RocksOptions, RocksStore, RocksTx, StateError};

@@ -10,27 +10,7 @@
 //! Outcomes of records (processed, duplicates, conflicts, dead letters) are reported when their
 //! batch commits, so a crashed, fenced or retried batch is never counted.
 //!
-//! | metric | kind | labels |
-//! |---|---|---|
-//! | `idempotent_consumer_records_read_total` | counter | group, topic, partition |
-//! | `idempotent_consumer_processed_total` | counter | group, topic, partition |
-//! | `idempotent_consumer_duplicates_total` | counter | group, topic, partition, cause (`redelivery`, `repeated_key`) |
-//! | `idempotent_consumer_conflicts_total` | counter | group, topic, partition, action (`dead_letter`, `skip`, `stop`) |
-//! | `idempotent_consumer_dead_letters_total` | counter | group, topic, partition, reason |
-//! | `idempotent_consumer_retries_total` | counter | group, topic, partition |
-//! | `idempotent_consumer_store_retries_total` | counter | group, topic, partition |
-//! | `idempotent_consumer_batches_committed_total` | counter | group, topic, partition |
-//! | `idempotent_consumer_fenced_commits_total` | counter | group, topic, partition |
-//! | `idempotent_consumer_kafka_commit_failures_total` | counter | group |
-//! | `idempotent_consumer_expired_purged_total` | counter | group |
-//! | `idempotent_consumer_batch_records` | histogram | group, topic, partition |
-//! | `idempotent_consumer_handler_seconds` | histogram | group, topic, partition |
-//! | `idempotent_consumer_commit_seconds` | histogram | group, topic, partition |
-//! | `idempotent_consumer_store_entries` | gauge | group |
-//!
-//! The store-entries gauge is refreshed at each purge round; on large PostgreSQL tables it is
-//! the planner's estimate. Every increment is also visible in the `tracing` events of the record
-//! it concerns.
+//! The metric names and labels are listed in the crate's documentation (Observability).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -37,7 +37,7 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// The delay after failed attempt number `attempt` (1-based): full jitter over an exponential
     /// ceiling, never below `floor` (a handler's `retry_after`).
-    pub fn backoff(&self, attempt: u32, floor: Option<Duration>) -> Duration {
+    pub(crate) fn backoff(&self, attempt: u32, floor: Option<Duration>) -> Duration {
         let exp = attempt.saturating_sub(1).min(30);
         let ceiling = self
             .initial_backoff

@@ -8,17 +8,19 @@ mod common;
 use std::time::Duration;
 
 use common::backend::{Backend, Postgres, block_on};
-use common::{Cluster, Incarnation, Ledger, LedgerTx, Movement, builder, store_key, unique};
+use common::{
+    Cluster, Incarnation, Ledger, LedgerTx, Movement, builder, committed, store_key, unique,
+};
 use idempotent_consumer::{
-    BatchStatement, Claim, ClaimAhead, DeadLetterTopic, DedupEntry, EntryStatus, Error, ErrorClass,
-    Handler, HandlerError, Outcome, PartitionId, PgOptions, PgStore, PgTx, Record, Store,
-    Transaction,
+    BatchStatement, Claim, ClaimAhead, DeadLetterTopic, DedupEntry, DeferredWrites, EntryStatus,
+    Error, ErrorClass, Handler, HandlerError, Inspect, Outcome, PartitionId, PgOptions, PgStore,
+    PgTx, Record, Store, Transaction,
 };
 
 fn entry(offset: i64, payload: &[u8]) -> DedupEntry {
     DedupEntry {
         status: EntryStatus::Completed,
-        fingerprint: idempotent_consumer::identity::Fingerprint::of(Some(payload)),
+        fingerprint: idempotent_consumer::Fingerprint::of(Some(payload)),
         outcome: Some(b"ok".to_vec()),
         topic: "t".into(),
         partition: 0,
@@ -44,7 +46,7 @@ fn zombie_commit_is_fenced_and_rolled_back() {
         let ahead_key = store_key("g", "pay-2");
         let ahead = ClaimAhead {
             key: &ahead_key,
-            fingerprint: idempotent_consumer::identity::Fingerprint::of(Some(b"p")),
+            fingerprint: idempotent_consumer::Fingerprint::of(Some(b"p")),
             topic: "t",
             partition: 0,
             offset: 1,
@@ -78,9 +80,9 @@ fn zombie_commit_is_fenced_and_rolled_back() {
         let position = owner.position(&pid).await.unwrap().unwrap();
         assert_eq!(position.next_offset, None, "the position did not move");
         assert_eq!(position.epoch, b.epoch);
-        assert_eq!(owner.entry(&key).await.unwrap(), None, "no dedup row");
+        assert_eq!(committed(&owner, "g", "pay-1").await, None, "no dedup row");
         assert_eq!(
-            owner.entry(&ahead_key).await.unwrap(),
+            committed(&owner, "g", "pay-2").await,
             None,
             "no row claimed ahead"
         );
@@ -185,9 +187,9 @@ fn savepoint_rollback_undoes_one_record_and_keeps_the_batch() {
             }
         }
         tx.commit(3).await.unwrap();
-        assert!(store.entry(&keys[0]).await.unwrap().is_some());
-        assert_eq!(store.entry(&keys[1]).await.unwrap(), None);
-        assert!(store.entry(&keys[2]).await.unwrap().is_some());
+        assert!(committed(&store, "g", "a").await.is_some());
+        assert_eq!(committed(&store, "g", "b").await, None);
+        assert!(committed(&store, "g", "c").await.is_some());
     });
     assert_eq!(
         pg.balances()["eve"],
@@ -214,7 +216,7 @@ fn claims_ahead_commit_the_entry_their_record_left_and_unfinished_ones_are_relea
         ];
         let ahead = |i: usize| ClaimAhead {
             key: &keys[i],
-            fingerprint: idempotent_consumer::identity::Fingerprint::of(Some(b"p")),
+            fingerprint: idempotent_consumer::Fingerprint::of(Some(b"p")),
             topic: "t",
             partition: 0,
             offset: i as i64,
@@ -234,9 +236,12 @@ fn claims_ahead_commit_the_entry_their_record_left_and_unfinished_ones_are_relea
         with_outcome.outcome = Some(b"receipt".to_vec());
         tx.put_entry(&keys[1], &with_outcome).await.unwrap();
         tx.commit(2).await.unwrap();
-        assert_eq!(store.entry(&keys[0]).await.unwrap(), Some(expected));
-        assert_eq!(store.entry(&keys[1]).await.unwrap(), Some(with_outcome));
-        assert_eq!(store.entry(&keys[2]).await.unwrap(), None);
+        assert_eq!(committed(&store, "g", "as-expected").await, Some(expected));
+        assert_eq!(
+            committed(&store, "g", "with-outcome").await,
+            Some(with_outcome)
+        );
+        assert_eq!(committed(&store, "g", "later").await, None);
         assert_eq!(store.count_entries().await.unwrap(), 2);
         // The gauge's count (exact on a small table) leaves claims out too.
         assert_eq!(Store::entry_count(&store).await.unwrap(), 2);
@@ -276,13 +281,18 @@ fn same_key_on_partitions_of_two_instances_runs_once() {
     let mut other = ledger;
     other.observed = two_seen.clone();
     let two = start(other);
-    // Let the group settle on one partition each before anything arrives (the mock delays joins).
+    // Let the group settle on one partition each before anything arrives (the second join is a
+    // rebalance).
     std::thread::sleep(Duration::from_secs(8));
-    for i in 0..40 {
-        for p in 0..2 {
-            cluster.send_movement(&topic, p, &format!("x{i}"), "kim", 1);
-        }
-    }
+    // Every key on both partitions, in opposite orders: each instance starts on keys the other
+    // reaches last, so both handle records, and they meet on the same keys at the same moment.
+    let movements = |keys: Vec<usize>| {
+        keys.into_iter()
+            .map(|i| (format!("x{i}"), "kim".to_owned(), 1))
+            .collect::<Vec<_>>()
+    };
+    cluster.send_movements(&topic, 0, movements((0..40).collect()));
+    cluster.send_movements(&topic, 1, movements((0..40).rev().collect()));
     let settled = std::time::Instant::now();
     loop {
         let (a, b) = (one.stats(), two.stats());
@@ -630,7 +640,10 @@ fn deferred_rows_follow_savepoints_and_fail_as_the_record() {
         tx.rollback_to_savepoint().await.unwrap();
         tx.savepoint().await.unwrap();
         tx.defer(&insert, row("early", 4));
-        tx.write_deferred().await.unwrap().unwrap();
+        assert!(matches!(
+            tx.write_deferred().await.unwrap(),
+            DeferredWrites::Written
+        ));
         tx.savepoint().await.unwrap();
         tx.defer(&insert, row("late", 8));
         tx.commit(1).await.unwrap();
@@ -638,11 +651,16 @@ fn deferred_rows_follow_savepoints_and_fail_as_the_record() {
         let mut tx = store.begin(&pid, epoch).await.unwrap();
         tx.savepoint().await.unwrap();
         tx.defer(&insert, row("negative", -1));
-        let failure = tx.write_deferred().await.unwrap().unwrap_err();
+        let DeferredWrites::Rejected(failure) = tx.write_deferred().await.unwrap() else {
+            panic!("a negative amount is refused by the table's check");
+        };
         assert_eq!(failure.class(), ErrorClass::Permanent, "{failure}");
         tx.rollback_to_savepoint().await.unwrap();
         tx.defer(&insert, row("after", 16));
-        tx.write_deferred().await.unwrap().unwrap();
+        assert!(matches!(
+            tx.write_deferred().await.unwrap(),
+            DeferredWrites::Written
+        ));
         tx.commit(2).await.unwrap();
     });
     assert_eq!(

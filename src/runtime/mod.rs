@@ -10,8 +10,11 @@
 //! revocations once the revoked partitions' tasks are drained (or abandoned after the drain
 //! timeout), runs the bounded retention purge, and stops the whole runtime on a fatal error.
 //!
-//! Files: `rebalance.rs` (poll thread, assignment, revocation), `partition.rs` (one partition's
-//! records), `commit.rs` (the atomic store commit, then Kafka's).
+//! Files: `builder.rs` (the builder and the configuration it validates), `rebalance.rs` (poll
+//! thread, assignment, revocation), `feed.rs` (a partition's records from its own queue),
+//! `partition.rs` (one partition's batch loop) with `partition/decide.rs` (what becomes of one
+//! record), `commit.rs` (the whole commit protocol: deferred writes, dead letters, the atomic
+//! fenced store write, then Kafka's offset).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -25,60 +28,22 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
-use crate::dead_letter::{DeadLetterProducer, DeadLetterTopic};
+use crate::dead_letter::DeadLetterProducer;
 use crate::error::{Error, Result};
 use crate::handler::Handler;
-use crate::identity::{Identity, Scope};
-use crate::metrics::{self, GroupMeter, PartitionMeter, Stats};
-use crate::retry::RetryPolicy;
+use crate::metrics::{self, GroupMeter, Stats};
 use crate::store::{PartitionId, Store};
 
+mod builder;
 mod commit;
 mod feed;
 mod partition;
 mod rebalance;
 
+use builder::Config;
+pub use builder::{ConflictPolicy, DEFAULT_RETENTION, RuntimeBuilder};
 use partition::PartitionTask;
 use rebalance::{ConsumerCtx, Event, PollThread};
-
-/// What to do with a record whose key was first used with a different payload.
-///
-/// Under the first two policies the conflicting record gets an entry of its own (under its key
-/// and fingerprint), committed with the position: a redelivery or replay of it is a duplicate,
-/// not a second conflict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ConflictPolicy {
-    /// Keep it as a dead letter (in the store and on the dead-letter topic) with the reason,
-    /// and go on (default).
-    #[default]
-    DeadLetter,
-    /// Skip it and record it in the store's dead-letter log only (reason `conflict`), not on
-    /// the dead-letter topic; count it as a conflict (`conflicts_skipped`) and go on. For
-    /// streams where re-used keys are expected noise but must stay auditable.
-    SkipAndRecord,
-    /// Stop the runtime without committing past it.
-    Stop,
-}
-
-/// Default retention of dedup entries: seven days, Kafka's default `retention.ms`.
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-
-#[derive(Debug)]
-pub(crate) struct Config {
-    pub(crate) group: String,
-    pub(crate) topics: Vec<String>,
-    pub(crate) identity: Identity,
-    pub(crate) scope: Scope,
-    pub(crate) conflict_scope: Scope,
-    pub(crate) batch_max_records: usize,
-    pub(crate) batch_linger: Duration,
-    pub(crate) retention: Duration,
-    pub(crate) conflict: ConflictPolicy,
-    pub(crate) retry: RetryPolicy,
-    pub(crate) drain_timeout: Duration,
-    pub(crate) purge_interval: Duration,
-    pub(crate) purge_batch: usize,
-}
 
 pub(crate) struct Shared<S, H> {
     pub(crate) config: Config,
@@ -87,229 +52,6 @@ pub(crate) struct Shared<S, H> {
     pub(crate) handler: H,
     /// The runtime's counters and recorder handles.
     pub(crate) meter: GroupMeter,
-}
-
-/// Builds a [`Runtime`]. Start with [`Runtime::builder`].
-pub struct RuntimeBuilder<S = ()> {
-    client: ClientConfig,
-    group: Option<String>,
-    topics: Vec<String>,
-    store: S,
-    identity: Identity,
-    batch_max_records: usize,
-    batch_linger: Duration,
-    retention: Duration,
-    conflict: ConflictPolicy,
-    retry: RetryPolicy,
-    drain_timeout: Duration,
-    purge_interval: Duration,
-    purge_batch: usize,
-    dead_letter_topic: DeadLetterTopic,
-}
-
-impl<S> fmt::Debug for RuntimeBuilder<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The client configuration may hold credentials: not printed.
-        f.debug_struct("RuntimeBuilder")
-            .field("group", &self.group)
-            .field("topics", &self.topics)
-            .field("identity", &self.identity)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S> RuntimeBuilder<S> {
-    /// Kafka bootstrap servers (`bootstrap.servers`).
-    pub fn bootstrap_servers(self, servers: impl Into<String>) -> Self {
-        self.set("bootstrap.servers", servers)
-    }
-
-    /// The consumer group; it also scopes idempotency keys.
-    pub fn group_id(mut self, group: impl Into<String>) -> Self {
-        self.group = Some(group.into());
-        self
-    }
-
-    /// Topics to subscribe to.
-    pub fn topics<I, T>(mut self, topics: I) -> Self
-    where
-        I: IntoIterator<Item = T>,
-        T: Into<String>,
-    {
-        self.topics = topics.into_iter().map(Into::into).collect();
-        self
-    }
-
-    /// Any librdkafka consumer property, passed through untouched. `enable.auto.commit` must stay
-    /// `false`: offsets are committed by the runtime after each store commit.
-    pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.client.set(key, value);
-        self
-    }
-
-    /// How idempotency keys are derived and scoped (default: the `idempotency-key` header).
-    pub fn identity(mut self, identity: Identity) -> Self {
-        self.identity = identity;
-        self
-    }
-
-    /// Batch bounds: at most `max_records` per commit, and no record waits more than `linger`
-    /// for its batch to fill (defaults 500 and 50 ms).
-    pub fn batch(mut self, max_records: usize, linger: Duration) -> Self {
-        self.batch_max_records = max_records;
-        self.batch_linger = linger;
-        self
-    }
-
-    /// How long a dedup entry keeps its key taken (default [`DEFAULT_RETENTION`]). Set it to at
-    /// least the topic's retention: a replay older than this is applied again. Time is read
-    /// once per batch, when its transaction begins: an entry is created at that instant, and a
-    /// key that expires while a batch runs still counts as taken in that batch.
-    pub fn retention(mut self, retention: Duration) -> Self {
-        self.retention = retention;
-        self
-    }
-
-    /// What to do with a conflicting record (default: dead-letter it).
-    pub fn conflict_policy(mut self, policy: ConflictPolicy) -> Self {
-        self.conflict = policy;
-        self
-    }
-
-    /// How retryable handler errors are retried.
-    pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = policy;
-        self
-    }
-
-    /// How long a revoked partition may take to drain and commit before it is abandoned (its
-    /// uncommitted work then goes to the next owner). Default 30 s.
-    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.drain_timeout = timeout;
-        self
-    }
-
-    /// How often expired entries are purged, and at most how many per store round (defaults
-    /// 60 s and 1,000).
-    pub fn purge(mut self, interval: Duration, batch: usize) -> Self {
-        self.purge_interval = interval;
-        self.purge_batch = batch;
-        self
-    }
-
-    /// Where dead letters are produced besides the store (default: `<topic>.dlq`). Each is
-    /// produced and acknowledged before the commit that marks its key dead-lettered: a crash in
-    /// between can repeat a dead-letter record (it carries the idempotency key and original
-    /// offset to deduplicate on) but never lose one.
-    pub fn dead_letter_topic(mut self, topic: DeadLetterTopic) -> Self {
-        self.dead_letter_topic = topic;
-        self
-    }
-
-    /// The store the runtime commits into.
-    pub fn store<T: Store>(self, store: T) -> RuntimeBuilder<T> {
-        RuntimeBuilder {
-            client: self.client,
-            group: self.group,
-            topics: self.topics,
-            store,
-            identity: self.identity,
-            batch_max_records: self.batch_max_records,
-            batch_linger: self.batch_linger,
-            retention: self.retention,
-            conflict: self.conflict,
-            retry: self.retry,
-            drain_timeout: self.drain_timeout,
-            purge_interval: self.purge_interval,
-            purge_batch: self.purge_batch,
-            dead_letter_topic: self.dead_letter_topic,
-        }
-    }
-}
-
-impl<S: Store> RuntimeBuilder<S> {
-    /// Validates the configuration and returns the runtime that will call `handler`.
-    pub fn build<H: Handler<S::Tx>>(self, handler: H) -> Result<Runtime<S, H>> {
-        let group = self
-            .group
-            .filter(|g| !g.is_empty())
-            .ok_or_else(|| Error::Config("group_id is required".into()))?;
-        if group.len() > 255 {
-            return Err(Error::Config("group_id is longer than 255 bytes".into()));
-        }
-        if self.topics.is_empty() || self.topics.iter().any(String::is_empty) {
-            return Err(Error::Config(
-                "at least one non-empty topic is required".into(),
-            ));
-        }
-        if self.client.get("bootstrap.servers").is_none() {
-            return Err(Error::Config("bootstrap_servers is required".into()));
-        }
-        if self
-            .client
-            .get("enable.auto.commit")
-            .is_some_and(|v| v != "false")
-        {
-            return Err(Error::Config(
-                "enable.auto.commit must be false: the runtime commits offsets after the store"
-                    .into(),
-            ));
-        }
-        if self.batch_max_records == 0 {
-            return Err(Error::Config("batch max_records must be at least 1".into()));
-        }
-        if self.retention.is_zero() {
-            return Err(Error::Config("retention must be positive".into()));
-        }
-        if self.retry.max_attempts == 0 {
-            return Err(Error::Config(
-                "retry max_attempts must be at least 1".into(),
-            ));
-        }
-        if self.purge_batch == 0 || self.purge_interval.is_zero() {
-            return Err(Error::Config(
-                "purge interval and batch must be positive".into(),
-            ));
-        }
-        self.identity.validate()?;
-
-        let mut client = self.client;
-        client
-            .set("group.id", &group)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false");
-        if client.get("auto.offset.reset").is_none() {
-            client.set("auto.offset.reset", "earliest");
-        }
-        let scope = self.identity.scope(&group);
-        let conflict_scope = self.identity.conflict_scope(&group);
-        let meter = GroupMeter::new(&group);
-        let dead_letters = DeadLetterProducer::new(&client, self.dead_letter_topic)?;
-        Ok(Runtime {
-            client,
-            shared: Arc::new(Shared {
-                config: Config {
-                    group,
-                    topics: self.topics,
-                    identity: self.identity,
-                    scope,
-                    conflict_scope,
-                    batch_max_records: self.batch_max_records,
-                    batch_linger: self.batch_linger,
-                    retention: self.retention,
-                    conflict: self.conflict,
-                    retry: self.retry,
-                    drain_timeout: self.drain_timeout,
-                    purge_interval: self.purge_interval,
-                    purge_batch: self.purge_batch,
-                },
-                store: Arc::new(self.store),
-                dead_letters,
-                handler,
-                meter,
-            }),
-        })
-    }
 }
 
 /// An idempotent consumer, ready to [`run`](Runtime::run).
@@ -324,28 +66,6 @@ impl<S, H> fmt::Debug for Runtime<S, H> {
             .field("group", &self.shared.config.group)
             .field("topics", &self.shared.config.topics)
             .finish_non_exhaustive()
-    }
-}
-
-impl Runtime<(), ()> {
-    /// Starts a builder.
-    pub fn builder() -> RuntimeBuilder<()> {
-        RuntimeBuilder {
-            client: ClientConfig::new(),
-            group: None,
-            topics: Vec::new(),
-            store: (),
-            identity: Identity::default(),
-            batch_max_records: 500,
-            batch_linger: Duration::from_millis(50),
-            retention: DEFAULT_RETENTION,
-            conflict: ConflictPolicy::default(),
-            retry: RetryPolicy::default(),
-            drain_timeout: Duration::from_secs(30),
-            purge_interval: Duration::from_secs(60),
-            purge_batch: 1_000,
-            dead_letter_topic: DeadLetterTopic::default(),
-        }
     }
 }
 
@@ -417,21 +137,13 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
                 () = &mut shutdown => break Ok(()),
                 Some(event) = events.recv() => match event {
                     Event::Assigned { partition, epoch, position, records } => {
-                        let meter = PartitionMeter::new(&shared.meter, &partition, config.conflict);
-                        let task = PartitionTask {
-                            meter,
-                            shared: shared.clone(),
-                            consumer: consumer.clone(),
-                            partition: partition.clone(),
+                        let task = PartitionTask::new(
+                            shared.clone(),
+                            consumer.clone(),
+                            partition.clone(),
                             epoch,
                             position,
-                            tally: Default::default(),
-                            letters: Vec::new(),
-                            attempts: Default::default(),
-                            careful: false,
-                            unguarded_failure: None,
-                            batch_now: 0,
-                        };
+                        );
                         let abort = tasks.spawn(task.run(records));
                         workers.insert(abort.id(), Worker { partition, abort });
                     }

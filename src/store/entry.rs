@@ -70,7 +70,7 @@ impl DedupEntry {
     }
 
     /// Encodes the entry.
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let outcome_len = self.outcome.as_ref().map_or(0, Vec::len);
         let mut out = Vec::with_capacity(64 + self.topic.len() + outcome_len);
         out.push(ENTRY_VERSION);
@@ -112,7 +112,7 @@ impl DedupEntry {
     }
 
     /// Decodes an entry written by [`DedupEntry::encode`].
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
         let mut r = Self::reader(bytes)?;
         let status = EntryStatus::from_code(r.u8()?)?;
         let fingerprint = Fingerprint(r.array()?);

@@ -9,7 +9,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Assignment, Claim, PartitionId, Store, StoredPosition, Transaction};
+use super::claims::{Holds, KeyTable};
+use super::{
+    Assignment, Claim, EntryKey, Inspect, PartitionId, Store, StoredPosition, Transaction,
+};
 use crate::dead_letter::DeadLetter;
 use crate::error::{Error, Result};
 use crate::store::entry::DedupEntry;
@@ -17,12 +20,10 @@ use crate::store::entry::DedupEntry;
 #[derive(Default)]
 struct State {
     entries: foldhash::HashMap<Vec<u8>, DedupEntry>,
-    /// Keys claimed by an open transaction (its id).
-    claims: foldhash::HashMap<Vec<u8>, u64>,
     positions: HashMap<PartitionId, StoredPosition>,
-    dead_letters: Vec<DeadLetter>,
+    /// Each with the group of the partition that kept it.
+    dead_letters: Vec<(String, DeadLetter)>,
     data: BTreeMap<Vec<u8>, Vec<u8>>,
-    next_tx: u64,
 }
 
 impl State {
@@ -38,9 +39,21 @@ impl State {
 }
 
 /// The in-memory store. Clones share the same state.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct MemoryStore {
     state: Arc<Mutex<State>>,
+    /// Keys claimed by open transactions. A claim reads the entry while it holds this table's
+    /// lock, and a commit writes its entries before it releases its claims.
+    claims: Arc<KeyTable>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            state: Arc::default(),
+            claims: KeyTable::shared(),
+        }
+    }
 }
 
 impl fmt::Debug for MemoryStore {
@@ -59,24 +72,9 @@ impl MemoryStore {
         self.state.lock().expect("memory store poisoned")
     }
 
-    /// The stored position of a partition.
-    pub fn position(&self, partition: &PartitionId) -> Option<StoredPosition> {
-        self.lock().positions.get(partition).copied()
-    }
-
-    /// Sets a partition's next offset (an operator's rewind), keeping its epoch.
-    pub fn set_position(&self, partition: &PartitionId, next_offset: i64) {
-        self.lock().position_row(partition).next_offset = Some(next_offset);
-    }
-
     /// The committed entry of a store key.
-    pub fn entry(&self, key: &[u8]) -> Option<DedupEntry> {
+    fn committed_entry(&self, key: &[u8]) -> Option<DedupEntry> {
         self.lock().entries.get(key).cloned()
-    }
-
-    /// Every committed dead letter, in commit order.
-    pub fn dead_letters(&self) -> Vec<DeadLetter> {
-        self.lock().dead_letters.clone()
     }
 
     /// A committed value of the handler's state.
@@ -105,7 +103,6 @@ enum Undo {
 /// A batch's writes, applied under the store's lock at commit.
 pub struct MemoryTx {
     store: MemoryStore,
-    id: u64,
     partition: PartitionId,
     epoch: u64,
     entries: foldhash::HashMap<Vec<u8>, DedupEntry>,
@@ -113,8 +110,8 @@ pub struct MemoryTx {
     dead_letters: Vec<DeadLetter>,
     /// Writes since the last savepoint, newest last.
     undo: Vec<Undo>,
-    /// Keys this transaction claimed, released when it ends.
-    claimed: Vec<Vec<u8>>,
+    /// Keys this transaction claimed, released when it is dropped (after its commit's write).
+    claimed: Holds,
 }
 
 impl fmt::Debug for MemoryTx {
@@ -146,27 +143,6 @@ impl MemoryTx {
             None => self.store.get(key),
         }
     }
-
-    fn release(&mut self, state: &mut State) {
-        for key in self.claimed.drain(..) {
-            if state.claims.get(&key) == Some(&self.id) {
-                state.claims.remove(&key);
-            }
-        }
-    }
-}
-
-impl Drop for MemoryTx {
-    fn drop(&mut self) {
-        // Dropped without a commit (or after one): its claims are released.
-        if self.claimed.is_empty() {
-            return;
-        }
-        let store = self.store.clone();
-        if let Ok(mut state) = store.state.lock() {
-            self.release(&mut state);
-        }
-    }
 }
 
 impl Store for MemoryStore {
@@ -183,21 +159,15 @@ impl Store for MemoryStore {
     }
 
     async fn begin(&self, partition: &PartitionId, epoch: u64) -> Result<MemoryTx> {
-        let id = {
-            let mut state = self.lock();
-            state.next_tx += 1;
-            state.next_tx
-        };
         Ok(MemoryTx {
             store: self.clone(),
-            id,
             partition: partition.clone(),
             epoch,
             entries: foldhash::HashMap::default(),
             data: foldhash::HashMap::default(),
             dead_letters: Vec::new(),
             undo: Vec::new(),
-            claimed: Vec::new(),
+            claimed: Holds::new(&self.claims),
         })
     }
 
@@ -225,26 +195,29 @@ impl Transaction for MemoryTx {
     async fn lookup(&mut self, key: &[u8]) -> Result<Option<DedupEntry>> {
         Ok(match self.entries.get(key) {
             Some(entry) => Some(entry.clone()),
-            None => self.store.entry(key),
+            None => self.store.committed_entry(key),
         })
     }
 
     async fn claim(&mut self, key: &[u8], now_ms: i64) -> Result<Claim> {
-        if let Some(entry) = self.lookup(key).await?
-            && !entry.is_expired(now_ms)
-        {
+        let live = |e: DedupEntry| (!e.is_expired(now_ms)).then_some(e);
+        if let Some(entry) = self.entries.get(key) {
+            return Ok(live(entry.clone()).map_or(Claim::Claimed, Claim::Existing));
+        }
+        if self.claimed.contains(key) {
+            return Ok(Claim::Claimed);
+        }
+        let claims = self.store.claims.clone();
+        let mut table = claims.lock();
+        if table.held_by_other(&self.claimed, key) {
+            return Ok(Claim::Busy);
+        }
+        // Read under the table's lock: a key is either busy here or its entry is visible.
+        if let Some(entry) = self.store.committed_entry(key).and_then(live) {
             return Ok(Claim::Existing(entry));
         }
-        let mut state = self.store.lock();
-        match state.claims.get(key) {
-            Some(owner) if *owner != self.id => Ok(Claim::Busy),
-            Some(_) => Ok(Claim::Claimed),
-            None => {
-                state.claims.insert(key.to_vec(), self.id);
-                self.claimed.push(key.to_vec());
-                Ok(Claim::Claimed)
-            }
-        }
+        table.hold(&mut self.claimed, key);
+        Ok(Claim::Claimed)
     }
 
     async fn savepoint(&mut self) -> Result<()> {
@@ -293,17 +266,14 @@ impl Transaction for MemoryTx {
         let mut state = store.lock();
         let current = state.positions.get(&self.partition).map_or(0, |p| p.epoch);
         if current != self.epoch {
-            self.release(&mut state);
-            return Err(Error::Fenced {
-                topic: self.partition.topic.clone(),
-                partition: self.partition.partition,
-                epoch: self.epoch,
-                current,
-            });
+            return Err(Error::fenced(&self.partition, self.epoch, current));
         }
         state.entries.extend(self.entries.drain());
         state.data.extend(self.data.drain());
-        state.dead_letters.append(&mut self.dead_letters);
+        let group = &self.partition.group;
+        state
+            .dead_letters
+            .extend(self.dead_letters.drain(..).map(|d| (group.clone(), d)));
         state.positions.insert(
             self.partition.clone(),
             StoredPosition {
@@ -311,8 +281,40 @@ impl Transaction for MemoryTx {
                 epoch: self.epoch,
             },
         );
-        self.release(&mut state);
+        // The claims are released when `self` is dropped, after the entries are visible.
         Ok(())
+    }
+}
+
+impl Inspect for MemoryStore {
+    async fn position(&self, partition: &PartitionId) -> Result<Option<StoredPosition>> {
+        Ok(self.lock().positions.get(partition).copied())
+    }
+
+    /// Keeps the partition's epoch (0 for a partition never acquired).
+    async fn set_position(&self, partition: &PartitionId, next_offset: i64) -> Result<()> {
+        self.lock().position_row(partition).next_offset = Some(next_offset);
+        Ok(())
+    }
+
+    async fn entry(&self, key: &EntryKey<'_>) -> Result<Option<DedupEntry>> {
+        Ok(self.committed_entry(&key.store_key()))
+    }
+
+    async fn dead_letters(&self, partition: &PartitionId) -> Result<Vec<DeadLetter>> {
+        let mut letters: Vec<DeadLetter> = self
+            .lock()
+            .dead_letters
+            .iter()
+            .filter(|(group, d)| {
+                *group == partition.group
+                    && d.record.topic() == partition.topic
+                    && d.record.partition() == partition.partition
+            })
+            .map(|(_, d)| d.clone())
+            .collect();
+        letters.sort_by_key(|d| d.record.offset());
+        Ok(letters)
     }
 }
 
@@ -353,7 +355,10 @@ mod tests {
         assert_eq!(one.get("x").as_deref(), Some(&b"1"[..]));
         one.commit(1).await.unwrap();
         assert_eq!(store.get("x").as_deref(), Some(&b"1"[..]));
-        assert_eq!(store.position(&p).unwrap().next_offset, Some(1));
+        assert_eq!(
+            store.position(&p).await.unwrap().unwrap().next_offset,
+            Some(1)
+        );
         assert_eq!(
             two.claim(b"k", 0).await.unwrap(),
             Claim::Existing(entry(0)),
@@ -377,6 +382,9 @@ mod tests {
         store.acquire(&p).await.unwrap();
         assert!(zombie.commit(9).await.unwrap_err().is_fenced());
         assert_eq!(store.get("x").as_deref(), Some(&b"1"[..]));
-        assert_eq!(store.position(&p).unwrap().next_offset, Some(1));
+        assert_eq!(
+            store.position(&p).await.unwrap().unwrap().next_offset,
+            Some(1)
+        );
     }
 }

@@ -7,9 +7,14 @@
 //! [`Error::Fenced`](crate::Error::Fenced) if the partition's epoch moved on. Retention is
 //! [`Store::purge_expired`], which the runtime calls in bounded batches.
 //!
-//! Stores: `rocksdb::RocksStore` (embedded default, feature `rocksdb`) and
-//! `postgres::PgStore` (shared by many instances, feature `postgres`); `memory::MemoryStore`
-//! (feature `memory`) keeps nothing across restarts and exists to measure and test the runtime.
+//! Reading a store from outside the runtime (positions, entries, dead letters) is [`Inspect`],
+//! with the same signatures on every store.
+//!
+//! Stores: `RocksStore` (embedded default, feature `rocksdb`) and `PgStore` (shared by many
+//! instances, feature `postgres`); `MemoryStore` (feature `memory`) keeps nothing across
+//! restarts and exists to measure and test the runtime. Each store is a folder or file here:
+//! `rocksdb/`, `postgres/`, `memory.rs`; `claims.rs` is the key table the RocksDB and memory
+//! stores share, `entry.rs` what a store keeps per key.
 
 use std::future::Future;
 
@@ -18,15 +23,19 @@ use crate::error::Result;
 use crate::handler::HandlerError;
 use crate::identity::Fingerprint;
 
-pub mod entry;
+#[cfg(any(feature = "rocksdb", feature = "memory"))]
+mod claims;
+pub(crate) mod entry;
+mod inspect;
 #[cfg(feature = "memory")]
-pub mod memory;
+pub(crate) mod memory;
 #[cfg(feature = "postgres")]
-pub mod postgres;
+pub(crate) mod postgres;
 #[cfg(feature = "rocksdb")]
-pub mod rocksdb;
+pub(crate) mod rocksdb;
 
 pub use entry::{DedupEntry, EntryStatus};
+pub use inspect::{EntryKey, Inspect};
 
 /// A partition as seen by one consumer group.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -145,20 +154,32 @@ impl ClaimAhead<'_> {
     }
 }
 
+/// What [`Transaction::write_deferred`] did.
+#[derive(Debug)]
+pub enum DeferredWrites {
+    /// Everything deferred is written (or nothing was deferred).
+    Written,
+    /// The deferred writes themselves were refused (a constraint, a bad value): a failure of
+    /// the record that deferred them, classed like its handler's error.
+    Rejected(HandlerError),
+}
+
 /// One batch's writes, committed atomically with the partition's new position.
 ///
 /// Writes made between [`savepoint`](Transaction::savepoint) and
 /// [`rollback_to_savepoint`](Transaction::rollback_to_savepoint) are undone by the latter; the
-/// runtime sets a savepoint before each record so a failing record does not poison the batch
-/// (see [`SAVEPOINT_ROUND_TRIP`](Transaction::SAVEPOINT_ROUND_TRIP) for stores where that costs).
+/// runtime sets a savepoint before each record so a failing record does not poison the batch.
+///
+/// # Required and optional
+///
+/// Every store implements the lookups, claims, savepoints, writes and the commit. Four items are
+/// optional hooks for stores with particular costs or locking; their defaults are right for a
+/// store that keeps the batch in memory until the commit and blocks on nothing:
+/// - [`SAVEPOINT_ROUND_TRIP`](Transaction::SAVEPOINT_ROUND_TRIP): savepoints are not free;
+/// - [`prepare_claims`](Transaction::prepare_claims): claim a whole batch in one go;
+/// - [`take_conflict`](Transaction::take_conflict): state locks that refuse instead of wait;
+/// - [`write_deferred`](Transaction::write_deferred): writes buffered until the batch's end.
 pub trait Transaction: Send + 'static {
-    /// True when a savepoint costs a round trip to a server. The runtime then handles records
-    /// without savepoints; when a handler fails, it drops the whole transaction and handles the
-    /// batch again from its first record with a savepoint before each (so records before the
-    /// failing one may be handled twice, never committed twice). False: a savepoint before
-    /// every record.
-    const SAVEPOINT_ROUND_TRIP: bool = false;
-
     /// The entry stored under `key` (a scoped store key), including entries written earlier in
     /// this transaction, expired or not.
     fn lookup(&mut self, key: &[u8]) -> impl Future<Output = Result<Option<DedupEntry>>> + Send;
@@ -169,49 +190,11 @@ pub trait Transaction: Send + 'static {
     /// so the same key arriving on two partitions at once is handled once.
     fn claim(&mut self, key: &[u8], now_ms: i64) -> impl Future<Output = Result<Claim>> + Send;
 
-    /// Claims several keys ahead of their records, so a store with round trips claims a whole
-    /// batch at once; [`claim`](Transaction::claim) then answers from what this learned. Each
-    /// claim comes with the entry its record leaves in the usual case (see [`ClaimAhead`]), so
-    /// such a store can write that entry with the claim and nothing more when
-    /// [`put_entry`](Transaction::put_entry) brings the same entry. A claimed key whose record
-    /// is not finished by the commit is released by the commit. The default does nothing
-    /// (claims are answered one by one).
-    fn prepare_claims(
-        &mut self,
-        claims: &[ClaimAhead<'_>],
-        now_ms: i64,
-    ) -> impl Future<Output = Result<()>> + Send {
-        let _ = (claims, now_ms);
-        async { Ok(()) }
-    }
-
-    /// True (once) when the handler touched state held by another in-flight transaction since
-    /// the last savepoint: the runtime then rolls the record back and handles it again after
-    /// committing this transaction. Stores that block on such state (row locks) return false.
-    fn take_conflict(&mut self) -> bool {
-        false
-    }
-
     /// Marks the point a later rollback returns to.
     fn savepoint(&mut self) -> impl Future<Output = Result<()>> + Send;
 
     /// Undoes every write since the last savepoint.
     fn rollback_to_savepoint(&mut self) -> impl Future<Output = Result<()>> + Send;
-
-    /// Writes now what the handler deferred to the end of the batch (the rows of PostgreSQL's
-    /// `PgTx::defer`); a no-op where nothing is ever deferred (the default).
-    ///
-    /// The runtime calls it before every commit, and after each record's handler while it
-    /// handles records one savepoint at a time (so a failure belongs to that record). The outer
-    /// error is the store's (a transient one means: try the batch again); the inner one is a
-    /// failure of the deferred writes themselves, classed like a handler error of the record
-    /// that deferred them. After either, the transaction is rolled back to its savepoint or
-    /// dropped.
-    fn write_deferred(
-        &mut self,
-    ) -> impl Future<Output = Result<std::result::Result<(), HandlerError>>> + Send {
-        async { Ok(Ok(())) }
-    }
 
     /// Writes (or replaces an expired) dedup entry.
     fn put_entry(
@@ -227,7 +210,50 @@ pub trait Transaction: Send + 'static {
     ) -> impl Future<Output = Result<()>> + Send;
 
     /// Commits every write and sets the partition's next offset to `next_offset`, atomically.
-    /// Fails with [`Error::Fenced`](crate::Error::Fenced), writing nothing, when the partition's
-    /// epoch is no longer the one the transaction was opened with.
+    /// Fails with [`Error::Fenced`](crate::Error::Fenced) (built with
+    /// [`Error::fenced`](crate::Error::fenced)), writing nothing, when the partition's epoch is
+    /// no longer the one the transaction was opened with.
     fn commit(self, next_offset: i64) -> impl Future<Output = Result<()>> + Send;
+
+    /// Optional. True when a savepoint costs a round trip to a server. The runtime then handles
+    /// records without savepoints; when a handler fails, it drops the whole transaction and
+    /// handles the batch again from its first record with a savepoint before each (so records
+    /// before the failing one may be handled twice, never committed twice). Default false: a
+    /// savepoint before every record.
+    const SAVEPOINT_ROUND_TRIP: bool = false;
+
+    /// Optional. Claims several keys ahead of their records, so a store with round trips or a
+    /// shared lock claims a whole batch at once; [`claim`](Transaction::claim) then answers from
+    /// what this learned. Each claim comes with the entry its record leaves in the usual case
+    /// (see [`ClaimAhead`]), which a store may write with the claim, skipping the write when
+    /// [`put_entry`](Transaction::put_entry) brings the same entry. A key claimed here whose
+    /// record is not finished by the commit is released by the commit. Default: nothing (claims
+    /// are answered one by one).
+    fn prepare_claims(
+        &mut self,
+        claims: &[ClaimAhead<'_>],
+        now_ms: i64,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = (claims, now_ms);
+        async { Ok(()) }
+    }
+
+    /// Optional. True (once) when the handler touched state held by another in-flight
+    /// transaction since the last savepoint, where the store refuses such access instead of
+    /// waiting for it: the runtime then rolls the record back and handles it again after
+    /// committing this transaction. Default false (a store whose locks wait).
+    fn take_conflict(&mut self) -> bool {
+        false
+    }
+
+    /// Optional. Writes now what the handler deferred to the end of the batch. Default: nothing
+    /// is ever deferred, so [`DeferredWrites::Written`].
+    ///
+    /// The runtime calls it before every commit, and after each record's handler while records
+    /// run one savepoint at a time, so a rejection belongs to that record. An `Err` is the
+    /// store's failure (a transient one means: try the batch again). After either failure the
+    /// transaction is rolled back to its savepoint or dropped.
+    fn write_deferred(&mut self) -> impl Future<Output = Result<DeferredWrites>> + Send {
+        async { Ok(DeferredWrites::Written) }
+    }
 }

@@ -1,10 +1,14 @@
-//! The stores the shared suite runs over: a RocksDB directory per test, or a PostgreSQL database
-//! per test (created on the server named by `DATABASE_URL`, dropped afterwards).
+//! The stores the shared suites run over: a RocksDB directory per test, a PostgreSQL database
+//! per test (created on the server named by `DATABASE_URL`, dropped afterwards), and, for the
+//! store contract, the in-memory store. Every look into a store goes through [`Inspect`], the
+//! same on every store.
 
 use std::collections::HashMap;
+use std::future::Future;
 
 use idempotent_consumer::{
-    DeadLetter, DedupEntry, PartitionId, RocksOptions, RocksStore, Store, StoredPosition,
+    DeadLetter, DedupEntry, EntryKey, Inspect, PartitionId, RocksOptions, RocksStore, Store,
+    StoredPosition,
 };
 
 use super::LedgerTx;
@@ -14,7 +18,7 @@ pub type Opener<'a, S> = Box<dyn Fn(&tokio::runtime::Runtime) -> S + 'a>;
 
 /// A store under test and the ways the tests look into it.
 pub trait Backend {
-    type S: Store<Tx: LedgerTx> + Clone;
+    type S: Store<Tx: LedgerTx> + Inspect + Clone;
 
     /// Opens the store. Connections belong to `rt`, the runtime that uses them.
     fn open(&self, rt: &tokio::runtime::Runtime) -> Self::S;
@@ -28,22 +32,48 @@ pub trait Backend {
     /// Committed ledger balances.
     fn balances(&self) -> HashMap<String, i64>;
 
+    /// Runs `f` on the store, opened for this look on a short-lived runtime (for RocksDB, only
+    /// while no consumer has the directory open).
+    fn inspect<T>(&self, f: impl AsyncFnOnce(&Self::S) -> T) -> T {
+        block_on(async { f(&self.open_async().await).await })
+    }
+
+    /// Opens the store on the current runtime, for [`Backend::inspect`].
+    async fn open_async(&self) -> Self::S;
+
     /// The stored position of a partition.
-    fn position(&self, partition: &PartitionId) -> Option<StoredPosition>;
+    fn position(&self, partition: &PartitionId) -> Option<StoredPosition> {
+        self.inspect(async |s: &Self::S| s.position(partition).await.unwrap())
+    }
 
     /// Moves a stored position (an operator's replay).
-    fn set_position(&self, partition: &PartitionId, next_offset: i64);
+    fn set_position(&self, partition: &PartitionId, next_offset: i64) {
+        self.inspect(async |s: &Self::S| s.set_position(partition, next_offset).await.unwrap())
+    }
 
     /// The dead letters kept for a partition.
-    fn dead_letters(&self, partition: &PartitionId) -> Vec<DeadLetter>;
+    fn dead_letters(&self, partition: &PartitionId) -> Vec<DeadLetter> {
+        self.inspect(async |s: &Self::S| s.dead_letters(partition).await.unwrap())
+    }
 
-    /// The committed entry of a scoped store key.
-    fn entry(&self, store_key: &[u8]) -> Option<DedupEntry>;
+    /// The committed entry of idempotency key `key` in `group`.
+    fn entry(&self, group: &str, key: &str) -> Option<DedupEntry> {
+        self.inspect(async |s: &Self::S| s.entry(&EntryKey::new(group, key)).await.unwrap())
+    }
 
     /// The next offset, or `None`.
     fn next_offset(&self, partition: &PartitionId) -> Option<i64> {
         self.position(partition).and_then(|p| p.next_offset)
     }
+}
+
+/// Runs `f` to completion on a short-lived runtime of its own.
+pub fn block_on<T>(f: impl Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
 
 /// A RocksDB directory, removed when the test ends. Look into it only while no consumer has it
@@ -71,6 +101,10 @@ impl Backend for Rocks {
         self.store()
     }
 
+    async fn open_async(&self) -> RocksStore {
+        self.store()
+    }
+
     fn shared(&self) -> Opener<'_, RocksStore> {
         let store = self.store();
         Box::new(move |_| store.clone())
@@ -79,45 +113,21 @@ impl Backend for Rocks {
     fn balances(&self) -> HashMap<String, i64> {
         super::balances(&self.store())
     }
-
-    fn position(&self, partition: &PartitionId) -> Option<StoredPosition> {
-        self.store().position(partition).unwrap()
-    }
-
-    fn set_position(&self, partition: &PartitionId, next_offset: i64) {
-        self.store().set_position(partition, next_offset).unwrap();
-    }
-
-    fn dead_letters(&self, partition: &PartitionId) -> Vec<DeadLetter> {
-        let all = self.store().dead_letters().unwrap();
-        all.into_iter()
-            .filter(|d| {
-                d.record.topic() == partition.topic && d.record.partition() == partition.partition
-            })
-            .collect()
-    }
-
-    fn entry(&self, store_key: &[u8]) -> Option<DedupEntry> {
-        self.store().entry(store_key).unwrap()
-    }
 }
 
-#[cfg(feature = "postgres")]
+#[cfg(all(feature = "postgres", feature = "testkit"))]
 #[allow(unused_imports)] // each test binary uses its own part
-pub use self::postgres::{Postgres, block_on};
+pub use self::postgres::Postgres;
 
-#[cfg(feature = "postgres")]
+#[cfg(all(feature = "postgres", feature = "testkit"))]
 mod postgres {
     use std::collections::HashMap;
-    use std::future::Future;
 
-    use idempotent_consumer::{
-        DeadLetter, DedupEntry, PartitionId, PgOptions, PgStore, StoredPosition,
-    };
+    use idempotent_consumer::testkit::ThrowawayDb;
+    use idempotent_consumer::{PgOptions, PgStore};
     use sqlx::{Connection, PgConnection};
 
-    use super::super::throwaway_db::ThrowawayDb;
-    use super::Backend;
+    use super::{Backend, block_on};
 
     /// A database of its own on the server named by `DATABASE_URL`, with the ledger table.
     /// Dropped when the test ends.
@@ -135,15 +145,6 @@ mod postgres {
                  PostgreSQL) or point DATABASE_URL at a server where this user may create databases"
             ),
         }
-    }
-
-    /// Runs `f` to completion on a short-lived runtime of its own.
-    pub fn block_on<T>(f: impl Future<Output = T>) -> T {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f)
     }
 
     impl Postgres {
@@ -166,7 +167,7 @@ mod postgres {
 
         /// The URL of this test's database.
         pub fn url(&self) -> &str {
-            &self.db.url
+            self.db.url()
         }
 
         /// A store on this database, opened on the current runtime.
@@ -174,16 +175,6 @@ mod postgres {
             PgStore::connect_with(self.url(), self.options.clone())
                 .await
                 .expect("connecting the store")
-        }
-
-        /// Runs `f` with a store on a short-lived runtime.
-        fn with_store<T>(&self, f: impl AsyncFnOnce(&PgStore) -> T) -> T {
-            block_on(async {
-                let store = self.connect().await;
-                let out = f(&store).await;
-                store.pool().close().await;
-                out
-            })
         }
 
         /// Runs statements (no parameters) on a fresh connection.
@@ -218,6 +209,10 @@ mod postgres {
             rt.block_on(self.connect())
         }
 
+        async fn open_async(&self) -> PgStore {
+            self.connect().await
+        }
+
         fn balances(&self) -> HashMap<String, i64> {
             let url = self.url().to_owned();
             block_on(async move {
@@ -229,24 +224,6 @@ mod postgres {
                     .into_iter()
                     .collect()
             })
-        }
-
-        fn position(&self, partition: &PartitionId) -> Option<StoredPosition> {
-            self.with_store(async |s: &PgStore| s.position(partition).await.unwrap())
-        }
-
-        fn set_position(&self, partition: &PartitionId, next_offset: i64) {
-            self.with_store(async |s: &PgStore| {
-                s.set_position(partition, next_offset).await.unwrap()
-            })
-        }
-
-        fn dead_letters(&self, partition: &PartitionId) -> Vec<DeadLetter> {
-            self.with_store(async |s: &PgStore| s.dead_letters(partition).await.unwrap())
-        }
-
-        fn entry(&self, store_key: &[u8]) -> Option<DedupEntry> {
-            self.with_store(async |s: &PgStore| s.entry(store_key).await.unwrap())
         }
     }
 }

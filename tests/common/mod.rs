@@ -6,8 +6,6 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod backend;
-#[cfg(feature = "postgres")]
-pub mod throwaway_db;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,32 +43,53 @@ pub fn unique(prefix: &str) -> String {
 
 /// The Kafka cluster a test runs against.
 pub struct Cluster {
-    mock: Option<MockCluster<'static, DefaultProducerContext>>,
+    /// True when `producer` owns an in-process mock cluster.
+    mocked: bool,
     bootstrap: String,
     producer: BaseProducer,
 }
 
 impl Cluster {
-    /// The cluster named by `KAFKA_BOOTSTRAP_SERVERS`, or a fresh in-process mock cluster.
+    /// The cluster named by `KAFKA_BOOTSTRAP_SERVERS`, or a fresh in-process mock cluster owned
+    /// by the test producer, whose groups rebalance without the initial delay.
     pub fn start() -> Self {
-        let (mock, bootstrap) = match std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
-            Ok(servers) if !servers.is_empty() => (None, servers),
-            _ => {
-                let mock = MockCluster::new(1).expect("starting librdkafka's mock cluster");
-                let bootstrap = mock.bootstrap_servers();
-                (Some(mock), bootstrap)
+        let external = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+            .ok()
+            .filter(|s| !s.is_empty());
+        let mut config = ClientConfig::new();
+        config
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5");
+        match &external {
+            Some(servers) => config.set("bootstrap.servers", servers),
+            None => config.set("test.mock.num.brokers", "1"),
+        };
+        let producer: BaseProducer = config.create().expect("creating the test producer");
+        let mocked = external.is_none();
+        let bootstrap = match external {
+            Some(servers) => servers,
+            None => {
+                no_initial_rebalance_delay(&producer);
+                producer
+                    .client()
+                    .mock_cluster()
+                    .expect("the producer's mock cluster")
+                    .bootstrap_servers()
             }
         };
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .create()
-            .expect("creating the test producer");
         Cluster {
-            mock,
+            mocked,
             bootstrap,
             producer,
+        }
+    }
+
+    /// The in-process mock cluster, when the tests run on one.
+    fn mock(&self) -> Option<MockCluster<'_, DefaultProducerContext>> {
+        if self.mocked {
+            self.producer.client().mock_cluster()
+        } else {
+            None
         }
     }
 
@@ -88,7 +107,7 @@ impl Cluster {
 
     /// Creates a topic (through the mock itself: the mock does not serve CreateTopics).
     pub fn create_named_topic(&self, topic: &str, partitions: i32) {
-        match &self.mock {
+        match self.mock() {
             Some(mock) => mock
                 .create_topic(topic, partitions, 1)
                 .expect("creating a topic on the mock cluster"),
@@ -113,7 +132,7 @@ impl Cluster {
     /// to use: on the mock cluster every Produce request is refused (the mock would auto-create
     /// any topic); on a real cluster the topic name is one Kafka refuses.
     pub fn refuse_dead_letters(&self) -> idempotent_consumer::DeadLetterTopic {
-        match &self.mock {
+        match self.mock() {
             Some(mock) => {
                 let refused = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 1000];
                 mock.request_errors(RDKafkaApiKey::Produce, &refused);
@@ -313,6 +332,23 @@ impl Cluster {
     }
 }
 
+/// Sets the mock cluster's initial rebalance delay (3 s by default, as a real broker's
+/// `group.initial.rebalance.delay.ms`) to 0, so each consumer start joins its group at once.
+/// rdkafka's `MockCluster` has no method for it; librdkafka's mock API has.
+#[allow(unsafe_code)]
+fn no_initial_rebalance_delay(producer: &BaseProducer) {
+    let client = producer.client();
+    // SAFETY: `client` is a live librdkafka handle for the whole call. It was created with
+    // `test.mock.num.brokers`, so it owns a mock cluster that lives as long as it does, and
+    // `rd_kafka_handle_mock_cluster` returns that cluster (checked for null before use). The
+    // setter only stores an integer in the cluster's state under its own lock.
+    unsafe {
+        let mock = rdkafka_sys::rd_kafka_handle_mock_cluster(client.native_ptr());
+        assert!(!mock.is_null(), "the test producer has no mock cluster");
+        rdkafka_sys::rd_kafka_mock_group_initial_rebalance_delay_ms(mock, 0);
+    }
+}
+
 /// A record read back from a topic.
 #[derive(Debug)]
 pub struct TopicRecord {
@@ -425,6 +461,20 @@ impl LedgerTx for RocksTx {
             .unwrap_or(0)
             + amount;
         self.put(&key, balance.to_string());
+        Ok(balance)
+    }
+}
+
+#[cfg(feature = "memory")]
+impl LedgerTx for idempotent_consumer::MemoryTx {
+    async fn add(&mut self, account: &str, amount: i64) -> Result<i64, HandlerError> {
+        let key = format!("balance/{account}");
+        let balance = self
+            .get(&key)
+            .map(|b| String::from_utf8(b).unwrap().parse::<i64>().unwrap())
+            .unwrap_or(0)
+            + amount;
+        self.put(key, balance.to_string());
         Ok(balance)
     }
 }
@@ -678,14 +728,19 @@ impl Drop for Incarnation {
     }
 }
 
-/// The scoped store key of idempotency key `key` (from the default header) in `group`.
+/// The committed entry of idempotency key `key` in `group`.
+pub async fn committed<S: idempotent_consumer::Inspect>(
+    store: &S,
+    group: &str,
+    key: &str,
+) -> Option<DedupEntry> {
+    let key = idempotent_consumer::EntryKey::new(group, key);
+    store.entry(&key).await.unwrap()
+}
+
+/// The scoped store key of idempotency key `key` in `group`.
 pub fn store_key(group: &str, key: &str) -> Vec<u8> {
-    let record = Record::new("any", 0, 0, None, None)
-        .with_header("idempotency-key", Some(key.as_bytes().to_vec()));
-    let identity = idempotent_consumer::Identity::new();
-    identity
-        .scope(group)
-        .store_key(&identity.key_of(&record).unwrap())
+    idempotent_consumer::EntryKey::new(group, key).store_key()
 }
 
 /// Logs to the test output when `RUST_LOG` is set.

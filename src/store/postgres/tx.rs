@@ -1,0 +1,322 @@
+//! One batch's PostgreSQL transaction: the handler's SQL, savepoints, deferred rows, and the
+//! commit that checks the fence first and then writes the entries, releases unfinished claims and
+//! keeps the dead letters, all in the one transaction.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use sqlx::postgres::{PgConnection, Postgres};
+
+use super::Inner;
+use super::batch::{self, BatchRow, BatchStatement};
+use super::claims::KeyState;
+use super::errors::{is_transient, pg};
+use super::rows::{EntryColumns, select_entries, split_all};
+use crate::dead_letter::DeadLetter;
+use crate::error::{Error, Result};
+use crate::store::entry::DedupEntry;
+use crate::store::{Claim, ClaimAhead, DeferredWrites, PartitionId, Transaction};
+
+/// One batch's PostgreSQL transaction. The handler runs its own SQL through [`PgTx::conn`].
+///
+/// Dedup entries and dead letters are buffered and written in the commit, with the partition's
+/// new position, so a batch costs a few round trips whatever its size.
+pub struct PgTx {
+    pub(super) tx: sqlx::Transaction<'static, Postgres>,
+    pub(super) store: Arc<Inner>,
+    pub(super) partition: PartitionId,
+    epoch: u64,
+    pub(super) keys: HashMap<Vec<u8>, KeyState>,
+    dead_letters: Vec<DeadLetter>,
+    /// Changes to `keys` since the savepoint: (key, state before).
+    undo: Vec<(Vec<u8>, Option<KeyState>)>,
+    savepoint: bool,
+    /// Rows deferred to the end of the batch, per statement (by id), in order of first use.
+    deferred: Vec<(u64, Box<dyn batch::Deferred>)>,
+    /// How many rows each of `deferred` held at the savepoint.
+    deferred_marks: Vec<usize>,
+}
+
+impl fmt::Debug for PgTx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgTx")
+            .field("partition", &self.partition)
+            .field("epoch", &self.epoch)
+            .field("keys", &self.keys.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgTx {
+    pub(super) fn new(
+        tx: sqlx::Transaction<'static, Postgres>,
+        store: Arc<Inner>,
+        partition: &PartitionId,
+        epoch: u64,
+    ) -> PgTx {
+        PgTx {
+            tx,
+            store,
+            partition: partition.clone(),
+            epoch,
+            keys: HashMap::new(),
+            dead_letters: Vec::new(),
+            undo: Vec::new(),
+            savepoint: false,
+            deferred: Vec::new(),
+            deferred_marks: Vec::new(),
+        }
+    }
+
+    /// The open transaction's connection: run the handler's queries on it, and they commit (or
+    /// roll back) with the record's dedup row and the partition's position.
+    ///
+    /// ```no_run
+    /// # async fn f(tx: &mut idempotent_consumer::PgTx) -> Result<(), sqlx::Error> {
+    /// sqlx::query("UPDATE accounts SET balance = balance + $1 WHERE id = $2")
+    ///     .bind(10_i64)
+    ///     .bind("alice")
+    ///     .execute(tx.conn())
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn conn(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+
+    /// The partition this batch belongs to.
+    pub fn partition(&self) -> &PartitionId {
+        &self.partition
+    }
+
+    /// Defers `row` to `statement`, which writes the rows of the whole batch at once, in this
+    /// transaction, just before it commits: one round trip per batch instead of one per record.
+    /// Rows keep the order they were deferred in. Rows of a record that fails or is rolled back
+    /// are discarded with it. Queries on [`conn`](PgTx::conn) in the same batch do not see
+    /// deferred rows. What a failing statement does is told in [`BatchStatement`]'s module:
+    /// in short, the batch is handled again one record at a time and the failure becomes that
+    /// record's handler error.
+    pub fn defer<R: BatchRow>(&mut self, statement: &BatchStatement<R>, row: R) {
+        batch::push(&mut self.deferred, statement, row);
+    }
+
+    pub(super) fn set_key(&mut self, key: &[u8], state: KeyState) {
+        let before = self.keys.insert(key.to_vec(), state);
+        if self.savepoint {
+            self.undo.push((key.to_vec(), before));
+        }
+    }
+}
+
+impl Transaction for PgTx {
+    const SAVEPOINT_ROUND_TRIP: bool = true;
+
+    async fn lookup(&mut self, key: &[u8]) -> Result<Option<DedupEntry>> {
+        match self.keys.get(key) {
+            Some(KeyState::Existing(entry) | KeyState::Written { entry, .. }) => {
+                return Ok(Some(entry.clone()));
+            }
+            Some(KeyState::Claimed(_)) => return Ok(None),
+            None => {}
+        }
+        let found = select_entries(&mut self.tx, &self.store.sql, &[key]).await?;
+        Ok(found
+            .into_iter()
+            .find(|(_, e)| !e.status_is_claimed)
+            .map(|(_, e)| e.entry))
+    }
+
+    async fn prepare_claims(&mut self, claims: &[ClaimAhead<'_>], now_ms: i64) -> Result<()> {
+        let claims: Vec<_> = claims.iter().map(|c| (c.key, Some(c))).collect();
+        self.claim_unknown(&claims, now_ms).await
+    }
+
+    async fn claim(&mut self, key: &[u8], now_ms: i64) -> Result<Claim> {
+        if !self.keys.contains_key(key) {
+            self.claim_unknown(&[(key, None)], now_ms).await?;
+        }
+        match self.keys.get(key) {
+            Some(KeyState::Claimed(_)) => Ok(Claim::Claimed),
+            Some(KeyState::Existing(entry) | KeyState::Written { entry, .. }) => {
+                Ok(Claim::Existing(entry.clone()))
+            }
+            None => Err(Error::Corrupt(
+                "a claimed key vanished from the transaction".into(),
+            )),
+        }
+    }
+
+    async fn savepoint(&mut self) -> Result<()> {
+        let statement = if self.savepoint {
+            "RELEASE SAVEPOINT idc_record; SAVEPOINT idc_record"
+        } else {
+            "SAVEPOINT idc_record"
+        };
+        sqlx::raw_sql(statement)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(pg("setting a savepoint"))?;
+        self.savepoint = true;
+        self.undo.clear();
+        self.deferred_marks.clear();
+        self.deferred_marks
+            .extend(self.deferred.iter().map(|(_, rows)| rows.len()));
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(&mut self) -> Result<()> {
+        if !self.savepoint {
+            return Err(Error::Config("rollback without a savepoint".into()));
+        }
+        sqlx::raw_sql("ROLLBACK TO SAVEPOINT idc_record")
+            .execute(&mut *self.tx)
+            .await
+            .map_err(pg("rolling back to a savepoint"))?;
+        while let Some((key, before)) = self.undo.pop() {
+            match before {
+                Some(state) => self.keys.insert(key, state),
+                None => self.keys.remove(&key),
+            };
+        }
+        for (i, (_, rows)) in self.deferred.iter_mut().enumerate() {
+            rows.truncate(self.deferred_marks.get(i).copied().unwrap_or(0));
+        }
+        Ok(())
+    }
+
+    async fn write_deferred(&mut self) -> Result<DeferredWrites> {
+        match batch::write_all(&mut self.tx, &mut self.deferred).await {
+            Ok(()) => {}
+            Err(e) if is_transient(&e) => {
+                return Err(Error::store_transient("writing deferred rows", e));
+            }
+            Err(e) => return Ok(DeferredWrites::Rejected(batch::record_error(e))),
+        }
+        // Written rows are below every mark now.
+        self.deferred_marks.iter_mut().for_each(|m| *m = 0);
+        Ok(DeferredWrites::Written)
+    }
+
+    async fn put_entry(&mut self, key: &[u8], entry: &DedupEntry) -> Result<()> {
+        let stored =
+            matches!(self.keys.get(key), Some(KeyState::Claimed(Some(row))) if row == entry);
+        let entry = entry.clone();
+        self.set_key(key, KeyState::Written { entry, stored });
+        Ok(())
+    }
+
+    async fn put_dead_letter(&mut self, dead_letter: &DeadLetter) -> Result<()> {
+        self.dead_letters.push(dead_letter.clone());
+        Ok(())
+    }
+
+    async fn commit(mut self, next_offset: i64) -> Result<()> {
+        let sql = &self.store.sql;
+        let p = &self.partition;
+        // The fence first: it takes the position row's lock, so an acquire waits for this
+        // commit, and a bumped epoch stops it before anything else is written.
+        let advanced = sqlx::query(sql.advance.clone())
+            .bind(&p.group)
+            .bind(&p.topic)
+            .bind(p.partition)
+            .bind(next_offset)
+            .bind(self.epoch as i64)
+            .bind(&self.store.owner)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(pg("advancing the position"))?;
+        if advanced.is_none() {
+            let current: Option<i64> = sqlx::query_scalar(sql.epoch.clone())
+                .bind(&p.group)
+                .bind(&p.topic)
+                .bind(p.partition)
+                .fetch_optional(&mut *self.tx)
+                .await
+                .map_err(pg("reading the epoch"))?;
+            let _ = self.tx.rollback().await;
+            return Err(Error::fenced(p, self.epoch, current.unwrap_or(0) as u64));
+        }
+
+        // Rows still deferred (the runtime writes them before the commit, so a failure can be
+        // put down to a record; a caller driving the transaction may not have).
+        batch::write_all(&mut self.tx, &mut self.deferred)
+            .await
+            .map_err(pg("writing deferred rows"))?;
+
+        // The entries written by the batch (the last write of a key is its state), as columns.
+        let mut rows = EntryColumns::default();
+        for (key, state) in &self.keys {
+            if let KeyState::Written {
+                entry,
+                stored: false,
+            } = state
+            {
+                rows.push(key, entry)?;
+            }
+        }
+        if !rows.keys.is_empty() {
+            sqlx::query(sql.write_entries.clone())
+                .bind(rows.groups)
+                .bind(rows.tenants)
+                .bind(rows.keys)
+                .bind(rows.statuses)
+                .bind(rows.fingerprints)
+                .bind(rows.outcomes)
+                .bind(rows.topics)
+                .bind(rows.partitions)
+                .bind(rows.offsets)
+                .bind(rows.created)
+                .bind(rows.expires)
+                .execute(&mut *self.tx)
+                .await
+                .map_err(pg("writing dedup entries"))?;
+        }
+
+        // Claims no record finished (it will be retried, or the batch stopped before it).
+        let unfinished: Vec<&[u8]> = self
+            .keys
+            .iter()
+            .filter(|(_, s)| matches!(s, KeyState::Claimed(_)))
+            .map(|(k, _)| k.as_slice())
+            .collect();
+        if !unfinished.is_empty() {
+            let (groups, tenants, bytes) = split_all(&unfinished)?;
+            sqlx::query(sql.release_claims.clone())
+                .bind(&groups)
+                .bind(&tenants)
+                .bind(&bytes)
+                .execute(&mut *self.tx)
+                .await
+                .map_err(pg("releasing unfinished claims"))?;
+        }
+
+        if !self.dead_letters.is_empty() {
+            let d = &self.dead_letters;
+            let r = |f: fn(&DeadLetter) -> i64| d.iter().map(f).collect::<Vec<_>>();
+            sqlx::query(sql.write_dead_letters.clone())
+                .bind(&p.group)
+                .bind(d.iter().map(|l| l.record.topic()).collect::<Vec<_>>())
+                .bind(d.iter().map(|l| l.record.partition()).collect::<Vec<_>>())
+                .bind(r(|l| l.record.offset()))
+                .bind(d.iter().map(|l| l.key.as_deref()).collect::<Vec<_>>())
+                .bind(d.iter().map(|l| l.reason.as_str()).collect::<Vec<_>>())
+                .bind(d.iter().map(|l| l.message.as_str()).collect::<Vec<_>>())
+                .bind(
+                    d.iter()
+                        .map(|l| i32::try_from(l.attempts).unwrap_or(i32::MAX))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(d.iter().map(|l| l.record.key()).collect::<Vec<_>>())
+                .bind(d.iter().map(|l| l.record.payload()).collect::<Vec<_>>())
+                .bind(r(|l| l.first_failed_at_ms))
+                .bind(r(|l| l.failed_at_ms))
+                .bind(d.iter().map(DeadLetter::encode).collect::<Vec<_>>())
+                .execute(&mut *self.tx)
+                .await
+                .map_err(pg("writing dead letters"))?;
+        }
+
+        self.tx.commit().await.map_err(pg("committing a batch"))
+    }
+}

@@ -1,0 +1,303 @@
+//! The embedded RocksDB store (default).
+//!
+//! Five column families: `dedup` (scoped key → [`DedupEntry`], bloom-filtered for misses),
+//! `expiry` (expiry time ‖ commit → the keys that commit wrote with that expiry: the index the
+//! purge walks, one row per commit and expiry time), `positions` (group/topic/partition →
+//! next offset and epoch), `dead_letters` (partition ‖ offset → [`DeadLetter`]) and `data` (the
+//! handler's own key-value state, through [`RocksTx`]).
+//!
+//! A batch is buffered in a [`RocksTx`] overlay (so reads see the batch's own writes, and a
+//! per-record savepoint can be undone) and lands as ONE `WriteBatch` together with the partition's
+//! new position: WAL on, fsync per commit configurable. The store is single-process (RocksDB locks
+//! its directory); epochs still fence a partition task that was abandoned after a revoke.
+//!
+//! Files: `keys.rs` (families and encodings), `tx.rs` (the batch and its commit), `purge.rs`
+//! (retention); claims and state locks use the store module's shared key table.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use rocksdb::{
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, IteratorMode, Options,
+    WriteOptions,
+};
+
+use crate::dead_letter::DeadLetter;
+use crate::error::{Error, Result};
+use crate::store::claims::KeyTable;
+use crate::store::entry::DedupEntry;
+use crate::store::{Assignment, EntryKey, Inspect, PartitionId, Store, StoredPosition};
+
+mod keys;
+mod purge;
+#[cfg(test)]
+mod tests;
+mod tx;
+
+use keys::{ALL_CFS, CF_DATA, CF_DEAD_LETTERS, CF_DEDUP, CF_POSITIONS, position_key};
+pub use tx::{RocksTx, StateError};
+
+/// Options of the RocksDB store.
+#[derive(Debug, Clone)]
+pub struct RocksOptions {
+    /// Fsync the WAL on every commit (default `true`). With `false` a commit survives a process
+    /// crash but not a machine crash.
+    pub sync: bool,
+}
+
+impl Default for RocksOptions {
+    fn default() -> Self {
+        RocksOptions { sync: true }
+    }
+}
+
+/// The embedded store. Cheap to clone; clones share one database.
+#[derive(Clone)]
+pub struct RocksStore {
+    inner: Arc<Inner>,
+}
+
+pub(super) struct Inner {
+    db: DB,
+    write_opts: WriteOptions,
+    /// Current epoch of each partition this process has acquired, keyed by the positions key.
+    fences: Mutex<HashMap<Vec<u8>, Arc<Mutex<u64>>>>,
+    /// Commits hold it shared; a purge round holds it exclusively, so a purge never deletes an
+    /// entry that a concurrent commit just rewrote.
+    purge_gate: RwLock<()>,
+    /// Dedup keys claimed by in-flight transactions.
+    claims: Arc<KeyTable>,
+    /// Keys of the handler's state locked by in-flight transactions (by a read or a write).
+    /// Apart from `claims`, so a batch claiming its keys never holds up another partition's
+    /// handler.
+    data_locks: Arc<KeyTable>,
+}
+
+impl fmt::Debug for RocksStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RocksStore")
+            .field("path", &self.inner.db.path())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(super) fn rocks(context: &str) -> impl FnOnce(rocksdb::Error) -> Error + '_ {
+    move |e| Error::store(context.to_owned(), e)
+}
+
+impl RocksStore {
+    /// Opens (creating if needed) a store in `path` with default options.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, RocksOptions::default())
+    }
+
+    /// Opens (creating if needed) a store in `path`.
+    pub fn open_with(path: impl AsRef<Path>, options: RocksOptions) -> Result<Self> {
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.increase_parallelism(2);
+        let cfs = ALL_CFS.iter().map(|name| {
+            let mut cf_opts = Options::default();
+            if *name == CF_DEDUP || *name == CF_POSITIONS {
+                let mut table = BlockBasedOptions::default();
+                table.set_bloom_filter(10.0, false);
+                cf_opts.set_block_based_table_factory(&table);
+            }
+            ColumnFamilyDescriptor::new(*name, cf_opts)
+        });
+        let db = DB::open_cf_descriptors(&db_opts, path.as_ref(), cfs).map_err(|e| {
+            Error::store(format!("opening RocksDB at {}", path.as_ref().display()), e)
+        })?;
+        let mut write_opts = WriteOptions::default();
+        write_opts.set_sync(options.sync);
+        Ok(RocksStore {
+            inner: Arc::new(Inner {
+                db,
+                write_opts,
+                fences: Mutex::new(HashMap::new()),
+                purge_gate: RwLock::new(()),
+                claims: KeyTable::shared(),
+                data_locks: KeyTable::shared(),
+            }),
+        })
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        self.inner.cf(name)
+    }
+
+    /// Flushes the memtables and waits until background compactions have finished: after a
+    /// bulk load, before a measurement or a backup that should not race them.
+    pub fn wait_for_compactions(&self) -> Result<()> {
+        let mut options = rocksdb::WaitForCompactOptions::default();
+        options.set_flush(true);
+        self.inner
+            .db
+            .wait_for_compact(&options)
+            .map_err(rocks("waiting for compactions"))
+    }
+
+    /// A committed value of the handler's key-value state.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.inner
+            .db
+            .get_cf(self.cf(CF_DATA), key)
+            .map_err(rocks("reading handler data"))
+    }
+
+    /// Committed key-value pairs of the handler's state whose key starts with `prefix`.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mode = IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.inner.db.iterator_cf(self.cf(CF_DATA), mode) {
+            let (k, v) = item.map_err(rocks("scanning handler data"))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.into_vec(), v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Number of dedup entries stored (RocksDB's estimate, cheap).
+    pub fn estimated_entries(&self) -> Result<u64> {
+        Ok(self
+            .inner
+            .db
+            .property_int_value_cf(self.cf(CF_DEDUP), "rocksdb.estimate-num-keys")
+            .map_err(rocks("reading the entry count"))?
+            .unwrap_or(0))
+    }
+
+    /// The stored position of a partition, read now.
+    fn read_position(&self, partition: &PartitionId) -> Result<Option<StoredPosition>> {
+        self.inner
+            .db
+            .get_cf(self.cf(CF_POSITIONS), position_key(partition))
+            .map_err(rocks("reading a position"))?
+            .map(|b| StoredPosition::decode(&b))
+            .transpose()
+    }
+
+    pub(super) fn fence(&self, key: &[u8]) -> Arc<Mutex<u64>> {
+        let mut fences = self.inner.fences.lock().expect("fence map poisoned");
+        match fences.entry(key.to_vec()) {
+            Entry::Occupied(e) => e.get().clone(),
+            Entry::Vacant(e) => e.insert(Arc::new(Mutex::new(0))).clone(),
+        }
+    }
+}
+
+impl Inner {
+    pub(super) fn cf(&self, name: &str) -> &ColumnFamily {
+        // Every family is created on open, so a missing handle is a bug, not an input error.
+        self.db
+            .cf_handle(name)
+            .expect("column family created on open")
+    }
+
+    fn entry(&self, key: &[u8]) -> Result<Option<DedupEntry>> {
+        self.read_entry(key, DedupEntry::decode)
+    }
+
+    /// The committed entry under `key`, read with `decode`.
+    pub(super) fn read_entry<T>(
+        &self,
+        key: &[u8],
+        decode: impl FnOnce(&[u8]) -> Result<T>,
+    ) -> Result<Option<T>> {
+        self.db
+            .get_pinned_cf(self.cf(CF_DEDUP), key)
+            .map_err(rocks("reading a dedup entry"))?
+            .map(|b| decode(&b))
+            .transpose()
+    }
+}
+
+impl Store for RocksStore {
+    type Tx = RocksTx;
+
+    async fn acquire(&self, partition: &PartitionId) -> Result<Assignment> {
+        let key = position_key(partition);
+        let fence = self.fence(&key);
+        let mut current = fence.lock().expect("fence poisoned");
+        let stored = self.read_position(partition)?;
+        let epoch = stored.map_or(0, |p| p.epoch).max(*current) + 1;
+        let row = StoredPosition {
+            next_offset: stored.and_then(|p| p.next_offset),
+            epoch,
+        };
+        self.inner
+            .db
+            .put_cf_opt(
+                self.cf(CF_POSITIONS),
+                &key,
+                row.encode(),
+                &self.inner.write_opts,
+            )
+            .map_err(rocks("writing an epoch"))?;
+        *current = epoch;
+        Ok(Assignment {
+            epoch,
+            position: row.next_offset,
+        })
+    }
+
+    async fn begin(&self, partition: &PartitionId, epoch: u64) -> Result<RocksTx> {
+        Ok(RocksTx::new(self, partition, epoch))
+    }
+
+    async fn entry_count(&self) -> Result<u64> {
+        self.estimated_entries()
+    }
+
+    async fn purge_expired(&self, now_ms: i64, limit: usize) -> Result<usize> {
+        purge::purge_expired(&self.inner, now_ms, limit)
+    }
+}
+
+impl Inspect for RocksStore {
+    async fn position(&self, partition: &PartitionId) -> Result<Option<StoredPosition>> {
+        self.read_position(partition)
+    }
+
+    /// Keeps the partition's epoch (0 for a partition never acquired).
+    async fn set_position(&self, partition: &PartitionId, next_offset: i64) -> Result<()> {
+        let epoch = self.read_position(partition)?.map_or(0, |p| p.epoch);
+        let row = StoredPosition {
+            next_offset: Some(next_offset),
+            epoch,
+        };
+        self.inner
+            .db
+            .put_cf_opt(
+                self.cf(CF_POSITIONS),
+                position_key(partition),
+                row.encode(),
+                &self.inner.write_opts,
+            )
+            .map_err(rocks("writing a position"))
+    }
+
+    async fn entry(&self, key: &EntryKey<'_>) -> Result<Option<DedupEntry>> {
+        self.inner.entry(&key.store_key())
+    }
+
+    async fn dead_letters(&self, partition: &PartitionId) -> Result<Vec<DeadLetter>> {
+        let prefix = position_key(partition);
+        let mode = IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.inner.db.iterator_cf(self.cf(CF_DEAD_LETTERS), mode) {
+            let (k, v) = item.map_err(rocks("reading dead letters"))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(DeadLetter::decode(&v)?);
+        }
+        Ok(out)
+    }
+}

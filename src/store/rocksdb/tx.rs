@@ -1,0 +1,342 @@
+//! A batch on the RocksDB store: an overlay of pending writes, savepoints, claims, state locks,
+//! and the commit that lands all of it as ONE `WriteBatch` with the partition's new position.
+//!
+//! Reads see the batch's own writes; a savepoint's undo log restores the overlay. Dedup keys are
+//! claimed, and keys of the handler's state locked, in the store's key tables (`claims.rs` of
+//! the store module) until the transaction is dropped, which happens after the commit's write.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use rocksdb::WriteBatch;
+
+use super::RocksStore;
+use super::keys::{
+    CF_DATA, CF_DEAD_LETTERS, CF_DEDUP, CF_EXPIRY, CF_POSITIONS, dead_letter_key, expiry_key,
+    position_key,
+};
+use super::rocks;
+use crate::dead_letter::DeadLetter;
+use crate::error::{Error, Result};
+use crate::store::claims::{Holds, Key};
+use crate::store::entry::{DedupEntry, put_bytes};
+use crate::store::{Claim, ClaimAhead, PartitionId, StoredPosition, Transaction};
+
+/// The families a transaction writes through its overlay. The expiry index is derived from the
+/// dedup entries at commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Dedup = 0,
+    DeadLetters = 1,
+    Data = 2,
+}
+
+const FAMILIES: [Family; 3] = [Family::Dedup, Family::DeadLetters, Family::Data];
+
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Family::Dedup => CF_DEDUP,
+            Family::DeadLetters => CF_DEAD_LETTERS,
+            Family::Data => CF_DATA,
+        }
+    }
+}
+
+/// Pending writes of one family: `Some(value)` is a put, `None` a delete.
+type Writes = foldhash::HashMap<Key, Option<Vec<u8>>>;
+
+/// A slot written since the last savepoint and what it held before (`None`: nothing pending).
+type Undo = (Family, Key, Option<Option<Vec<u8>>>);
+
+/// Why [`RocksTx::get`] could not read a key of the handler's state.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// Another in-flight batch (another partition's) holds the key. The runtime rolls the
+    /// record back and handles it again once that batch has committed; a handler only needs to
+    /// return the error (any class will do).
+    #[error("state key is held by another in-flight batch; the record will be handled again")]
+    KeyBusy,
+    /// The store failed to read.
+    #[error(transparent)]
+    Store(#[from] Error),
+}
+
+/// A batch transaction on the RocksDB store.
+///
+/// Handlers use [`get`](RocksTx::get), [`put`](RocksTx::put) and [`delete`](RocksTx::delete) on
+/// their own key space; reads see the batch's earlier writes. Nothing reaches the database until
+/// the runtime commits the batch, in one `WriteBatch` with the dedup entries and the position.
+pub struct RocksTx {
+    /// Dedup keys this transaction holds in the store's claim table; released on drop.
+    claimed: Holds,
+    /// Keys of the handler's state this transaction holds locked; released on drop.
+    locked: Holds,
+    /// Set when the handler touched a state key held by another transaction.
+    conflicted: bool,
+    store: RocksStore,
+    partition: PartitionId,
+    position_key: Vec<u8>,
+    epoch: u64,
+    fence: Arc<Mutex<u64>>,
+    /// Pending writes of each family, indexed by `Family as usize`.
+    overlay: [Writes; FAMILIES.len()],
+    /// Previous overlay state of each slot written since the last savepoint, newest last.
+    undo: Vec<Undo>,
+    /// Live entries read by `prepare_claims` (committed, so only a claim could change them,
+    /// and a live entry is never claimed).
+    known: foldhash::HashMap<Vec<u8>, DedupEntry>,
+}
+
+impl fmt::Debug for RocksTx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RocksTx")
+            .field("partition", &self.partition)
+            .field("epoch", &self.epoch)
+            .field(
+                "pending_writes",
+                &self.overlay.iter().map(HashMap::len).sum::<usize>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl RocksTx {
+    pub(super) fn new(store: &RocksStore, partition: &PartitionId, epoch: u64) -> RocksTx {
+        let position_key = position_key(partition);
+        let inner = &store.inner;
+        RocksTx {
+            claimed: Holds::new(&inner.claims),
+            locked: Holds::new(&inner.data_locks),
+            conflicted: false,
+            fence: store.fence(&position_key),
+            store: store.clone(),
+            partition: partition.clone(),
+            position_key,
+            epoch,
+            overlay: Default::default(),
+            undo: Vec::new(),
+            known: foldhash::HashMap::default(),
+        }
+    }
+
+    fn write(&mut self, family: Family, key: Key, value: Option<Vec<u8>>) {
+        let previous = self.overlay[family as usize].insert(key.clone(), value);
+        self.undo.push((family, key, previous));
+    }
+
+    /// Locks a key of the handler's state for the rest of the transaction (no-wait: a key held
+    /// by another transaction marks this one conflicted). Returns the shared key.
+    fn lock_data(&mut self, key: &[u8]) -> std::result::Result<Key, StateError> {
+        if let Some(held) = self.locked.get(key) {
+            return Ok(held.clone());
+        }
+        let mut locks = self.store.inner.data_locks.lock();
+        if locks.held_by_other(&self.locked, key) {
+            self.conflicted = true;
+            return Err(StateError::KeyBusy);
+        }
+        Ok(locks.hold(&mut self.locked, key))
+    }
+
+    fn read(&self, family: Family, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some(pending) = self.overlay[family as usize].get(key) {
+            return Ok(pending.clone());
+        }
+        let inner = &self.store.inner;
+        inner
+            .db
+            .get_cf(inner.cf(family.name()), key)
+            .map_err(rocks("reading through a transaction"))
+    }
+
+    /// Reads a key of the handler's state, seeing this batch's own writes.
+    ///
+    /// The key stays locked until the batch commits, so no concurrent batch (another
+    /// partition) can change it in between: read-modify-write is safe. If another batch holds
+    /// it, this returns [`StateError::KeyBusy`]; return any error from the handler and the
+    /// runtime handles the record again once that batch has committed.
+    pub fn get(
+        &mut self,
+        key: impl AsRef<[u8]>,
+    ) -> std::result::Result<Option<Vec<u8>>, StateError> {
+        self.lock_data(key.as_ref())?;
+        Ok(self.read(Family::Data, key.as_ref())?)
+    }
+
+    /// Writes a key of the handler's state (locking it like [`get`](RocksTx::get); on a busy
+    /// key the write is dropped and the record is handled again).
+    pub fn put(&mut self, key: impl AsRef<[u8]>, value: impl Into<Vec<u8>>) {
+        if let Ok(key) = self.lock_data(key.as_ref()) {
+            self.write(Family::Data, key, Some(value.into()));
+        }
+    }
+
+    /// Deletes a key of the handler's state (locking it like [`put`](RocksTx::put)).
+    pub fn delete(&mut self, key: impl AsRef<[u8]>) {
+        if let Ok(key) = self.lock_data(key.as_ref()) {
+            self.write(Family::Data, key, None);
+        }
+    }
+
+    /// The partition this batch belongs to.
+    pub fn partition(&self) -> &PartitionId {
+        &self.partition
+    }
+}
+
+impl Transaction for RocksTx {
+    async fn lookup(&mut self, key: &[u8]) -> Result<Option<DedupEntry>> {
+        self.read(Family::Dedup, key)?
+            .map(|b| DedupEntry::decode(&b))
+            .transpose()
+    }
+
+    async fn claim(&mut self, key: &[u8], now_ms: i64) -> Result<Claim> {
+        let live = |e: DedupEntry| (!e.is_expired(now_ms)).then_some(e);
+        if let Some(pending) = self.overlay[Family::Dedup as usize].get(key) {
+            let entry = pending.as_deref().map(DedupEntry::decode).transpose()?;
+            return Ok(entry.and_then(live).map_or(Claim::Claimed, Claim::Existing));
+        }
+        if self.claimed.contains(key) {
+            return Ok(Claim::Claimed);
+        }
+        if let Some(entry) = self.known.get(key).filter(|e| !e.is_expired(now_ms)) {
+            return Ok(Claim::Existing(entry.clone()));
+        }
+        let inner = self.store.inner.clone();
+        let mut claims = inner.claims.lock();
+        if claims.held_by_other(&self.claimed, key) {
+            return Ok(Claim::Busy);
+        }
+        // Read under the claim lock: a committing transaction writes its entry before it
+        // releases its claim, so the key is either busy here or its entry is visible.
+        if let Some(entry) = inner.entry(key)?.and_then(live) {
+            return Ok(Claim::Existing(entry));
+        }
+        claims.hold(&mut self.claimed, key);
+        Ok(Claim::Claimed)
+    }
+
+    /// Claims the batch's keys under one lock of the claim table, reading their entries with
+    /// one `MultiGet`; keys another transaction holds are left for `claim` to answer.
+    async fn prepare_claims(&mut self, claims: &[ClaimAhead<'_>], now_ms: i64) -> Result<()> {
+        let mut keys: Vec<&[u8]> = claims
+            .iter()
+            .map(|c| c.key)
+            .filter(|k| !self.claimed.contains(k) && !self.known.contains_key(*k))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let inner = self.store.inner.clone();
+        let mut table = inner.claims.lock();
+        keys.retain(|k| !table.is_held(k));
+        // Read under the claim lock, as in `claim`: a key is either busy or its entry visible.
+        let values = inner
+            .db
+            .batched_multi_get_cf(inner.cf(CF_DEDUP), &keys, true);
+        for (key, value) in keys.iter().zip(values) {
+            let value = value.map_err(rocks("reading dedup entries"))?;
+            match value.map(|v| DedupEntry::decode(&v)).transpose()? {
+                Some(entry) if !entry.is_expired(now_ms) => {
+                    self.known.insert(key.to_vec(), entry);
+                }
+                _ => {
+                    table.hold(&mut self.claimed, key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn take_conflict(&mut self) -> bool {
+        std::mem::take(&mut self.conflicted)
+    }
+
+    async fn savepoint(&mut self) -> Result<()> {
+        self.conflicted = false;
+        // A rollback only returns to the last savepoint.
+        self.undo.clear();
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(&mut self) -> Result<()> {
+        while let Some((family, key, previous)) = self.undo.pop() {
+            let writes = &mut self.overlay[family as usize];
+            match previous {
+                Some(value) => writes.insert(key, value),
+                None => writes.remove(&key),
+            };
+        }
+        Ok(())
+    }
+
+    async fn put_entry(&mut self, key: &[u8], entry: &DedupEntry) -> Result<()> {
+        let key = self
+            .claimed
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| Key::from(key));
+        self.write(Family::Dedup, key, Some(entry.encode()));
+        Ok(())
+    }
+
+    async fn put_dead_letter(&mut self, dead_letter: &DeadLetter) -> Result<()> {
+        let r = &dead_letter.record;
+        let key = dead_letter_key(&self.partition.group, r.topic(), r.partition(), r.offset());
+        self.write(
+            Family::DeadLetters,
+            Key::from(key),
+            Some(dead_letter.encode()),
+        );
+        Ok(())
+    }
+
+    async fn commit(self, next_offset: i64) -> Result<()> {
+        let inner = &self.store.inner;
+        let pending: usize = self.overlay.iter().map(HashMap::len).sum();
+        let mut batch = WriteBatch::with_capacity_bytes(128 * (pending + 1));
+        // The keys of the entries written, by expiry time: one index row per expiry time.
+        let mut expiring: BTreeMap<i64, Vec<u8>> = BTreeMap::new();
+        for family in FAMILIES {
+            let cf = inner.cf(family.name());
+            // In key order: the memtable inserts of a sorted batch reuse their search path.
+            let mut writes: Vec<_> = self.overlay[family as usize].iter().collect();
+            writes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (key, value) in writes {
+                match value {
+                    Some(v) => {
+                        batch.put_cf(cf, key, v);
+                        if family == Family::Dedup {
+                            let keys = expiring.entry(DedupEntry::encoded_expiry(v)?).or_default();
+                            put_bytes(keys, key);
+                        }
+                    }
+                    None => batch.delete_cf(cf, key),
+                }
+            }
+        }
+        let expiry = inner.cf(CF_EXPIRY);
+        for (expires_at_ms, keys) in &expiring {
+            let index_key = expiry_key(*expires_at_ms, self.epoch, next_offset, &self.position_key);
+            batch.put_cf(expiry, index_key, keys);
+        }
+        let row = StoredPosition {
+            next_offset: Some(next_offset),
+            epoch: self.epoch,
+        };
+        batch.put_cf(inner.cf(CF_POSITIONS), &self.position_key, row.encode());
+
+        let _shared = inner.purge_gate.read().expect("purge gate poisoned");
+        let current = self.fence.lock().expect("fence poisoned");
+        if *current != self.epoch {
+            return Err(Error::fenced(&self.partition, self.epoch, *current));
+        }
+        inner
+            .db
+            .write_opt(batch, &inner.write_opts)
+            .map_err(rocks("committing a batch"))
+    }
+}

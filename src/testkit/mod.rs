@@ -1,0 +1,20 @@
+//! Test support (feature `testkit`): what the project's own tests, fault harness and benchmark
+//! share, kept as a module of the crate so that users can run the same machinery against their
+//! own handlers.
+//!
+//! - [`BrokerProcess`] and [`serve_mock_broker`]: a Kafka broker (librdkafka's mock cluster) in
+//!   a process of its own, which outlives every `kill -9` of the consumers under test, with
+//!   faults injected by command;
+//! - [`ThrowawayDb`] (with feature `postgres`): a PostgreSQL database of its own per test or
+//!   run, dropped with the value.
+//!
+//! Nothing here is meant for production code paths.
+
+mod broker;
+#[cfg(feature = "postgres")]
+mod throwaway_db;
+
+pub use broker::{BrokerProcess, serve_mock_broker};
+
+#[cfg(feature = "postgres")]
+pub use throwaway_db::ThrowawayDb;
