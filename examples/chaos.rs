@@ -30,21 +30,22 @@
 //! (`CHAOS_STORES`), `--seed N` (`CHAOS_SEED`). `scripts/dev.sh test` runs the CI-sized version.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idempotent_consumer::{
     DeadLetter, DeadLetterReason, Handler, HandlerError, Inspect, Outcome, PartitionId, PgOptions,
-    PgStore, PgTx, Record, RocksStore, RocksTx, Runtime, Stats, Store,
+    PgStore, PgTx, Record, RocksStore, RocksTx, Runtime,
 };
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-use idempotent_consumer::testkit::{BrokerProcess, ThrowawayDb, serve_mock_broker};
+use idempotent_consumer::testkit::{
+    BrokerProcess, ConsumerProcess, ThrowawayDb, serve_mock_broker, serve_reporting,
+};
 
 const PARTITIONS: i32 = 4;
 const ACCOUNTS: u64 = 200;
@@ -251,7 +252,8 @@ fn consumer(flags: &Flags) -> Res<()> {
                 let (store, pids) = (store.clone(), pids.clone());
                 async move { caught_up(next_offsets(&store, &pids).await) }
             };
-            rt.block_on(serve(runtime, done))
+            rt.block_on(serve_reporting(runtime, done))
+                .map_err(|e| e.to_string())
         }
         "postgres" => rt.block_on(async {
             let options = PgOptions {
@@ -272,7 +274,9 @@ fn consumer(flags: &Flags) -> Res<()> {
                 let (store, pids) = (store.clone(), pids.clone());
                 async move { caught_up(next_offsets(&store, &pids).await) }
             };
-            serve(runtime, done).await
+            serve_reporting(runtime, done)
+                .await
+                .map_err(|e| e.to_string())
         }),
         other => Err(format!("unknown store {other:?}")),
     }
@@ -302,167 +306,34 @@ async fn positions_and_letters<S: Inspect>(
     Ok((positions, dead_letters))
 }
 
-/// Runs the consumer until SIGTERM or until `done` says every partition reached its end,
-/// printing its counters every 200 ms and once more at the end.
-async fn serve<S, H, F, Fut>(runtime: Runtime<S, H>, done: F) -> Res<()>
-where
-    S: Store,
-    H: Handler<S::Tx>,
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let stats = runtime.stats();
-    let report = move |stats: &Stats| {
-        let s = stats.snapshot();
-        println!(
-            "STATS applied={} duplicates={} conflicts={} dead_lettered={} fenced={} store_retries={} retries={}",
-            s.applied,
-            s.duplicates(),
-            s.conflicts,
-            s.dead_lettered,
-            s.fenced_commits,
-            s.store_retries,
-            s.retries
-        );
-        let _ = std::io::stdout().flush();
-    };
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| e.to_string())?;
-    let ticker_stats = stats.clone();
-    let ticker = tokio::spawn(async move {
-        loop {
-            report(&ticker_stats);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
-    let result = runtime
-        .run(async {
-            loop {
-                tokio::select! {
-                    _ = term.recv() => return,
-                    () = tokio::time::sleep(Duration::from_millis(250)) => {}
-                }
-                if done().await {
-                    return;
-                }
-            }
-        })
-        .await;
-    ticker.abort();
-    report(&stats);
-    result.map_err(|e| e.to_string())
+/// Starts a consumer in `slot` of the group (its static member id).
+fn start_instance(spec: &ConsumerSpec, slot: usize) -> Res<ConsumerProcess> {
+    let mut command = Command::new(std::env::current_exe().map_err(|e| e.to_string())?);
+    command
+        .arg("consumer")
+        .args(["--store", &spec.store, "--path", &spec.path])
+        .args(["--bootstrap", &spec.bootstrap, "--group", &spec.group])
+        .args(["--topic", &spec.topic, "--until", &spec.until])
+        .args(["--instance", &format!("{}-{slot}", spec.group)])
+        .args([
+            "--handler-delay-us",
+            &if slot == 0 { spec.slot0_delay_us } else { 0 }.to_string(),
+        ]);
+    ConsumerProcess::start(command)
 }
 
-/// A consumer process and the last counters it printed.
-struct Instance {
-    child: Child,
-    last: Arc<Mutex<BTreeMap<String, u64>>>,
-}
-
-impl Instance {
-    /// Starts a consumer in `slot` of the group (its static member id).
-    fn start(spec: &ConsumerSpec, slot: usize) -> Res<Self> {
-        let mut child = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
-            .arg("consumer")
-            .args(["--store", &spec.store, "--path", &spec.path])
-            .args(["--bootstrap", &spec.bootstrap, "--group", &spec.group])
-            .args(["--topic", &spec.topic, "--until", &spec.until])
-            .args(["--instance", &format!("{}-{slot}", spec.group)])
-            .args([
-                "--handler-delay-us",
-                &if slot == 0 { spec.slot0_delay_us } else { 0 }.to_string(),
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("starting a consumer: {e}"))?;
-        let last = Arc::new(Mutex::new(BTreeMap::new()));
-        let out = child.stdout.take().expect("piped stdout");
-        let sink = last.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("STATS ") {
-                    let parsed = rest
-                        .split_whitespace()
-                        .filter_map(|kv| kv.split_once('='))
-                        .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
-                        .collect();
-                    *sink.lock().unwrap() = parsed;
-                }
-            }
-        });
-        Ok(Instance { child, last })
+/// Waits (up to 300 s) for a consumer to reach the end of every partition and stop by itself,
+/// then adds its last counters. Returns whether it did; an error exit counts as a restart.
+fn run_out(mut instance: ConsumerProcess, tally: &mut Tally) -> Res<bool> {
+    let status = instance
+        .wait(Duration::from_secs(300))?
+        .ok_or("a consumer did not catch up in 300 s")?;
+    tally.add_fenced(&instance.settled_stats());
+    if !status.success() {
+        eprintln!("chaos: a consumer exited with {status}");
+        tally.restarts += 1;
     }
-
-    fn stat(&self, name: &str) -> u64 {
-        self.last.lock().unwrap().get(name).copied().unwrap_or(0)
-    }
-
-    fn signal(&self, signal: &str) {
-        let _ = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status();
-    }
-
-    /// SIGKILL, then reap.
-    fn kill(mut self) -> BTreeMap<String, u64> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        std::thread::sleep(Duration::from_millis(50));
-        self.last.lock().unwrap().clone()
-    }
-
-    /// SIGTERM, then wait for the drain (the runtime commits what it holds).
-    fn stop(mut self) -> Res<BTreeMap<String, u64>> {
-        self.signal("TERM");
-        let status = wait_timeout(&mut self.child, Duration::from_secs(90))?;
-        std::thread::sleep(Duration::from_millis(50));
-        let last = self.last.lock().unwrap().clone();
-        match status {
-            Some(s) if s.success() => Ok(last),
-            Some(s) => Err(format!("a consumer stopped with {s}")),
-            None => {
-                let _ = self.child.kill();
-                Err("a consumer did not stop within 90 s of SIGTERM".into())
-            }
-        }
-    }
-
-    /// Waits (up to 300 s) for a consumer to reach the end of every partition and stop by
-    /// itself, then adds its last counters. Returns whether it did; an error exit counts as a
-    /// restart.
-    fn run_out(mut self, tally: &mut Tally) -> Res<bool> {
-        let status = wait_timeout(&mut self.child, Duration::from_secs(300))?
-            .ok_or("a consumer did not catch up in 300 s")?;
-        std::thread::sleep(Duration::from_millis(50));
-        tally.add_fenced(&self.last.lock().unwrap());
-        if !status.success() {
-            eprintln!("chaos: a consumer exited with {status}");
-            tally.restarts += 1;
-        }
-        Ok(status.success())
-    }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_timeout(child: &mut Child, timeout: Duration) -> Res<Option<std::process::ExitStatus>> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            return Ok(Some(status));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(None)
+    Ok(status.success())
 }
 
 #[derive(Clone)]
@@ -899,7 +770,7 @@ impl Harness {
                     } else {
                         chunk
                     })?;
-                    let instance = Instance::start(&spec, 0)?;
+                    let instance = start_instance(&spec, 0)?;
                     tally.rebalances += 1;
                     // Kill once it is consuming, at a random moment.
                     wait_until(Duration::from_secs(60), || {
@@ -928,7 +799,7 @@ impl Harness {
     fn finish(&self, spec: &ConsumerSpec, tally: &mut Tally) -> Res<()> {
         for _ in 0..5 {
             tally.rebalances += 1;
-            if Instance::start(spec, 0)?.run_out(tally)? {
+            if run_out(start_instance(spec, 0)?, tally)? {
                 return Ok(());
             }
         }
@@ -945,8 +816,8 @@ impl Harness {
         let rounds = 12u64;
         let chunk = self.records / (rounds + 1);
         work.produce(chunk)?;
-        let mut instances: Vec<Option<Instance>> = (0..3)
-            .map(|slot| Instance::start(spec, slot).map(Some))
+        let mut instances: Vec<Option<ConsumerProcess>> = (0..3)
+            .map(|slot| start_instance(spec, slot).map(Some))
             .collect::<Res<_>>()?;
         tally.rebalances += 3;
         let mut froze = 0;
@@ -969,11 +840,11 @@ impl Harness {
                     wait_until(Duration::from_secs(10), || {
                         zombie.stat("applied") + zombie.stat("duplicates") > before
                     });
-                    zombie.signal("STOP");
+                    zombie.freeze();
                     froze += 1;
                     tally.rebalances += 1;
                     std::thread::sleep(Duration::from_millis(SESSION_MS * 2 + 2_000));
-                    zombie.signal("CONT");
+                    zombie.resume();
                     std::thread::sleep(Duration::from_secs(3));
                     tally.rebalances += 1;
                 }
@@ -989,7 +860,7 @@ impl Harness {
                     }
                     1 => {
                         if let Some(i) = instances[slot].take() {
-                            match i.stop() {
+                            match i.stop(Duration::from_secs(90)) {
                                 Ok(last) => tally.add_fenced(&last),
                                 Err(e) => {
                                     eprintln!("chaos: {e}");
@@ -1007,11 +878,11 @@ impl Harness {
                 let ended = i.as_mut().is_some_and(|i| i.exited().is_some());
                 if ended {
                     let done = i.take().unwrap();
-                    tally.add_fenced(&done.last.lock().unwrap());
+                    tally.add_fenced(&done.stats());
                     tally.restarts += 1;
                 }
                 if i.is_none() {
-                    *i = Some(Instance::start(spec, slot)?);
+                    *i = Some(start_instance(spec, slot)?);
                     tally.rebalances += 1;
                 }
             }
@@ -1023,7 +894,7 @@ impl Harness {
         }
         // The survivors run to the end of every partition, then stop by themselves.
         for i in instances.into_iter().flatten() {
-            i.run_out(tally)?;
+            run_out(i, tally)?;
         }
         // A last one finds nothing to do; it checks the end positions too.
         self.finish(spec, tally)
@@ -1053,9 +924,9 @@ impl Harness {
             steps.push(("postgres restart", Vec::new()));
         }
         let per_step = work.rest() / steps.len() as u64;
-        let mut instance = Instance::start(spec, 0)?;
+        let mut instance = start_instance(spec, 0)?;
         tally.rebalances += 1;
-        let progress = |i: &Instance| i.stat("applied") + i.stat("duplicates");
+        let progress = |i: &ConsumerProcess| i.stat("applied") + i.stat("duplicates");
         for (i, (what, commands)) in steps.iter().enumerate() {
             // Work in flight when the fault hits.
             work.produce(if i + 1 == steps.len() {
@@ -1097,13 +968,13 @@ impl Harness {
                 // A supervisor's job: the runtime stopped without committing past the record
                 // it could not finish; start it again.
                 eprintln!("chaos: the consumer exited with {status} during {what}; restarting it");
-                tally.add_fenced(&instance.last.lock().unwrap());
+                tally.add_fenced(&instance.stats());
                 tally.restarts += 1;
-                instance = Instance::start(spec, 0)?;
+                instance = start_instance(spec, 0)?;
                 tally.rebalances += 1;
             }
         }
-        instance.run_out(tally)?;
+        run_out(instance, tally)?;
         self.finish(spec, tally)
     }
 }

@@ -127,6 +127,13 @@
 //! Dropping the runtime's future (or the process dying) between a handler call and the batch's
 //! commit loses nothing and applies nothing twice: the batch was never written, the position did
 //! not move, and the records are handled again on restart. `examples/quickstart.rs` shows it.
+//!
+//! ## Features
+//!
+//! `rocksdb` (default) and `postgres` are the stores; `memory` is an in-memory store for
+//! measuring and testing the runtime only; `postgres-tls` adds TLS to PostgreSQL connections;
+//! `testkit` is the test support the project's own suites and fault harness use (a broker and
+//! consumers in processes of their own, a throwaway database), offered for testing handlers.
 
 #![forbid(unsafe_code)]
 

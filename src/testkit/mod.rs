@@ -5,16 +5,21 @@
 //! - [`BrokerProcess`] and [`serve_mock_broker`]: a Kafka broker (librdkafka's mock cluster) in
 //!   a process of its own, which outlives every `kill -9` of the consumers under test, with
 //!   faults injected by command;
+//! - [`ConsumerProcess`] and [`serve_reporting`]: a consumer in a process of its own, to be
+//!   killed (`kill -9`), frozen past its session, resumed or stopped gracefully while the test
+//!   reads the counters it reports;
 //! - [`ThrowawayDb`] (with feature `postgres`): a PostgreSQL database of its own per test or
 //!   run, dropped with the value.
 //!
 //! Nothing here is meant for production code paths.
 
 mod broker;
+mod process;
 #[cfg(feature = "postgres")]
 mod throwaway_db;
 
 pub use broker::{BrokerProcess, serve_mock_broker};
+pub use process::{ConsumerProcess, serve_reporting};
 
 #[cfg(feature = "postgres")]
 pub use throwaway_db::ThrowawayDb;
