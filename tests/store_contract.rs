@@ -316,7 +316,7 @@ async fn the_purge_is_bounded_and_takes_only_expired_entries<B: Subject>(b: &B) 
 
 /// `Store::acquire`, `Transaction::commit` and `Inspect::set_position`: the position a commit
 /// writes is the one the next acquire returns, with a newer epoch; an operator's new position
-/// keeps the epoch and is the next owner's start.
+/// keeps the epoch and is the next owner's start; a negative one is refused.
 async fn positions_round_trip<B: Subject>(b: &B) {
     let store = b.open().await;
     let p = PartitionId::new(GROUP, "t", 1);
@@ -337,6 +337,13 @@ async fn positions_round_trip<B: Subject>(b: &B) {
     assert_eq!(second.position, Some(7));
     assert!(second.epoch > first.epoch);
 
+    let err = store.set_position(&p, -1).await.unwrap_err();
+    assert!(err.to_string().contains("negative"), "{err}");
+    assert_eq!(
+        store.position(&p).await.unwrap().unwrap().next_offset,
+        Some(7),
+        "unchanged"
+    );
     store.set_position(&p, 3).await.unwrap();
     let stored = store.position(&p).await.unwrap().unwrap();
     assert_eq!((stored.next_offset, stored.epoch), (Some(3), second.epoch));

@@ -209,6 +209,23 @@ impl<S: Store> RuntimeBuilder<S> {
                 "at least one non-empty topic is required".into(),
             ));
         }
+        if let Some(pattern) = self.topics.iter().find(|t| t.starts_with('^')) {
+            // librdkafka would subscribe to every topic the pattern matches, dead-letter
+            // topics included.
+            return Err(Error::Config(format!(
+                "topic {pattern:?} starts with '^', which subscribes to a pattern; name topics \
+                 exactly"
+            )));
+        }
+        if let Some(source) = self.topics.iter().find(|t| {
+            let target = self.dead_letter_topic.topic_for(t);
+            target.is_some_and(|d| self.topics.contains(&d))
+        }) {
+            return Err(Error::Config(format!(
+                "the dead-letter topic of {source:?} is a consumed topic: dead letters would be \
+                 consumed again; choose another dead_letter_topic"
+            )));
+        }
         if self.client.get("bootstrap.servers").is_none() {
             return Err(Error::Config("bootstrap_servers is required".into()));
         }
@@ -298,5 +315,63 @@ impl Runtime<(), ()> {
             purge_batch: 1_000,
             dead_letter_topic: DeadLetterTopic::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Outcome, Record, RocksStore, RocksTx};
+
+    struct Noop;
+
+    impl Handler<RocksTx> for Noop {
+        async fn handle(
+            &self,
+            _: &Record,
+            _: &mut RocksTx,
+        ) -> std::result::Result<Outcome, crate::HandlerError> {
+            Ok(Outcome::none())
+        }
+    }
+
+    fn build(topics: &[&str], dead_letters: DeadLetterTopic) -> Result<()> {
+        let dir = tempfile::tempdir().unwrap();
+        Runtime::builder()
+            .bootstrap_servers("127.0.0.1:9")
+            .group_id("g")
+            .topics(topics.iter().copied())
+            .dead_letter_topic(dead_letters)
+            .store(RocksStore::open(dir.path()).unwrap())
+            .build(Noop)
+            .map(drop)
+    }
+
+    fn config_error(result: Result<()>) -> String {
+        match result {
+            Err(Error::Config(message)) => message,
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_pattern_subscription_is_refused() {
+        let message = config_error(build(&["^pay.*"], DeadLetterTopic::default()));
+        assert!(message.contains("\"^pay.*\""), "{message}");
+    }
+
+    #[test]
+    fn a_dead_letter_topic_that_is_consumed_is_refused() {
+        for (topics, dead_letters) in [
+            (&["pay"][..], DeadLetterTopic::Suffix(String::new())),
+            (&["pay"][..], DeadLetterTopic::Fixed("pay".into())),
+            (&["pay", "pay.dlq"][..], DeadLetterTopic::default()),
+        ] {
+            let message = config_error(build(topics, dead_letters));
+            assert!(message.contains("dead-letter topic"), "{message}");
+        }
+        build(&["pay"], DeadLetterTopic::default()).unwrap();
+        build(&["pay"], DeadLetterTopic::Disabled).unwrap();
+        build(&["pay", "refunds"], DeadLetterTopic::Fixed("dlq".into())).unwrap();
     }
 }

@@ -47,6 +47,16 @@ impl<'a> EntryKey<'a> {
     }
 }
 
+/// Refuses a position no partition can have, before a store writes it.
+pub(crate) fn check_position(next_offset: i64) -> Result<()> {
+    if next_offset < 0 {
+        return Err(crate::Error::Config(format!(
+            "a partition's next offset cannot be negative (got {next_offset})"
+        )));
+    }
+    Ok(())
+}
+
 /// Reading a store from outside the runtime. Every store implements it.
 pub trait Inspect: Store {
     /// The stored position and epoch of a partition; `None` for a partition never acquired.
@@ -57,7 +67,8 @@ pub trait Inspect: Store {
 
     /// Sets a partition's next offset, keeping its epoch: an operator's replay or skip. Run it
     /// while no consumer owns the partition; the next owner resumes from `next_offset`, and the
-    /// records it has already applied are skipped as redeliveries.
+    /// records it has already applied are skipped as redeliveries. A negative offset is refused
+    /// with [`Error::Config`](crate::Error::Config) and changes nothing.
     fn set_position(
         &self,
         partition: &PartitionId,

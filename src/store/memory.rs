@@ -293,6 +293,7 @@ impl Inspect for MemoryStore {
 
     /// Keeps the partition's epoch (0 for a partition never acquired).
     async fn set_position(&self, partition: &PartitionId, next_offset: i64) -> Result<()> {
+        super::check_position(next_offset)?;
         self.lock().position_row(partition).next_offset = Some(next_offset);
         Ok(())
     }

@@ -35,6 +35,7 @@ pub(crate) mod postgres;
 pub(crate) mod rocksdb;
 
 pub use entry::{DedupEntry, EntryStatus};
+use inspect::check_position;
 pub use inspect::{EntryKey, Inspect};
 
 /// A partition as seen by one consumer group.

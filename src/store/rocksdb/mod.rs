@@ -267,6 +267,7 @@ impl Inspect for RocksStore {
 
     /// Keeps the partition's epoch (0 for a partition never acquired).
     async fn set_position(&self, partition: &PartitionId, next_offset: i64) -> Result<()> {
+        crate::store::check_position(next_offset)?;
         let epoch = self.read_position(partition)?.map_or(0, |p| p.epoch);
         let row = StoredPosition {
             next_offset: Some(next_offset),
