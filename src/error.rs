@@ -94,6 +94,24 @@ pub struct RecordPosition {
     pub offset: i64,
 }
 
+/// A configuration error names the property, never its value: the value may be a secret, and a
+/// misspelled property (`sasl.pasword`) cannot be recognised as one by its name.
+fn redact_config_value(error: rdkafka::error::KafkaError) -> rdkafka::error::KafkaError {
+    use rdkafka::error::KafkaError;
+    const REDACTED: &str = "[redacted]";
+    match error {
+        KafkaError::ClientConfig(code, description, property, value) => {
+            let description = if value.is_empty() {
+                description
+            } else {
+                description.replace(&value, REDACTED)
+            };
+            KafkaError::ClientConfig(code, description, property, REDACTED.to_owned())
+        }
+        other => other,
+    }
+}
+
 impl fmt::Display for RecordPosition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}@{}", self.topic, self.partition, self.offset)
@@ -105,7 +123,7 @@ impl Error {
     pub(crate) fn kafka(context: impl Into<String>, source: rdkafka::error::KafkaError) -> Self {
         Error::Kafka {
             context: context.into(),
-            source,
+            source: redact_config_value(source),
         }
     }
 

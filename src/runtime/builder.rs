@@ -355,6 +355,38 @@ mod tests {
     }
 
     #[test]
+    fn a_config_error_names_the_property_but_never_its_value() {
+        let dir = tempfile::tempdir().unwrap();
+        for (property, value) in [
+            ("sasl.pasword", "hunter2-not-for-logs"),
+            ("session.timeout.ms", "hunter2-not-a-number"),
+        ] {
+            let built = Runtime::builder()
+                .bootstrap_servers("127.0.0.1:9")
+                .group_id("g")
+                .topics(["pay"])
+                .set(property, value)
+                .store(RocksStore::open(dir.path()).unwrap())
+                .build(Noop);
+            // A consumer-only property is first checked when run() creates the consumer.
+            let err = match built {
+                Err(err) => err,
+                Ok(runtime) => tokio::runtime::Runtime::new()
+                    .unwrap()
+                    .block_on(async {
+                        let run = runtime.run(std::future::pending());
+                        tokio::time::timeout(Duration::from_secs(10), run).await
+                    })
+                    .expect("run() fails at once")
+                    .unwrap_err(),
+            };
+            let shown = format!("{err} {err:?} {}", std::error::Error::source(&err).unwrap());
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains(property), "{shown}");
+        }
+    }
+
+    #[test]
     fn a_pattern_subscription_is_refused() {
         let message = config_error(build(&["^pay.*"], DeadLetterTopic::default()));
         assert!(message.contains("\"^pay.*\""), "{message}");
