@@ -196,7 +196,9 @@ pub trait Handler<Tx>: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Outcome, HandlerError>> + Send;
 
     /// Called for a record skipped as a duplicate, with the stored entry (its `outcome` holds the
-    /// original result). Runs at least once per duplicate delivery.
+    /// original result). Runs at least once per duplicate delivery: a batch that does not
+    /// commit is handled again, hooks included. A panic here is caught and logged; the record
+    /// stays a duplicate and the runtime goes on.
     fn on_duplicate(
         &self,
         record: &Record,
@@ -208,9 +210,19 @@ pub trait Handler<Tx>: Send + Sync + 'static {
     }
 
     /// Called for a record whose key was first used by a record with a different payload, before
-    /// the conflict policy is applied.
+    /// the conflict policy is applied. Runs at least once, like `on_duplicate`; a panic here is
+    /// caught and logged, and the policy still applies.
     fn on_conflict(&self, record: &Record, entry: &DedupEntry) -> impl Future<Output = ()> + Send {
         let _ = (record, entry);
         async {}
     }
+}
+
+/// The message of a caught panic of user code (a handler, a hook, a key function).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string panic payload)")
 }

@@ -11,11 +11,13 @@
 //! a key turns "same key, different payload" into a detectable conflict.
 
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::handler::panic_message;
 use crate::record::Record;
 
 /// Default header that carries the idempotency key.
@@ -38,6 +40,17 @@ pub enum KeySource {
     Function(KeyFn),
     /// SHA-256 of the payload: identical payloads are the same event.
     PayloadHash,
+}
+
+impl KeySource {
+    fn origin(&self) -> KeyOrigin {
+        match self {
+            KeySource::Header(_) => KeyOrigin::Header,
+            KeySource::RecordKey => KeyOrigin::RecordKey,
+            KeySource::Function(_) => KeyOrigin::Function,
+            KeySource::PayloadHash => KeyOrigin::PayloadHash,
+        }
+    }
 }
 
 impl fmt::Debug for KeySource {
@@ -129,6 +142,8 @@ pub(crate) enum KeyError {
         /// The sources that were tried, for the error message.
         tried: String,
     },
+    /// The key function panicked; its message.
+    FunctionPanicked(String),
     /// The key is longer than the limit and the policy is [`OversizeKey::Reject`].
     Oversize {
         /// Its length.
@@ -143,6 +158,9 @@ impl fmt::Display for KeyError {
         match self {
             KeyError::Missing { tried } => {
                 write!(f, "record has no idempotency key (tried {tried})")
+            }
+            KeyError::FunctionPanicked(message) => {
+                write!(f, "the key function panicked: {message}")
             }
             KeyError::Oversize { len, max } => {
                 write!(f, "idempotency key is {len} bytes, over the limit of {max}")
@@ -254,19 +272,22 @@ impl Identity {
 
     /// Derives the idempotency key of a record.
     pub(crate) fn key_of(&self, record: &Record) -> Result<IdempotencyKey, KeyError> {
-        let found = self.sources.iter().find_map(|source| {
-            let (bytes, origin) = match source {
-                KeySource::Header(name) => (record.header(name)?.to_vec(), KeyOrigin::Header),
-                KeySource::RecordKey => (record.key()?.to_vec(), KeyOrigin::RecordKey),
-                KeySource::Function(f) => (f(record)?, KeyOrigin::Function),
-                KeySource::PayloadHash => (
-                    Fingerprint::of(record.payload()).0.to_vec(),
-                    KeyOrigin::PayloadHash,
-                ),
+        let mut found = None;
+        for source in &self.sources {
+            let candidate = match source {
+                KeySource::Header(name) => record.header(name).map(<[u8]>::to_vec),
+                KeySource::RecordKey => record.key().map(<[u8]>::to_vec),
+                // The user's code: a panic is this record's invalid key, not the runtime's end.
+                KeySource::Function(f) => std::panic::catch_unwind(AssertUnwindSafe(|| f(record)))
+                    .map_err(|panic| KeyError::FunctionPanicked(panic_message(&*panic).into()))?,
+                KeySource::PayloadHash => Some(Fingerprint::of(record.payload()).0.to_vec()),
             };
             // An empty key is no key: it would make every such record the same event.
-            (!bytes.is_empty()).then_some((bytes, origin))
-        });
+            if let Some(bytes) = candidate.filter(|b| !b.is_empty()) {
+                found = Some((bytes, source.origin()));
+                break;
+            }
+        }
         let (bytes, origin) = match (found, self.missing) {
             (Some(found), _) => found,
             (None, MissingKey::FallbackToOffset) => (
@@ -439,6 +460,21 @@ mod tests {
             Some(format!("fn-{}", r.offset()).into_bytes())
         }))]);
         assert_eq!(f.key_of(&rec()).unwrap().as_bytes(), b"fn-42");
+    }
+
+    #[test]
+    fn a_panicking_key_function_is_an_invalid_key_not_a_crash() {
+        let id = Identity::new().sources([KeySource::Function(Arc::new(|r| {
+            assert!(r.offset() != 42, "no key for offset {}", r.offset());
+            None
+        }))]);
+        let err = id.key_of(&rec()).unwrap_err();
+        assert_eq!(
+            err,
+            KeyError::FunctionPanicked("no key for offset 42".into()),
+            "{err}"
+        );
+        assert!(err.to_string().contains("key function panicked"), "{err}");
     }
 
     #[test]

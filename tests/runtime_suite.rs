@@ -945,6 +945,42 @@ fn handler_panic_is_dead_lettered_and_the_runtime_goes_on<B: Backend>(b: &B) {
     );
 }
 
+/// A panic in `on_duplicate` or `on_conflict` is the hook's alone: the duplicate stays a no-op,
+/// the conflict is dead-lettered as its policy says, and the records after them are applied.
+fn panicking_hooks_do_not_stop_the_runtime<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
+    let mut ledger = Ledger::new();
+    ledger.panic_in_hooks = true;
+    let consumer = start(&cluster, &group, &topic, b, ledger.clone());
+    cluster.send_movement(&topic, 0, "k1", "amy", 5);
+    cluster.send_movement(&topic, 0, "k1", "amy", 5);
+    cluster.send_movement(&topic, 0, "k1", "amy", 7);
+    cluster.send_movement(&topic, 0, "k2", "amy", 1);
+    consumer.wait_for("every record settled", |s| {
+        s.applied == 2 && s.duplicates() == 1 && s.conflicts == 1
+    });
+    consumer.stop().unwrap();
+    assert_eq!(
+        b.balances()["amy"],
+        6,
+        "the duplicate and the conflict applied nothing"
+    );
+    assert_eq!(
+        ledger.observed.duplicates.lock().unwrap().len(),
+        1,
+        "on_duplicate ran"
+    );
+    assert_eq!(
+        ledger.observed.conflicts.lock().unwrap().len(),
+        1,
+        "on_conflict ran"
+    );
+    let letters = b.dead_letters(&PartitionId::new(&group, &topic, 0));
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, DeadLetterReason::Conflict);
+    assert_eq!(b.next_offset(&PartitionId::new(&group, &topic, 0)), Some(4));
+}
+
 fn fast_retries(attempts: u32) -> RetryPolicy {
     RetryPolicy {
         max_attempts: attempts,
@@ -1180,6 +1216,7 @@ suite!(
     rebalance_mid_stream_applies_every_record_once,
     stalled_partitions_flow_again_after_a_rebalance,
     handler_panic_is_dead_lettered_and_the_runtime_goes_on,
+    panicking_hooks_do_not_stop_the_runtime,
     retryable_error_is_retried_in_order_then_applied_once,
     exhausted_retries_are_dead_lettered,
     fatal_error_stops_without_committing_past_the_record,

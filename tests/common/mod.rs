@@ -422,6 +422,8 @@ pub struct Ledger {
     pub hold_until_others: Option<(i32, i64, usize)>,
     failures: Arc<std::sync::atomic::AtomicU32>,
     pub delay: Duration,
+    /// `on_duplicate` and `on_conflict` panic after recording their call.
+    pub panic_in_hooks: bool,
 }
 
 impl Ledger {
@@ -437,6 +439,7 @@ impl Ledger {
             hold_until_others: None,
             failures: Arc::default(),
             delay: Duration::ZERO,
+            panic_in_hooks: false,
         }
     }
 }
@@ -557,6 +560,11 @@ impl<T: LedgerTx> Handler<T> for Ledger {
             cause,
             entry.outcome.clone(),
         ));
+        assert!(
+            !self.panic_in_hooks,
+            "on_duplicate bug at {}",
+            record.offset()
+        );
     }
 
     async fn on_conflict(&self, record: &Record, entry: &DedupEntry) {
@@ -565,6 +573,11 @@ impl<T: LedgerTx> Handler<T> for Ledger {
             .lock()
             .unwrap()
             .push((record.offset(), entry.offset));
+        assert!(
+            !self.panic_in_hooks,
+            "on_conflict bug at {}",
+            record.offset()
+        );
     }
 }
 

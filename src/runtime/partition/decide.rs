@@ -20,7 +20,7 @@ use tracing::Instrument;
 use super::{PartitionTask, Pending, now_ms};
 use crate::dead_letter::{DeadLetter, DeadLetterReason};
 use crate::error::{Error, Result};
-use crate::handler::{DuplicateCause, ErrorClass, Handler, HandlerError, Outcome};
+use crate::handler::{DuplicateCause, ErrorClass, Handler, HandlerError, Outcome, panic_message};
 use crate::identity::{Fingerprint, IdempotencyKey};
 use crate::record::Record;
 use crate::retry::NextTry;
@@ -121,10 +121,13 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         if let Some(store_key) = item.store_key()
             && let Some(entry) = tx.lookup(store_key).await?
         {
-            self.shared
-                .handler
-                .on_duplicate(&item.record, &entry, DuplicateCause::Redelivery)
-                .await;
+            let handler = &self.shared.handler;
+            let cause = DuplicateCause::Redelivery;
+            hook(
+                "on_duplicate",
+                handler.on_duplicate(&item.record, &entry, cause),
+            )
+            .await;
         }
         Ok(Step::Done("duplicate"))
     }
@@ -281,7 +284,11 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             first_offset = entry.offset,
             "duplicate skipped"
         );
-        self.shared.handler.on_duplicate(record, entry, cause).await;
+        hook(
+            "on_duplicate",
+            self.shared.handler.on_duplicate(record, entry, cause),
+        )
+        .await;
     }
 
     /// A record whose key was first used by `first` with another payload. Unless the policy
@@ -318,7 +325,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             first.topic, first.partition, first.offset
         );
         tracing::warn!(%message, policy = ?policy, "conflict");
-        shared.handler.on_conflict(record, first).await;
+        hook("on_conflict", shared.handler.on_conflict(record, first)).await;
         let Some(conflict_key) = conflict_key else {
             return Ok(Step::Stop(Error::Stopped {
                 at: record.position(),
@@ -423,12 +430,17 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     }
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(non-string panic payload)")
+/// Runs a hook of the handler. A panic in it is logged and goes no further: the record's
+/// outcome stands, as it would had the hook returned.
+async fn hook(name: &'static str, hook: impl Future<Output = ()>) {
+    if let Err(panic) = AssertUnwindSafe(hook).catch_unwind().await {
+        let message = panic_message(&*panic);
+        tracing::error!(
+            hook = name,
+            panic = message,
+            "hook panicked; the record's outcome stands"
+        );
+    }
 }
 
 fn new_dead_letter(
