@@ -20,6 +20,10 @@ use crate::error::{Error, Result};
 use crate::handler::panic_message;
 use crate::record::Record;
 
+/// What the tenant of the conflict scope adds to the tenant: a control character no configured
+/// tenant may contain, then a word.
+const CONFLICT_SUFFIX: &str = "\u{1f}conflicts";
+
 /// Default header that carries the idempotency key.
 pub const DEFAULT_KEY_HEADER: &str = "idempotency-key";
 
@@ -241,12 +245,12 @@ impl Identity {
         if self.max_key_len == 0 {
             return Err(Error::Config("max_key_len must be at least 1".into()));
         }
-        if self
-            .tenant
-            .as_ref()
-            .is_some_and(|t| t.len() > u16::MAX as usize)
-        {
-            return Err(Error::Config("tenant is longer than 65535 bytes".into()));
+        // The conflict scope's tenant is the tenant and a suffix, and must fit too.
+        let max_tenant = u16::MAX as usize - CONFLICT_SUFFIX.len();
+        if self.tenant.as_ref().is_some_and(|t| t.len() > max_tenant) {
+            return Err(Error::Config(format!(
+                "tenant is longer than {max_tenant} bytes"
+            )));
         }
         if self
             .tenant
@@ -258,6 +262,13 @@ impl Identity {
             ));
         }
         Ok(())
+    }
+
+    /// The most bytes a store key of `group` can take: group, tenant and key, for the longest key
+    /// (a conflicting record's: the conflict scope's tenant, the key and a fingerprint).
+    pub(crate) fn longest_store_key(&self, group: &str) -> usize {
+        let tenant = self.tenant.as_ref().map_or(0, String::len);
+        group.len() + tenant + CONFLICT_SUFFIX.len() + self.max_key_len + 32
     }
 
     /// The scope of records that conflicted with keys consumed by `group`.
@@ -348,7 +359,7 @@ impl Scope {
     pub(crate) fn conflicts(group: &str, tenant: Option<&str>) -> Self {
         Scope::new(
             group,
-            Some(&format!("{}\u{1f}conflicts", tenant.unwrap_or(""))),
+            Some(&format!("{}{CONFLICT_SUFFIX}", tenant.unwrap_or(""))),
         )
     }
 

@@ -407,6 +407,49 @@ fn dead_letters_go_to_the_table_only_when_the_topic_is_disabled() {
     assert_eq!(pg.balances()["max"], 2);
 }
 
+/// The longest key a configuration allows fits PostgreSQL's b-tree: the builder refuses a
+/// `max_key_len` whose longest store key (a conflicting record's, with its scope and
+/// fingerprint) is over the store's limit, and a key at exactly the limit, of incompressible
+/// bytes, commits.
+#[test]
+fn keys_are_bounded_by_what_postgresql_can_index() {
+    let pg = Postgres::new();
+    let cluster = Cluster::start();
+    block_on(async {
+        let store = pg.connect().await;
+        let limit = store.max_key_bytes().expect("PostgreSQL limits its keys");
+        let build = |max_key_len: usize| {
+            builder(&cluster, "g", "t")
+                .identity(idempotent_consumer::Identity::new().max_key_len(max_key_len))
+                .store(store.clone())
+                .build(Ledger::new())
+        };
+        // Group "g" (1 byte), the conflict scope's tenant suffix (10), the fingerprint (32).
+        let widest = limit - 1 - 10 - 32;
+        let err = build(widest + 1).unwrap_err();
+        assert!(err.to_string().contains(&format!("{limit} bytes")), "{err}");
+        build(widest).unwrap();
+
+        // The longest key that configuration makes, of bytes no compression shrinks.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let key: Vec<u8> = (0..widest + 32)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (state >> 56) as u8
+            })
+            .collect();
+        let store_key = idempotent_consumer::EntryKey::new("g", &key)
+            .tenant("\u{1f}conflicts")
+            .store_key();
+        let pid = PartitionId::new("g", "t", 0);
+        let epoch = store.acquire(&pid).await.unwrap().epoch;
+        let mut tx = store.begin(&pid, epoch).await.unwrap();
+        assert_eq!(tx.claim(&store_key, 10).await.unwrap(), Claim::Claimed);
+        tx.put_entry(&store_key, &entry(0, b"p")).await.unwrap();
+        tx.commit(1).await.unwrap();
+    });
+}
+
 /// Table names come from validated configuration; a custom schema and prefix work; with
 /// migrations off, missing tables are a clear error; migrations run twice are a no-op.
 #[test]

@@ -256,6 +256,16 @@ impl<S: Store> RuntimeBuilder<S> {
             ));
         }
         self.identity.validate()?;
+        let longest = self.identity.longest_store_key(&group);
+        if let Some(limit) = self.store.max_key_bytes()
+            && longest > limit
+        {
+            return Err(Error::Config(format!(
+                "group, tenant and max_key_len make store keys of up to {longest} bytes (a \
+                 conflicting record's key included), over the {limit} bytes this store can \
+                 index: lower max_key_len (longer keys can be hashed with OversizeKey::Hash)"
+            )));
+        }
 
         let mut client = self.client;
         client

@@ -105,6 +105,14 @@ pub trait Store: Send + Sync + 'static {
     /// How many dedup entries the store holds, for the store-entries gauge. May be an estimate
     /// where counting exactly is expensive.
     fn entry_count(&self) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Optional. The most bytes a store key (consumer group, tenant and key together) may take
+    /// in this store, where an index limits it (default: no limit). The builder refuses a
+    /// configuration whose longest key would not fit, which would otherwise make every record
+    /// with such a key fail.
+    fn max_key_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The answer of [`Transaction::claim`].

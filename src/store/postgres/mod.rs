@@ -261,6 +261,12 @@ impl Store for PgStore {
         }
     }
 
+    /// PostgreSQL's b-tree entries hold at most 2,704 bytes on 8 KiB pages; the dedup table's
+    /// primary key (group, tenant, key) keeps a margin for the entry's own overhead.
+    fn max_key_bytes(&self) -> Option<usize> {
+        Some(2_600)
+    }
+
     async fn purge_expired(&self, now_ms: i64, limit: usize) -> Result<usize> {
         let done = sqlx::query(self.inner.sql.purge.clone())
             .bind(clamp_ms(now_ms))
