@@ -276,6 +276,9 @@ fn same_key_on_partitions_of_two_instances_runs_once() {
     };
     let mut ledger = Ledger::new();
     ledger.delay = Duration::from_millis(2);
+    // Each consumer sees new records at a moment of its own (a fetch that found nothing waits
+    // out its time on the mock): both start on their first record together.
+    ledger.start_together = Some(std::sync::Arc::new(tokio::sync::Barrier::new(2)));
     let (one_seen, two_seen) = (ledger.observed.clone(), Ledger::new().observed);
     let one = start(ledger.clone());
     let mut other = ledger;

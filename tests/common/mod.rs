@@ -424,6 +424,10 @@ pub struct Ledger {
     pub delay: Duration,
     /// `on_duplicate` and `on_conflict` panic after recording their call.
     pub panic_in_hooks: bool,
+    /// Shared by the ledgers of several instances: each instance's first handler call waits
+    /// (up to [`WAIT`]) until every instance has made its first call, so that they start
+    /// together whatever the fetch timing of each consumer.
+    pub start_together: Option<Arc<tokio::sync::Barrier>>,
 }
 
 impl Ledger {
@@ -440,6 +444,7 @@ impl Ledger {
             failures: Arc::default(),
             delay: Duration::ZERO,
             panic_in_hooks: false,
+            start_together: None,
         }
     }
 }
@@ -500,11 +505,15 @@ impl LedgerTx for idempotent_consumer::PgTx {
 
 impl<T: LedgerTx> Handler<T> for Ledger {
     async fn handle(&self, record: &Record, tx: &mut T) -> Result<Outcome, HandlerError> {
-        self.observed
-            .calls
-            .lock()
-            .unwrap()
-            .push((record.partition(), record.offset()));
+        let first = {
+            let mut calls = self.observed.calls.lock().unwrap();
+            calls.push((record.partition(), record.offset()));
+            calls.len() == 1
+        };
+        if first && let Some(barrier) = &self.start_together {
+            // On time-out the instances go on alone, and the test's own assertions say so.
+            let _ = tokio::time::timeout(WAIT, barrier.wait()).await;
+        }
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
