@@ -13,14 +13,18 @@
 //!   another amount), drives the consumers, then checks the stores: every distinct key applied
 //!   exactly once with its original amount, every conflicting record dead-lettered, every
 //!   partition's position at its end, the ledger equal to the expected one, and (rebalance
-//!   storm) fenced zombie commits > 0. It ends each scenario with a line
-//!   `CHAOS scenario=.. store=.. records=.. kills=.. rebalances=.. fenced=.. applied=.. duplicates=.. conflicts=.. lost=.. doubled=..`
+//!   storm) fenced zombie commits > 0, (two stores) refused stale partitions > 0. It ends each
+//!   scenario with a line
+//!   `CHAOS scenario=.. store=.. records=.. kills=.. rebalances=.. fenced=.. refused=.. applied=.. duplicates=.. conflicts=.. lost=.. doubled=..`
 //!   and exits non-zero if any invariant broke.
 //!
 //! Scenarios: `kill-storm` (both stores), `rebalance-storm` (PostgreSQL: three instances started,
 //! stopped, killed; one frozen with SIGSTOP past the session timeout and resumed after its
 //! partitions moved), `faults` (both stores: request errors on fetch, offset commit and produce,
-//! a broker down and up, and PostgreSQL restarted mid-run).
+//! a broker down and up, and PostgreSQL restarted mid-run), `two-stores` (RocksDB: two
+//! instances of one group, each on a directory of its own, keys always on one partition; one
+//! instance at a time is killed and left down past its session, so the other is given its
+//! partitions and must refuse them as stale, then started again).
 //!
 //! Run: `cargo run --all-features --example chaos -- run` with `DATABASE_URL` set (a server where
 //! databases may be created) and `CHAOS_PG_RESTART` set to a shell command that restarts that
@@ -37,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use idempotent_consumer::{
     DeadLetter, DeadLetterReason, Handler, HandlerError, Inspect, Outcome, PartitionId, PgOptions,
-    PgStore, PgTx, Record, RocksStore, RocksTx, Runtime,
+    PgStore, PgTx, Record, RocksStore, RocksTx, Runtime, StalePartitionPolicy,
 };
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -232,6 +236,11 @@ fn consumer(flags: &Flags) -> Res<()> {
         Some(id) => builder.set("group.instance.id", id),
         None => builder,
     };
+    let builder = match flags.get("on-stale").as_deref() {
+        None | Some("stop") => builder,
+        Some("pause") => builder.on_stale_partition(StalePartitionPolicy::Pause),
+        Some(other) => return Err(format!("bad --on-stale {other:?} (stop or pause)")),
+    };
     let caught_up = |positions: Vec<Option<i64>>| {
         positions
             .iter()
@@ -319,6 +328,9 @@ fn start_instance(spec: &ConsumerSpec, slot: usize) -> Res<ConsumerProcess> {
             "--handler-delay-us",
             &if slot == 0 { spec.slot0_delay_us } else { 0 }.to_string(),
         ]);
+    if let Some(policy) = &spec.on_stale {
+        command.args(["--on-stale", policy]);
+    }
     ConsumerProcess::start(command)
 }
 
@@ -346,6 +358,8 @@ struct ConsumerSpec {
     until: String,
     /// Handler delay of the instance in slot 0, in microseconds (0: none).
     slot0_delay_us: u64,
+    /// `--on-stale` of the consumers (default: the runtime's, stop).
+    on_stale: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -369,8 +383,10 @@ struct Workload {
 
 impl Workload {
     /// Plans `n` records: about 20% repeat an earlier key (same transfer) at a new offset,
-    /// about 1 in 500 re-sends an earlier key with another amount.
-    fn new(bootstrap: &str, topic: &str, n: u64, seed: u64) -> Res<Self> {
+    /// about 1 in 500 re-sends an earlier key with another amount. `keyed`: every record of a
+    /// key on the key's first partition (as a producer partitioning by key does), for stores
+    /// that each see only their own partitions.
+    fn new(bootstrap: &str, topic: &str, n: u64, seed: u64, keyed: bool) -> Res<Self> {
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("enable.idempotence", "true")
@@ -399,6 +415,9 @@ impl Workload {
                 (key, t)
             } else if !order.is_empty() && roll < 200 {
                 let key = order[rng.next(order.len() as u64) as usize].clone();
+                if keyed {
+                    partition = first_partition[&key];
+                }
                 let t = originals[&key].clone();
                 (key, t)
             } else {
@@ -488,11 +507,27 @@ struct Effects {
     positions: Vec<Option<i64>>,
 }
 
+impl Effects {
+    /// Adds what another store holds (two stores, each with its own partitions): a key
+    /// applied in both counts twice.
+    fn merge(&mut self, other: Effects) {
+        for (key, (n, t)) in other.applied {
+            self.applied.entry(key).or_insert((0, t)).0 += n;
+        }
+        self.dead_letters.extend(other.dead_letters);
+        for (mine, theirs) in self.positions.iter_mut().zip(other.positions) {
+            *mine = (*mine).max(theirs);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Tally {
     kills: u64,
     rebalances: u64,
     fenced: u64,
+    /// Partition assignments refused as stale.
+    refused: u64,
     /// Consumers that stopped with an error and were started again.
     restarts: u64,
     /// Batches the consumers tried again after a transient store failure.
@@ -503,6 +538,7 @@ impl Tally {
     /// Adds the last counters an ended consumer printed.
     fn add_fenced(&mut self, last: &BTreeMap<String, u64>) {
         self.fenced += last.get("fenced").copied().unwrap_or(0);
+        self.refused += last.get("refused").copied().unwrap_or(0);
         self.store_retries += last.get("store_retries").copied().unwrap_or(0);
     }
 }
@@ -650,7 +686,10 @@ fn run(flags: &Flags) -> Res<()> {
     let records = flags.num("records", 50_000)?;
     let kills = flags.num("kills", 20)?;
     let seed = flags.num("seed", 7)?;
-    let scenarios = flags.list("scenarios", &["kill-storm", "rebalance-storm", "faults"]);
+    let scenarios = flags.list(
+        "scenarios",
+        &["kill-storm", "rebalance-storm", "faults", "two-stores"],
+    );
     let stores = flags.list("stores", &["rocksdb", "postgres"]);
     let pg_restart = match std::env::var("CHAOS_PG_RESTART") {
         Ok(cmd) if cmd == "none" => None,
@@ -691,6 +730,7 @@ fn run(flags: &Flags) -> Res<()> {
         let runs: Vec<(&String, u64)> = stores
             .iter()
             .filter(|store| scenario != "rebalance-storm" || *store == "postgres")
+            .filter(|store| scenario != "two-stores" || *store == "rocksdb")
             .map(|store| {
                 n += 1;
                 (store, n)
@@ -744,7 +784,14 @@ impl Harness {
         self.command(&format!("topic {topic} {PARTITIONS}"))?;
         self.command(&format!("topic {topic}.dlq 1"))?;
         let store = StoreUnderTest::create(store_kind)?;
-        let mut work = Workload::new(&self.bootstrap, &topic, self.records, self.seed + n)?;
+        let two_stores = scenario == "two-stores";
+        let mut work = Workload::new(
+            &self.bootstrap,
+            &topic,
+            self.records,
+            self.seed + n,
+            two_stores,
+        )?;
         let spec = ConsumerSpec {
             store: store_kind.to_owned(),
             path: store.path.clone(),
@@ -758,7 +805,12 @@ impl Harness {
             } else {
                 0
             },
+            on_stale: two_stores.then(|| "pause".to_owned()),
         };
+        // The second instance's own directory (two stores).
+        let second = two_stores
+            .then(|| StoreUnderTest::create(store_kind))
+            .transpose()?;
         let mut tally = Tally::default();
         let mut rng = Lcg(self.seed * 31 + n);
         match scenario {
@@ -789,10 +841,94 @@ impl Harness {
             }
             "rebalance-storm" => self.rebalance_storm(&mut work, &spec, &mut tally, &mut rng)?,
             "faults" => self.faults(&mut work, &spec, store_kind, &mut tally)?,
+            "two-stores" => {
+                let second = second.as_ref().ok_or("two stores need a second one")?;
+                let other = ConsumerSpec {
+                    path: second.path.clone(),
+                    ..spec.clone()
+                };
+                self.two_stores(&mut work, [&spec, &other], &mut tally, &mut rng)?;
+            }
             other => return Err(format!("unknown scenario {other:?}")),
         }
-        let effects = store.read(&spec.group, &topic)?;
+        let mut effects = store.read(&spec.group, &topic)?;
+        if let Some(second) = &second {
+            effects.merge(second.read(&spec.group, &topic)?);
+        }
         Ok(check(scenario, store_kind, &work, &effects, &tally))
+    }
+
+    /// Two instances, each on its own RocksDB directory. Each round kills one and keeps it down
+    /// past its session, so the group gives its partitions to the other, which must refuse
+    /// them (their latest state is in the killed one's store); then starts it again, and the
+    /// group gives them back. Ends once Kafka's committed offsets reach every partition's end.
+    fn two_stores(
+        &self,
+        work: &mut Workload,
+        specs: [&ConsumerSpec; 2],
+        tally: &mut Tally,
+        rng: &mut Lcg,
+    ) -> Res<()> {
+        // Both join before anything is produced, so each store takes its own partitions from
+        // the first record on (the broker's initial rebalance delay gathers both joins).
+        let mut instances: Vec<Option<ConsumerProcess>> = (0..2)
+            .map(|slot| start_instance(specs[slot], slot).map(Some))
+            .collect::<Res<_>>()?;
+        tally.rebalances += 2;
+        std::thread::sleep(Duration::from_secs(6));
+        let rounds = (self.kills / 5).max(2);
+        let chunk = self.records / (rounds + 1);
+        work.produce(chunk)?;
+        let progress = |i: &ConsumerProcess| i.stat("applied") + i.stat("duplicates");
+        if !wait_until(Duration::from_secs(60), || {
+            instances.iter().flatten().all(|i| progress(i) > 0)
+        }) {
+            return Err("the two instances did not both start consuming".into());
+        }
+        for round in 0..rounds {
+            let slot = (round % 2) as usize;
+            // Some of its partitions' records in flight when it dies.
+            work.produce(if round + 1 == rounds {
+                work.rest()
+            } else {
+                chunk
+            })?;
+            std::thread::sleep(Duration::from_millis(rng.next(300)));
+            let (killed, survivor) = (slot, 1 - slot);
+            let dead = instances[killed].take().ok_or("the instance is gone")?;
+            let alive = instances[survivor].as_ref().ok_or("the survivor is gone")?;
+            let before = alive.stat("refused");
+            tally.add_fenced(&dead.kill());
+            tally.kills += 1;
+            // Past the session: the survivor is given every partition and refuses the dead
+            // one's.
+            if !wait_until(Duration::from_secs(30), || alive.stat("refused") > before) {
+                eprintln!("chaos: round {round}: the survivor refused nothing");
+            }
+            tally.rebalances += 1;
+            instances[killed] = Some(start_instance(specs[killed], killed)?);
+            tally.rebalances += 1;
+        }
+        // Everything committed (Kafka's offsets follow the stores), then both stop.
+        let ends = work.ends.clone();
+        let done = wait_until(Duration::from_secs(300), || {
+            kafka_offsets(&self.bootstrap, &specs[0].group, &work.topic)
+                .is_ok_and(|at| at.iter().zip(&ends).all(|(a, e)| *a == Some(*e)))
+        });
+        for i in instances.into_iter().flatten() {
+            match i.stop(Duration::from_secs(90)) {
+                Ok(last) => tally.add_fenced(&last),
+                Err(e) => {
+                    // The stores say what happened; the check reads them.
+                    eprintln!("chaos: two-stores: {e}");
+                    tally.restarts += 1;
+                }
+            }
+        }
+        if !done {
+            eprintln!("chaos: two-stores: Kafka's offsets did not reach the ends in 300 s");
+        }
+        Ok(())
     }
 
     /// Runs one consumer to the end of every partition and collects its counters.
@@ -979,6 +1115,31 @@ impl Harness {
     }
 }
 
+/// Kafka's committed offsets of `group` for every partition of `topic` (`None`: none yet).
+fn kafka_offsets(bootstrap: &str, group: &str, topic: &str) -> Res<Vec<Option<i64>>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .map_err(|e| e.to_string())?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    Ok((0..PARTITIONS)
+        .map(
+            |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(rdkafka::Offset::Offset(o)) => Some(o),
+                _ => None,
+            },
+        )
+        .collect())
+}
+
 fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -1084,6 +1245,9 @@ fn check(scenario: &str, store: &str, work: &Workload, fx: &Effects, tally: &Tal
     if scenario == "rebalance-storm" && tally.fenced == 0 {
         problems.push("no zombie commit was fenced".into());
     }
+    if scenario == "two-stores" && tally.refused == 0 {
+        problems.push("no stale partition was refused".into());
+    }
     let applied = work
         .originals
         .keys()
@@ -1102,8 +1266,8 @@ fn check(scenario: &str, store: &str, work: &Workload, fx: &Effects, tally: &Tal
         other_letters.len()
     );
     println!(
-        "CHAOS scenario={scenario} store={store} records={} kills={} rebalances={} fenced={} applied={applied} duplicates={duplicates} conflicts={conflicts} lost={lost} doubled={doubled}",
-        work.produced, tally.kills, tally.rebalances, tally.fenced
+        "CHAOS scenario={scenario} store={store} records={} kills={} rebalances={} fenced={} refused={} applied={applied} duplicates={duplicates} conflicts={conflicts} lost={lost} doubled={doubled}",
+        work.produced, tally.kills, tally.rebalances, tally.fenced, tally.refused
     );
     problems.is_empty()
 }

@@ -59,6 +59,32 @@ pub enum Error {
         current: u64,
     },
 
+    /// This store's copy of a partition is stale: Kafka's latest commit for it came from another
+    /// store (another instance's own directory), which holds the partition's latest state. The
+    /// partition was not handled (see [`StalePartitionPolicy`](crate::StalePartitionPolicy)).
+    #[error(
+        "{topic}/{partition} refused: Kafka's latest commit (offset {kafka_offset}) came from \
+         another store ({committed_by}), which holds the partition's latest state; this store \
+         ({store}, position {}) holds a stale copy. Each instance with a store of its own must \
+         keep its partitions (static assignment), or the group must share one store \
+         (PostgreSQL)",
+        store_position.map_or_else(|| "none".to_owned(), |p| p.to_string())
+    )]
+    StalePartition {
+        /// Topic.
+        topic: String,
+        /// Partition number.
+        partition: i32,
+        /// This store's position for the partition, if it has one.
+        store_position: Option<i64>,
+        /// Kafka's committed offset.
+        kafka_offset: i64,
+        /// This store's id.
+        store: String,
+        /// The id of the store that made Kafka's latest commit.
+        committed_by: String,
+    },
+
     /// The handler returned a fatal error; the runtime stopped without committing past the record.
     #[error("handler failed fatally at {at}: {message}")]
     HandlerFatal {

@@ -84,7 +84,9 @@
 //!
 //! - [`RocksStore`] (feature `rocksdb`, default): embedded, one process. Its state is local to
 //!   the machine: if a partition moves to another instance, that instance has no entries for it.
-//!   Run one instance per store directory.
+//!   Run one instance per store directory, and keep each instance's partitions with it (static
+//!   assignment): a partition whose latest Kafka commit came from another store is **refused**
+//!   ([`Error::StalePartition`], [`StalePartitionPolicy`]), never handled from stale state.
 //! - `PgStore` (feature `postgres`): shared by every instance of a group. The handler gets
 //!   `PgTx` and runs its own SQL on `tx.conn()`, or defers rows with `tx.defer` to a
 //!   `BatchStatement` that writes the whole batch's rows in one round trip; keys are claimed
@@ -114,6 +116,7 @@
 //! | `idempotent_consumer_fenced_commits_total` | counter | group, topic, partition |
 //! | `idempotent_consumer_kafka_commit_failures_total` | counter | group |
 //! | `idempotent_consumer_expired_purged_total` | counter | group |
+//! | `idempotent_consumer_stale_partitions_refused_total` | counter | group, topic, partition |
 //! | `idempotent_consumer_batch_records` | histogram | group, topic, partition |
 //! | `idempotent_consumer_handler_seconds` | histogram | group, topic, partition |
 //! | `idempotent_consumer_commit_seconds` | histogram | group, topic, partition |
@@ -159,7 +162,9 @@ pub use identity::{
 pub use metrics::{Stats, StatsSnapshot};
 pub use record::{DecodeError, Header, Record};
 pub use retry::RetryPolicy;
-pub use runtime::{ConflictPolicy, DEFAULT_RETENTION, Runtime, RuntimeBuilder};
+pub use runtime::{
+    ConflictPolicy, DEFAULT_RETENTION, Runtime, RuntimeBuilder, StalePartitionPolicy,
+};
 pub use store::{
     Assignment, Claim, ClaimAhead, DedupEntry, DeferredWrites, EntryKey, EntryStatus, Inspect,
     PartitionId, Store, StoredPosition, Transaction,

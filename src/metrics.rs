@@ -76,6 +76,9 @@ counters! {
     kafka_commit_failures,
     /// Batches tried again after a transient store failure (lost connection, deadlock).
     store_retries,
+    /// Partition assignments refused because another store holds the partition's latest state
+    /// ([`Error::StalePartition`](crate::Error::StalePartition)).
+    stale_partitions_refused,
 }
 
 impl Stats {
@@ -149,6 +152,7 @@ const BATCHES: &str = "idempotent_consumer_batches_committed_total";
 const FENCED: &str = "idempotent_consumer_fenced_commits_total";
 const KAFKA_COMMIT_FAILURES: &str = "idempotent_consumer_kafka_commit_failures_total";
 const EXPIRED_PURGED: &str = "idempotent_consumer_expired_purged_total";
+const STALE_REFUSED: &str = "idempotent_consumer_stale_partitions_refused_total";
 const BATCH_RECORDS: &str = "idempotent_consumer_batch_records";
 const HANDLER_SECONDS: &str = "idempotent_consumer_handler_seconds";
 const COMMIT_SECONDS: &str = "idempotent_consumer_commit_seconds";
@@ -176,6 +180,10 @@ pub(crate) fn describe() {
         "Advisory Kafka offset commits that failed."
     );
     metrics::describe_counter!(EXPIRED_PURGED, "Expired dedup entries purged.");
+    metrics::describe_counter!(
+        STALE_REFUSED,
+        "Partition assignments refused: another store holds the partition's latest state."
+    );
     metrics::describe_histogram!(BATCH_RECORDS, Unit::Count, "Records per committed batch.");
     metrics::describe_histogram!(HANDLER_SECONDS, Unit::Seconds, "Handler call latency.");
     metrics::describe_histogram!(COMMIT_SECONDS, Unit::Seconds, "Store commit latency.");
@@ -218,6 +226,12 @@ impl GroupMeter {
     pub(crate) fn purged(&self, n: u64) {
         Stats::add(&self.stats.expired_purged, n);
         self.expired_purged.increment(n);
+    }
+
+    /// A partition assignment refused as stale.
+    pub(crate) fn stale_refused(&self, topic: &str, partition: i32) {
+        Stats::add(&self.stats.stale_partitions_refused, 1);
+        metrics::counter!(STALE_REFUSED, &self.partition_labels(topic, partition)).increment(1);
     }
 
     pub(crate) fn store_entries(&self, n: u64) {

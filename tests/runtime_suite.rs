@@ -8,8 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::backend::Backend;
+use common::backend::{Backend, Rocks};
 use common::{Cluster, Incarnation, Ledger, builder, unique};
+use idempotent_consumer::StalePartitionPolicy;
 use idempotent_consumer::{ConflictPolicy, DeadLetterReason, DuplicateCause, Error, PartitionId};
 use idempotent_consumer::{ErrorClass, Identity, OversizeKey, RetryPolicy, Store, Transaction};
 
@@ -1165,6 +1166,94 @@ fn dead_letter_that_cannot_be_produced_is_not_committed_past<B: Backend>(b: &B) 
         b.dead_letters(&PartitionId::new(&group, &topic, 0))
             .is_empty()
     );
+}
+
+/// Two instances of one group, each with a RocksDB directory of its own (two replicas of a
+/// service). A partition whose latest state is in the other instance's store is refused: never
+/// handled from Kafka's lagging offset, nor later from this store's stale position. Under
+/// `Stop` the runtime ends with the error; under `Pause` the partition waits and the others
+/// flow.
+#[test]
+fn rocksdb_stores_of_two_instances_refuse_a_partition_whose_state_is_elsewhere() {
+    common::init_tracing();
+    let (cluster, topic, group) = setup(2);
+    let (a, b) = (Rocks::new(), Rocks::new());
+    let start_on = |r: &Rocks, policy: StalePartitionPolicy| {
+        Incarnation::launch(r, |store| {
+            builder(&cluster, &group, &topic)
+                .on_stale_partition(policy)
+                .store(store)
+                .build(Ledger::new())
+                .unwrap()
+        })
+    };
+    let send = |partition: i32, range: std::ops::Range<i32>, account: &str| {
+        for i in range {
+            cluster.send_movement(&topic, partition, &format!("p{partition}-{i}"), account, 1);
+        }
+    };
+    let (p0, p1) = (
+        PartitionId::new(&group, &topic, 0),
+        PartitionId::new(&group, &topic, 1),
+    );
+
+    // A handles partition 0 up to offset 10; partition 1 stays empty (nothing committed).
+    send(0, 0..10, "ann");
+    let one = start_on(&a, StalePartitionPolicy::Stop);
+    one.wait_for("partition 0", |s| s.applied == 10);
+    one.stop().unwrap();
+
+    // B stops on partition 0: A's store holds its state. The error names both positions.
+    send(0, 10..20, "ann");
+    let mut two = start_on(&b, StalePartitionPolicy::Stop);
+    let err = two.join().unwrap_err();
+    match &err {
+        Error::StalePartition {
+            topic: t,
+            partition: 0,
+            store_position: None,
+            kafka_offset: 10,
+            ..
+        } if *t == topic => {}
+        other => panic!("expected partition 0 refused as stale, got {other:?}"),
+    }
+    assert!(err.to_string().contains("another store"), "{err}");
+    drop(two);
+
+    // B pausing: partition 0 waits, partition 1 (no state anywhere) flows.
+    send(1, 0..5, "bob");
+    let two = start_on(&b, StalePartitionPolicy::Pause);
+    two.wait_for("partition 1 and the refusal", |s| {
+        s.applied == 5 && s.stale_partitions_refused == 1
+    });
+    // Time for partition 0's records to be (wrongly) handled, were it assigned.
+    std::thread::sleep(Duration::from_millis(500));
+    let on_b = two.stats();
+    two.stop().unwrap();
+    assert_eq!(
+        on_b.applied, 5,
+        "only partition 1 was handled on B: {on_b:?}"
+    );
+
+    // Back on A: partition 0 goes on from A's offset 10; partition 1 is B's now, refused.
+    let one = start_on(&a, StalePartitionPolicy::Pause);
+    one.wait_for("partition 0's new records and the refusal", |s| {
+        s.applied == 10 && s.stale_partitions_refused == 1
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let on_a = one.stats();
+    one.stop().unwrap();
+    assert_eq!(on_a.applied, 10, "{on_a:?}");
+
+    // Every record applied once, each in the store that owns its partition's state.
+    assert_eq!(a.balances().get("ann"), Some(&20));
+    assert_eq!(a.balances().get("bob"), None);
+    assert_eq!(b.balances().get("bob"), Some(&5));
+    assert_eq!(b.balances().get("ann"), None);
+    assert_eq!(a.next_offset(&p0), Some(20));
+    assert_eq!(a.next_offset(&p1), None);
+    assert_eq!(b.next_offset(&p1), Some(5));
+    assert_eq!(b.next_offset(&p0), None);
 }
 
 /// Instantiates every test above once per store.

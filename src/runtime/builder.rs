@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 
+use super::stale::{self, StalePartitionPolicy};
 use super::{Runtime, Shared};
 use crate::dead_letter::{DeadLetterProducer, DeadLetterTopic};
 use crate::error::{Error, Result};
@@ -54,6 +55,7 @@ pub(crate) struct Config {
     pub(crate) drain_timeout: Duration,
     pub(crate) purge_interval: Duration,
     pub(crate) purge_batch: usize,
+    pub(crate) stale: StalePartitionPolicy,
 }
 
 /// Builds a [`Runtime`]. Start with [`Runtime::builder`].
@@ -72,6 +74,7 @@ pub struct RuntimeBuilder<S = ()> {
     purge_interval: Duration,
     purge_batch: usize,
     dead_letter_topic: DeadLetterTopic,
+    stale: StalePartitionPolicy,
 }
 
 impl<S> fmt::Debug for RuntimeBuilder<S> {
@@ -173,6 +176,15 @@ impl<S> RuntimeBuilder<S> {
         self
     }
 
+    /// What to do with an assigned partition whose latest state another store holds: Kafka's
+    /// latest commit for it came from another instance's store of its own (default: stop with
+    /// [`Error::StalePartition`]). Only stores with a [`Store::store_id`] (RocksDB) can be
+    /// stale; a store the group shares never is.
+    pub fn on_stale_partition(mut self, policy: StalePartitionPolicy) -> Self {
+        self.stale = policy;
+        self
+    }
+
     /// The store the runtime commits into.
     pub fn store<T: Store>(self, store: T) -> RuntimeBuilder<T> {
         RuntimeBuilder {
@@ -190,6 +202,7 @@ impl<S> RuntimeBuilder<S> {
             purge_interval: self.purge_interval,
             purge_batch: self.purge_batch,
             dead_letter_topic: self.dead_letter_topic,
+            stale: self.stale,
         }
     }
 }
@@ -296,7 +309,9 @@ impl<S: Store> RuntimeBuilder<S> {
                     drain_timeout: self.drain_timeout,
                     purge_interval: self.purge_interval,
                     purge_batch: self.purge_batch,
+                    stale: self.stale,
                 },
+                kafka_mark: self.store.store_id().map(stale::mark),
                 store: Arc::new(self.store),
                 dead_letters,
                 handler,
@@ -324,6 +339,7 @@ impl Runtime<(), ()> {
             purge_interval: Duration::from_secs(60),
             purge_batch: 1_000,
             dead_letter_topic: DeadLetterTopic::default(),
+            stale: StalePartitionPolicy::default(),
         }
     }
 }

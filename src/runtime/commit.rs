@@ -15,7 +15,9 @@
 //!    nothing.
 //! 5. **Kafka.** Only then is the same offset committed to Kafka, asynchronously, so lag tools
 //!    keep working. Kafka's offset is advisory: on assignment the runtime seeks to the store's
-//!    position, so a lost or late Kafka commit can never skip or repeat a record.
+//!    position, so a lost or late Kafka commit can never skip or repeat a record. A store of
+//!    one instance's own marks the commit with its id, which tells the next owner whether its
+//!    own copy of the partition is current (`stale.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -39,6 +41,8 @@ pub(crate) struct CommitContext<'a, C: ConsumerContext> {
     pub(crate) letters: &'a [DeadLetter],
     pub(crate) producer: Option<&'a DeadLetterProducer>,
     pub(crate) consumer: &'a BaseConsumer<C>,
+    /// The metadata of the Kafka commit, naming the store (`stale.rs`).
+    pub(crate) mark: Option<&'a str>,
     pub(crate) group: &'a GroupMeter,
     pub(crate) meter: &'a PartitionMeter,
 }
@@ -109,26 +113,29 @@ pub(crate) async fn commit_batch<T: Transaction, C: ConsumerContext>(
         cx.consumer,
         partition,
         next_offset,
+        cx.mark,
         CommitMode::Async,
         cx.group,
     );
     Ok(Committed::Written(latency))
 }
 
-/// Commits `next_offset` to Kafka. Failures are counted and logged, never fatal.
+/// Commits `next_offset` to Kafka, with the store's mark as its metadata. Failures are counted
+/// and logged, never fatal.
 pub(crate) fn commit_kafka<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     partition: &PartitionId,
     next_offset: i64,
+    mark: Option<&str>,
     mode: CommitMode,
     meter: &GroupMeter,
 ) {
     let mut tpl = TopicPartitionList::new();
-    let added = tpl.add_partition_offset(
-        &partition.topic,
-        partition.partition,
-        Offset::Offset(next_offset),
-    );
+    let mut element = tpl.add_partition(&partition.topic, partition.partition);
+    let added = element.set_offset(Offset::Offset(next_offset));
+    if let Some(mark) = mark {
+        element.set_metadata(mark);
+    }
     if let Err(e) = added.and_then(|()| consumer.commit(&tpl, mode)) {
         meter.kafka_commit_failed();
         tracing::debug!(topic = %partition.topic, partition = partition.partition, error = %e, "kafka offset commit failed");

@@ -14,7 +14,8 @@
 //! thread, assignment, revocation), `feed.rs` (a partition's records from its own queue),
 //! `partition.rs` (one partition's batch loop) with `partition/decide.rs` (what becomes of one
 //! record), `commit.rs` (the whole commit protocol: deferred writes, dead letters, the atomic
-//! fenced store write, then Kafka's offset).
+//! fenced store write, then Kafka's offset), `stale.rs` (whether this store holds an assigned
+//! partition's latest state).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -39,11 +40,13 @@ mod commit;
 mod feed;
 mod partition;
 mod rebalance;
+mod stale;
 
 use builder::Config;
 pub use builder::{ConflictPolicy, DEFAULT_RETENTION, RuntimeBuilder};
 use partition::PartitionTask;
 use rebalance::{ConsumerCtx, Event, PollThread};
+pub use stale::StalePartitionPolicy;
 
 pub(crate) struct Shared<S, H> {
     pub(crate) config: Config,
@@ -52,6 +55,8 @@ pub(crate) struct Shared<S, H> {
     pub(crate) handler: H,
     /// The runtime's counters and recorder handles.
     pub(crate) meter: GroupMeter,
+    /// The metadata of every Kafka commit, naming the store (for a store with an id).
+    pub(crate) kafka_mark: Option<String>,
 }
 
 /// An idempotent consumer, ready to [`run`](Runtime::run).
@@ -106,6 +111,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
             config.group.clone(),
             events_tx,
             config.drain_timeout,
+            config.stale,
             shared.meter.clone(),
         );
         let consumer: BaseConsumer<ConsumerCtx<S>> = self

@@ -163,7 +163,15 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 self.shared.clone(),
             );
             let _ = tokio::task::spawn_blocking(move || {
-                commit_kafka(&consumer, &partition, next, CommitMode::Sync, &shared.meter);
+                let mark = shared.kafka_mark.as_deref();
+                commit_kafka(
+                    &consumer,
+                    &partition,
+                    next,
+                    mark,
+                    CommitMode::Sync,
+                    &shared.meter,
+                );
             })
             .await;
         }
@@ -323,6 +331,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             letters: &self.letters,
             producer: self.shared.dead_letters.as_ref(),
             consumer: &self.consumer,
+            mark: self.shared.kafka_mark.as_deref(),
             group: &self.shared.meter,
             meter: &self.meter,
         };

@@ -8,11 +8,14 @@
 //! Rebalance callbacks run on that thread, where blocking is harmless:
 //! - on assignment, each partition is acquired in the store (its epoch bumped, fencing the
 //!   previous owner) and assigned at the position stored there, not Kafka's committed offset;
+//!   a store of this instance's own is first checked to hold the partition's latest state
+//!   (`stale.rs`), and a partition it does not is refused: left unassigned, and under
+//!   [`StalePartitionPolicy::Stop`] the runtime stops;
 //! - on revocation, the partitions' feeds are closed and the thread waits (bounded by the
 //!   drain timeout) until their tasks have drained and committed, or were abandoned, before the
 //!   partitions are released.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
@@ -26,6 +29,7 @@ use rdkafka::{ClientContext, Message, Offset};
 use tokio::sync::mpsc;
 
 use super::feed::{Feed, FeedCloser};
+use super::stale::{self, StalePartitionPolicy};
 use crate::error::Error;
 use crate::metrics::GroupMeter;
 use crate::store::{PartitionId, Store};
@@ -59,6 +63,10 @@ pub(crate) struct ConsumerCtx<S: Store> {
     consumer: OnceLock<Weak<BaseConsumer<ConsumerCtx<S>>>>,
     feeds: Mutex<HashMap<(String, i32), FeedCloser>>,
     drain_timeout: Duration,
+    stale: StalePartitionPolicy,
+    /// Partitions given to this instance but refused as stale (under `Pause`): not assigned to
+    /// the consumer, so not handed back to it at revocation either.
+    refused: Mutex<HashSet<(String, i32)>>,
     meter: GroupMeter,
 }
 
@@ -68,6 +76,7 @@ impl<S: Store> ConsumerCtx<S> {
         group: String,
         events: mpsc::UnboundedSender<Event<S>>,
         drain_timeout: Duration,
+        stale: StalePartitionPolicy,
         meter: GroupMeter,
     ) -> Self {
         ConsumerCtx {
@@ -78,6 +87,8 @@ impl<S: Store> ConsumerCtx<S> {
             consumer: OnceLock::new(),
             feeds: Mutex::new(HashMap::new()),
             drain_timeout,
+            stale,
+            refused: Mutex::new(HashSet::new()),
             meter,
         }
     }
@@ -144,6 +155,18 @@ impl<S: Store> ConsumerCtx<S> {
             )));
             return;
         };
+        // What Kafka committed, to tell whether this store's copies are current.
+        let committed = match self.store.store_id() {
+            None => HashMap::new(),
+            Some(_) => match stale::committed(consumer, tpl) {
+                Ok(committed) => committed,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot check that the store holds the assigned partitions");
+                    let _ = self.events.send(Event::Failed(e));
+                    return;
+                }
+            },
+        };
         let mut assigned = TopicPartitionList::new();
         for (topic, partition) in partitions_of(tpl) {
             let id = PartitionId::new(self.group.clone(), topic.clone(), partition);
@@ -156,6 +179,22 @@ impl<S: Store> ConsumerCtx<S> {
                     continue;
                 }
             };
+            if let Some(store_id) = self.store.store_id() {
+                let kafka = committed.get(&(topic.clone(), partition));
+                match stale::check(&id, store_id, assignment.position, kafka) {
+                    Ok(None) => {}
+                    Ok(Some(kafka_offset)) => tracing::warn!(
+                        %topic, partition, store_position = ?assignment.position, kafka_offset,
+                        "Kafka's offset, committed after this store's own commits, is ahead of \
+                         the store (unsynced commits lost, or a restored backup): the records \
+                         from the store's position are handled again"
+                    ),
+                    Err(e) => {
+                        self.refuse(&topic, partition, e);
+                        continue;
+                    }
+                }
+            }
             // Seek to the store's position; without one, Kafka's committed offset (then
             // auto.offset.reset) decides.
             let offset = assignment.position.map_or(Offset::Stored, Offset::Offset);
@@ -197,8 +236,50 @@ impl<S: Store> ConsumerCtx<S> {
         }
     }
 
+    /// Leaves a stale partition unassigned: logged and counted, and by the policy the runtime
+    /// stops or goes on without it.
+    fn refuse(&self, topic: &str, partition: i32, error: Error) {
+        self.meter.stale_refused(topic, partition);
+        if let Error::StalePartition {
+            store_position,
+            kafka_offset,
+            store,
+            committed_by,
+            ..
+        } = &error
+        {
+            tracing::error!(
+                %topic, partition, ?store_position, kafka_offset, %store, %committed_by,
+                policy = ?self.stale,
+                "partition refused: another store holds its latest state"
+            );
+        }
+        match self.stale {
+            StalePartitionPolicy::Stop => {
+                let _ = self.events.send(Event::Failed(error));
+            }
+            StalePartitionPolicy::Pause => {
+                self.refused().insert((topic.to_owned(), partition));
+            }
+        }
+    }
+
+    fn refused(&self) -> std::sync::MutexGuard<'_, HashSet<(String, i32)>> {
+        self.refused.lock().expect("refused poisoned")
+    }
+
     fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
-        let revoked = partitions_of(tpl);
+        let mut revoked = partitions_of(tpl);
+        // Refused partitions were never assigned to the consumer: nothing to give back.
+        {
+            let mut refused = self.refused();
+            revoked.retain(|tp| !refused.remove(tp));
+        }
+        let mut assigned = TopicPartitionList::new();
+        for (topic, partition) in &revoked {
+            assigned.add_partition(topic, *partition);
+        }
+        let tpl = &assigned;
         {
             let mut feeds = self.feeds();
             for tp in &revoked {

@@ -45,6 +45,8 @@ pub struct MemoryStore {
     /// Keys claimed by open transactions. A claim reads the entry while it holds this table's
     /// lock, and a commit writes its entries before it releases its claims.
     claims: Arc<KeyTable>,
+    /// Each store's own: its state is lost with the process, like an instance's directory.
+    id: Arc<str>,
 }
 
 impl Default for MemoryStore {
@@ -52,6 +54,7 @@ impl Default for MemoryStore {
         MemoryStore {
             state: Arc::default(),
             claims: KeyTable::shared(),
+            id: super::new_store_id().into(),
         }
     }
 }
@@ -188,6 +191,10 @@ impl Store for MemoryStore {
 
     async fn entry_count(&self) -> Result<u64> {
         Ok(self.len() as u64)
+    }
+
+    fn store_id(&self) -> Option<&str> {
+        Some(&self.id)
     }
 }
 

@@ -113,6 +113,39 @@ pub trait Store: Send + Sync + 'static {
     fn max_key_bytes(&self) -> Option<usize> {
         None
     }
+
+    /// Optional. For a store whose data belongs to one instance (the embedded store: a
+    /// directory per instance) rather than to the whole group: an id created with the data and
+    /// kept with it. The runtime commits it to Kafka with every offset, and refuses a partition
+    /// whose latest Kafka commit names another store, since this store's copy of that partition
+    /// is then stale (see [`StalePartitionPolicy`](crate::StalePartitionPolicy)). Default:
+    /// none, for a store the whole group shares, which is never stale.
+    fn store_id(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// A new store id: 128 bits from the clock, the process and the standard library's random
+/// hasher keys, as 32 hex digits. Unique enough to tell two stores of one group apart.
+#[cfg(any(feature = "rocksdb", feature = "memory"))]
+pub(crate) fn new_store_id() -> String {
+    use sha2::{Digest, Sha256};
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static MADE: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(MADE.fetch_add(1, Ordering::Relaxed));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut digest = Sha256::new();
+    digest.update(nanos.to_be_bytes());
+    digest.update(std::process::id().to_be_bytes());
+    digest.update(hasher.finish().to_be_bytes());
+    digest.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The answer of [`Transaction::claim`].

@@ -6,7 +6,7 @@
 //! counters as a `STATS name=value ...` line every 200 ms and once more at the end; the test
 //! side is [`ConsumerProcess`], which starts the child, keeps the last counters it printed and
 //! sends it signals. Counter names: `applied`, `duplicates`, `conflicts`, `dead_lettered`,
-//! `fenced`, `store_retries`, `retries`.
+//! `fenced`, `store_retries`, `retries`, `refused` (stale partitions refused).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -62,14 +62,15 @@ fn report(stats: &Stats) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "{STATS}applied={} duplicates={} conflicts={} dead_lettered={} fenced={} store_retries={} retries={}",
+        "{STATS}applied={} duplicates={} conflicts={} dead_lettered={} fenced={} store_retries={} retries={} refused={}",
         s.applied,
         s.duplicates(),
         s.conflicts,
         s.dead_lettered,
         s.fenced_commits,
         s.store_retries,
-        s.retries
+        s.retries,
+        s.stale_partitions_refused
     );
     let _ = out.flush();
 }

@@ -12,7 +12,19 @@ pub(super) const CF_EXPIRY: &str = "expiry";
 pub(super) const CF_POSITIONS: &str = "positions";
 pub(super) const CF_DEAD_LETTERS: &str = "dead_letters";
 pub(super) const CF_DATA: &str = "data";
-pub(super) const ALL_CFS: [&str; 5] = [CF_DEDUP, CF_EXPIRY, CF_POSITIONS, CF_DEAD_LETTERS, CF_DATA];
+/// The store's own facts: its id.
+pub(super) const CF_META: &str = "meta";
+pub(super) const ALL_CFS: [&str; 6] = [
+    CF_DEDUP,
+    CF_EXPIRY,
+    CF_POSITIONS,
+    CF_DEAD_LETTERS,
+    CF_DATA,
+    CF_META,
+];
+
+/// The key of the store id in `meta`.
+pub(super) const STORE_ID_KEY: &[u8] = b"store_id";
 
 impl StoredPosition {
     pub(super) fn encode(&self) -> [u8; 16] {

@@ -1,15 +1,17 @@
 //! The embedded RocksDB store (default).
 //!
-//! Five column families: `dedup` (scoped key → [`DedupEntry`], bloom-filtered for misses),
+//! Six column families: `dedup` (scoped key → [`DedupEntry`], bloom-filtered for misses),
 //! `expiry` (expiry time ‖ commit → the keys that commit wrote with that expiry: the index the
 //! purge walks, one row per commit and expiry time), `positions` (group/topic/partition →
-//! next offset and epoch), `dead_letters` (partition ‖ offset → [`DeadLetter`]) and `data` (the
-//! handler's own key-value state, through [`RocksTx`]).
+//! next offset and epoch), `dead_letters` (partition ‖ offset → [`DeadLetter`]), `data` (the
+//! handler's own key-value state, through [`RocksTx`]) and `meta` (the store id).
 //!
 //! A batch is buffered in a [`RocksTx`] overlay (so reads see the batch's own writes, and a
 //! per-record savepoint can be undone) and lands as ONE `WriteBatch` together with the partition's
 //! new position: WAL on, fsync per commit configurable. The store is single-process (RocksDB locks
-//! its directory); epochs still fence a partition task that was abandoned after a revoke.
+//! its directory); epochs still fence a partition task that was abandoned after a revoke. Its
+//! data is this instance's alone: the store id, created with the directory, lets the runtime
+//! refuse a partition whose latest state another instance's store holds.
 //!
 //! Files: `keys.rs` (families and encodings), `tx.rs` (the batch and its commit), `purge.rs`
 //! (retention); claims and state locks use the store module's shared key table.
@@ -37,7 +39,9 @@ mod purge;
 mod tests;
 mod tx;
 
-use keys::{ALL_CFS, CF_DATA, CF_DEAD_LETTERS, CF_DEDUP, CF_POSITIONS, position_key};
+use keys::{
+    ALL_CFS, CF_DATA, CF_DEAD_LETTERS, CF_DEDUP, CF_META, CF_POSITIONS, STORE_ID_KEY, position_key,
+};
 pub use tx::{RocksTx, StateError};
 
 /// Options of the RocksDB store.
@@ -74,6 +78,9 @@ pub(super) struct Inner {
     /// Apart from `claims`, so a batch claiming its keys never holds up another partition's
     /// handler.
     data_locks: Arc<KeyTable>,
+    /// Created with the directory and kept in it (`meta` family): which store's copy of a
+    /// partition Kafka's latest commit came from.
+    store_id: String,
 }
 
 impl fmt::Debug for RocksStore {
@@ -114,6 +121,7 @@ impl RocksStore {
         })?;
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(options.sync);
+        let store_id = store_id(&db)?;
         Ok(RocksStore {
             inner: Arc::new(Inner {
                 db,
@@ -122,6 +130,7 @@ impl RocksStore {
                 purge_gate: RwLock::new(()),
                 claims: KeyTable::shared(),
                 data_locks: KeyTable::shared(),
+                store_id,
             }),
         })
     }
@@ -218,6 +227,25 @@ impl Inner {
     }
 }
 
+/// The directory's store id, created (and synced) the first time the directory is opened.
+fn store_id(db: &DB) -> Result<String> {
+    let cf = db
+        .cf_handle(CF_META)
+        .expect("every column family is opened");
+    if let Some(id) = db
+        .get_cf(cf, STORE_ID_KEY)
+        .map_err(rocks("reading the store id"))?
+    {
+        return String::from_utf8(id).map_err(|_| Error::Corrupt("store id is not UTF-8".into()));
+    }
+    let id = crate::store::new_store_id();
+    let mut sync = WriteOptions::default();
+    sync.set_sync(true);
+    db.put_cf_opt(cf, STORE_ID_KEY, id.as_bytes(), &sync)
+        .map_err(rocks("writing the store id"))?;
+    Ok(id)
+}
+
 impl Store for RocksStore {
     type Tx = RocksTx;
 
@@ -257,6 +285,10 @@ impl Store for RocksStore {
 
     async fn purge_expired(&self, now_ms: i64, limit: usize) -> Result<usize> {
         purge::purge_expired(&self.inner, now_ms, limit)
+    }
+
+    fn store_id(&self) -> Option<&str> {
+        Some(&self.inner.store_id)
     }
 }
 
