@@ -970,6 +970,11 @@ impl Harness {
             if freeze_now {
                 // Slot 0, slowed down, still has work in flight.
                 if let Some(zombie) = instances[0].as_ref() {
+                    // Let the group settle first (a restart in the last round is a join that
+                    // takes the broker's initial rebalance delay): frozen with its JoinGroup
+                    // pending, the resumed zombie sends it again and librdkafka's mock cluster
+                    // aborts (`rd_kafka_mock_cgrp_classic_member_add: !member->resp`).
+                    std::thread::sleep(Duration::from_secs(5));
                     // Freeze it while it holds work, past the session timeout: the group moves
                     // its partitions to the others, then it wakes up and tries to commit.
                     let before = zombie.stat("applied") + zombie.stat("duplicates");

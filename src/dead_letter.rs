@@ -15,6 +15,7 @@ use std::fmt;
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 
 use crate::error::{Error, Result};
@@ -175,14 +176,31 @@ impl DeadLetter {
 
     /// The headers of the dead-letter topic record: the original headers, then `dlq.*` headers
     /// with the original position, the idempotency key, the reason class and message, the
-    /// attempts and the first and last failure times.
-    pub(crate) fn topic_headers(&self) -> OwnedHeaders {
+    /// attempts and the first and last failure times; for a letter too large to produce whole,
+    /// what was left out (`dlq.payload.omitted`, `dlq.headers.omitted`: how many bytes, how
+    /// many headers).
+    fn topic_headers(&self, shape: Shape) -> OwnedHeaders {
         let r = &self.record;
-        let mut headers = OwnedHeaders::new_with_capacity(r.headers().len() + 9);
-        for h in r.headers() {
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers().len() + 11);
+        if shape == Shape::Bare {
+            let count = r.headers().len().to_string();
             headers = headers.insert(Header {
-                key: &h.name,
-                value: h.value.as_deref(),
+                key: "dlq.headers.omitted",
+                value: Some(count.as_bytes()),
+            });
+        } else {
+            for h in r.headers() {
+                headers = headers.insert(Header {
+                    key: &h.name,
+                    value: h.value.as_deref(),
+                });
+            }
+        }
+        if shape != Shape::Whole {
+            let bytes = r.payload().map_or(0, <[u8]>::len).to_string();
+            headers = headers.insert(Header {
+                key: "dlq.payload.omitted",
+                value: Some(bytes.as_bytes()),
             });
         }
         let text = [
@@ -206,6 +224,17 @@ impl DeadLetter {
             value: self.key.as_deref(),
         })
     }
+}
+
+/// How much of the original record a dead-letter topic record carries. A letter must always be
+/// producible, or the runtime could not commit past its record: when the whole record is over
+/// the producer's size limit, the payload is left out, then the original headers too (the store
+/// keeps the whole record either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Whole,
+    NoPayload,
+    Bare,
 }
 
 /// Where dead letters are produced, besides the store that always keeps them.
@@ -268,6 +297,10 @@ impl DeadLetterProducer {
         if config.get("message.timeout.ms").is_none() {
             config.set("message.timeout.ms", "30000");
         }
+        if config.get("compression.type").is_none() {
+            // Dead letters repeat records that may be near the size limit.
+            config.set("compression.type", "lz4");
+        }
         let producer = config
             .create()
             .map_err(|e| Error::kafka("creating the dead-letter producer", e))?;
@@ -278,24 +311,48 @@ impl DeadLetterProducer {
     pub(crate) async fn send_all(&self, letters: &[DeadLetter]) -> Result<()> {
         let sends = letters.iter().filter_map(|dl| {
             let topic = self.topics.topic_for(dl.record.topic())?;
-            Some(async move {
-                let mut record = FutureRecord::<[u8], [u8]>::to(&topic).headers(dl.topic_headers());
-                if let Some(key) = dl.record.key() {
-                    record = record.key(key);
-                }
-                if let Some(payload) = dl.record.payload() {
-                    record = record.payload(payload);
-                }
-                self.producer
-                    .send(record, Timeout::Never)
-                    .await
-                    .map(|_| ())
-                    .map_err(|(e, _)| {
-                        Error::kafka(format!("producing a dead letter to {topic}"), e)
-                    })
-            })
+            Some(async move { self.send(&topic, dl).await })
         });
         futures::future::try_join_all(sends).await.map(|_| ())
+    }
+
+    /// Produces one letter, leaving out what makes it too large to produce (see [`Shape`]).
+    async fn send(&self, topic: &str, dl: &DeadLetter) -> Result<()> {
+        let mut shape = Shape::Whole;
+        loop {
+            let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(dl.topic_headers(shape));
+            if let Some(key) = dl.record.key() {
+                record = record.key(key);
+            }
+            if let (Shape::Whole, Some(payload)) = (shape, dl.record.payload()) {
+                record = record.payload(payload);
+            }
+            let error = match self.producer.send(record, Timeout::Never).await {
+                Ok(_) => return Ok(()),
+                Err((error, _)) => error,
+            };
+            let too_large =
+                error.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge);
+            let next = match shape {
+                Shape::Whole => Shape::NoPayload,
+                Shape::NoPayload => Shape::Bare,
+                Shape::Bare => shape,
+            };
+            if !too_large || next == shape {
+                return Err(Error::kafka(
+                    format!("producing a dead letter to {topic}"),
+                    error,
+                ));
+            }
+            tracing::warn!(
+                topic,
+                original = %format_args!("{}/{}@{}", dl.record.topic(), dl.record.partition(), dl.record.offset()),
+                left_out = if next == Shape::NoPayload { "payload" } else { "payload and headers" },
+                "dead letter over the producer's size limit; producing it without part of the \
+                 record (the store keeps the whole record)"
+            );
+            shape = next;
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! reason instead of losing it.
 
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 
 use rdkafka::Message;
 use rdkafka::message::{BorrowedMessage, Headers};
@@ -32,6 +33,9 @@ pub struct Record {
     payload: Option<Vec<u8>>,
     headers: Vec<Header>,
     timestamp_ms: Option<i64>,
+    /// Positions of headers the Kafka client could not read (a name that is not UTF-8): left
+    /// out of `headers`; the runtime dead-letters such a record.
+    unreadable_headers: Vec<usize>,
 }
 
 impl fmt::Debug for Record {
@@ -66,6 +70,7 @@ impl Record {
             payload,
             headers: Vec::new(),
             timestamp_ms: None,
+            unreadable_headers: Vec::new(),
         }
     }
 
@@ -85,17 +90,22 @@ impl Record {
     }
 
     pub(crate) fn from_message(message: &BorrowedMessage<'_>) -> Self {
-        let headers = message
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| Header {
+        let (mut headers, mut unreadable_headers) = (Vec::new(), Vec::new());
+        if let Some(hs) = message.headers() {
+            for i in 0..hs.count() {
+                // rdkafka reads a header's name as UTF-8 and panics on anything else (the
+                // protocol allows any bytes). Caught here, outside every handler, or the
+                // partition would halt on this record forever; the record is dead-lettered.
+                match std::panic::catch_unwind(AssertUnwindSafe(|| hs.try_get(i))) {
+                    Ok(Some(h)) => headers.push(Header {
                         name: h.key.to_owned(),
                         value: h.value.map(<[u8]>::to_vec),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+                    }),
+                    Ok(None) => break,
+                    Err(_) => unreadable_headers.push(i),
+                }
+            }
+        }
         Record {
             topic: message.topic().to_owned(),
             partition: message.partition(),
@@ -104,7 +114,19 @@ impl Record {
             payload: message.payload().map(<[u8]>::to_vec),
             headers,
             timestamp_ms: message.timestamp().to_millis(),
+            unreadable_headers,
         }
+    }
+
+    /// Why the record cannot be handled as it was sent, if it cannot: a header the Kafka
+    /// client could not read.
+    pub(crate) fn unreadable(&self) -> Option<String> {
+        let first = self.unreadable_headers.first()?;
+        Some(format!(
+            "{} header(s), the first at #{first}, with a name that is not UTF-8, which the \
+             Kafka client cannot read; the record is kept without them",
+            self.unreadable_headers.len()
+        ))
     }
 
     /// Topic name.

@@ -727,6 +727,73 @@ fn non_utf8_header_values_are_kept_byte_for_byte<B: Backend>(b: &B) {
     assert_eq!(raw("dlq.idempotency.key").as_deref(), Some(other_key));
 }
 
+/// A header whose name is not UTF-8 (the protocol allows any bytes; the Kafka client cannot
+/// read such a name) neither panics nor halts the partition: the record is dead-lettered with
+/// the reason and its readable headers, and the records after it are applied.
+fn header_name_not_utf8_is_dead_lettered_not_a_halt<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
+    let payload = common::movement("ivy", 3);
+    cluster.send_with_header_name(
+        &topic,
+        0,
+        &[("idempotency-key", b"h0"), ("trace", b"t-1")],
+        &[0xff],
+        &payload,
+    );
+    cluster.send_movement(&topic, 0, "h1", "ivy", 4);
+    let running = start(&cluster, &group, &topic, b, Ledger::new());
+    running.wait_for("both records", |s| s.applied + s.dead_lettered == 2);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!((stats.applied, stats.dead_lettered), (1, 1), "{stats:?}");
+    assert_eq!(b.balances()["ivy"], 4);
+    let dead = b.dead_letters(&PartitionId::new(&group, &topic, 0));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, DeadLetterReason::Permanent);
+    assert_eq!(dead[0].record.offset(), 0);
+    assert!(dead[0].message.contains("not UTF-8"), "{}", dead[0].message);
+    assert_eq!(dead[0].record.payload(), Some(&payload[..]));
+    assert_eq!(dead[0].record.header("trace"), Some(&b"t-1"[..]));
+}
+
+/// A record of about 1,040,000 bytes without an idempotency key: its dead letter is over the
+/// dead-letter producer's limit (1,000,000 bytes), so it is produced without its payload and a
+/// header says how many bytes were left out. The store keeps the whole record, and the records
+/// after it are applied.
+fn oversize_dead_letter_is_produced_without_its_payload<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
+    let big = vec![b'x'; 1_040_000];
+    cluster.send_raw(&topic, 0, &[("trace", b"t-9")], Some(&big));
+    cluster.send_movement(&topic, 0, "after-big", "kit", 2);
+    let running = start(&cluster, &group, &topic, b, Ledger::new());
+    running.wait_for("both records", |s| s.applied + s.dead_lettered == 2);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!((stats.applied, stats.dead_lettered), (1, 1), "{stats:?}");
+    assert_eq!(b.balances()["kit"], 2);
+    let dead = b.dead_letters(&PartitionId::new(&group, &topic, 0));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].record.payload().map(<[u8]>::len), Some(big.len()));
+    let dlq = cluster.read_all(&format!("{topic}.dlq"), 1);
+    assert_eq!(dlq[0].payload, None, "the payload is left out on the topic");
+    let header = |name: &str| {
+        dlq[0]
+            .raw_headers
+            .iter()
+            .find(|h| h.0 == name)
+            .and_then(|h| h.1.clone())
+    };
+    assert_eq!(
+        header("dlq.payload.omitted").as_deref(),
+        Some(&b"1040000"[..])
+    );
+    assert_eq!(header("trace").as_deref(), Some(&b"t-9"[..]));
+    assert_eq!(
+        header("dlq.error.class").as_deref(),
+        Some(&b"invalid_key"[..])
+    );
+}
+
 /// Partitions are processed concurrently and each in order; keys are scoped by group, so a
 /// second group applies everything again.
 fn partitions_in_order_and_keys_scoped_by_group<B: Backend>(b: &B) {
@@ -1256,6 +1323,54 @@ fn rocksdb_stores_of_two_instances_refuse_a_partition_whose_state_is_elsewhere()
     assert_eq!(b.next_offset(&p0), None);
 }
 
+/// No broker reachable (a closed port): `run` ends with an error that says so, once the
+/// configured time has passed, instead of logging forever.
+#[test]
+fn unreachable_brokers_end_the_run_with_a_clear_error() {
+    common::init_tracing();
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let dir = Rocks::new();
+    let mut running = Incarnation::launch(&dir, |store| {
+        idempotent_consumer::Runtime::builder()
+            .bootstrap_servers(format!("127.0.0.1:{closed}"))
+            .group_id(unique("group"))
+            .topics(["anything"])
+            .kafka_unavailable_timeout(Duration::from_secs(2))
+            .store(store)
+            .build(Ledger::new())
+            .unwrap()
+    });
+    let err = running.join().unwrap_err();
+    assert!(
+        err.to_string().contains("no Kafka broker reachable for 2s"),
+        "{err}"
+    );
+}
+
+/// A subscribed topic that does not exist ends `run` with an error naming it.
+#[test]
+fn missing_topic_ends_the_run_with_a_clear_error() {
+    common::init_tracing();
+    let cluster = Cluster::start();
+    let dir = Rocks::new();
+    let mut running = Incarnation::launch(&dir, |store| {
+        builder(&cluster, &unique("group"), "no-such-topic")
+            .kafka_unavailable_timeout(Duration::from_secs(2))
+            .store(store)
+            .build(Ledger::new())
+            .unwrap()
+    });
+    let err = running.join().unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("\"no-such-topic\" has not existed"),
+        "{err}"
+    );
+}
+
 /// Instantiates every test above once per store.
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
@@ -1292,6 +1407,8 @@ suite!(
     empty_payload_is_dead_lettered_with_the_reason,
     tombstone_is_dead_lettered_with_the_reason,
     non_utf8_header_values_are_kept_byte_for_byte,
+    header_name_not_utf8_is_dead_lettered_not_a_halt,
+    oversize_dead_letter_is_produced_without_its_payload,
     retrying_partition_waits_while_other_partitions_flow,
     resumes_from_stored_position_when_kafka_is_behind_or_ahead,
     replay_after_rewind_is_a_counted_noop,

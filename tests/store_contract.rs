@@ -316,7 +316,8 @@ async fn the_purge_is_bounded_and_takes_only_expired_entries<B: Subject>(b: &B) 
 
 /// `Store::acquire`, `Transaction::commit` and `Inspect::set_position`: the position a commit
 /// writes is the one the next acquire returns, with a newer epoch; an operator's new position
-/// keeps the epoch and is the next owner's start; a negative one is refused.
+/// keeps the epoch and is the next owner's start (on a partition never seen too); a negative
+/// one is refused.
 async fn positions_round_trip<B: Subject>(b: &B) {
     let store = b.open().await;
     let p = PartitionId::new(GROUP, "t", 1);
@@ -350,6 +351,16 @@ async fn positions_round_trip<B: Subject>(b: &B) {
     let third = store.acquire(&p).await.unwrap();
     assert_eq!(third.position, Some(3));
     assert!(third.epoch > second.epoch);
+
+    // An operator's position on a partition the store has never seen (a fresh store that must
+    // start somewhere): created, and the first owner starts there.
+    let fresh = PartitionId::new(GROUP, "t", 2);
+    store.set_position(&fresh, 11).await.unwrap();
+    let stored = store.position(&fresh).await.unwrap().unwrap();
+    assert_eq!(stored.next_offset, Some(11));
+    let first = store.acquire(&fresh).await.unwrap();
+    assert_eq!(first.position, Some(11));
+    assert!(first.epoch > stored.epoch);
 }
 
 /// Runs a contract test on a runtime of its own.

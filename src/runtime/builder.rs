@@ -56,6 +56,7 @@ pub(crate) struct Config {
     pub(crate) purge_interval: Duration,
     pub(crate) purge_batch: usize,
     pub(crate) stale: StalePartitionPolicy,
+    pub(crate) kafka_unavailable: Duration,
 }
 
 /// Builds a [`Runtime`]. Start with [`Runtime::builder`].
@@ -75,6 +76,7 @@ pub struct RuntimeBuilder<S = ()> {
     purge_batch: usize,
     dead_letter_topic: DeadLetterTopic,
     stale: StalePartitionPolicy,
+    kafka_unavailable: Duration,
 }
 
 impl<S> fmt::Debug for RuntimeBuilder<S> {
@@ -185,6 +187,14 @@ impl<S> RuntimeBuilder<S> {
         self
     }
 
+    /// How long no Kafka broker may be reachable, or a subscribed topic missing, before
+    /// [`Runtime::run`] ends with the error (default 60 s). A fatal consumer error (another
+    /// member with this `group.instance.id`, for example) ends it at once.
+    pub fn kafka_unavailable_timeout(mut self, timeout: Duration) -> Self {
+        self.kafka_unavailable = timeout;
+        self
+    }
+
     /// The store the runtime commits into.
     pub fn store<T: Store>(self, store: T) -> RuntimeBuilder<T> {
         RuntimeBuilder {
@@ -203,6 +213,7 @@ impl<S> RuntimeBuilder<S> {
             purge_batch: self.purge_batch,
             dead_letter_topic: self.dead_letter_topic,
             stale: self.stale,
+            kafka_unavailable: self.kafka_unavailable,
         }
     }
 }
@@ -263,6 +274,11 @@ impl<S: Store> RuntimeBuilder<S> {
                 "retry max_attempts must be at least 1".into(),
             ));
         }
+        if self.kafka_unavailable.is_zero() {
+            return Err(Error::Config(
+                "kafka_unavailable_timeout must be positive".into(),
+            ));
+        }
         if self.purge_batch == 0 || self.purge_interval.is_zero() {
             return Err(Error::Config(
                 "purge interval and batch must be positive".into(),
@@ -310,6 +326,7 @@ impl<S: Store> RuntimeBuilder<S> {
                     purge_interval: self.purge_interval,
                     purge_batch: self.purge_batch,
                     stale: self.stale,
+                    kafka_unavailable: self.kafka_unavailable,
                 },
                 kafka_mark: self.store.store_id().map(stale::mark),
                 store: Arc::new(self.store),
@@ -340,6 +357,7 @@ impl Runtime<(), ()> {
             purge_batch: 1_000,
             dead_letter_topic: DeadLetterTopic::default(),
             stale: StalePartitionPolicy::default(),
+            kafka_unavailable: Duration::from_secs(60),
         }
     }
 }

@@ -11,7 +11,7 @@
 //! timeout), runs the bounded retention purge, and stops the whole runtime on a fatal error.
 //!
 //! Files: `builder.rs` (the builder and the configuration it validates), `rebalance.rs` (poll
-//! thread, assignment, revocation), `feed.rs` (a partition's records from its own queue),
+//! thread, assignment, revocation), `health.rs` (Kafka errors that end the run), `feed.rs` (a partition's records from its own queue),
 //! `partition.rs` (one partition's batch loop) with `partition/decide.rs` (what becomes of one
 //! record), `commit.rs` (the whole commit protocol: deferred writes, dead letters, the atomic
 //! fenced store write, then Kafka's offset), `stale.rs` (whether this store holds an assigned
@@ -38,6 +38,7 @@ use crate::store::{PartitionId, Store};
 mod builder;
 mod commit;
 mod feed;
+mod health;
 mod partition;
 mod rebalance;
 mod stale;
@@ -124,7 +125,8 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
             .map_err(|e| Error::kafka("subscribing", e))?;
         let consumer = Arc::new(consumer);
         ConsumerCtx::attach(&consumer);
-        let poller = PollThread::spawn(consumer.clone());
+        let health = health::Health::new(config.topics.clone(), config.kafka_unavailable);
+        let poller = PollThread::spawn(consumer.clone(), health);
         tracing::info!(group = %config.group, topics = ?config.topics, "consumer started");
 
         let mut tasks: JoinSet<Result<()>> = JoinSet::new();

@@ -29,6 +29,7 @@ use rdkafka::{ClientContext, Message, Offset};
 use tokio::sync::mpsc;
 
 use super::feed::{Feed, FeedCloser};
+use super::health::Health;
 use super::stale::{self, StalePartitionPolicy};
 use crate::error::Error;
 use crate::metrics::GroupMeter;
@@ -100,6 +101,12 @@ impl<S: Store> ConsumerCtx<S> {
 
     fn feeds(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), FeedCloser>> {
         self.feeds.lock().expect("feeds poisoned")
+    }
+
+    /// Ends the run with `error` (the control loop stops on it).
+    fn fail(&self, error: Error) {
+        tracing::error!(error = %error, "the consumer cannot go on");
+        let _ = self.events.send(Event::Failed(error));
     }
 
     /// Closes every feed: the tasks settle what they hold, commit and end.
@@ -334,21 +341,36 @@ pub(crate) struct PollThread {
 }
 
 impl PollThread {
-    pub(crate) fn spawn<S: Store>(consumer: Arc<BaseConsumer<ConsumerCtx<S>>>) -> Self {
+    /// Polls until stopped; `health` turns the consumer's errors into the end of the run when
+    /// they mean it cannot work (`health.rs`).
+    pub(crate) fn spawn<S: Store>(
+        consumer: Arc<BaseConsumer<ConsumerCtx<S>>>,
+        mut health: Health,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
             .name("idempotent-consumer-poll".into())
             .spawn(move || {
+                let mut failed = false;
                 while !stopping.load(Ordering::Acquire) {
-                    match consumer.poll(Duration::from_millis(100)) {
-                        None => {}
+                    let verdict = match consumer.poll(Duration::from_millis(100)) {
+                        None => Ok(()),
                         Some(Ok(m)) => {
                             consumer
                                 .context()
                                 .stray(m.topic(), m.partition(), m.offset());
+                            Ok(())
                         }
-                        Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "consumer error");
+                            health.error(&e)
+                        }
+                    };
+                    // Once failed, it only polls on (revocations while the runtime drains).
+                    if !failed && let Err(e) = verdict.and_then(|()| health.check(&consumer)) {
+                        failed = true;
+                        consumer.context().fail(e);
                     }
                 }
                 // Dropping the consumer closes it: leaves the group (revoking what is left).

@@ -67,7 +67,9 @@ pub trait Inspect: Store {
 
     /// Sets a partition's next offset, keeping its epoch: an operator's replay or skip. Run it
     /// while no consumer owns the partition; the next owner resumes from `next_offset`, and the
-    /// records it has already applied are skipped as redeliveries. A negative offset is refused
+    /// records it has already applied are skipped as redeliveries. On a partition the store has
+    /// never seen, the position is created (epoch 0), so a fresh store can be told where to
+    /// start. A negative offset is refused
     /// with [`Error::Config`](crate::Error::Config) and changes nothing.
     fn set_position(
         &self,

@@ -59,7 +59,9 @@ impl Cluster {
         let mut config = ClientConfig::new();
         config
             .set("enable.idempotence", "true")
-            .set("linger.ms", "5");
+            .set("linger.ms", "5")
+            // Records near the consumers' (and dead-letter producers') 1,000,000-byte limit.
+            .set("message.max.bytes", "2000000");
         match &external {
             Some(servers) => config.set("bootstrap.servers", servers),
             None => config.set("test.mock.num.brokers", "1"),
@@ -329,6 +331,92 @@ impl Cluster {
             Offset::Offset(o) => Some(o),
             _ => None,
         }
+    }
+}
+
+impl Cluster {
+    /// Produces one record with a header whose *name* is `name` (any bytes but NUL, which the
+    /// protocol allows and other clients send) after `headers`, and waits for the ack.
+    /// rdkafka's producer takes names as `&str`, so this goes through librdkafka's own API.
+    #[allow(unsafe_code)]
+    pub fn send_with_header_name(
+        &self,
+        topic: &str,
+        partition: i32,
+        headers: &[(&str, &[u8])],
+        name: &[u8],
+        payload: &[u8],
+    ) {
+        use rdkafka_sys::{rd_kafka_vtype_t as V, rd_kafka_vu_t};
+        use std::ffi::CString;
+        let topic_c = CString::new(topic).unwrap();
+        let names: Vec<CString> = headers
+            .iter()
+            .map(|(n, _)| CString::new(*n).unwrap())
+            .chain([CString::new(name).expect("a header name without NUL")])
+            .collect();
+        let values: Vec<&[u8]> = headers.iter().map(|h| h.1).chain([&b"v"[..]]).collect();
+        let vu = |vtype, u| rd_kafka_vu_t { vtype, u };
+        let mut vus = vec![
+            vu(
+                V::RD_KAFKA_VTYPE_TOPIC,
+                rdkafka_sys::rd_kafka_vu_s__bindgen_ty_1 {
+                    cstr: topic_c.as_ptr(),
+                },
+            ),
+            vu(
+                V::RD_KAFKA_VTYPE_PARTITION,
+                rdkafka_sys::rd_kafka_vu_s__bindgen_ty_1 { i32_: partition },
+            ),
+            vu(
+                V::RD_KAFKA_VTYPE_MSGFLAGS,
+                rdkafka_sys::rd_kafka_vu_s__bindgen_ty_1 {
+                    i: rdkafka_sys::RD_KAFKA_MSG_F_COPY,
+                },
+            ),
+            vu(
+                V::RD_KAFKA_VTYPE_VALUE,
+                rdkafka_sys::rd_kafka_vu_s__bindgen_ty_1 {
+                    mem: rdkafka_sys::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
+                        ptr: payload.as_ptr() as *mut _,
+                        size: payload.len(),
+                    },
+                },
+            ),
+        ];
+        for (n, v) in names.iter().zip(&values) {
+            vus.push(vu(
+                V::RD_KAFKA_VTYPE_HEADER,
+                rdkafka_sys::rd_kafka_vu_s__bindgen_ty_1 {
+                    header: rdkafka_sys::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_2 {
+                        name: n.as_ptr(),
+                        val: v.as_ptr() as *const _,
+                        size: v.len() as isize,
+                    },
+                },
+            ));
+        }
+        // SAFETY: the producer's handle is live for the whole call; every pointer in `vus`
+        // points into `topic_c`, `names`, `values` or `payload`, which outlive the call, and
+        // librdkafka copies them all (RD_KAFKA_MSG_F_COPY for the value; topic and header
+        // names and values are always copied). An error object returned is freed here.
+        unsafe {
+            let error = rdkafka_sys::rd_kafka_produceva(
+                self.producer.client().native_ptr(),
+                vus.as_ptr(),
+                vus.len(),
+            );
+            if !error.is_null() {
+                let message = std::ffi::CStr::from_ptr(rdkafka_sys::rd_kafka_error_string(error))
+                    .to_string_lossy()
+                    .into_owned();
+                rdkafka_sys::rd_kafka_error_destroy(error);
+                panic!("producing a record with a raw header name: {message}");
+            }
+        }
+        self.producer
+            .flush(Duration::from_secs(30))
+            .expect("flushing the producer");
     }
 }
 

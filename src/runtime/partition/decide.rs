@@ -1,7 +1,8 @@
 //! What becomes of one record inside its batch's transaction, in named steps:
 //!
 //! 1. **Redelivery**: an offset below the stored position was committed before: skipped.
-//! 2. **Key**: a record without a usable idempotency key is dead-lettered.
+//! 2. **Key**: a record without a usable idempotency key, or with a header the Kafka client
+//!    could not read, is dead-lettered.
 //! 3. **Claim**: the key is claimed in the transaction (seeing this batch's earlier writes). A
 //!    live entry with the same fingerprint is a duplicate (skipped, `on_duplicate` called),
 //!    with another fingerprint a conflict (the policy decides); a key held by another in-flight
@@ -81,7 +82,13 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         if self.position.is_some_and(|p| record.offset() < p) {
             return self.redelivery(tx, item).await;
         }
-        // 2. Key.
+        // 2. Key (and a record that could not be read whole).
+        if let Some(message) = record.unreadable() {
+            tracing::warn!(%message, "record with an unreadable header");
+            self.dead_letter(tx, record, None, DeadLetterReason::Permanent, message, 0)
+                .await?;
+            return Ok(Step::Done("dead_lettered"));
+        }
         let (key, store_key) = match &item.key {
             Ok((key, store_key)) => (key, store_key.as_slice()),
             Err(e) => {

@@ -297,7 +297,7 @@ impl Inspect for PgStore {
     }
 
     /// Takes effect for the next owner: call it while no instance consumes the group, or before
-    /// a rebalance. A partition this store has never acquired has no row, and nothing is set.
+    /// a rebalance. A partition this store has never acquired gets its row (epoch 0).
     async fn set_position(&self, partition: &PartitionId, next_offset: i64) -> Result<()> {
         crate::store::check_position(next_offset)?;
         sqlx::query(self.inner.sql.set_position.clone())

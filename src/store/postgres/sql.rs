@@ -88,9 +88,13 @@ impl Sql {
                 "SELECT next_offset, epoch FROM {positions} \
                  WHERE consumer_group = $1 AND topic = $2 AND \"partition\" = $3"
             )),
+            // A partition never acquired gets its row (epoch 0, no owner yet): the first
+            // owner's acquire starts there.
             set_position: statement(format!(
-                "UPDATE {positions} SET next_offset = $4, updated_at = now() \
-                 WHERE consumer_group = $1 AND topic = $2 AND \"partition\" = $3"
+                "INSERT INTO {positions} AS p (consumer_group, topic, \"partition\", next_offset, epoch, owner, updated_at) \
+                 VALUES ($1, $2, $3, $4, 0, '', now()) \
+                 ON CONFLICT (consumer_group, topic, \"partition\") \
+                 DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()"
             )),
             // Sorted, so two batches claiming overlapping keys lock them in the same order.
             claim_many: statement(format!(
