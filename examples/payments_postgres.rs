@@ -25,6 +25,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use idempotent_consumer::{Handler, HandlerError, Outcome, PgStore, PgTx, Record, Runtime};
+// The driver at the store's own version, as the crate re-exports it.
+use idempotent_consumer::sqlx;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;

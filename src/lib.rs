@@ -170,6 +170,14 @@ pub use store::{
     PartitionId, Store, StoredPosition, Transaction,
 };
 
+/// The Kafka client the runtime is built on, at the version it uses: a handler or a test that
+/// names rdkafka's types takes them from here.
+pub use rdkafka;
+/// The PostgreSQL driver `PgTx::conn` hands out, at the version and with the features the store
+/// uses: `idempotent_consumer::sqlx::query(...)` in a handler needs no sqlx entry of its own.
+#[cfg(feature = "postgres")]
+pub use sqlx;
+
 #[cfg(feature = "memory")]
 pub use store::memory::{MemoryStore, MemoryTx};
 #[cfg(feature = "postgres")]

@@ -31,8 +31,8 @@ macro_rules! counters {
             $( $(#[$doc])* pub(crate) $name: AtomicU64, )*
         }
 
-        /// A point-in-time copy of [`Stats`].
-        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        /// A point-in-time copy of [`Stats`]. Serializes (serde) as an object of its counters.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
         #[non_exhaustive]
         pub struct StatsSnapshot {
             $( $(#[$doc])* pub $name: u64, )*
@@ -360,5 +360,22 @@ impl StatsSnapshot {
     /// Duplicates of both causes.
     pub fn duplicates(&self) -> u64 {
         self.duplicates_redelivery + self.duplicates_repeated_key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_serializes_as_its_counters() {
+        let stats = Stats::default();
+        Stats::add(&stats.applied, 3);
+        Stats::add(&stats.stale_partitions_refused, 1);
+        let json = serde_json::to_value(stats.snapshot()).unwrap();
+        assert_eq!(json["applied"], 3);
+        assert_eq!(json["stale_partitions_refused"], 1);
+        assert_eq!(json["fenced_commits"], 0);
+        assert_eq!(json.as_object().unwrap().len(), 14, "every counter: {json}");
     }
 }

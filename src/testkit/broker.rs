@@ -136,6 +136,11 @@ impl BrokerProcess {
         })
     }
 
+    /// How the broker process ended, if it has (librdkafka's mock cluster can abort).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// The cluster's `bootstrap.servers`.
     pub fn bootstrap(&self) -> &str {
         &self.bootstrap
