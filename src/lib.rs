@@ -77,7 +77,9 @@
 //! for every store by `tests/store_contract.rs`; [`Inspect`] reads a store from outside.
 //!
 //! On assignment the runtime seeks to the position **stored in the store**, not Kafka's committed
-//! offset. Dedup entries expire after the retention (default seven days) and are purged in
+//! offset; a partition the store has no position for starts where [`StartPosition`] says (by
+//! default the beginning of the log: the store applied nothing of it). [`Runtime::progress`]
+//! tells how far the runtime has got ([`Progress::caught_up`]). Dedup entries expire after the retention (default seven days) and are purged in
 //! bounded batches; an entry inside its window is never purged.
 //!
 //! ## Stores
@@ -91,7 +93,8 @@
 //!   `PgTx` and runs its own SQL on `tx.conn()`, or defers rows with `tx.defer` to a
 //!   `BatchStatement` that writes the whole batch's rows in one round trip; keys are claimed
 //!   first as uncommitted rows, so a duplicate arriving at another instance waits on the primary key and then sees the entry. A
-//!   transient failure (lost connection, deadlock) rolls the batch back and it is tried again.
+//!   transient failure (lost connection, deadlock, also one raised by the handler's own SQL)
+//!   rolls the batch back and it is tried again, for up to `store_retry_timeout`.
 //!   `examples/payments_postgres.rs` shows it.
 //!
 //! ## Observability
@@ -163,7 +166,8 @@ pub use metrics::{Stats, StatsSnapshot};
 pub use record::{DecodeError, Header, Record};
 pub use retry::RetryPolicy;
 pub use runtime::{
-    ConflictPolicy, DEFAULT_RETENTION, Runtime, RuntimeBuilder, StalePartitionPolicy,
+    ConflictPolicy, DEFAULT_RETENTION, PartitionProgress, Progress, Runtime, RuntimeBuilder,
+    StalePartitionPolicy, StartPosition,
 };
 pub use store::{
     Assignment, Claim, ClaimAhead, DedupEntry, DeferredWrites, EntryKey, EntryStatus, Inspect,

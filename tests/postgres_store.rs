@@ -715,3 +715,241 @@ fn deferred_rows_follow_savepoints_and_fail_as_the_record() {
         "every row but the undone one (the commit writes what is still deferred)"
     );
 }
+
+/// Raises a PostgreSQL error with `code` on the transaction's own connection, for the first
+/// `times` calls at offset `at`, then adds the movement to the ledger.
+struct RaisesAt {
+    at: i64,
+    code: &'static str,
+    times: std::sync::atomic::AtomicU32,
+}
+
+impl Handler<PgTx> for RaisesAt {
+    async fn handle(&self, record: &Record, tx: &mut PgTx) -> Result<Outcome, HandlerError> {
+        use std::sync::atomic::Ordering;
+        let m: Movement = record.json()?;
+        if record.offset() == self.at
+            && self
+                .times
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            let raise = match self.code {
+                "40P01" => {
+                    "DO $$ BEGIN RAISE EXCEPTION 'raised by the test' USING ERRCODE = '40P01'; END $$"
+                }
+                _ => {
+                    "DO $$ BEGIN RAISE EXCEPTION 'raised by the test' USING ERRCODE = '40001'; END $$"
+                }
+            };
+            sqlx::query(raise)
+                .execute(tx.conn())
+                .await
+                // Classified as the README's pattern does: retryable.
+                .map_err(HandlerError::retryable)?;
+        }
+        tx.add(&m.account, m.amount).await?;
+        Ok(Outcome::none())
+    }
+}
+
+/// A deadlock or serialization failure raised by the handler's own SQL is the store's failure
+/// of the batch: rolled back and tried again, never spent from the record's retry attempts
+/// (here a single attempt: one counted failure would dead-letter it).
+#[test]
+fn deadlocks_in_the_handlers_sql_retry_the_batch_not_the_record() {
+    let pg = Postgres::new();
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    for i in 0..6 {
+        cluster.send_movement(&topic, 0, &format!("d{i}"), "max", 1);
+    }
+    for code in ["40P01", "40001"] {
+        let group = format!("{group}-{code}");
+        let running = Incarnation::launch(&pg, |store| {
+            builder(&cluster, &group, &topic)
+                .retry(idempotent_consumer::RetryPolicy {
+                    max_attempts: 1,
+                    ..Default::default()
+                })
+                .store(store)
+                .build(RaisesAt {
+                    at: 3,
+                    code,
+                    times: 3.into(),
+                })
+                .unwrap()
+        });
+        running.wait_for("every record", |s| s.applied == 6);
+        let stats = running.stats();
+        running.stop().unwrap();
+        assert_eq!(
+            (stats.dead_lettered, stats.retries),
+            (0, 0),
+            "{code}: {stats:?}"
+        );
+        assert!(stats.store_retries >= 3, "{code}: {stats:?}");
+        let pid = PartitionId::new(&group, &topic, 0);
+        assert!(pg.dead_letters(&pid).is_empty(), "{code}");
+        assert_eq!(pg.next_offset(&pid), Some(6), "{code}");
+    }
+    assert_eq!(pg.balances()["max"], 12, "each record once per group");
+}
+
+/// Transient store failures that never end stop the runtime after `store_retry_timeout`, with
+/// the last failure, and nothing of the failing batch is committed.
+#[test]
+fn transient_store_failures_that_never_end_stop_the_runtime() {
+    let pg = Postgres::new();
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    for i in 0..3 {
+        cluster.send_movement(&topic, 0, &format!("n{i}"), "ned", 1);
+    }
+    let mut running = Incarnation::launch(&pg, |store| {
+        builder(&cluster, &group, &topic)
+            .store_retry_timeout(Duration::from_secs(2))
+            .store(store)
+            .build(RaisesAt {
+                at: 1,
+                code: "40P01",
+                times: u32::MAX.into(),
+            })
+            .unwrap()
+    });
+    let err = running.join().unwrap_err();
+    let shown = format!("{err} {:?}", std::error::Error::source(&err));
+    assert!(shown.contains("store_retry_timeout"), "{shown}");
+    assert!(shown.contains("raised by the test"), "{shown}");
+    assert!(!err.is_transient(), "{err}");
+    drop(running);
+    assert!(pg.balances().get("ned").is_none_or(|b| *b == 0));
+    assert_eq!(pg.next_offset(&PartitionId::new(&group, &topic, 0)), None);
+}
+
+/// The README's pattern under real deadlocks: four partitions of transfers between four shared
+/// accounts, each transfer two upserts on `tx.conn()` in the record's order (so concurrent
+/// batches lock rows in opposite orders and PostgreSQL kills one of them), one retry attempt
+/// per record. Every transfer is applied once, none is dead-lettered, and the throughput and
+/// the deadlocks survived are printed.
+#[test]
+fn real_deadlocks_between_partitions_dead_letter_nothing() {
+    struct Transfers;
+    impl Handler<PgTx> for Transfers {
+        async fn handle(&self, record: &Record, tx: &mut PgTx) -> Result<Outcome, HandlerError> {
+            let t: serde_json::Value = record.json()?;
+            let (from, to) = (t["from"].as_str().unwrap(), t["to"].as_str().unwrap());
+            tx.add(from, -1).await?;
+            // Widens the window in which another batch takes the other row first.
+            tokio::time::sleep(Duration::from_micros(200)).await;
+            tx.add(to, 1).await?;
+            Ok(Outcome::none())
+        }
+    }
+    let pg = Postgres::new();
+    // Deadlocks found in 20 ms rather than PostgreSQL's default second.
+    pg.execute(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET deadlock_timeout = %L', \
+         current_database(), '20ms'); END $$",
+    );
+    let accounts = ["acc-a", "acc-b", "acc-c", "acc-d"];
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(4);
+    let group = unique("group");
+    let per_partition = 250;
+    let mut expected = std::collections::HashMap::<&str, i64>::new();
+    for p in 0..4 {
+        let mut records = Vec::new();
+        for i in 0..per_partition {
+            let (from, to) = (accounts[(i + p) % 4], accounts[(i * 3 + p + 1) % 4]);
+            let (from, to) = if from == to {
+                (from, accounts[(i + p + 2) % 4])
+            } else {
+                (from, to)
+            };
+            *expected.entry(from).or_default() -= 1;
+            *expected.entry(to).or_default() += 1;
+            let payload = serde_json::json!({ "from": from, "to": to }).to_string();
+            records.push((format!("t{p}-{i}"), payload.into_bytes()));
+        }
+        cluster.send_keyed(&topic, p as i32, records);
+    }
+    let total = 4 * per_partition as u64;
+    let started = std::time::Instant::now();
+    let running = Incarnation::launch(&pg, |store| {
+        builder(&cluster, &group, &topic)
+            .batch(50, Duration::from_millis(20))
+            .retry(idempotent_consumer::RetryPolicy {
+                max_attempts: 1,
+                ..Default::default()
+            })
+            .store(store)
+            .build(Transfers)
+            .unwrap()
+    });
+    running.wait_for("every transfer", |s| s.applied + s.dead_lettered == total);
+    let elapsed = started.elapsed();
+    let stats = running.stats();
+    running.stop().unwrap();
+    println!(
+        "DEADLOCKS transfers={total} store_retries={} seconds={:.1} records_per_s={:.0}",
+        stats.store_retries,
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64()
+    );
+    assert_eq!(
+        (stats.applied, stats.dead_lettered),
+        (total, 0),
+        "{stats:?}"
+    );
+    let balances = pg.balances();
+    for account in accounts {
+        assert_eq!(
+            balances.get(account).copied().unwrap_or(0),
+            expected[account],
+            "{account}"
+        );
+    }
+}
+
+/// A batch that would outlive `idle_in_transaction_session_timeout` (deferred rows send nothing
+/// between records, and each record takes 100 ms) is committed in parts before the server would
+/// end it: every record lands once, nothing is tried again. Before, the server killed the
+/// session, the batch was retried from its start, and it never committed.
+#[test]
+fn a_batch_is_committed_before_the_idle_in_transaction_timeout_ends_it() {
+    struct Slow(Deposits);
+    impl Handler<PgTx> for Slow {
+        async fn handle(&self, record: &Record, tx: &mut PgTx) -> Result<Outcome, HandlerError> {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            self.0.handle(record, tx).await
+        }
+    }
+    let mut pg = Postgres::new();
+    pg.options.idle_in_transaction_timeout = Some(Duration::from_secs(1));
+    pg.execute(DEPOSITS);
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    let movements = (0..30).map(|i| (format!("s{i}"), "sue".to_owned(), 1));
+    cluster.send_movements(&topic, 0, movements);
+    let running = Incarnation::launch(&pg, |store| {
+        builder(&cluster, &group, &topic)
+            .batch(500, Duration::from_secs(2))
+            .store(store)
+            .build(Slow(Deposits::new(INSERT_DEPOSITS)))
+            .unwrap()
+    });
+    running.wait_for("every record", |s| s.applied == 30);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!(stats.store_retries, 0, "{stats:?}");
+    assert!(stats.batches_committed >= 6, "{stats:?}");
+    assert_eq!(pg.scalar("SELECT count(*) FROM deposits"), Some(30));
+    assert_eq!(
+        pg.next_offset(&PartitionId::new(&group, &topic, 0)),
+        Some(30)
+    );
+}

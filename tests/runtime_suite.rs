@@ -6,13 +6,13 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use common::backend::{Backend, Rocks};
+use common::backend::{Backend, Rocks, block_on};
 use common::{Cluster, Incarnation, Ledger, builder, unique};
-use idempotent_consumer::StalePartitionPolicy;
 use idempotent_consumer::{ConflictPolicy, DeadLetterReason, DuplicateCause, Error, PartitionId};
 use idempotent_consumer::{ErrorClass, Identity, OversizeKey, RetryPolicy, Store, Transaction};
+use idempotent_consumer::{StalePartitionPolicy, StartPosition};
 
 /// A cluster, a fresh topic with `partitions` and a fresh group.
 fn setup(partitions: i32) -> (Cluster, String, String) {
@@ -354,6 +354,139 @@ fn resumes_from_stored_position_when_kafka_is_behind_or_ahead<B: Backend>(b: &B)
 
     assert_eq!(b.balances()["erin"], 10);
     assert_eq!(b.position(&pid).unwrap().next_offset, Some(10));
+}
+
+/// A store without a position starts where `start_without_position` says, whatever the group
+/// committed: by default at the beginning (the store applied nothing, so it applies everything),
+/// at the group's committed offset only when asked, at the end, or at a timestamp. Each case is
+/// a new group on the same store with a Kafka offset committed at 3 by another consumer.
+fn a_store_without_a_position_starts_where_start_without_position_says<B: Backend>(b: &B) {
+    let (cluster, topic, _) = setup(1);
+    for i in 0..10 {
+        cluster.send_movement(&topic, 0, &format!("s{i}"), "gus", 1);
+    }
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    // (start, Kafka's committed offset, the first offset handled).
+    let cases = [
+        (None, Some(3), Some(0)),
+        (Some(StartPosition::Beginning), Some(3), Some(0)),
+        (Some(StartPosition::Committed), Some(3), Some(3)),
+        (Some(StartPosition::Committed), None, Some(0)),
+        // No record at or after the timestamp: the end.
+        (Some(StartPosition::Timestamp(later)), Some(3), None),
+        (Some(StartPosition::End), Some(3), None),
+    ];
+    for (case, (start, committed, first)) in cases.into_iter().enumerate() {
+        let group = unique("group");
+        if let Some(offset) = committed {
+            cluster.commit_kafka_offset(&group, &topic, 0, offset);
+        }
+        let ledger = Ledger::new();
+        let observed = ledger.observed.clone();
+        let mut progress = None;
+        let running = Incarnation::launch(b, |store| {
+            let mut builder = builder(&cluster, &group, &topic).store(store);
+            if let Some(start) = start {
+                builder = builder.start_without_position(start);
+            }
+            let runtime = builder.build(ledger).unwrap();
+            progress = Some(runtime.progress());
+            runtime
+        });
+        let progress = progress.unwrap();
+        block_on(progress.caught_up()).unwrap();
+        let handled: Vec<i64> = observed.calls().iter().map(|(_, o)| *o).collect();
+        let expected: Vec<i64> = first.map_or(vec![], |f| (f..10).collect());
+        assert_eq!(
+            handled, expected,
+            "case {case}: {start:?}, committed {committed:?}"
+        );
+        if first.is_none() {
+            // At the end: only what is produced from now on.
+            let sent = 10 + case as i64 - 4;
+            cluster.send_movement(&topic, 0, &format!("s{sent}"), "gus", 1);
+            running.wait_for("the new record", |s| s.applied == 1);
+            assert_eq!(observed.calls(), vec![(0, sent)], "case {case}");
+        }
+        running.stop().unwrap();
+    }
+}
+
+/// `Progress` reports each assigned partition's committed position, watermarks and lag, and
+/// `caught_up` resolves only once everything in the log at the call is committed.
+fn progress_reports_the_lag_and_caught_up_waits_for_the_commits<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(2);
+    for i in 0..12 {
+        cluster.send_movement(&topic, i % 2, &format!("p{i}"), "hal", 1);
+    }
+    let launch = |ledger: Ledger| {
+        let mut progress = None;
+        let running = Incarnation::launch(b, |store| {
+            let runtime = builder(&cluster, &group, &topic)
+                .store(store)
+                .build(ledger)
+                .unwrap();
+            progress = Some(runtime.progress());
+            runtime
+        });
+        (running, progress.unwrap())
+    };
+
+    // A handler stuck at offset 4: nothing from there on commits.
+    let mut stuck = Ledger::new();
+    stuck.hang_at = Some(4);
+    let observed = stuck.observed.clone();
+    let (running, progress) = launch(stuck);
+    running.wait_notified(&observed);
+    let parts = block_on(progress.partitions()).unwrap();
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    for (p, part) in parts.iter().enumerate() {
+        assert_eq!(
+            (part.topic.as_str(), part.partition),
+            (topic.as_str(), p as i32)
+        );
+        assert_eq!(
+            (part.low_watermark, part.high_watermark),
+            (0, 6),
+            "{part:?}"
+        );
+        assert!(part.position.unwrap_or(0) <= 4, "{part:?}");
+        assert_eq!(part.lag, 6 - part.position.unwrap_or(0), "{part:?}");
+        assert!(!part.caught_up());
+    }
+    let waited = block_on(async {
+        tokio::time::timeout(Duration::from_secs(1), progress.caught_up()).await
+    });
+    assert!(
+        waited.is_err(),
+        "caught_up resolved with records uncommitted"
+    );
+    running.crash();
+
+    let (running, progress) = launch(Ledger::new());
+    block_on(progress.caught_up()).unwrap();
+    assert_eq!(
+        running.stats().applied,
+        12,
+        "every record committed when caught up"
+    );
+    for part in block_on(progress.partitions()).unwrap() {
+        assert_eq!(
+            (part.position, part.high_watermark, part.lag),
+            (Some(6), 6, 0)
+        );
+    }
+    for i in 12..16 {
+        cluster.send_movement(&topic, i % 2, &format!("p{i}"), "hal", 1);
+    }
+    block_on(progress.caught_up()).unwrap();
+    assert_eq!(running.stats().applied, 16);
+    running.stop().unwrap();
+    assert!(
+        block_on(progress.caught_up()).is_err(),
+        "stopped: never caught up"
+    );
+    assert!(block_on(progress.partitions()).unwrap().is_empty());
 }
 
 /// An operator rewinds the position (a replay): every record is a counted redelivery no-op and
@@ -1411,6 +1544,8 @@ suite!(
     oversize_dead_letter_is_produced_without_its_payload,
     retrying_partition_waits_while_other_partitions_flow,
     resumes_from_stored_position_when_kafka_is_behind_or_ahead,
+    a_store_without_a_position_starts_where_start_without_position_says,
+    progress_reports_the_lag_and_caught_up_waits_for_the_commits,
     replay_after_rewind_is_a_counted_noop,
     ttl_expiry_readmits_old_key_and_keeps_young_one,
     background_purge_removes_expired_entries_only,

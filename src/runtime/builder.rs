@@ -9,6 +9,7 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 
 use super::stale::{self, StalePartitionPolicy};
+use super::start::StartPosition;
 use super::{Runtime, Shared};
 use crate::dead_letter::{DeadLetterProducer, DeadLetterTopic};
 use crate::error::{Error, Result};
@@ -56,7 +57,9 @@ pub(crate) struct Config {
     pub(crate) purge_interval: Duration,
     pub(crate) purge_batch: usize,
     pub(crate) stale: StalePartitionPolicy,
+    pub(crate) start: StartPosition,
     pub(crate) kafka_unavailable: Duration,
+    pub(crate) store_retry_timeout: Duration,
 }
 
 /// Builds a [`Runtime`]. Start with [`Runtime::builder`].
@@ -76,7 +79,9 @@ pub struct RuntimeBuilder<S = ()> {
     purge_batch: usize,
     dead_letter_topic: DeadLetterTopic,
     stale: StalePartitionPolicy,
+    start: StartPosition,
     kafka_unavailable: Duration,
+    store_retry_timeout: Duration,
 }
 
 impl<S> fmt::Debug for RuntimeBuilder<S> {
@@ -187,11 +192,33 @@ impl<S> RuntimeBuilder<S> {
         self
     }
 
+    /// Where a partition starts when the store has no position for it: a new store, or a
+    /// partition it never handled (default [`StartPosition::Beginning`]: everything still in
+    /// the log). A stored position always wins; the group's committed Kafka offset counts only
+    /// under [`StartPosition::Committed`]. A store without a position that meets a group with
+    /// a committed offset is logged as a warning with both. A brand-new group with a new store
+    /// thus starts at the beginning, as `auto.offset.reset=earliest` (which the builder sets
+    /// unless you set it) would; that property then only decides where a stored position that
+    /// fell out of the log (retention deleted its records) resumes.
+    pub fn start_without_position(mut self, start: StartPosition) -> Self {
+        self.start = start;
+        self
+    }
+
     /// How long no Kafka broker may be reachable, or a subscribed topic missing, before
     /// [`Runtime::run`] ends with the error (default 60 s). A fatal consumer error (another
     /// member with this `group.instance.id`, for example) ends it at once.
     pub fn kafka_unavailable_timeout(mut self, timeout: Duration) -> Self {
         self.kafka_unavailable = timeout;
+        self
+    }
+
+    /// How long a partition's batch may keep failing with transient store failures (a lost
+    /// connection, a deadlock, a failover), tried again with a growing backoff, before
+    /// [`Runtime::run`] ends with the last failure (default 5 minutes). The batch's records
+    /// are not committed and are handled again by the next run.
+    pub fn store_retry_timeout(mut self, timeout: Duration) -> Self {
+        self.store_retry_timeout = timeout;
         self
     }
 
@@ -213,7 +240,9 @@ impl<S> RuntimeBuilder<S> {
             purge_batch: self.purge_batch,
             dead_letter_topic: self.dead_letter_topic,
             stale: self.stale,
+            start: self.start,
             kafka_unavailable: self.kafka_unavailable,
+            store_retry_timeout: self.store_retry_timeout,
         }
     }
 }
@@ -279,6 +308,9 @@ impl<S: Store> RuntimeBuilder<S> {
                 "kafka_unavailable_timeout must be positive".into(),
             ));
         }
+        if self.store_retry_timeout.is_zero() {
+            return Err(Error::Config("store_retry_timeout must be positive".into()));
+        }
         if self.purge_batch == 0 || self.purge_interval.is_zero() {
             return Err(Error::Config(
                 "purge interval and batch must be positive".into(),
@@ -326,9 +358,12 @@ impl<S: Store> RuntimeBuilder<S> {
                     purge_interval: self.purge_interval,
                     purge_batch: self.purge_batch,
                     stale: self.stale,
+                    start: self.start,
                     kafka_unavailable: self.kafka_unavailable,
+                    store_retry_timeout: self.store_retry_timeout,
                 },
                 kafka_mark: self.store.store_id().map(stale::mark),
+                progress: Arc::new(super::progress::ProgressState::new()),
                 store: Arc::new(self.store),
                 dead_letters,
                 handler,
@@ -357,7 +392,9 @@ impl Runtime<(), ()> {
             purge_batch: 1_000,
             dead_letter_topic: DeadLetterTopic::default(),
             stale: StalePartitionPolicy::default(),
+            start: StartPosition::default(),
             kafka_unavailable: Duration::from_secs(60),
+            store_retry_timeout: Duration::from_secs(300),
         }
     }
 }

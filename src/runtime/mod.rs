@@ -15,7 +15,7 @@
 //! `partition.rs` (one partition's batch loop) with `partition/decide.rs` (what becomes of one
 //! record), `commit.rs` (the whole commit protocol: deferred writes, dead letters, the atomic
 //! fenced store write, then Kafka's offset), `stale.rs` (whether this store holds an assigned
-//! partition's latest state).
+//! partition's latest state), `start.rs` (where a partition without a stored position starts).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -40,14 +40,18 @@ mod commit;
 mod feed;
 mod health;
 mod partition;
+mod progress;
 mod rebalance;
 mod stale;
+mod start;
 
 use builder::Config;
 pub use builder::{ConflictPolicy, DEFAULT_RETENTION, RuntimeBuilder};
 use partition::PartitionTask;
+pub use progress::{PartitionProgress, Progress};
 use rebalance::{ConsumerCtx, Event, PollThread};
 pub use stale::StalePartitionPolicy;
+pub use start::StartPosition;
 
 pub(crate) struct Shared<S, H> {
     pub(crate) config: Config,
@@ -58,6 +62,8 @@ pub(crate) struct Shared<S, H> {
     pub(crate) meter: GroupMeter,
     /// The metadata of every Kafka commit, naming the store (for a store with an id).
     pub(crate) kafka_mark: Option<String>,
+    /// What is assigned and how far it is committed ([`Progress`]).
+    pub(crate) progress: Arc<progress::ProgressState>,
 }
 
 /// An idempotent consumer, ready to [`run`](Runtime::run).
@@ -92,6 +98,12 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
         self.shared.meter.stats().clone()
     }
 
+    /// Where the runtime has got once it runs: per assigned partition its position, the log's
+    /// watermarks and the lag, and [`Progress::caught_up`].
+    pub fn progress(&self) -> Progress {
+        Progress::new(self.shared.progress.clone())
+    }
+
     /// The store this runtime commits into.
     pub fn store(&self) -> &S {
         &self.shared.store
@@ -109,11 +121,10 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let ctx = ConsumerCtx::new(
             shared.store.clone(),
-            config.group.clone(),
+            config,
             events_tx,
-            config.drain_timeout,
-            config.stale,
             shared.meter.clone(),
+            shared.progress.clone(),
         );
         let consumer: BaseConsumer<ConsumerCtx<S>> = self
             .client
@@ -125,6 +136,9 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
             .map_err(|e| Error::kafka("subscribing", e))?;
         let consumer = Arc::new(consumer);
         ConsumerCtx::attach(&consumer);
+        shared
+            .progress
+            .attach(progress::reader(Arc::downgrade(&consumer)));
         let health = health::Health::new(config.topics.clone(), config.kafka_unavailable);
         let poller = PollThread::spawn(consumer.clone(), health);
         tracing::info!(group = %config.group, topics = ?config.topics, "consumer started");
@@ -240,6 +254,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
         }
         drop(consumer);
         poller.stop().await;
+        shared.progress.end();
         tracing::info!(stats = ?shared.meter.stats().snapshot(), "consumer stopped");
         match (outcome, drain_error) {
             (Err(e), _) | (Ok(()), Some(e)) => Err(e),

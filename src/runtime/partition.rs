@@ -42,6 +42,8 @@ pub(crate) fn now_ms() -> i64 {
 enum AfterCommit {
     /// Every pending record is settled: done.
     Finish,
+    /// The transaction has been open for long enough: go on in a new one.
+    Continue,
     /// Sleep, then go on with the record that asked for a retry.
     Retry(Duration),
     /// Wait a moment, then go on with the record whose key was busy.
@@ -90,6 +92,8 @@ pub(crate) struct PartitionTask<S: Store, H> {
     /// began: what claims check expiry against, and the creation time of the entries it writes,
     /// so an entry claimed ahead is exactly the one the record then leaves.
     batch_now: i64,
+    /// When the open transaction began, for the store's transaction time limit.
+    tx_began: std::time::Instant,
 }
 
 impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
@@ -115,6 +119,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             savepoint_each: false,
             failed_without_savepoint: None,
             batch_now: 0,
+            tx_began: std::time::Instant::now(),
         }
     }
 
@@ -123,13 +128,29 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     pub(crate) async fn run(mut self, mut records: Feed<ConsumerCtx<S>>) -> Result<()> {
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut store_failures = 0u32;
+        let mut failing_since: Option<std::time::Instant> = None;
         let result = loop {
             if pending.is_empty() && !self.next_batch(&mut records, &mut pending).await {
                 break Ok(());
             }
             match self.process(&mut pending).await {
-                Ok(()) => store_failures = 0,
+                Ok(()) => (store_failures, failing_since) = (0, None),
                 Err(e) if e.is_transient() => {
+                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                    let bound = self.shared.config.store_retry_timeout;
+                    if since.elapsed() >= bound {
+                        break Err(Error::store(
+                            format!(
+                                "{}/{}: the store failed {} times in a row over {:?}, the \
+                                 store_retry_timeout; the last failure",
+                                self.partition.topic,
+                                self.partition.partition,
+                                store_failures + 1,
+                                since.elapsed(),
+                            ),
+                            e,
+                        ));
+                    }
                     // Nothing of the open batch counts: its records are still pending and are
                     // handled again (the next transaction starts with an empty tally); those
                     // whose commit did land are found as duplicates.
@@ -231,7 +252,11 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                         next = Some(next.map_or(offset + 1, |n| n.max(offset + 1)));
                         self.attempts = Attempts::default();
                         settled += 1;
-                        continue;
+                        if settled == pending.len() || !self.transaction_over_time() {
+                            continue;
+                        }
+                        // Commit what is settled before the store ends the transaction.
+                        AfterCommit::Continue
                     }
                     Step::HandleAgain => {
                         // Nothing of this transaction counts; its records are handled again.
@@ -266,6 +291,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     tokio::time::sleep(retry.backoff(busy_waits.min(6) as u32, None) / 20).await;
                 }
                 AfterCommit::Stop(e) => return Err(e),
+                AfterCommit::Continue => {}
                 AfterCommit::Finish => {
                     self.savepoint_each = false;
                     self.failed_without_savepoint = None;
@@ -274,6 +300,14 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             }
             tx = self.begin(pending).await?;
         }
+    }
+
+    /// True once the open transaction has used half of the store's transaction time limit.
+    fn transaction_over_time(&self) -> bool {
+        self.shared
+            .store
+            .transaction_time_limit()
+            .is_some_and(|limit| self.tx_began.elapsed() >= limit / 2)
     }
 
     /// Opens a transaction for the pending records again, this time with a savepoint before
@@ -291,6 +325,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         self.tally = Tally::default();
         self.letters.clear();
         self.batch_now = now_ms();
+        self.tx_began = std::time::Instant::now();
         let mut tx = self.shared.store.begin(&self.partition, self.epoch).await?;
         let now = self.batch_now;
         let expires_at_ms = self.expires_at(now);
@@ -343,6 +378,11 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             Committed::Written(latency) => {
                 self.position = Some(next);
                 self.meter.committed(&mut self.tally, latency);
+                self.shared.progress.committed(
+                    &self.partition.topic,
+                    self.partition.partition,
+                    next,
+                );
             }
         }
         Ok(true)

@@ -28,9 +28,12 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset};
 use tokio::sync::mpsc;
 
+use super::builder::Config;
 use super::feed::{Feed, FeedCloser};
 use super::health::Health;
+use super::progress::ProgressState;
 use super::stale::{self, StalePartitionPolicy};
+use super::start::{self, StartPosition};
 use crate::error::Error;
 use crate::metrics::GroupMeter;
 use crate::store::{PartitionId, Store};
@@ -65,32 +68,36 @@ pub(crate) struct ConsumerCtx<S: Store> {
     feeds: Mutex<HashMap<(String, i32), FeedCloser>>,
     drain_timeout: Duration,
     stale: StalePartitionPolicy,
+    /// Where a partition without a stored position starts.
+    start: StartPosition,
     /// Partitions given to this instance but refused as stale (under `Pause`): not assigned to
     /// the consumer, so not handed back to it at revocation either.
     refused: Mutex<HashSet<(String, i32)>>,
     meter: GroupMeter,
+    progress: Arc<ProgressState>,
 }
 
 impl<S: Store> ConsumerCtx<S> {
     pub(crate) fn new(
         store: Arc<S>,
-        group: String,
+        config: &Config,
         events: mpsc::UnboundedSender<Event<S>>,
-        drain_timeout: Duration,
-        stale: StalePartitionPolicy,
         meter: GroupMeter,
+        progress: Arc<ProgressState>,
     ) -> Self {
         ConsumerCtx {
             store,
-            group,
+            group: config.group.clone(),
             handle: tokio::runtime::Handle::current(),
             events,
             consumer: OnceLock::new(),
             feeds: Mutex::new(HashMap::new()),
-            drain_timeout,
-            stale,
+            drain_timeout: config.drain_timeout,
+            stale: config.stale,
+            start: config.start,
             refused: Mutex::new(HashSet::new()),
             meter,
+            progress,
         }
     }
 
@@ -162,17 +169,15 @@ impl<S: Store> ConsumerCtx<S> {
             )));
             return;
         };
-        // What Kafka committed, to tell whether this store's copies are current.
-        let committed = match self.store.store_id() {
-            None => HashMap::new(),
-            Some(_) => match stale::committed(consumer, tpl) {
-                Ok(committed) => committed,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot check that the store holds the assigned partitions");
-                    let _ = self.events.send(Event::Failed(e));
-                    return;
-                }
-            },
+        // What Kafka committed: to tell whether this store's copies are current, and to warn
+        // when a store without a position meets a group that has committed offsets.
+        let committed = match stale::committed(consumer, tpl) {
+            Ok(committed) => committed,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the group's committed offsets of the assigned partitions");
+                let _ = self.events.send(Event::Failed(e));
+                return;
+            }
         };
         let mut assigned = TopicPartitionList::new();
         for (topic, partition) in partitions_of(tpl) {
@@ -186,10 +191,12 @@ impl<S: Store> ConsumerCtx<S> {
                     continue;
                 }
             };
+            let kafka = committed.get(&(topic.clone(), partition));
             if let Some(store_id) = self.store.store_id() {
-                let kafka = committed.get(&(topic.clone(), partition));
                 match stale::check(&id, store_id, assignment.position, kafka) {
                     Ok(None) => {}
+                    // Without a position the start below is logged instead.
+                    Ok(Some(_)) if assignment.position.is_none() => {}
                     Ok(Some(kafka_offset)) => tracing::warn!(
                         %topic, partition, store_position = ?assignment.position, kafka_offset,
                         "Kafka's offset, committed after this store's own commits, is ahead of \
@@ -202,9 +209,32 @@ impl<S: Store> ConsumerCtx<S> {
                     }
                 }
             }
-            // Seek to the store's position; without one, Kafka's committed offset (then
-            // auto.offset.reset) decides.
-            let offset = assignment.position.map_or(Offset::Stored, Offset::Offset);
+            // The store's position; without one, where the start policy says (`start.rs`).
+            let offset = match assignment.position {
+                Some(position) => Offset::Offset(position),
+                None => {
+                    let kafka_offset = kafka.map(|c| c.offset);
+                    match start::resolve(consumer, &topic, partition, self.start, kafka_offset) {
+                        Ok(offset) => {
+                            if let Some(kafka_offset) = kafka_offset {
+                                tracing::warn!(
+                                    %topic, partition, kafka_offset, start = ?self.start,
+                                    starts_at = %start::describe(offset),
+                                    "the store has no position for this partition but the group \
+                                     has a committed offset: it starts where \
+                                     start_without_position says"
+                                );
+                            }
+                            offset
+                        }
+                        Err(e) => {
+                            tracing::error!(%topic, partition, error = %e, "cannot resolve where the partition starts");
+                            let _ = self.events.send(Event::Failed(e));
+                            continue;
+                        }
+                    }
+                }
+            };
             if let Err(e) = assigned.add_partition_offset(&topic, partition, offset) {
                 let _ = self
                     .events
@@ -224,7 +254,15 @@ impl<S: Store> ConsumerCtx<S> {
                 self.meter.stats().clone(),
             );
             self.feeds().insert((topic.clone(), partition), closer);
-            tracing::info!(%topic, partition, epoch = assignment.epoch, position = ?assignment.position, "partition assigned");
+            self.progress.assign(
+                &topic,
+                partition,
+                match offset {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                },
+            );
+            tracing::info!(%topic, partition, epoch = assignment.epoch, position = ?assignment.position, starts_at = %start::describe(offset), "partition assigned");
             let _ = self.events.send(Event::Assigned {
                 partition: id,
                 epoch: assignment.epoch,
@@ -232,6 +270,7 @@ impl<S: Store> ConsumerCtx<S> {
                 records: feed,
             });
         }
+        self.progress.joined();
         let result = match consumer.rebalance_protocol() {
             RebalanceProtocol::Cooperative => consumer.incremental_assign(&assigned),
             _ => consumer.assign(&assigned),
@@ -287,6 +326,7 @@ impl<S: Store> ConsumerCtx<S> {
             assigned.add_partition(topic, *partition);
         }
         let tpl = &assigned;
+        self.progress.revoke(&revoked);
         {
             let mut feeds = self.feeds();
             for tp in &revoked {

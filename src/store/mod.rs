@@ -114,6 +114,15 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// Optional. How long a batch's transaction may stay open where the store ends longer ones
+    /// itself (PostgreSQL's `idle_in_transaction_session_timeout`: with deferred rows no
+    /// statement is sent between records, so a slow handler leaves the session idle). Once half
+    /// of it has passed, the runtime commits what the batch settled and goes on in a new
+    /// transaction. Default: no limit.
+    fn transaction_time_limit(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Optional. For a store whose data belongs to one instance (the embedded store: a
     /// directory per instance) rather than to the whole group: an id created with the data and
     /// kept with it. The runtime commits it to Kafka with every offset, and refuses a partition
@@ -285,6 +294,17 @@ pub trait Transaction: Send + 'static {
     /// waiting for it: the runtime then rolls the record back and handles it again after
     /// committing this transaction. Default false (a store whose locks wait).
     fn take_conflict(&mut self) -> bool {
+        false
+    }
+
+    /// Optional. True when `error`, returned by a handler, is this store's own failure of the
+    /// transaction as a whole, raised by the handler's statements on the transaction (a
+    /// PostgreSQL deadlock or serialization failure, a lost connection): the runtime then drops
+    /// the transaction and tries the batch again like any transient store failure, without
+    /// counting it against the record's retry attempts. Recognised from the driver's error in
+    /// the chain of `error`'s sources, whatever the handler classified it as. Default false.
+    fn is_transient_failure(&self, error: &HandlerError) -> bool {
+        let _ = error;
         false
     }
 

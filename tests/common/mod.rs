@@ -248,8 +248,21 @@ impl Cluster {
         partition: i32,
         movements: impl IntoIterator<Item = (String, String, i64)>,
     ) {
-        for (key, account, amount) in movements {
-            let payload = movement(&account, amount);
+        let records = movements
+            .into_iter()
+            .map(|(key, account, amount)| (key, movement(&account, amount)));
+        self.send_keyed(topic, partition, records);
+    }
+
+    /// Produces `(idempotency key, payload)` records to one partition, in order, waiting once
+    /// for all acknowledgements.
+    pub fn send_keyed(
+        &self,
+        topic: &str,
+        partition: i32,
+        records: impl IntoIterator<Item = (String, Vec<u8>)>,
+    ) {
+        for (key, payload) in records {
             let headers = OwnedHeaders::new().insert(Header {
                 key: "idempotency-key",
                 value: Some(key.as_bytes()),

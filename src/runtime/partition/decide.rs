@@ -154,7 +154,22 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         if guarded {
             tx.savepoint().await?;
         }
-        let mut result = self.run_handler(tx, record).await;
+        let mut result = match self.run_handler(tx, record).await {
+            // The store's failure of the whole transaction (a deadlock on the handler's own
+            // statements): the batch is tried again, not this record's attempt.
+            Err(error) if tx.is_transient_failure(&error) => {
+                return Err(Error::store_transient(
+                    format!(
+                        "the handler's statements for {}/{}@{}",
+                        record.topic(),
+                        record.partition(),
+                        record.offset()
+                    ),
+                    error,
+                ));
+            }
+            result => result,
+        };
         if guarded
             && result.is_ok()
             && let DeferredWrites::Rejected(error) = tx.write_deferred().await?

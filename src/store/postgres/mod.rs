@@ -118,6 +118,8 @@ struct Inner {
     pool: PgPool,
     sql: Sql,
     owner: String,
+    /// The sessions' `idle_in_transaction_session_timeout`, as set by the options.
+    idle_timeout: Option<Duration>,
 }
 
 impl fmt::Debug for PgStore {
@@ -183,11 +185,25 @@ impl PgStore {
                     })?;
             }
         }
+        // What the sessions really have (the options' value, or the server's or the pool's
+        // own): the runtime keeps batches well inside it.
+        let idle_ms: String = sqlx::query_scalar(
+            "SELECT setting FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout'",
+        )
+        .fetch_one(&pool)
+        .await
+        .map_err(pg("reading idle_in_transaction_session_timeout"))?;
+        let idle_timeout = idle_ms
+            .parse::<u64>()
+            .ok()
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis);
         Ok(PgStore {
             inner: Arc::new(Inner {
                 pool,
                 sql,
                 owner: options.owner,
+                idle_timeout,
             }),
         })
     }
@@ -265,6 +281,10 @@ impl Store for PgStore {
     /// primary key (group, tenant, key) keeps a margin for the entry's own overhead.
     fn max_key_bytes(&self) -> Option<usize> {
         Some(2_600)
+    }
+
+    fn transaction_time_limit(&self) -> Option<Duration> {
+        self.inner.idle_timeout
     }
 
     async fn purge_expired(&self, now_ms: i64, limit: usize) -> Result<usize> {

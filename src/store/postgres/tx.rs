@@ -15,6 +15,7 @@ use super::errors::{is_transient, pg};
 use super::rows::{EntryColumns, select_entries, split_all};
 use crate::dead_letter::DeadLetter;
 use crate::error::{Error, Result};
+use crate::handler::HandlerError;
 use crate::store::entry::DedupEntry;
 use crate::store::{Claim, ClaimAhead, DeferredWrites, PartitionId, Transaction};
 
@@ -111,6 +112,17 @@ impl PgTx {
 
 impl Transaction for PgTx {
     const SAVEPOINT_ROUND_TRIP: bool = true;
+
+    fn is_transient_failure(&self, error: &HandlerError) -> bool {
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        while let Some(e) = next {
+            if let Some(e) = e.downcast_ref::<sqlx::Error>() {
+                return is_transient(e);
+            }
+            next = e.source();
+        }
+        false
+    }
 
     async fn lookup(&mut self, key: &[u8]) -> Result<Option<DedupEntry>> {
         match self.keys.get(key) {
