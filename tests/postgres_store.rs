@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::backend::{Backend, Postgres, block_on};
 use common::{
-    Cluster, Incarnation, Ledger, LedgerTx, Movement, builder, committed, store_key, unique,
+    Cluster, Incarnation, Ledger, LedgerTx, Movement, builder, committed, setup, store_key, unique,
 };
 use idempotent_consumer::{
     BatchStatement, Claim, ClaimAhead, DeadLetterTopic, DedupEntry, DeferredWrites, EntryStatus,
@@ -759,9 +759,7 @@ impl Handler<PgTx> for RaisesAt {
 #[test]
 fn deadlocks_in_the_handlers_sql_retry_the_batch_not_the_record() {
     let pg = Postgres::new();
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(1);
-    let group = unique("group");
+    let (cluster, topic, group) = setup(1);
     for i in 0..6 {
         cluster.send_movement(&topic, 0, &format!("d{i}"), "max", 1);
     }
@@ -802,9 +800,7 @@ fn deadlocks_in_the_handlers_sql_retry_the_batch_not_the_record() {
 #[test]
 fn transient_store_failures_that_never_end_stop_the_runtime() {
     let pg = Postgres::new();
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(1);
-    let group = unique("group");
+    let (cluster, topic, group) = setup(1);
     for i in 0..3 {
         cluster.send_movement(&topic, 0, &format!("n{i}"), "ned", 1);
     }
@@ -855,9 +851,7 @@ fn real_deadlocks_between_partitions_dead_letter_nothing() {
          current_database(), '20ms'); END $$",
     );
     let accounts = ["acc-a", "acc-b", "acc-c", "acc-d"];
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(4);
-    let group = unique("group");
+    let (cluster, topic, group) = setup(4);
     let per_partition = 250;
     let mut expected = std::collections::HashMap::<&str, i64>::new();
     for p in 0..4 {
@@ -930,9 +924,7 @@ fn a_batch_is_committed_before_the_idle_in_transaction_timeout_ends_it() {
     let mut pg = Postgres::new();
     pg.options.idle_in_transaction_timeout = Some(Duration::from_secs(1));
     pg.execute(DEPOSITS);
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(1);
-    let group = unique("group");
+    let (cluster, topic, group) = setup(1);
     let movements = (0..30).map(|i| (format!("s{i}"), "sue".to_owned(), 1));
     cluster.send_movements(&topic, 0, movements);
     let running = Incarnation::launch(&pg, |store| {

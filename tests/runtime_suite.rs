@@ -9,17 +9,10 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use common::backend::{Backend, Rocks, block_on};
-use common::{Cluster, Incarnation, Ledger, builder, unique};
+use common::{Cluster, Incarnation, Ledger, builder, setup, unique};
 use idempotent_consumer::{ConflictPolicy, DeadLetterReason, DuplicateCause, Error, PartitionId};
 use idempotent_consumer::{ErrorClass, Identity, OversizeKey, RetryPolicy, Store, Transaction};
 use idempotent_consumer::{StalePartitionPolicy, StartPosition};
-
-/// A cluster, a fresh topic with `partitions` and a fresh group.
-fn setup(partitions: i32) -> (Cluster, String, String) {
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(partitions);
-    (cluster, topic, unique("group"))
-}
 
 /// Starts a consumer with the test defaults on a store of `b`.
 fn start<B: Backend>(
@@ -383,18 +376,14 @@ fn a_store_without_a_position_starts_where_start_without_position_says<B: Backen
         }
         let ledger = Ledger::new();
         let observed = ledger.observed.clone();
-        let mut progress = None;
         let running = Incarnation::launch(b, |store| {
             let mut builder = builder(&cluster, &group, &topic).store(store);
             if let Some(start) = start {
                 builder = builder.start_without_position(start);
             }
-            let runtime = builder.build(ledger).unwrap();
-            progress = Some(runtime.progress());
-            runtime
+            builder.build(ledger).unwrap()
         });
-        let progress = progress.unwrap();
-        block_on(progress.caught_up()).unwrap();
+        running.caught_up();
         let handled: Vec<i64> = observed.calls().iter().map(|(_, o)| *o).collect();
         let expected: Vec<i64> = first.map_or(vec![], |f| (f..10).collect());
         assert_eq!(
@@ -420,25 +409,21 @@ fn progress_reports_the_lag_and_caught_up_waits_for_the_commits<B: Backend>(b: &
         cluster.send_movement(&topic, i % 2, &format!("p{i}"), "hal", 1);
     }
     let launch = |ledger: Ledger| {
-        let mut progress = None;
-        let running = Incarnation::launch(b, |store| {
-            let runtime = builder(&cluster, &group, &topic)
+        Incarnation::launch(b, |store| {
+            builder(&cluster, &group, &topic)
                 .store(store)
                 .build(ledger)
-                .unwrap();
-            progress = Some(runtime.progress());
-            runtime
-        });
-        (running, progress.unwrap())
+                .unwrap()
+        })
     };
 
     // A handler stuck at offset 4: nothing from there on commits.
     let mut stuck = Ledger::new();
     stuck.hang_at = Some(4);
     let observed = stuck.observed.clone();
-    let (running, progress) = launch(stuck);
+    let running = launch(stuck);
     running.wait_notified(&observed);
-    let parts = block_on(progress.partitions()).unwrap();
+    let parts = block_on(running.progress.partitions()).unwrap();
     assert_eq!(parts.len(), 2, "{parts:?}");
     for (p, part) in parts.iter().enumerate() {
         assert_eq!(
@@ -454,6 +439,7 @@ fn progress_reports_the_lag_and_caught_up_waits_for_the_commits<B: Backend>(b: &
         assert_eq!(part.lag, 6 - part.position.unwrap_or(0), "{part:?}");
         assert!(!part.caught_up());
     }
+    let progress = running.progress.clone();
     let waited = block_on(async {
         tokio::time::timeout(Duration::from_secs(1), progress.caught_up()).await
     });
@@ -461,16 +447,29 @@ fn progress_reports_the_lag_and_caught_up_waits_for_the_commits<B: Backend>(b: &
         waited.is_err(),
         "caught_up resolved with records uncommitted"
     );
+    // A waiter when the process dies: an error, not a hang, and not "caught up".
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = progress.clone();
+    std::thread::spawn(move || tx.send(block_on(waiter.caught_up())));
+    std::thread::sleep(Duration::from_millis(200));
+    // What the stuck instance committed before its handler stuck (a fetch may split a batch).
+    let committed_before = running.stats().applied;
     running.crash();
+    let after_crash = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("caught_up still waits after the crash");
+    assert!(after_crash.is_err(), "crashed: never caught up");
 
-    let (running, progress) = launch(Ledger::new());
-    block_on(progress.caught_up()).unwrap();
+    let running = launch(Ledger::new());
+    // The crashed member holds its partitions until its session expires: wait for both.
+    running.wait_assigned(2);
+    running.caught_up();
     assert_eq!(
-        running.stats().applied,
+        committed_before + running.stats().applied,
         12,
         "every record committed when caught up"
     );
-    for part in block_on(progress.partitions()).unwrap() {
+    for part in block_on(running.progress.partitions()).unwrap() {
         assert_eq!(
             (part.position, part.high_watermark, part.lag),
             (Some(6), 6, 0)
@@ -479,8 +478,9 @@ fn progress_reports_the_lag_and_caught_up_waits_for_the_commits<B: Backend>(b: &
     for i in 12..16 {
         cluster.send_movement(&topic, i % 2, &format!("p{i}"), "hal", 1);
     }
-    block_on(progress.caught_up()).unwrap();
-    assert_eq!(running.stats().applied, 16);
+    running.caught_up();
+    assert_eq!(committed_before + running.stats().applied, 16);
+    let progress = running.progress.clone();
     running.stop().unwrap();
     assert!(
         block_on(progress.caught_up()).is_err(),

@@ -136,9 +136,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
             .map_err(|e| Error::kafka("subscribing", e))?;
         let consumer = Arc::new(consumer);
         ConsumerCtx::attach(&consumer);
-        shared
-            .progress
-            .attach(progress::reader(Arc::downgrade(&consumer)));
+        shared.progress.attach(progress::reader(&self.client));
         let health = health::Health::new(config.topics.clone(), config.kafka_unavailable);
         let poller = PollThread::spawn(consumer.clone(), health);
         tracing::info!(group = %config.group, topics = ?config.topics, "consumer started");
@@ -153,6 +151,9 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
         purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = std::pin::pin!(shutdown);
 
+        // Declared last, dropped first: a run whose future is dropped (a crash, a cancelled
+        // task) ends its progress before the consumer's close revokes what it holds.
+        let _progress_ends = progress::EndOnDrop(shared.progress.clone());
         let outcome: Result<()> = loop {
             let next_deadline = revokes.iter().map(|r| r.deadline).min();
             tokio::select! {
@@ -224,6 +225,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
             }
         };
 
+        shared.progress.end();
         // Drain: close every feed, let the tasks commit what they hold, then leave. Without a
         // control loop nobody answers rebalance events any more: closing the receiver makes the
         // poll thread release partitions at once instead of waiting for an answer.
@@ -254,7 +256,6 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
         }
         drop(consumer);
         poller.stop().await;
-        shared.progress.end();
         tracing::info!(stats = ?shared.meter.stats().snapshot(), "consumer stopped");
         match (outcome, drain_error) {
             (Err(e), _) | (Ok(()), Some(e)) => Err(e),

@@ -92,8 +92,11 @@ pub(crate) struct PartitionTask<S: Store, H> {
     /// began: what claims check expiry against, and the creation time of the entries it writes,
     /// so an entry claimed ahead is exactly the one the record then leaves.
     batch_now: i64,
-    /// When the open transaction began, for the store's transaction time limit.
+    /// When the open transaction began, for `tx_budget`.
     tx_began: std::time::Instant,
+    /// How long a transaction may stay open before what it settled is committed: half the
+    /// store's transaction time limit, if it has one.
+    tx_budget: Option<Duration>,
 }
 
 impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
@@ -106,6 +109,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         position: Option<i64>,
     ) -> Self {
         let meter = PartitionMeter::new(&shared.meter, &partition, shared.config.conflict);
+        let tx_budget = shared.store.transaction_time_limit().map(|limit| limit / 2);
         PartitionTask {
             shared,
             meter,
@@ -120,6 +124,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             failed_without_savepoint: None,
             batch_now: 0,
             tx_began: std::time::Instant::now(),
+            tx_budget,
         }
     }
 
@@ -302,12 +307,10 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         }
     }
 
-    /// True once the open transaction has used half of the store's transaction time limit.
+    /// True once the open transaction has used its time budget.
     fn transaction_over_time(&self) -> bool {
-        self.shared
-            .store
-            .transaction_time_limit()
-            .is_some_and(|limit| self.tx_began.elapsed() >= limit / 2)
+        self.tx_budget
+            .is_some_and(|budget| self.tx_began.elapsed() >= budget)
     }
 
     /// Opens a transaction for the pending records again, this time with a savepoint before

@@ -53,18 +53,18 @@ impl PartitionProgress {
 pub(crate) struct ProgressState {
     /// Assigned partitions and their next offset (`None`: from the log's start).
     assigned: Mutex<HashMap<(String, i32), Option<i64>>>,
-    /// Bumped on every change; `joined` and `ended` are read with it.
-    changes: watch::Sender<Phase>,
+    /// Where the runtime is; every change to it or to `assigned` notifies the waiters.
+    phase: watch::Sender<Phase>,
     watermarks: OnceLock<Arc<Watermarks>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// No assignment received yet.
-    Joining(u64),
+    Joining,
     /// An assignment (possibly empty) was received.
-    Running(u64),
-    /// The runtime stopped.
+    Running,
+    /// The runtime stopped, or is draining to stop.
     Ended,
 }
 
@@ -72,7 +72,7 @@ impl ProgressState {
     pub(crate) fn new() -> Self {
         ProgressState {
             assigned: Mutex::new(HashMap::new()),
-            changes: watch::Sender::new(Phase::Joining(0)),
+            phase: watch::Sender::new(Phase::Joining),
             watermarks: OnceLock::new(),
         }
     }
@@ -81,16 +81,26 @@ impl ProgressState {
         self.assigned.lock().expect("progress poisoned")
     }
 
+    fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// Notifies the waiters; a runtime that joined is running unless it ended.
     fn changed(&self) {
-        self.changes.send_modify(|phase| {
-            *phase = match *phase {
-                Phase::Joining(n) | Phase::Running(n) => Phase::Running(n.wrapping_add(1)),
-                Phase::Ended => Phase::Ended,
+        self.phase.send_modify(|phase| {
+            if *phase == Phase::Joining {
+                *phase = Phase::Running;
             }
         });
     }
 
-    /// The runtime's consumer, to read watermarks with; once, when the runtime starts.
+    /// True once the runtime stopped or its future was dropped: nobody drains revoked
+    /// partitions any more.
+    pub(crate) fn ended(&self) -> bool {
+        self.phase() == Phase::Ended
+    }
+
+    /// How to read watermarks; once, when the runtime starts.
     pub(crate) fn attach(&self, watermarks: Arc<Watermarks>) {
         let _ = self.watermarks.set(watermarks);
     }
@@ -125,11 +135,27 @@ impl ProgressState {
         self.changed();
     }
 
-    /// The runtime stopped: nothing is assigned any more.
+    /// The runtime is stopping (or its future was dropped): nothing counts as assigned any
+    /// more, and waiters end with an error rather than mistake the final revocations for
+    /// progress.
     pub(crate) fn end(&self) {
-        self.assigned().clear();
-        self.changes.send_replace(Phase::Ended);
+        self.phase.send_replace(Phase::Ended);
     }
+}
+
+/// Ends the progress when dropped: [`Runtime::run`](crate::Runtime::run) holds one, so a run
+/// whose future is dropped (a crash, a cancelled task) ends it too.
+pub(crate) struct EndOnDrop(pub(crate) Arc<ProgressState>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// Records not yet committed: from the next offset (or the log's start) to the high watermark.
+fn lag(next: Option<i64>, low: i64, high: i64) -> i64 {
+    (high - next.unwrap_or(low).max(low)).max(0)
 }
 
 /// Where a running [`Runtime`](crate::Runtime) has got, from [`Runtime::progress`](crate::Runtime::progress).
@@ -163,35 +189,32 @@ impl Progress {
 
     /// Every partition assigned to this instance now, with the watermarks the broker reports
     /// now and the lag between them and the runtime's committed position. Sorted by topic and
-    /// partition; empty before the first assignment and after the runtime stopped.
+    /// partition; empty before the first assignment and once the runtime stops.
     pub async fn partitions(&self) -> Result<Vec<PartitionProgress>> {
-        let mut assigned: Vec<_> = self
-            .state
-            .assigned()
-            .iter()
-            .map(|(tp, next)| (tp.clone(), *next))
-            .collect();
+        let mut assigned: Vec<(String, i32)> = self.state.assigned().keys().cloned().collect();
         assigned.sort();
         let mut out = Vec::with_capacity(assigned.len());
-        for ((topic, partition), _) in assigned {
+        for (topic, partition) in assigned {
             let (low, high) = self.watermarks(topic.clone(), partition).await?;
             // Read after the watermarks, so a commit in between only lowers the lag.
-            let Some(position) = self
+            let position = self
                 .state
                 .assigned()
                 .get(&(topic.clone(), partition))
-                .copied()
-            else {
+                .copied();
+            if self.state.phase() == Phase::Ended {
+                return Ok(Vec::new());
+            }
+            let Some(position) = position else {
                 continue; // revoked meanwhile
             };
-            let lag = (high - position.unwrap_or(low).max(low)).max(0);
             out.push(PartitionProgress {
                 topic,
                 partition,
                 position,
                 low_watermark: low,
                 high_watermark: high,
-                lag,
+                lag: lag(position, low, high),
             });
         }
         Ok(out)
@@ -200,57 +223,45 @@ impl Progress {
     /// Resolves once the consumer has joined its group and every partition assigned to it at
     /// that point has been committed up to the high watermark it had when this was called (or
     /// was revoked: its new owner goes on with it). Records produced after the call are not
-    /// waited for. An error when the runtime stops first, or the watermarks cannot be read.
+    /// waited for, nor partitions assigned later: a partition still held by a member that died
+    /// (until its session times out) is not this instance's yet. An error when the runtime
+    /// stops first (its future dropped included), or the
+    /// watermarks cannot be read.
     ///
     /// A partition whose last records are transaction markers (a transactional producer's
     /// commit) has a high watermark past its last record: such a partition counts as caught
     /// up only once a later record has been handled.
     pub async fn caught_up(&self) -> Result<()> {
-        let mut changes = self.state.changes.subscribe();
+        let mut phase = self.state.phase.subscribe();
         // Joined first: before that, "every assigned partition" would be none.
+        phase
+            .wait_for(|p| *p != Phase::Joining)
+            .await
+            .map_err(|_| stopped())?;
+        let mut targets: Vec<((String, i32), i64, i64)> = self
+            .partitions()
+            .await?
+            .into_iter()
+            .map(|p| ((p.topic, p.partition), p.low_watermark, p.high_watermark))
+            .collect();
         loop {
-            match *changes.borrow_and_update() {
-                Phase::Ended => return Err(stopped()),
-                Phase::Running(_) => break,
-                Phase::Joining(_) => {}
+            // The phase before the partitions: a stopping runtime's revocations are no progress.
+            if *phase.borrow_and_update() == Phase::Ended {
+                return Err(stopped());
             }
-            changes.changed().await.map_err(|_| stopped())?;
-        }
-        let mut targets = Vec::new();
-        for progress in self.partitions().await? {
-            targets.push((
-                (progress.topic, progress.partition),
-                progress.high_watermark,
-            ));
-        }
-        loop {
             {
                 let assigned = self.state.assigned();
-                targets.retain(|(tp, high)| match assigned.get(tp) {
-                    None => false, // revoked
-                    Some(next) => next.is_none_or(|next| next < *high),
+                targets.retain(|(tp, low, high)| {
+                    // Gone from `assigned`: revoked, its new owner goes on with it.
+                    assigned
+                        .get(tp)
+                        .is_some_and(|next| lag(*next, *low, *high) > 0)
                 });
-            }
-            // An empty partition has nothing to wait for: low == high.
-            if !targets.is_empty() {
-                let mut waiting = Vec::new();
-                for (tp, high) in targets.drain(..) {
-                    let (low, _) = self.watermarks(tp.0.clone(), tp.1).await?;
-                    let next = self.state.assigned().get(&tp).copied().flatten();
-                    if next.unwrap_or(low).max(low) < high {
-                        waiting.push((tp, high));
-                    }
-                }
-                targets = waiting;
             }
             if targets.is_empty() {
                 return Ok(());
             }
-            if *changes.borrow_and_update() == Phase::Ended {
-                return Err(stopped());
-            }
-            // A change, or a second at most (the log's start moves with retention).
-            let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+            phase.changed().await.map_err(|_| stopped())?;
         }
     }
 }
@@ -259,15 +270,27 @@ fn stopped() -> Error {
     Error::Task("the runtime stopped before it caught up".into())
 }
 
-/// The watermark reader of a consumer, for [`ProgressState::attach`].
-pub(crate) fn reader<C: rdkafka::consumer::ConsumerContext + 'static>(
-    consumer: std::sync::Weak<rdkafka::consumer::BaseConsumer<C>>,
-) -> Arc<Watermarks> {
-    use rdkafka::consumer::Consumer;
+/// The watermark reader for [`ProgressState::attach`]: a client of its own, made from the
+/// runtime's settings (without its group) on first use. The runtime's consumer would answer
+/// too, but its requests queue behind its fetches, each of which the broker holds for up to
+/// `fetch.wait.max.ms`.
+pub(crate) fn reader(client: &rdkafka::ClientConfig) -> Arc<Watermarks> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let mut config = client.clone();
+    for key in ["group.id", "group.instance.id"] {
+        config.remove(key);
+    }
+    let made: OnceLock<Result<BaseConsumer>> = OnceLock::new();
     Arc::new(move |topic: &str, partition: i32| {
-        let consumer = consumer
-            .upgrade()
-            .ok_or_else(|| Error::Task("the runtime stopped".into()))?;
+        let consumer = made
+            .get_or_init(|| {
+                config
+                    .create()
+                    .map_err(|e| Error::kafka("creating the watermark client", e))
+            })
+            .as_ref()
+            // The error's text only: its source may not be shared, and names no secret.
+            .map_err(|e| Error::Task(e.to_string()))?;
         consumer
             .fetch_watermarks(topic, partition, WATERMARKS)
             .map_err(|e| Error::kafka(format!("reading the watermarks of {topic}/{partition}"), e))

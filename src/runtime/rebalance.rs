@@ -170,15 +170,9 @@ impl<S: Store> ConsumerCtx<S> {
             return;
         };
         // What Kafka committed: to tell whether this store's copies are current, and to warn
-        // when a store without a position meets a group that has committed offsets.
-        let committed = match stale::committed(consumer, tpl) {
-            Ok(committed) => committed,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the group's committed offsets of the assigned partitions");
-                let _ = self.events.send(Event::Failed(e));
-                return;
-            }
-        };
+        // when a store without a position meets a group that has committed offsets. Read once,
+        // when the first partition needs it.
+        let mut committed: Option<HashMap<(String, i32), stale::Committed>> = None;
         let mut assigned = TopicPartitionList::new();
         for (topic, partition) in partitions_of(tpl) {
             let id = PartitionId::new(self.group.clone(), topic.clone(), partition);
@@ -191,7 +185,21 @@ impl<S: Store> ConsumerCtx<S> {
                     continue;
                 }
             };
-            let kafka = committed.get(&(topic.clone(), partition));
+            if committed.is_none()
+                && (self.store.store_id().is_some() || assignment.position.is_none())
+            {
+                match stale::committed(consumer, tpl) {
+                    Ok(read) => committed = Some(read),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the group's committed offsets of the assigned partitions");
+                        let _ = self.events.send(Event::Failed(e));
+                        return;
+                    }
+                }
+            }
+            let kafka = committed
+                .as_ref()
+                .and_then(|c| c.get(&(topic.clone(), partition)));
             if let Some(store_id) = self.store.store_id() {
                 match stale::check(&id, store_id, assignment.position, kafka) {
                     Ok(None) => {}
@@ -341,7 +349,9 @@ impl<S: Store> ConsumerCtx<S> {
             .map(|(t, p)| PartitionId::new(self.group.clone(), t.clone(), *p))
             .collect();
         let (ack, acked) = std::sync::mpsc::channel();
-        if self.events.send(Event::Revoked { partitions, ack }).is_ok() {
+        // Once the run is over (its future dropped included) no control loop answers: release
+        // at once rather than wait out the drain timeout.
+        if !self.progress.ended() && self.events.send(Event::Revoked { partitions, ack }).is_ok() {
             // The control loop abandons tasks past the drain timeout; the margin covers that.
             if acked
                 .recv_timeout(self.drain_timeout + Duration::from_secs(5))

@@ -706,6 +706,13 @@ pub fn balances(store: &RocksStore) -> HashMap<String, i64> {
         .collect()
 }
 
+/// A cluster, a fresh topic with `partitions` and a fresh group.
+pub fn setup(partitions: i32) -> (Cluster, String, String) {
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(partitions);
+    (cluster, topic, unique("group"))
+}
+
 /// A runtime builder preset for tests: fast group joins and short timeouts.
 pub fn builder(cluster: &Cluster, group: &str, topic: &str) -> idempotent_consumer::RuntimeBuilder {
     Runtime::builder()
@@ -731,6 +738,8 @@ pub struct Incarnation {
     shutdown: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<idempotent_consumer::Result<()>>>,
     pub stats: Arc<Stats>,
+    /// The runtime's progress: usable after a crash or stop too (it then reports the end).
+    pub progress: idempotent_consumer::Progress,
 }
 
 impl Incarnation {
@@ -763,6 +772,7 @@ impl Incarnation {
         runtime: Runtime<S, H>,
     ) -> Self {
         let stats = runtime.stats();
+        let progress = runtime.progress();
         let (tx, rx) = oneshot::channel();
         let done = rt.spawn(runtime.run(async {
             let _ = rx.await;
@@ -772,7 +782,35 @@ impl Incarnation {
             shutdown: Some(tx),
             done: Some(done),
             stats,
+            progress,
         }
+    }
+
+    /// Waits until `n` partitions are assigned to this instance, or panics after [`WAIT`].
+    pub fn wait_assigned(&self, n: usize) {
+        let start = Instant::now();
+        loop {
+            let assigned = backend::block_on(self.progress.partitions()).map_or(0, |p| p.len());
+            if assigned == n {
+                return;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "{assigned} partitions assigned, not {n}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the runtime has committed everything in the partitions assigned to it now,
+    /// or panics after [`WAIT`].
+    pub fn caught_up(&self) {
+        backend::block_on(async {
+            tokio::time::timeout(WAIT, self.progress.caught_up())
+                .await
+                .expect("never caught up")
+                .expect("the runtime stopped before it caught up")
+        });
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -814,11 +852,14 @@ impl Incarnation {
     /// Drops everything in flight without any graceful step: a crash.
     pub fn crash(mut self) {
         let rt = self.rt.take().unwrap();
-        drop(self.shutdown.take());
+        // The shutdown signal outlives the runtime: sent first, it would start the graceful
+        // drain, which may commit before the runtime is gone.
+        let shutdown = self.shutdown.take();
         // Dropping the runtime cancels every task at its current await point; nothing after it
         // runs, so nothing else commits.
         drop(self.done.take());
         drop(rt);
+        drop(shutdown);
     }
 
     /// Graceful shutdown; returns what `run` returned.
