@@ -596,10 +596,11 @@ fn shutdown_drains_and_commits_in_flight_work<B: Backend>(b: &B) {
     ledger.notify_at = Some(3);
     ledger.delay = Duration::from_millis(20);
     let observed = ledger.observed.clone();
-    // A long linger: without a drain, nothing of the batch would commit.
+    // One batch of all twenty records (a linger of a second gathers them), stopped while its
+    // handlers run: without a drain, nothing of the batch would commit.
     let running = Incarnation::launch(b, |store| {
         builder(&cluster, &group, &topic)
-            .batch(1_000, Duration::from_secs(30))
+            .batch(1_000, Duration::from_secs(1))
             .store(store)
             .build(ledger)
             .unwrap()

@@ -23,7 +23,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
-use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{Notify, oneshot};
 
@@ -209,6 +209,21 @@ impl Cluster {
         self.send_raw(topic, partition, &headers, payload);
     }
 
+    /// Waits until every record produced so far is acknowledged. rdkafka's own `flush` polls
+    /// for 100 ms at a time, each poll lasting its whole timeout, so one record sent and
+    /// flushed costs 100 ms; this polls a millisecond at a time.
+    pub fn flush(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        self.producer.poll(Duration::ZERO);
+        while self.producer.in_flight_count() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "records not acknowledged within 30 s"
+            );
+            self.producer.poll(Duration::from_millis(1));
+        }
+    }
+
     /// Produces one record with these headers (any bytes) to an explicit partition and waits
     /// until it is acknowledged.
     pub fn send_raw(
@@ -235,9 +250,7 @@ impl Cluster {
             .send(record)
             .map_err(|(e, _)| e)
             .expect("enqueueing a record");
-        self.producer
-            .flush(Duration::from_secs(30))
-            .expect("flushing the producer");
+        self.flush();
     }
 
     /// Produces ledger movements `(key, account, amount)` to one partition, in order, waiting
@@ -277,9 +290,7 @@ impl Cluster {
                 .expect("enqueueing a record");
             self.producer.poll(Duration::ZERO);
         }
-        self.producer
-            .flush(Duration::from_secs(30))
-            .expect("flushing the producer");
+        self.flush();
     }
 
     /// Produces a ledger movement: `{"account": .., "amount": ..}` under an idempotency key.
@@ -295,16 +306,41 @@ impl Cluster {
         self.send(topic, partition, Some(key), Some(&payload));
     }
 
-    /// Sets the group's committed Kafka offset of a partition (as an operator tool would). It
-    /// joins the group first: the mock cluster refuses commits from non-members.
+    /// The consumers' session timeout. The mock cluster holds every rebalance after the first
+    /// join open for the session timeout less a second, even when the last member has left
+    /// (a broker makes such a group empty at once), so each restart of a group in a test pays
+    /// it: 2 s on the mock. A broker refuses sessions under its
+    /// `group.min.session.timeout.ms` (6 s by default).
+    pub fn session_timeout_ms(&self) -> &'static str {
+        if self.mocked { "2000" } else { "6000" }
+    }
+
+    /// Sets the group's committed Kafka offset of a partition (as an operator tool would). A
+    /// group the cluster has never seen takes a commit from outside; once the group exists the
+    /// mock cluster refuses commits from non-members, so the tool joins it first.
     pub fn commit_kafka_offset(&self, group: &str, topic: &str, partition: i32, offset: i64) {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            .set("session.timeout.ms", "6000")
-            .create()
-            .expect("creating the offset tool consumer");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+            .unwrap();
+        let tool = |session: Option<&str>| -> BaseConsumer {
+            let mut config = ClientConfig::new();
+            config
+                .set("bootstrap.servers", &self.bootstrap)
+                .set("group.id", group)
+                .set("enable.auto.commit", "false");
+            if let Some(ms) = session {
+                config.set("session.timeout.ms", ms);
+            }
+            config.create().expect("creating the offset tool consumer")
+        };
+        let outside = tool(None);
+        outside.assign(&tpl).expect("assigning the offset tool");
+        match outside.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => return,
+            Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownMemberId) => {}
+            Err(e) => panic!("committing a Kafka offset: {e}"),
+        }
+        let consumer = tool(Some(self.session_timeout_ms()));
         consumer
             .subscribe(&[topic])
             .expect("subscribing the offset tool");
@@ -313,9 +349,6 @@ impl Cluster {
             assert!(start.elapsed() < WAIT, "offset tool never joined the group");
             let _ = consumer.poll(Duration::from_millis(100));
         }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
-            .unwrap();
         consumer
             .commit(&tpl, CommitMode::Sync)
             .expect("committing a Kafka offset");
@@ -427,9 +460,7 @@ impl Cluster {
                 panic!("producing a record with a raw header name: {message}");
             }
         }
-        self.producer
-            .flush(Duration::from_secs(30))
-            .expect("flushing the producer");
+        self.flush();
     }
 }
 
@@ -719,7 +750,7 @@ pub fn builder(cluster: &Cluster, group: &str, topic: &str) -> idempotent_consum
         .bootstrap_servers(cluster.bootstrap())
         .group_id(group)
         .topics([topic])
-        .set("session.timeout.ms", "6000")
+        .set("session.timeout.ms", cluster.session_timeout_ms())
         .set("heartbeat.interval.ms", "500")
         .set("topic.metadata.refresh.interval.ms", "500")
 }
