@@ -85,6 +85,27 @@ pub enum Error {
         committed_by: String,
     },
 
+    /// The store's position for a partition is beyond the end of its log (the topic was
+    /// deleted and created again, or an unclean leader election lost records): every new
+    /// record would be below the position and skipped as a redelivery. The partition was not
+    /// handled; after checking what happened, set where it resumes with
+    /// [`Inspect::set_position`](crate::store::Inspect::set_position).
+    #[error(
+        "{topic}/{partition}: the store's position {position} is beyond the end of the log \
+         (high watermark {high_watermark}); the topic was recreated or lost records. Nothing \
+         was handled: set where the partition resumes with Inspect::set_position"
+    )]
+    PositionAheadOfLog {
+        /// Topic.
+        topic: String,
+        /// Partition number.
+        partition: i32,
+        /// The store's position (the next offset it would handle).
+        position: i64,
+        /// The log's high watermark at assignment.
+        high_watermark: i64,
+    },
+
     /// The handler returned a fatal error; the runtime stopped without committing past the record.
     #[error("handler failed fatally at {at}: {message}")]
     HandlerFatal {

@@ -1369,6 +1369,100 @@ fn dead_letter_that_cannot_be_produced_is_not_committed_past<B: Backend>(b: &B) 
     );
 }
 
+/// A stored position beyond the end of the log (the topic was deleted and created again) is
+/// refused with both numbers: without the check every new record would be below the position
+/// and skipped as a redelivery. Once the operator sets where it resumes, everything is handled.
+fn position_beyond_the_end_of_the_log_is_refused_not_skipped<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
+    let pid = PartitionId::new(&group, &topic, 0);
+    for i in 0..5 {
+        cluster.send_movement(&topic, 0, &format!("e{i}"), "sam", 1);
+    }
+    // The store remembers offset 100 of the topic's previous life.
+    b.set_position(&pid, 100);
+    let launch = || start(&cluster, &group, &topic, b, Ledger::new());
+    let mut running = launch();
+    let err = running.join().unwrap_err();
+    drop(running);
+    assert!(
+        matches!(
+            err,
+            Error::PositionAheadOfLog {
+                position: 100,
+                high_watermark: 5,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("set_position"), "{err}");
+    assert_eq!(b.next_offset(&pid), Some(100), "nothing committed");
+    assert_eq!(b.balances().get("sam"), None, "nothing handled");
+
+    b.set_position(&pid, 0);
+    let running = launch();
+    running.wait_for("the five records", |s| s.applied == 5);
+    running.stop().unwrap();
+    assert_eq!(b.balances()["sam"], 5);
+}
+
+/// A dead-letter topic that does not exist, on a cluster that does not create topics: the
+/// producer gives up on the topic (after `topic.metadata.propagation.max.ms`) and the run ends
+/// with an error naming it; nothing is committed past the record. Once the topic is created,
+/// a restart dead-letters the record once and goes on.
+fn missing_dead_letter_topic_ends_the_run_and_loses_nothing<B: Backend>(b: &B) {
+    let cluster = Cluster::start();
+    let topic = unique("topic");
+    cluster.create_named_topic(&topic, 1);
+    let group = unique("group");
+    let pid = PartitionId::new(&group, &topic, 0);
+    cluster.send_movement(&topic, 0, "ok-0", "rue", 1);
+    cluster.send(&topic, 0, Some("bad-1"), Some(b"not json"));
+    cluster.send_movement(&topic, 0, "ok-2", "rue", 2);
+    let launch = || {
+        Incarnation::launch(b, |store| {
+            builder(&cluster, &group, &topic)
+                // What a broker with auto.create.topics.enable=false does.
+                .set("allow.auto.create.topics", "false")
+                .set("topic.metadata.propagation.max.ms", "1000")
+                .store(store)
+                .build(Ledger::new())
+                .unwrap()
+        })
+    };
+    let mut running = launch();
+    let err = running.join().unwrap_err();
+    drop(running);
+    let dlq = format!("{topic}.dlq");
+    assert!(
+        err.to_string()
+            .contains(&format!("producing a dead letter to {dlq}")),
+        "{err}"
+    );
+    let cause = std::error::Error::source(&err).map(|e| e.to_string());
+    assert!(
+        cause.as_deref().is_some_and(|c| c.contains("UnknownTopic")),
+        "the cause names the missing topic: {cause:?}"
+    );
+    let position = b.next_offset(&pid);
+    assert!(
+        position.is_none_or(|p| p <= 1),
+        "committed past the record: {position:?}"
+    );
+    assert!(b.dead_letters(&pid).is_empty());
+
+    cluster.create_named_topic(&dlq, 1);
+    let running = launch();
+    running.wait_for("the rest", |s| s.applied >= 1 && s.dead_lettered == 1);
+    running.caught_up();
+    running.stop().unwrap();
+    assert_eq!(b.next_offset(&pid), Some(3));
+    assert_eq!(b.dead_letters(&pid).len(), 1);
+    assert_eq!(b.balances()["rue"], 3);
+    let letters = cluster.read_all(&dlq, 1);
+    assert_eq!(letters.len(), 1, "one dead letter on the topic");
+}
+
 /// Two instances of one group, each with a RocksDB directory of its own (two replicas of a
 /// service). A partition whose latest state is in the other instance's store is refused: never
 /// handled from Kafka's lagging offset, nor later from this store's stale position. Under
@@ -1563,4 +1657,6 @@ suite!(
     exhausted_retries_are_dead_lettered,
     fatal_error_stops_without_committing_past_the_record,
     dead_letter_that_cannot_be_produced_is_not_committed_past,
+    missing_dead_letter_topic_ends_the_run_and_loses_nothing,
+    position_beyond_the_end_of_the_log_is_refused_not_skipped,
 );

@@ -173,6 +173,7 @@ impl<S: Store> ConsumerCtx<S> {
         // when a store without a position meets a group that has committed offsets. Read once,
         // when the first partition needs it.
         let mut committed: Option<HashMap<(String, i32), stale::Committed>> = None;
+        let mut ends: Option<HashMap<(String, i32), i64>> = None;
         let mut assigned = TopicPartitionList::new();
         for (topic, partition) in partitions_of(tpl) {
             let id = PartitionId::new(self.group.clone(), topic.clone(), partition);
@@ -219,7 +220,28 @@ impl<S: Store> ConsumerCtx<S> {
             }
             // The store's position; without one, where the start policy says (`start.rs`).
             let offset = match assignment.position {
-                Some(position) => Offset::Offset(position),
+                Some(position) => {
+                    // The ends of the assigned partitions, read once, when the first needs them.
+                    if ends.is_none() {
+                        match start::ends(consumer, &partitions_of(tpl)) {
+                            Ok(read) => ends = Some(read),
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot read the ends of the assigned partitions");
+                                let _ = self.events.send(Event::Failed(e));
+                                return;
+                            }
+                        }
+                    }
+                    let high = ends
+                        .as_ref()
+                        .and_then(|h| h.get(&(topic.clone(), partition)).copied());
+                    if let Err(e) = start::check_within_log(&topic, partition, position, high) {
+                        tracing::error!(%topic, partition, position, high_watermark = ?high, "the store's position is beyond the end of the log; the partition is not handled");
+                        let _ = self.events.send(Event::Failed(e));
+                        continue;
+                    }
+                    Offset::Offset(position)
+                }
                 None => {
                     let kafka_offset = kafka.map(|c| c.offset);
                     match start::resolve(consumer, &topic, partition, self.start, kafka_offset) {

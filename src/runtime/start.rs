@@ -92,6 +92,48 @@ pub(crate) fn resolve<C: ConsumerContext>(
     }
 }
 
+/// The high watermarks of `partitions`, in one lookup per broker (a ListOffsets for the
+/// latest offset of each).
+pub(crate) fn ends<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    partitions: &[(String, i32)],
+) -> Result<std::collections::HashMap<(String, i32), i64>> {
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (topic, partition) in partitions {
+        tpl.add_partition_offset(topic, *partition, Offset::End)
+            .map_err(|e| Error::kafka("building a watermark lookup", e))?;
+    }
+    let found = consumer
+        .offsets_for_times(tpl, LOOKUP)
+        .map_err(|e| Error::kafka("reading the ends of the assigned partitions", e))?;
+    Ok(found
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(high) => Some(((e.topic().to_owned(), e.partition()), high)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// A stored position beyond the end of the log is refused, never a skip of what comes next.
+pub(crate) fn check_within_log(
+    topic: &str,
+    partition: i32,
+    position: i64,
+    high_watermark: Option<i64>,
+) -> Result<()> {
+    match high_watermark {
+        Some(high) if position > high => Err(Error::PositionAheadOfLog {
+            topic: topic.to_owned(),
+            partition,
+            position,
+            high_watermark: high,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Words for a log line: where a partition started.
 pub(crate) fn describe(offset: Offset) -> String {
     match offset {
