@@ -6,9 +6,9 @@
 #   scripts/dev.sh bench        the throughput benchmark (release build; flags pass through)
 #
 # Both first make sure the Debian packages the native builds need are present: RocksDB's build
-# runs bindgen (libclang) and compiles with Clang (scripts/cxx: about 30 % faster than GCC),
-# librdkafka's needs a C toolchain. As root they are installed with apt-get; otherwise the
-# exact command is printed and the script stops.
+# runs bindgen (libclang) and compiles with Clang (scripts/cxx: about 30 % faster than GCC per
+# file), librdkafka's needs a C toolchain, zlib and libzstd (gzip and zstd records). As root they
+# are installed with apt-get; otherwise the exact command is printed and the script stops.
 #
 # Tests run against librdkafka's in-process mock cluster unless KAFKA_BOOTSTRAP_SERVERS is set
 # (for example to the docker/ compose stack), in which case they use that cluster.
@@ -29,7 +29,7 @@ log() { printf '==> %s\n' "$*" >&2; }
 ensure_packages() {
     local missing=()
     local pkg
-    for pkg in libclang-dev clang build-essential pkg-config zlib1g-dev; do
+    for pkg in libclang-dev clang build-essential pkg-config zlib1g-dev libzstd-dev; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
             || missing+=("$pkg")
     done

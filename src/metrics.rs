@@ -234,6 +234,12 @@ impl GroupMeter {
         metrics::counter!(STALE_REFUSED, &self.partition_labels(topic, partition)).increment(1);
     }
 
+    /// A transient store failure while acquiring a partition, tried again.
+    pub(crate) fn acquire_retried(&self, topic: &str, partition: i32) {
+        Stats::add(&self.stats.store_retries, 1);
+        metrics::counter!(STORE_RETRIES, &self.partition_labels(topic, partition)).increment(1);
+    }
+
     pub(crate) fn store_entries(&self, n: u64) {
         self.store_entries.set(n as f64);
     }

@@ -945,3 +945,69 @@ fn a_batch_is_committed_before_the_idle_in_transaction_timeout_ends_it() {
         Some(30)
     );
 }
+
+/// A transient store failure while a partition is acquired (a database failing over during a
+/// rebalance) is tried again with backoff instead of ending the run: acquiring fails with a
+/// serialization failure (raised by a trigger on the positions table) for two seconds, then
+/// the partition is taken and every record applied once. When it never ends, the run ends
+/// with the last failure once the assignment's budget (`store_retry_timeout`) is spent.
+#[test]
+fn transient_failures_while_acquiring_a_partition_are_tried_again() {
+    let pg = Postgres::new();
+    // The store's tables, then a trigger that fails every write of a position while the
+    // flag table has a row.
+    drop(block_on(pg.connect()));
+    pg.execute(
+        "CREATE TABLE fail_acquire (on_ boolean);
+         CREATE FUNCTION fail_acquire() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF EXISTS (SELECT 1 FROM fail_acquire) THEN
+                 RAISE EXCEPTION 'acquire refused by the test' USING ERRCODE = '40001';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER fail_acquire BEFORE INSERT OR UPDATE ON idc_positions
+             FOR EACH ROW EXECUTE FUNCTION fail_acquire();
+         INSERT INTO fail_acquire VALUES (true);",
+    );
+    let (cluster, topic, group) = setup(1);
+    for i in 0..3 {
+        cluster.send_movement(&topic, 0, &format!("q{i}"), "quy", 1);
+    }
+    let running = Incarnation::launch(&pg, |store| {
+        builder(&cluster, &group, &topic)
+            .store(store)
+            .build(Ledger::new())
+            .unwrap()
+    });
+    let start = std::time::Instant::now();
+    while running.stats().store_retries < 2 {
+        assert!(start.elapsed() < common::WAIT, "{:?}", running.stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    pg.execute("DELETE FROM fail_acquire");
+    running.wait_for("the three records", |s| s.applied == 3);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert!(stats.store_retries >= 2, "{stats:?}");
+    assert_eq!(pg.balances()["quy"], 3);
+
+    // Failures that never end: the run ends with the last one, naming the budget.
+    pg.execute("INSERT INTO fail_acquire VALUES (true)");
+    let (cluster, topic, group) = setup(1);
+    cluster.send_movement(&topic, 0, "r0", "rex", 1);
+    let mut running = Incarnation::launch(&pg, |store| {
+        builder(&cluster, &group, &topic)
+            .store_retry_timeout(Duration::from_secs(2))
+            .store(store)
+            .build(Ledger::new())
+            .unwrap()
+    });
+    let err = running.join().unwrap_err();
+    drop(running);
+    let shown = format!("{err} {:?}", std::error::Error::source(&err));
+    assert!(shown.contains("acquiring the partition failed"), "{shown}");
+    assert!(shown.contains("acquire refused by the test"), "{shown}");
+    assert!(!pg.balances().contains_key("rex"));
+}

@@ -1406,6 +1406,80 @@ fn position_beyond_the_end_of_the_log_is_refused_not_skipped<B: Backend>(b: &B) 
     assert_eq!(b.balances()["sam"], 5);
 }
 
+/// Records compressed with every codec Kafka producers use (gzip, snappy, lz4, zstd) are read
+/// and applied: a codec the client was built without stops the partition (and librdkafka
+/// alone would skip its records).
+fn every_compression_codec_is_read<B: Backend>(b: &B) {
+    let codecs = ["gzip", "snappy", "lz4", "zstd"];
+    let (cluster, topic, group) = setup(codecs.len() as i32);
+    for (p, codec) in codecs.into_iter().enumerate() {
+        let records: Vec<(String, Vec<u8>)> = (0..20)
+            .map(|i| (format!("{codec}-{i}"), common::movement(codec, 1)))
+            .collect();
+        cluster.send_compressed(&topic, p as i32, codec, &records);
+    }
+    let running = start(&cluster, &group, &topic, b, Ledger::new());
+    running.wait_for("every record", |s| s.applied == 80);
+    running.stop().unwrap();
+    let balances = b.balances();
+    for codec in codecs {
+        assert_eq!(balances[codec], 20, "{codec}");
+    }
+}
+
+/// A record batch that fails its CRC stops its partition with an error naming where: neither
+/// handed on unchecked nor skipped (librdkafka skips such a batch and goes on, which would move
+/// the position past records never handled). Records before it are committed. A broker checks
+/// CRCs on produce and refuses the batch; the mock cluster stores it as sent, which is what a
+/// corrupted disk or network hands a consumer.
+fn a_batch_that_fails_its_crc_stops_the_partition_not_skipped<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
+    let pid = PartitionId::new(&group, &topic, 0);
+    // A batch written by hand with a good CRC: the encoding is right.
+    let good: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| (format!("g{i}"), common::movement("val", 1)))
+        .collect();
+    let good: Vec<(&str, Vec<u8>)> = good.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    assert_eq!(
+        cluster.send_batch_by_hand(&topic, 0, &good, false),
+        common::RawProduce::Stored(0)
+    );
+    let bad = [
+        ("c0", common::movement("val", 100)),
+        ("c1", common::movement("val", 100)),
+    ];
+    match cluster.send_batch_by_hand(&topic, 0, &bad, true) {
+        common::RawProduce::Stored(base) => assert_eq!(base, 3),
+        // A broker: the batch never reaches the log.
+        common::RawProduce::Refused(code) => {
+            assert_eq!(code, 2, "CORRUPT_MESSAGE");
+            return;
+        }
+    }
+    for i in 0..3 {
+        cluster.send_movement(&topic, 0, &format!("a{i}"), "val", 10);
+    }
+    let mut running = start(&cluster, &group, &topic, b, Ledger::new());
+    let err = running.join().unwrap_err();
+    drop(running);
+    assert!(err.to_string().contains("failed its CRC"), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("{topic}/0 after offset 2")),
+        "{err}"
+    );
+    assert_eq!(
+        b.next_offset(&pid),
+        Some(3),
+        "the records before it committed"
+    );
+    assert_eq!(
+        b.balances()["val"],
+        3,
+        "nothing of or after the batch applied"
+    );
+}
+
 /// A dead-letter topic that does not exist, on a cluster that does not create topics: the
 /// producer gives up on the topic (after `topic.metadata.propagation.max.ms`) and the run ends
 /// with an error naming it; nothing is committed past the record. Once the topic is created,
@@ -1659,4 +1733,6 @@ suite!(
     dead_letter_that_cannot_be_produced_is_not_committed_past,
     missing_dead_letter_topic_ends_the_run_and_loses_nothing,
     position_beyond_the_end_of_the_log_is_refused_not_skipped,
+    a_batch_that_fails_its_crc_stops_the_partition_not_skipped,
+    every_compression_codec_is_read,
 );

@@ -60,6 +60,9 @@ pub(crate) struct Config {
     pub(crate) start: StartPosition,
     pub(crate) kafka_unavailable: Duration,
     pub(crate) store_retry_timeout: Duration,
+    /// How long one assignment may try transient acquire failures again: the poll thread
+    /// waits meanwhile, so at most half of `max.poll.interval.ms`.
+    pub(crate) acquire_budget: Duration,
 }
 
 /// Builds a [`Runtime`]. Start with [`Runtime::builder`].
@@ -336,6 +339,16 @@ impl<S: Store> RuntimeBuilder<S> {
         if client.get("auto.offset.reset").is_none() {
             client.set("auto.offset.reset", "earliest");
         }
+        // A batch whose CRC fails is then an error that stops its partition (`feed.rs`)
+        // instead of records handed on unchecked.
+        if client.get("check.crcs").is_none() {
+            client.set("check.crcs", "true");
+        }
+        let max_poll = client
+            .get("max.poll.interval.ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(Duration::from_secs(300), Duration::from_millis);
+        let acquire_budget = self.store_retry_timeout.min(max_poll / 2);
         let scope = self.identity.scope(&group);
         let conflict_scope = self.identity.conflict_scope(&group);
         let meter = GroupMeter::new(&group);
@@ -361,6 +374,7 @@ impl<S: Store> RuntimeBuilder<S> {
                     start: self.start,
                     kafka_unavailable: self.kafka_unavailable,
                     store_retry_timeout: self.store_retry_timeout,
+                    acquire_budget,
                 },
                 kafka_mark: self.store.store_id().map(stale::mark),
                 progress: Arc::new(super::progress::ProgressState::new()),

@@ -17,11 +17,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use metrics::Counter;
+use rdkafka::Message;
 use rdkafka::consumer::ConsumerContext;
 use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::error::Error;
 use crate::metrics::Stats;
 use crate::record::Record;
 
@@ -58,11 +62,19 @@ pub(crate) struct Feed<C: ConsumerContext + 'static> {
     /// Records read from the partition (the recorder's counter).
     read: Counter,
     stats: Arc<Stats>,
+    /// `topic/partition`, for errors.
+    name: String,
+    /// The offset of the last record read.
+    last: Option<i64>,
+    /// Records the client cannot read (a batch that failed its CRC, or one it cannot
+    /// decompress): the feed ends here instead of going on past them.
+    failure: Option<Error>,
 }
 
 impl<C: ConsumerContext + 'static> Feed<C> {
     pub(crate) fn new(
         mut queue: PartitionQueue<C>,
+        name: String,
         read: Counter,
         stats: Arc<Stats>,
     ) -> (Self, FeedCloser) {
@@ -77,6 +89,9 @@ impl<C: ConsumerContext + 'static> Feed<C> {
                 signal,
                 read,
                 stats,
+                name,
+                last: None,
+                failure: None,
             },
             closer,
         )
@@ -86,22 +101,45 @@ impl<C: ConsumerContext + 'static> Feed<C> {
         self.signal.closed.load(Ordering::Acquire)
     }
 
-    /// The next record that is there now, if any (never once closed).
+    /// The next record that is there now, if any (never once closed or failed).
     pub(crate) fn try_recv(&mut self) -> Option<Record> {
         loop {
-            if self.closed() {
+            if self.closed() || self.failure.is_some() {
                 return None;
             }
             match self.queue.poll(Duration::ZERO)? {
                 Ok(message) => {
                     Stats::add(&self.stats.records_read, 1);
                     self.read.increment(1);
+                    self.last = Some(message.offset());
                     return Some(Record::from_message(&message));
                 }
-                // Fetch errors are reported here; librdkafka goes on fetching.
+                // librdkafka skips records it cannot read and goes on with the next batch:
+                // going on would move the position past records never handled.
+                Err(e) if unreadable(&e) => {
+                    tracing::error!(partition = %self.name, after = ?self.last, error = %e, "records the client cannot read; the partition stops here");
+                    self.failure = Some(Error::kafka(
+                        format!(
+                            "reading {} after offset {}: a record batch failed its CRC or cannot \
+                             be decompressed, and the client would skip it; nothing after the \
+                             last good record is handled",
+                            self.name,
+                            self.last
+                                .map_or_else(|| "none".to_owned(), |o| o.to_string()),
+                        ),
+                        e,
+                    ));
+                    return None;
+                }
+                // Other fetch errors are reported here; librdkafka goes on fetching.
                 Err(e) => tracing::warn!(error = %e, "partition fetch error"),
             }
         }
+    }
+
+    /// Why the feed ended, when it was not closed: records the client cannot read.
+    pub(crate) fn take_failure(&mut self) -> Option<Error> {
+        self.failure.take()
     }
 
     /// Waits for the next record; `None` once the feed is closed.
@@ -110,7 +148,7 @@ impl<C: ConsumerContext + 'static> Feed<C> {
             if let Some(record) = self.try_recv() {
                 return Some(record);
             }
-            if self.closed() {
+            if self.closed() || self.failure.is_some() {
                 return None;
             }
             let _ = tokio::time::timeout(RECHECK, self.signal.ready.notified()).await;
@@ -120,11 +158,25 @@ impl<C: ConsumerContext + 'static> Feed<C> {
     /// Waits until a record may be there or `deadline` passes; false once the deadline passed
     /// or the feed is closed.
     pub(crate) async fn wait_until(&self, deadline: Instant) -> bool {
-        if self.closed() {
+        if self.closed() || self.failure.is_some() {
             return false;
         }
         let until = deadline.min(Instant::now() + RECHECK);
         let _ = tokio::time::timeout_at(until, self.signal.ready.notified()).await;
         !self.closed() && Instant::now() < deadline
     }
+}
+
+/// A consumption error for records the client cannot read: a batch that failed its CRC
+/// (`check.crcs`, on by default in this crate), a corrupt batch, or a compression codec it
+/// was built without or cannot decode.
+fn unreadable(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::MessageConsumption(
+            RDKafkaErrorCode::BadMessage
+                | RDKafkaErrorCode::BadCompression
+                | RDKafkaErrorCode::NotImplemented
+        )
+    )
 }

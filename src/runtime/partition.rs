@@ -136,7 +136,8 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         let mut failing_since: Option<std::time::Instant> = None;
         let result = loop {
             if pending.is_empty() && !self.next_batch(&mut records, &mut pending).await {
-                break Ok(());
+                // Closed, or records the client cannot read after everything before them.
+                break records.take_failure().map_or(Ok(()), Err);
             }
             match self.process(&mut pending).await {
                 Ok(()) => (store_failures, failing_since) = (0, None),

@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaResult;
@@ -34,9 +34,9 @@ use super::health::Health;
 use super::progress::ProgressState;
 use super::stale::{self, StalePartitionPolicy};
 use super::start::{self, StartPosition};
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::metrics::GroupMeter;
-use crate::store::{PartitionId, Store};
+use crate::store::{Assignment, PartitionId, Store};
 
 /// What the poll thread tells the runtime's control loop.
 pub(crate) enum Event<S: Store> {
@@ -75,6 +75,9 @@ pub(crate) struct ConsumerCtx<S: Store> {
     refused: Mutex<HashSet<(String, i32)>>,
     meter: GroupMeter,
     progress: Arc<ProgressState>,
+    /// Transient acquire failures are tried again with this backoff, for at most the budget.
+    retry: crate::retry::RetryPolicy,
+    acquire_budget: Duration,
 }
 
 impl<S: Store> ConsumerCtx<S> {
@@ -98,6 +101,8 @@ impl<S: Store> ConsumerCtx<S> {
             refused: Mutex::new(HashSet::new()),
             meter,
             progress,
+            retry: config.retry.clone(),
+            acquire_budget: config.acquire_budget,
         }
     }
 
@@ -175,9 +180,10 @@ impl<S: Store> ConsumerCtx<S> {
         let mut committed: Option<HashMap<(String, i32), stale::Committed>> = None;
         let mut ends: Option<HashMap<(String, i32), i64>> = None;
         let mut assigned = TopicPartitionList::new();
+        let acquire_until = Instant::now() + self.acquire_budget;
         for (topic, partition) in partitions_of(tpl) {
             let id = PartitionId::new(self.group.clone(), topic.clone(), partition);
-            let acquired = self.handle.block_on(self.store.acquire(&id));
+            let acquired = self.acquire(&id, acquire_until);
             let assignment = match acquired {
                 Ok(a) => a,
                 Err(e) => {
@@ -280,6 +286,7 @@ impl<S: Store> ConsumerCtx<S> {
             };
             let (feed, closer) = Feed::new(
                 queue,
+                format!("{topic}/{partition}"),
                 self.meter.records_read(&topic, partition),
                 self.meter.stats().clone(),
             );
@@ -309,6 +316,47 @@ impl<S: Store> ConsumerCtx<S> {
             let _ = self
                 .events
                 .send(Event::Failed(Error::kafka("assigning partitions", e)));
+        }
+    }
+
+    /// Acquires a partition in the store. A transient failure (a database failing over during
+    /// the rebalance) is tried again with backoff until `until`: the poll thread waits
+    /// meanwhile, so the budget is bounded by `max.poll.interval.ms` (see `acquire_budget`).
+    fn acquire(&self, id: &PartitionId, until: Instant) -> Result<Assignment> {
+        let started = Instant::now();
+        let mut failures = 0u32;
+        loop {
+            let error = match self.handle.block_on(self.store.acquire(id)) {
+                Ok(assignment) => return Ok(assignment),
+                Err(e) if e.is_transient() => e,
+                Err(e) => return Err(e),
+            };
+            failures = failures.saturating_add(1);
+            let now = Instant::now();
+            if now >= until {
+                return Err(Error::store(
+                    format!(
+                        "{}/{}: acquiring the partition failed {failures} times over {:?}, the \
+                         budget of one assignment (store_retry_timeout, at most half of \
+                         max.poll.interval.ms); the last failure",
+                        id.topic,
+                        id.partition,
+                        started.elapsed(),
+                    ),
+                    error,
+                ));
+            }
+            self.meter.acquire_retried(&id.topic, id.partition);
+            let delay = self.retry.backoff(failures.min(8), None).min(until - now);
+            tracing::warn!(
+                topic = %id.topic,
+                partition = id.partition,
+                error = %error,
+                failures,
+                ?delay,
+                "transient store failure acquiring a partition; trying again"
+            );
+            std::thread::sleep(delay);
         }
     }
 

@@ -276,18 +276,7 @@ impl Cluster {
         records: impl IntoIterator<Item = (String, Vec<u8>)>,
     ) {
         for (key, payload) in records {
-            let headers = OwnedHeaders::new().insert(Header {
-                key: "idempotency-key",
-                value: Some(key.as_bytes()),
-            });
-            let record: BaseRecord<'_, (), [u8]> = BaseRecord::to(topic)
-                .partition(partition)
-                .headers(headers)
-                .payload(&payload);
-            self.producer
-                .send(record)
-                .map_err(|(e, _)| e)
-                .expect("enqueueing a record");
+            enqueue_keyed(&self.producer, topic, partition, &key, &payload);
             self.producer.poll(Duration::ZERO);
         }
         self.flush();
@@ -944,4 +933,192 @@ pub fn init_tracing() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
+}
+
+impl Cluster {
+    /// Produces `(idempotency key, payload)` records to one partition with a producer of their
+    /// own that compresses with `codec` (`gzip`, `snappy`, `lz4`, `zstd`), waiting for every
+    /// acknowledgement.
+    pub fn send_compressed(
+        &self,
+        topic: &str,
+        partition: i32,
+        codec: &str,
+        records: &[(String, Vec<u8>)],
+    ) {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("compression.type", codec)
+            .set("linger.ms", "50")
+            .create()
+            .unwrap_or_else(|e| panic!("a producer compressing with {codec}: {e}"));
+        for (key, payload) in records {
+            enqueue_keyed(&producer, topic, partition, key, payload);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while producer.in_flight_count() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{codec} records not acknowledged"
+            );
+            producer.poll(Duration::from_millis(1));
+        }
+    }
+}
+
+/// What the broker answered to a produce request sent by [`Cluster::send_batch_by_hand`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum RawProduce {
+    /// Stored at this base offset (the mock cluster keeps batches as sent, unchecked).
+    Stored(i64),
+    /// Refused with this Kafka error code (a broker checks the CRC: `CORRUPT_MESSAGE` is 2).
+    Refused(i16),
+}
+
+impl Cluster {
+    /// Produces one record batch (magic 2, uncompressed) of `(idempotency key, payload)`
+    /// records, written by hand on the wire (a Produce v3 request): with `corrupt`, its CRC is
+    /// wrong, as a disk or network corruption leaves it, which no client would send. Goes to
+    /// the first bootstrap server, the leader of every partition on the one-broker test
+    /// cluster.
+    pub fn send_batch_by_hand(
+        &self,
+        topic: &str,
+        partition: i32,
+        records: &[(&str, Vec<u8>)],
+        corrupt: bool,
+    ) -> RawProduce {
+        use std::io::{Read, Write};
+        let batch = record_batch(records, corrupt);
+        let mut body = Vec::new();
+        body.extend(0i16.to_be_bytes()); // api key: Produce
+        body.extend(3i16.to_be_bytes()); // version 3
+        body.extend(7i32.to_be_bytes()); // correlation id
+        put_str(&mut body, "corrupt-batch");
+        body.extend((-1i16).to_be_bytes()); // no transactional id
+        body.extend((-1i16).to_be_bytes()); // acks: all
+        body.extend(10_000i32.to_be_bytes()); // timeout
+        body.extend(1i32.to_be_bytes()); // one topic
+        put_str(&mut body, topic);
+        body.extend(1i32.to_be_bytes()); // one partition
+        body.extend(partition.to_be_bytes());
+        body.extend((batch.len() as i32).to_be_bytes());
+        body.extend(&batch);
+        let address = self.bootstrap.split(',').next().unwrap();
+        let mut conn = std::net::TcpStream::connect(address).expect("connecting to the broker");
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        conn.write_all(&(body.len() as i32).to_be_bytes()).unwrap();
+        conn.write_all(&body).unwrap();
+        let mut size = [0u8; 4];
+        conn.read_exact(&mut size)
+            .expect("reading the produce response");
+        let mut response = vec![0u8; i32::from_be_bytes(size) as usize];
+        conn.read_exact(&mut response).unwrap();
+        // correlation id, topics (1), name, partitions (1), index, error code, base offset.
+        let mut at = 4 + 4;
+        let name_len = i16::from_be_bytes([response[at], response[at + 1]]) as usize;
+        at += 2 + name_len + 4 + 4;
+        let code = i16::from_be_bytes([response[at], response[at + 1]]);
+        let base = i64::from_be_bytes(response[at + 2..at + 10].try_into().unwrap());
+        if code == 0 {
+            RawProduce::Stored(base)
+        } else {
+            RawProduce::Refused(code)
+        }
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as i16).to_be_bytes());
+    out.extend(s.as_bytes());
+}
+
+fn put_varint(out: &mut Vec<u8>, n: i64) {
+    let mut z = ((n << 1) ^ (n >> 63)) as u64;
+    loop {
+        let byte = (z & 0x7f) as u8;
+        z >>= 7;
+        if z == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// CRC-32C (Castagnoli), what record batches carry.
+fn crc32c(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A record batch (magic 2) of keyed records; with `corrupt`, its CRC is one off.
+fn record_batch(records: &[(&str, Vec<u8>)], corrupt: bool) -> Vec<u8> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut checked = Vec::new();
+    checked.extend(0i16.to_be_bytes()); // attributes: no compression
+    checked.extend((records.len() as i32 - 1).to_be_bytes()); // last offset delta
+    checked.extend(now.to_be_bytes());
+    checked.extend(now.to_be_bytes());
+    checked.extend((-1i64).to_be_bytes()); // producer id
+    checked.extend((-1i16).to_be_bytes()); // producer epoch
+    checked.extend((-1i32).to_be_bytes()); // base sequence
+    checked.extend((records.len() as i32).to_be_bytes());
+    for (i, (key, payload)) in records.iter().enumerate() {
+        let mut record = vec![0u8]; // attributes
+        put_varint(&mut record, 0); // timestamp delta
+        put_varint(&mut record, i as i64); // offset delta
+        put_varint(&mut record, -1); // no Kafka key
+        put_varint(&mut record, payload.len() as i64);
+        record.extend(payload);
+        put_varint(&mut record, 1); // one header
+        put_varint(&mut record, "idempotency-key".len() as i64);
+        record.extend(b"idempotency-key");
+        put_varint(&mut record, key.len() as i64);
+        record.extend(key.as_bytes());
+        put_varint(&mut checked, record.len() as i64);
+        checked.extend(record);
+    }
+    let mut batch = Vec::new();
+    batch.extend(0i64.to_be_bytes()); // base offset (the broker assigns it)
+    batch.extend((4 + 1 + 4 + checked.len() as i32).to_be_bytes());
+    batch.extend((-1i32).to_be_bytes()); // partition leader epoch
+    batch.push(2); // magic
+    batch.extend(
+        crc32c(&checked)
+            .wrapping_add(u32::from(corrupt))
+            .to_be_bytes(),
+    );
+    batch.extend(checked);
+    batch
+}
+
+/// Enqueues one record under an idempotency key, to an explicit partition.
+fn enqueue_keyed(producer: &BaseProducer, topic: &str, partition: i32, key: &str, payload: &[u8]) {
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "idempotency-key",
+        value: Some(key.as_bytes()),
+    });
+    let record: BaseRecord<'_, (), [u8]> = BaseRecord::to(topic)
+        .partition(partition)
+        .headers(headers)
+        .payload(payload);
+    producer
+        .send(record)
+        .map_err(|(e, _)| e)
+        .expect("enqueueing a record");
 }
