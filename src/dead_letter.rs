@@ -95,14 +95,38 @@ pub struct DeadLetter {
     pub failed_at_ms: i64,
 }
 
+/// The whole letter, payload included.
 const DEAD_LETTER_VERSION: u8 = 1;
+/// The letter without its payload, which the store keeps beside it (PostgreSQL's `payload`
+/// column), so the payload is stored once.
+const DEAD_LETTER_APART_VERSION: u8 = 2;
 
 impl DeadLetter {
     /// Encodes the dead letter for the embedded store.
     pub(crate) fn encode(&self) -> Vec<u8> {
+        self.encode_with(true)
+    }
+
+    /// Encodes the dead letter without its payload, for a store that keeps the payload beside
+    /// it; read it back with [`DeadLetter::decode_apart`].
+    pub(crate) fn encode_apart(&self) -> Vec<u8> {
+        self.encode_with(false)
+    }
+
+    fn encode_with(&self, with_payload: bool) -> Vec<u8> {
         let r = &self.record;
-        let mut out = Vec::with_capacity(128 + r.payload().map_or(0, <[u8]>::len));
-        out.push(DEAD_LETTER_VERSION);
+        let capacity = 128
+            + if with_payload {
+                r.payload().map_or(0, <[u8]>::len)
+            } else {
+                0
+            };
+        let mut out = Vec::with_capacity(capacity);
+        out.push(if with_payload {
+            DEAD_LETTER_VERSION
+        } else {
+            DEAD_LETTER_APART_VERSION
+        });
         out.push(self.reason.code());
         out.extend_from_slice(&self.attempts.to_be_bytes());
         out.extend_from_slice(&self.first_failed_at_ms.to_be_bytes());
@@ -120,7 +144,9 @@ impl DeadLetter {
             }
         }
         put_opt(&mut out, r.key());
-        put_opt(&mut out, r.payload());
+        if with_payload {
+            put_opt(&mut out, r.payload());
+        }
         out.extend_from_slice(&(r.headers().len() as u32).to_be_bytes());
         for h in r.headers() {
             put_bytes(&mut out, h.name.as_bytes());
@@ -131,9 +157,15 @@ impl DeadLetter {
 
     /// Decodes a dead letter written by [`DeadLetter::encode`].
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
+        Self::decode_apart(bytes, None)
+    }
+
+    /// Decodes a dead letter written by [`DeadLetter::encode_apart`], whose payload the store
+    /// kept beside it (`payload`), or by [`DeadLetter::encode`] (then `payload` is not used).
+    pub(crate) fn decode_apart(bytes: &[u8], payload: Option<Vec<u8>>) -> Result<Self> {
         let mut rd = Reader::new(bytes, "dead letter");
         let version = rd.u8()?;
-        if version != DEAD_LETTER_VERSION {
+        if version != DEAD_LETTER_VERSION && version != DEAD_LETTER_APART_VERSION {
             return Err(Error::Corrupt(format!(
                 "dead letter version {version} is not supported"
             )));
@@ -152,7 +184,11 @@ impl DeadLetter {
             _ => Some(i64::from_be_bytes(rd.array()?)),
         };
         let record_key = get_opt(&mut rd)?;
-        let payload = get_opt(&mut rd)?;
+        let payload = if version == DEAD_LETTER_VERSION {
+            get_opt(&mut rd)?
+        } else {
+            payload
+        };
         let mut record = Record::new(topic, partition, offset, record_key, payload);
         if let Some(ts) = timestamp {
             record = record.with_timestamp_ms(ts);
@@ -394,7 +430,14 @@ mod tests {
             if let Some(ts) = ts { record = record.with_timestamp_ms(ts); }
             for (n, v) in headers { record = record.with_header(n, v); }
             let dl = DeadLetter { record, key, reason: DeadLetterReason::Conflict, message, attempts, first_failed_at_ms: 3, failed_at_ms: 7 };
-            prop_assert_eq!(DeadLetter::decode(&dl.encode()).unwrap(), dl);
+            prop_assert_eq!(DeadLetter::decode(&dl.encode()).unwrap(), dl.clone());
+            // Apart: the payload is not in the bytes, and comes back from beside them.
+            let apart = dl.encode_apart();
+            let payload = dl.record.payload().map(<[u8]>::to_vec);
+            prop_assert_eq!(apart.len() + payload.as_ref().map_or(1, |p| 1 + 4 + p.len()), dl.encode().len());
+            prop_assert_eq!(DeadLetter::decode_apart(&apart, payload).unwrap(), dl.clone());
+            // A letter written whole before (version 1) reads the same whatever is beside it.
+            prop_assert_eq!(DeadLetter::decode_apart(&dl.encode(), Some(b"other".to_vec())).unwrap(), dl);
         }
 
         #[test]

@@ -120,6 +120,16 @@ impl Record {
 
     /// Why the record cannot be handled as it was sent, if it cannot: a header the Kafka
     /// client could not read.
+    /// The bytes the record holds: key, payload, header names and values.
+    pub(crate) fn size_bytes(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|h| h.name.len() + h.value.as_ref().map_or(0, Vec::len))
+            .sum();
+        self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len) + headers
+    }
+
     pub(crate) fn unreadable(&self) -> Option<String> {
         let first = self.unreadable_headers.first()?;
         Some(format!(

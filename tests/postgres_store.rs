@@ -399,6 +399,14 @@ fn dead_letters_go_to_the_table_only_when_the_topic_is_disabled() {
         "one readable row: {:?}",
         pg.dead_letters(&PartitionId::new(&group, &topic, 0))
     );
+    // The payload is stored once: in its column, not again inside the encoded letter.
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM idc_dead_letters WHERE position(payload IN letter) > 0"),
+        Some(0),
+        "the payload is kept twice"
+    );
+    let letters = pg.dead_letters(&PartitionId::new(&group, &topic, 0));
+    assert_eq!(letters[0].record.payload(), Some(&b"not json"[..]));
     assert_eq!(
         pg.next_offset(&PartitionId::new(&group, &topic, 0)),
         Some(2)
@@ -1010,4 +1018,58 @@ fn transient_failures_while_acquiring_a_partition_are_tried_again() {
     assert!(shown.contains("acquiring the partition failed"), "{shown}");
     assert!(shown.contains("acquire refused by the test"), "{shown}");
     assert!(!pg.balances().contains_key("rex"));
+}
+
+/// An instance whose clock runs two days fast cannot expire what the database's clock says is
+/// live: neither its purge deletes the entry nor its claim takes the key over (which would
+/// apply the record again). Once the entry has expired by the database's clock, both do.
+#[test]
+fn a_fast_clock_neither_purges_nor_takes_over_live_entries() {
+    let pg = Postgres::new();
+    block_on(async {
+        let store = pg.connect().await;
+        let pid = PartitionId::new("g", "t", 0);
+        let epoch = store.acquire(&pid).await.unwrap().epoch;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let live = DedupEntry {
+            created_at_ms: now,
+            expires_at_ms: now + 3_600_000,
+            ..entry(0, b"p")
+        };
+        let gone = DedupEntry {
+            created_at_ms: now - 7_200_000,
+            expires_at_ms: now - 3_600_000,
+            ..entry(1, b"q")
+        };
+        let (live_key, gone_key) = (store_key("g", "live"), store_key("g", "gone"));
+        let mut tx = store.begin(&pid, epoch).await.unwrap();
+        for key in [&live_key, &gone_key] {
+            assert_eq!(tx.claim(key, now).await.unwrap(), Claim::Claimed);
+        }
+        tx.put_entry(&live_key, &live).await.unwrap();
+        tx.put_entry(&gone_key, &gone).await.unwrap();
+        tx.commit(2).await.unwrap();
+
+        let fast = now + 2 * 86_400_000;
+        let mut tx = store.begin(&pid, epoch).await.unwrap();
+        assert_eq!(
+            tx.claim(&live_key, fast).await.unwrap(),
+            Claim::Existing(live.clone()),
+            "a fast clock took a live key over"
+        );
+        assert_eq!(tx.claim(&gone_key, fast).await.unwrap(), Claim::Claimed);
+        drop(tx);
+        assert_eq!(
+            store.purge_expired(fast, 100).await.unwrap(),
+            1,
+            "only the entry expired by the database's clock"
+        );
+    });
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM idc_dedup WHERE idempotency_key = 'live'::bytea"),
+        Some(1)
+    );
 }

@@ -1369,6 +1369,35 @@ fn dead_letter_that_cannot_be_produced_is_not_committed_past<B: Backend>(b: &B) 
     );
 }
 
+/// Batches are bounded by bytes as well as by count: records of 10 kB under a bound of 25 kB
+/// make batches of three, where the count bound and the linger alone would make one.
+fn batches_are_bounded_by_bytes<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
+    let padding = "x".repeat(10_000);
+    cluster.send_keyed(
+        &topic,
+        0,
+        (0..20).map(|i| {
+            let payload =
+                format!("{{\"account\": \"uma\", \"amount\": 1, \"pad\": \"{padding}\"}}");
+            (format!("big-{i}"), payload.into_bytes())
+        }),
+    );
+    let running = Incarnation::launch(b, |store| {
+        builder(&cluster, &group, &topic)
+            .batch(1_000, Duration::from_secs(2))
+            .batch_max_bytes(25_000)
+            .store(store)
+            .build(Ledger::new())
+            .unwrap()
+    });
+    running.wait_for("every record", |s| s.applied == 20);
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert!(stats.batches_committed >= 7, "{stats:?}");
+    assert_eq!(b.balances()["uma"], 20);
+}
+
 /// A stored position beyond the end of the log (the topic was deleted and created again) is
 /// refused with both numbers: without the check every new record would be below the position
 /// and skipped as a redelivery. Once the operator sets where it resumes, everything is handled.
@@ -1735,4 +1764,5 @@ suite!(
     position_beyond_the_end_of_the_log_is_refused_not_skipped,
     a_batch_that_fails_its_crc_stops_the_partition_not_skipped,
     every_compression_codec_is_read,
+    batches_are_bounded_by_bytes,
 );

@@ -49,6 +49,7 @@ pub(crate) struct Config {
     pub(crate) scope: Scope,
     pub(crate) conflict_scope: Scope,
     pub(crate) batch_max_records: usize,
+    pub(crate) batch_max_bytes: usize,
     pub(crate) batch_linger: Duration,
     pub(crate) retention: Duration,
     pub(crate) conflict: ConflictPolicy,
@@ -73,6 +74,7 @@ pub struct RuntimeBuilder<S = ()> {
     store: S,
     identity: Identity,
     batch_max_records: usize,
+    batch_max_bytes: usize,
     batch_linger: Duration,
     retention: Duration,
     conflict: ConflictPolicy,
@@ -138,6 +140,15 @@ impl<S> RuntimeBuilder<S> {
     pub fn batch(mut self, max_records: usize, linger: Duration) -> Self {
         self.batch_max_records = max_records;
         self.batch_linger = linger;
+        self
+    }
+
+    /// The byte bound of a batch (default 16 MiB): a batch stops taking records once the
+    /// keys, payloads and headers it holds reach `max_bytes`, so it exceeds the bound by at
+    /// most one record, and a record larger than the bound is a batch of its own. It bounds
+    /// what a partition holds in memory and what one commit writes, whatever the record sizes.
+    pub fn batch_max_bytes(mut self, max_bytes: usize) -> Self {
+        self.batch_max_bytes = max_bytes;
         self
     }
 
@@ -234,6 +245,7 @@ impl<S> RuntimeBuilder<S> {
             store,
             identity: self.identity,
             batch_max_records: self.batch_max_records,
+            batch_max_bytes: self.batch_max_bytes,
             batch_linger: self.batch_linger,
             retention: self.retention,
             conflict: self.conflict,
@@ -297,6 +309,9 @@ impl<S: Store> RuntimeBuilder<S> {
         }
         if self.batch_max_records == 0 {
             return Err(Error::Config("batch max_records must be at least 1".into()));
+        }
+        if self.batch_max_bytes == 0 {
+            return Err(Error::Config("batch_max_bytes must be at least 1".into()));
         }
         if self.retention.is_zero() {
             return Err(Error::Config("retention must be positive".into()));
@@ -363,6 +378,7 @@ impl<S: Store> RuntimeBuilder<S> {
                     scope,
                     conflict_scope,
                     batch_max_records: self.batch_max_records,
+                    batch_max_bytes: self.batch_max_bytes,
                     batch_linger: self.batch_linger,
                     retention: self.retention,
                     conflict: self.conflict,
@@ -397,6 +413,7 @@ impl Runtime<(), ()> {
             store: (),
             identity: Identity::default(),
             batch_max_records: 500,
+            batch_max_bytes: 16 << 20,
             batch_linger: Duration::from_millis(50),
             retention: DEFAULT_RETENTION,
             conflict: ConflictPolicy::default(),
@@ -479,6 +496,24 @@ mod tests {
             assert!(!shown.contains("hunter2"), "{shown}");
             assert!(shown.contains(property), "{shown}");
         }
+    }
+
+    #[test]
+    fn batch_bounds_of_zero_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = || {
+            Runtime::builder()
+                .bootstrap_servers("127.0.0.1:9")
+                .group_id("g")
+                .topics(["pay"])
+        };
+        let open = || RocksStore::open(dir.path()).unwrap();
+        let records = base().batch(0, Duration::from_millis(5)).store(open());
+        let message = config_error(records.build(Noop).map(drop));
+        assert!(message.contains("max_records"), "{message}");
+        let bytes = base().batch_max_bytes(0).store(open());
+        let message = config_error(bytes.build(Noop).map(drop));
+        assert!(message.contains("batch_max_bytes"), "{message}");
     }
 
     #[test]

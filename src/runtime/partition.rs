@@ -228,11 +228,15 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 fingerprint,
             }
         };
+        let mut bytes = first.size_bytes();
         batch.push_back(pending(first));
         let deadline = tokio::time::Instant::now() + config.batch_linger;
-        while batch.len() < config.batch_max_records {
+        while batch.len() < config.batch_max_records && bytes < config.batch_max_bytes {
             match records.try_recv() {
-                Some(record) => batch.push_back(pending(record)),
+                Some(record) => {
+                    bytes = bytes.saturating_add(record.size_bytes());
+                    batch.push_back(pending(record));
+                }
                 None if records.wait_until(deadline).await => {}
                 None => break,
             }

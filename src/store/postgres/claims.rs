@@ -44,6 +44,7 @@ impl PgTx {
         unknown.dedup_by(|a, b| a.0 == b.0);
         // A key the purge deleted between the insert and the read, or that another batch
         // refreshed between the read and the takeover, is simply tried again.
+        let mut not_expired_here = std::collections::HashSet::new();
         for _ in 0..3 {
             if unknown.is_empty() {
                 return Ok(());
@@ -124,7 +125,10 @@ impl PgTx {
                         "a claimed dedup row was committed by another transaction".into(),
                     ));
                 }
-                if !read.entry.is_expired(now_ms) {
+                // The database's clock has the last word: an instance whose clock runs fast
+                // must not take over a key that has not expired (take_over refuses it, and the
+                // entry read again then stands).
+                if !read.entry.is_expired(now_ms) || not_expired_here.contains(&key) {
                     self.set_key(&key, KeyState::Existing(read.entry));
                     continue;
                 }
@@ -141,6 +145,9 @@ impl PgTx {
                     .map_err(pg("taking over an expired key"))?;
                 if took.is_some() {
                     self.set_key(&key, KeyState::Claimed(None));
+                } else {
+                    // Refreshed meanwhile, or not expired by the database's clock: read again.
+                    not_expired_here.insert(key);
                 }
             }
             unknown.retain(|(k, _)| !self.keys.contains_key(*k));

@@ -353,7 +353,8 @@ impl Inspect for PgStore {
         rows.iter()
             .map(|r| {
                 let bytes: Vec<u8> = r.try_get(0).map_err(pg("reading dead letters"))?;
-                DeadLetter::decode(&bytes)
+                let payload: Option<Vec<u8>> = r.try_get(1).map_err(pg("reading dead letters"))?;
+                DeadLetter::decode_apart(&bytes, payload)
             })
             .collect()
     }

@@ -125,7 +125,8 @@ impl Sql {
             take_over: statement(format!(
                 "UPDATE {dedup} SET status = 'claimed', fingerprint = '\\x'::bytea, outcome = NULL, \
                  topic = $4, \"partition\" = -1, \"offset\" = -1, created_at = {now}, expires_at = {now} \
-                 WHERE consumer_group = $1 AND tenant = $2 AND idempotency_key = $3 AND expires_at <= {now} \
+                 WHERE consumer_group = $1 AND tenant = $2 AND idempotency_key = $3 \
+                   AND expires_at <= LEAST({now}, now()) \
                  RETURNING 1",
                 now = ts(5)
             )),
@@ -173,10 +174,10 @@ impl Sql {
                    ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED) x \
                  WHERE d.consumer_group = x.consumer_group AND d.tenant = x.tenant \
                    AND d.idempotency_key = x.idempotency_key AND d.expires_at <= {now}",
-                now = ts(1)
+                now = format!("LEAST({}, now())", ts(1))
             )),
             dead_letters_of: statement(format!(
-                "SELECT letter FROM {dead_letters} \
+                "SELECT letter, payload FROM {dead_letters} \
                  WHERE consumer_group = $1 AND topic = $2 AND \"partition\" = $3 ORDER BY \"offset\""
             )),
             count_entries: statement(format!(

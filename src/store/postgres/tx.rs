@@ -323,7 +323,8 @@ impl Transaction for PgTx {
                 .bind(d.iter().map(|l| l.record.payload()).collect::<Vec<_>>())
                 .bind(r(|l| l.first_failed_at_ms))
                 .bind(r(|l| l.failed_at_ms))
-                .bind(d.iter().map(DeadLetter::encode).collect::<Vec<_>>())
+                // The payload once: in its column, the rest of the letter beside it.
+                .bind(d.iter().map(DeadLetter::encode_apart).collect::<Vec<_>>())
                 .execute(&mut *self.tx)
                 .await
                 .map_err(pg("writing dead letters"))?;
