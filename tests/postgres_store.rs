@@ -1063,7 +1063,7 @@ fn a_fast_clock_neither_purges_nor_takes_over_live_entries() {
         assert_eq!(tx.claim(&gone_key, fast).await.unwrap(), Claim::Claimed);
         drop(tx);
         assert_eq!(
-            store.purge_expired(fast, 100).await.unwrap(),
+            store.purge_expired("g", fast, 100).await.unwrap(),
             1,
             "only the entry expired by the database's clock"
         );

@@ -291,13 +291,17 @@ async fn the_purge_is_bounded_and_takes_only_expired_entries<B: Subject>(b: &B) 
     tx.put_entry(&key("young"), &entry(9, 5_000)).await.unwrap();
     tx.commit(10).await.unwrap();
 
-    assert_eq!(store.purge_expired(2_000, 3).await.unwrap(), 3, "bounded");
     assert_eq!(
-        store.purge_expired(2_000, 100).await.unwrap(),
+        store.purge_expired(GROUP, 2_000, 3).await.unwrap(),
+        3,
+        "bounded"
+    );
+    assert_eq!(
+        store.purge_expired(GROUP, 2_000, 100).await.unwrap(),
         2,
         "the rest"
     );
-    assert_eq!(store.purge_expired(2_000, 100).await.unwrap(), 0);
+    assert_eq!(store.purge_expired(GROUP, 2_000, 100).await.unwrap(), 0);
     for i in 0..5 {
         assert_eq!(committed(&store, &format!("old{i}")).await, None);
     }
@@ -305,13 +309,44 @@ async fn the_purge_is_bounded_and_takes_only_expired_entries<B: Subject>(b: &B) 
         committed(&store, "young").await.is_some(),
         "inside its window: kept"
     );
-    assert_eq!(store.purge_expired(4_999, 100).await.unwrap(), 0);
+    assert_eq!(store.purge_expired(GROUP, 4_999, 100).await.unwrap(), 0);
     assert_eq!(
-        store.purge_expired(5_000, 100).await.unwrap(),
+        store.purge_expired(GROUP, 5_000, 100).await.unwrap(),
         1,
         "expired at 5,000"
     );
     assert_eq!(committed(&store, "young").await, None);
+}
+
+/// `Store::purge_expired` takes only the given group's entries: a store several groups share
+/// keeps the others' until their own runtimes purge them.
+async fn the_purge_takes_only_its_own_groups_entries<B: Subject>(b: &B) {
+    let store = b.open().await;
+    let other = PartitionId::new("other-group", "t", 0);
+
+    for p in [PartitionId::new(GROUP, "t", 0), other.clone()] {
+        let epoch = store.acquire(&p).await.unwrap().epoch;
+        let mut tx = store.begin(&p, epoch).await.unwrap();
+        let key = EntryKey::new(&p.group, "old").store_key();
+        assert_eq!(tx.claim(&key, 10).await.unwrap(), Claim::Claimed);
+        tx.put_entry(&key, &entry(0, 1_000)).await.unwrap();
+        tx.commit(1).await.unwrap();
+    }
+    assert_eq!(store.purge_expired(GROUP, 2_000, 100).await.unwrap(), 1);
+    assert_eq!(committed(&store, "old").await, None);
+    let theirs = EntryKey::new("other-group", "old");
+    assert!(
+        store.entry(&theirs).await.unwrap().is_some(),
+        "another group's entry purged"
+    );
+    assert_eq!(
+        store
+            .purge_expired("other-group", 2_000, 100)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.entry(&theirs).await.unwrap(), None);
 }
 
 /// `Store::acquire`, `Transaction::commit` and `Inspect::set_position`: the position a commit
@@ -436,5 +471,6 @@ contract!(
     a_batch_reads_its_own_writes_and_shows_nothing_before_its_commit,
     a_fenced_commit_writes_nothing,
     the_purge_is_bounded_and_takes_only_expired_entries,
+    the_purge_takes_only_its_own_groups_entries,
     positions_round_trip,
 );

@@ -205,7 +205,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
                     }
                 }
                 _ = purge.tick() => {
-                    purge_expired(&*shared.store, config.purge_batch, &shared.meter).await;
+                    purge_expired(&*shared.store, &config.group, config.purge_batch, &shared.meter).await;
                 }
                 () = sleep_until_opt(next_deadline) => {
                     let now = Instant::now();
@@ -285,17 +285,17 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 
 /// Purges expired entries in bounded rounds (a few rounds per tick at most), then refreshes the
 /// store-entries gauge.
-async fn purge_expired<S: Store>(store: &S, batch: usize, meter: &GroupMeter) {
-    purge_rounds(store, batch, meter).await;
+async fn purge_expired<S: Store>(store: &S, group: &str, batch: usize, meter: &GroupMeter) {
+    purge_rounds(store, group, batch, meter).await;
     match store.entry_count().await {
         Ok(n) => meter.store_entries(n),
         Err(e) => tracing::warn!(error = %e, "counting store entries failed"),
     }
 }
 
-async fn purge_rounds<S: Store>(store: &S, batch: usize, meter: &GroupMeter) {
+async fn purge_rounds<S: Store>(store: &S, group: &str, batch: usize, meter: &GroupMeter) {
     for _ in 0..10 {
-        match store.purge_expired(partition::now_ms(), batch).await {
+        match store.purge_expired(group, partition::now_ms(), batch).await {
             Ok(n) => {
                 meter.purged(n as u64);
                 if n < batch {

@@ -174,12 +174,15 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn purge_expired(&self, now_ms: i64, limit: usize) -> Result<usize> {
+    async fn purge_expired(&self, group: &str, now_ms: i64, limit: usize) -> Result<usize> {
         let mut state = self.lock();
         let expired: Vec<Vec<u8>> = state
             .entries
             .iter()
-            .filter(|(_, e)| e.is_expired(now_ms))
+            // A key that is not a scoped store key names no group: any group's purge takes it.
+            .filter(|(k, e)| {
+                e.is_expired(now_ms) && group_of(k).is_none_or(|g| g == group.as_bytes())
+            })
             .map(|(k, _)| k.clone())
             .take(limit)
             .collect();
@@ -326,6 +329,11 @@ impl Inspect for MemoryStore {
     }
 }
 
+/// The group of a store key (`Scope::store_key`).
+fn group_of(store_key: &[u8]) -> Option<&[u8]> {
+    crate::identity::split_store_key(store_key).map(|(group, _, _)| group)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,7 +390,7 @@ mod tests {
             "a dropped transaction releases its claims"
         );
         drop(three);
-        assert_eq!(store.purge_expired(5_000, 10).await.unwrap(), 1);
+        assert_eq!(store.purge_expired("g", 5_000, 10).await.unwrap(), 1);
 
         // A newer owner fences the old one's commit; nothing of it is written.
         let mut zombie = store.begin(&p, a.epoch).await.unwrap();

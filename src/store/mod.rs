@@ -94,10 +94,12 @@ pub trait Store: Send + Sync + 'static {
         epoch: u64,
     ) -> impl Future<Output = Result<Self::Tx>> + Send;
 
-    /// Deletes at most `limit` entries that expired at or before `now_ms`; returns how many.
-    /// Never deletes an entry that has not expired.
+    /// Deletes at most `limit` of `group`'s entries that expired at or before `now_ms`;
+    /// returns how many. Never deletes an entry that has not expired, nor another group's: each
+    /// group's runtime purges its own (a store may hold several groups).
     fn purge_expired(
         &self,
+        group: &str,
         now_ms: i64,
         limit: usize,
     ) -> impl Future<Output = Result<usize>> + Send;

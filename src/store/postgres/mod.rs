@@ -287,10 +287,11 @@ impl Store for PgStore {
         self.inner.idle_timeout
     }
 
-    async fn purge_expired(&self, now_ms: i64, limit: usize) -> Result<usize> {
+    async fn purge_expired(&self, group: &str, now_ms: i64, limit: usize) -> Result<usize> {
         let done = sqlx::query(self.inner.sql.purge.clone())
             .bind(clamp_ms(now_ms))
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(group)
             .execute(&self.inner.pool)
             .await
             .map_err(pg("purging expired entries"))?;

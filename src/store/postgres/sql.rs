@@ -170,7 +170,7 @@ impl Sql {
             purge: statement(format!(
                 "DELETE FROM {dedup} d USING ( \
                    SELECT consumer_group, tenant, idempotency_key FROM {dedup} \
-                   WHERE expires_at <= {now} AND status <> 'claimed' \
+                   WHERE consumer_group = $3 AND expires_at <= {now} AND status <> 'claimed' \
                    ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED) x \
                  WHERE d.consumer_group = x.consumer_group AND d.tenant = x.tenant \
                    AND d.idempotency_key = x.idempotency_key AND d.expires_at <= {now}",

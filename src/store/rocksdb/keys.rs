@@ -96,6 +96,18 @@ pub(super) fn indexed_keys<'a>(index_key: &'a [u8], value: &'a [u8]) -> Result<V
     Ok(keys)
 }
 
+/// The consumer group of an index row's entries: of the partition that wrote them (its
+/// position key follows time, epoch and offset), or for a row of the earlier layout, of its
+/// one entry's store key. `None` when the row does not say.
+pub(super) fn group_of_row<'a>(index_key: &'a [u8], value: &'a [u8]) -> Option<&'a [u8]> {
+    if value.is_empty() {
+        return crate::identity::split_store_key(index_key.get(8..)?).map(|(g, _, _)| g);
+    }
+    let position = index_key.get(24..)?;
+    let (len, rest) = position.split_first_chunk::<4>()?;
+    rest.get(..u32::from_be_bytes(*len) as usize)
+}
+
 pub(super) fn dead_letter_key(
     group: &str,
     record_topic: &str,

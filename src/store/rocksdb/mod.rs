@@ -283,8 +283,8 @@ impl Store for RocksStore {
         self.estimated_entries()
     }
 
-    async fn purge_expired(&self, now_ms: i64, limit: usize) -> Result<usize> {
-        purge::purge_expired(&self.inner, now_ms, limit)
+    async fn purge_expired(&self, group: &str, now_ms: i64, limit: usize) -> Result<usize> {
+        purge::purge_expired(&self.inner, group, now_ms, limit)
     }
 
     fn store_id(&self) -> Option<&str> {

@@ -8,13 +8,19 @@
 
 use rocksdb::{IteratorMode, WriteBatch};
 
-use super::keys::{CF_DEDUP, CF_EXPIRY, expiry_of, indexed_keys};
+use super::keys::{CF_DEDUP, CF_EXPIRY, expiry_of, group_of_row, indexed_keys};
 use super::{Inner, rocks};
 use crate::error::Result;
 use crate::store::entry::{DedupEntry, put_bytes};
 
-/// Deletes at most `limit` expired entries (at `now_ms`); returns how many.
-pub(super) fn purge_expired(inner: &Inner, now_ms: i64, limit: usize) -> Result<usize> {
+/// Deletes at most `limit` of `group`'s expired entries (at `now_ms`); returns how many. Index
+/// rows of other groups are passed over.
+pub(super) fn purge_expired(
+    inner: &Inner,
+    group: &str,
+    now_ms: i64,
+    limit: usize,
+) -> Result<usize> {
     let _exclusive = inner.purge_gate.write().expect("purge gate poisoned");
     let mut batch = WriteBatch::default();
     let (mut examined, mut purged) = (0, 0);
@@ -29,6 +35,9 @@ pub(super) fn purge_expired(inner: &Inner, now_ms: i64, limit: usize) -> Result<
         let expires_at = expiry_of(&index_key)?;
         if expires_at > now_ms {
             break;
+        }
+        if group_of_row(&index_key, &value).is_some_and(|g| g != group.as_bytes()) {
+            continue;
         }
         let keys = indexed_keys(&index_key, &value)?;
         // At most `limit` keys a round: a row cut short keeps the keys left for the next.

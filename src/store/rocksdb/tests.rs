@@ -253,12 +253,12 @@ async fn purge_removes_only_expired_entries_in_bounded_rounds() {
     tx.commit(13).await.unwrap();
 
     assert_eq!(
-        store.purge_expired(2_000, 3).await.unwrap(),
+        store.purge_expired("g", 2_000, 3).await.unwrap(),
         2,
         "bounded: 3 index rows, one stale"
     );
-    assert_eq!(store.purge_expired(2_000, 100).await.unwrap(), 3);
-    assert_eq!(store.purge_expired(2_000, 100).await.unwrap(), 0);
+    assert_eq!(store.purge_expired("g", 2_000, 100).await.unwrap(), 3);
+    assert_eq!(store.purge_expired("g", 2_000, 100).await.unwrap(), 0);
     for i in 0..5 {
         assert!(
             store
@@ -273,7 +273,7 @@ async fn purge_removes_only_expired_entries_in_bounded_rounds() {
         "inside the window: kept"
     );
     assert_eq!(store.inner.entry(b"again").unwrap().unwrap().offset, 12);
-    assert_eq!(store.purge_expired(i64::MAX, 100).await.unwrap(), 2);
+    assert_eq!(store.purge_expired("g", i64::MAX, 100).await.unwrap(), 2);
 }
 
 fn index_rows(store: &RocksStore) -> usize {
@@ -325,7 +325,7 @@ async fn one_index_row_per_commit_and_expiry_and_the_purge_keeps_its_bound() {
         "two rows for the first commit (two expiry times), one for the second, the legacy row"
     );
     assert_eq!(
-        store.purge_expired(2_000, 3).await.unwrap(),
+        store.purge_expired("g", 2_000, 3).await.unwrap(),
         3,
         "bounded: a row is cut short"
     );
@@ -335,17 +335,17 @@ async fn one_index_row_per_commit_and_expiry_and_the_purge_keeps_its_bound() {
         "left in its row for the next round"
     );
     assert_eq!(index_rows(&store), 4, "the cut row keeps the rest");
-    assert_eq!(store.purge_expired(2_000, 3).await.unwrap(), 3);
+    assert_eq!(store.purge_expired("g", 2_000, 3).await.unwrap(), 3);
     assert!(store.inner.entry(b"k3").unwrap().is_none());
     assert!(store.inner.entry(b"m1").unwrap().is_none());
     assert!(
         store.inner.entry(b"legacy").unwrap().is_some(),
         "after the limit"
     );
-    assert_eq!(store.purge_expired(2_000, 10).await.unwrap(), 1);
+    assert_eq!(store.purge_expired("g", 2_000, 10).await.unwrap(), 1);
     assert!(store.inner.entry(b"legacy").unwrap().is_none());
     assert!(store.inner.entry(b"later").unwrap().is_some());
-    assert_eq!(store.purge_expired(2_000, 10).await.unwrap(), 0);
-    assert_eq!(store.purge_expired(5_000, 10).await.unwrap(), 1);
+    assert_eq!(store.purge_expired("g", 2_000, 10).await.unwrap(), 0);
+    assert_eq!(store.purge_expired("g", 5_000, 10).await.unwrap(), 1);
     assert_eq!(index_rows(&store), 0);
 }
