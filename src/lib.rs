@@ -119,6 +119,7 @@
 //! | `idempotent_consumer_fenced_commits_total` | counter | group, topic, partition |
 //! | `idempotent_consumer_kafka_commit_failures_total` | counter | group |
 //! | `idempotent_consumer_expired_purged_total` | counter | group |
+//! | `idempotent_consumer_dead_letters_purged_total` | counter | group |
 //! | `idempotent_consumer_stale_partitions_refused_total` | counter | group, topic, partition |
 //! | `idempotent_consumer_batch_records` | histogram | group, topic, partition |
 //! | `idempotent_consumer_handler_seconds` | histogram | group, topic, partition |

@@ -72,6 +72,8 @@ counters! {
     fenced_commits,
     /// Expired dedup entries purged.
     expired_purged,
+    /// Dead letters deleted from the store after the dead-letter retention.
+    dead_letters_purged,
     /// Asynchronous Kafka offset commits that failed (the store's position stays authoritative).
     kafka_commit_failures,
     /// Batches tried again after a transient store failure (lost connection, deadlock).
@@ -152,6 +154,7 @@ const BATCHES: &str = "idempotent_consumer_batches_committed_total";
 const FENCED: &str = "idempotent_consumer_fenced_commits_total";
 const KAFKA_COMMIT_FAILURES: &str = "idempotent_consumer_kafka_commit_failures_total";
 const EXPIRED_PURGED: &str = "idempotent_consumer_expired_purged_total";
+const DEAD_LETTERS_PURGED: &str = "idempotent_consumer_dead_letters_purged_total";
 const STALE_REFUSED: &str = "idempotent_consumer_stale_partitions_refused_total";
 const BATCH_RECORDS: &str = "idempotent_consumer_batch_records";
 const HANDLER_SECONDS: &str = "idempotent_consumer_handler_seconds";
@@ -181,6 +184,10 @@ pub(crate) fn describe() {
     );
     metrics::describe_counter!(EXPIRED_PURGED, "Expired dedup entries purged.");
     metrics::describe_counter!(
+        DEAD_LETTERS_PURGED,
+        "Dead letters deleted from the store after the dead-letter retention."
+    );
+    metrics::describe_counter!(
         STALE_REFUSED,
         "Partition assignments refused: another store holds the partition's latest state."
     );
@@ -198,6 +205,7 @@ pub(crate) struct GroupMeter {
     group: String,
     kafka_commit_failures: Counter,
     expired_purged: Counter,
+    dead_letters_purged: Counter,
     store_entries: Gauge,
 }
 
@@ -209,6 +217,7 @@ impl GroupMeter {
             group: group.to_owned(),
             kafka_commit_failures: metrics::counter!(KAFKA_COMMIT_FAILURES, &labels),
             expired_purged: metrics::counter!(EXPIRED_PURGED, &labels),
+            dead_letters_purged: metrics::counter!(DEAD_LETTERS_PURGED, &labels),
             store_entries: metrics::gauge!(STORE_ENTRIES, &labels),
         }
     }
@@ -226,6 +235,11 @@ impl GroupMeter {
     pub(crate) fn purged(&self, n: u64) {
         Stats::add(&self.stats.expired_purged, n);
         self.expired_purged.increment(n);
+    }
+
+    pub(crate) fn dead_letters_purged(&self, n: u64) {
+        Stats::add(&self.stats.dead_letters_purged, n);
+        self.dead_letters_purged.increment(n);
     }
 
     /// A partition assignment refused as stale.
@@ -382,6 +396,6 @@ mod tests {
         assert_eq!(json["applied"], 3);
         assert_eq!(json["stale_partitions_refused"], 1);
         assert_eq!(json["fenced_commits"], 0);
-        assert_eq!(json.as_object().unwrap().len(), 14, "every counter: {json}");
+        assert_eq!(json.as_object().unwrap().len(), 15, "every counter: {json}");
     }
 }

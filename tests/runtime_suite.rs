@@ -585,6 +585,33 @@ fn background_purge_removes_expired_entries_only<B: Backend>(b: &B) {
     );
 }
 
+/// The background purge deletes dead letters older than the dead-letter retention from the
+/// store, and counts them; the records' entries (dead-lettered keys) stay for their own
+/// retention.
+fn background_purge_removes_old_dead_letters<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
+    let pid = PartitionId::new(&group, &topic, 0);
+    cluster.send(&topic, 0, Some("bad-1"), Some(b"not json"));
+    cluster.send_movement(&topic, 0, "ok-1", "lou", 1);
+    let running = Incarnation::launch(b, |store| {
+        builder(&cluster, &group, &topic)
+            .dead_letter_retention(Some(Duration::from_millis(1_500)))
+            .purge(Duration::from_millis(200), 10)
+            .store(store)
+            .build(Ledger::new())
+            .unwrap()
+    });
+    running.wait_for("both records", |s| s.applied + s.dead_lettered == 2);
+    // (Young letters are kept: the store contract tests it.)
+    running.wait_for("the old letter purged", |s| s.dead_letters_purged == 1);
+    running.stop().unwrap();
+    assert!(b.dead_letters(&pid).is_empty());
+    assert!(
+        b.entry(&group, "bad-1").is_some(),
+        "the key stays dead-lettered"
+    );
+}
+
 /// A graceful shutdown in the middle of a batch commits everything the handler did; Kafka's
 /// offset matches the store's position.
 fn shutdown_drains_and_commits_in_flight_work<B: Backend>(b: &B) {
@@ -1765,4 +1792,5 @@ suite!(
     a_batch_that_fails_its_crc_stops_the_partition_not_skipped,
     every_compression_codec_is_read,
     batches_are_bounded_by_bytes,
+    background_purge_removes_old_dead_letters,
 );

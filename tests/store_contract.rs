@@ -349,6 +349,60 @@ async fn the_purge_takes_only_its_own_groups_entries<B: Subject>(b: &B) {
     assert_eq!(store.entry(&theirs).await.unwrap(), None);
 }
 
+/// `Store::purge_dead_letters`: only `group`'s letters that failed more than the retention
+/// ago, at most `limit` a call; the young ones and another group's stay.
+async fn the_dead_letter_purge_takes_only_old_letters_of_its_group<B: Subject>(b: &B) {
+    let store = b.open().await;
+    let day = 86_400_000;
+    let now = 100 * day;
+    let other = PartitionId::new("other-group", "t", 0);
+    for p in [PartitionId::new(GROUP, "t", 0), other.clone()] {
+        let epoch = store.acquire(&p).await.unwrap().epoch;
+        let mut tx = store.begin(&p, epoch).await.unwrap();
+        for offset in 0..4 {
+            // Offsets 0..3 failed 40 days ago, offset 3 one day ago.
+            let failed_at_ms = if offset < 3 {
+                now - 40 * day
+            } else {
+                now - day
+            };
+            let letter = DeadLetter {
+                failed_at_ms,
+                first_failed_at_ms: failed_at_ms,
+                ..dead_letter(offset)
+            };
+            tx.put_dead_letter(&letter).await.unwrap();
+        }
+        tx.commit(4).await.unwrap();
+    }
+    let retention = Duration::from_millis(30 * day as u64);
+    let mut purged = store
+        .purge_dead_letters(GROUP, now, retention, 2)
+        .await
+        .unwrap();
+    assert!(purged <= 2, "bounded: {purged}");
+    for _ in 0..5 {
+        purged += store
+            .purge_dead_letters(GROUP, now, retention, 2)
+            .await
+            .unwrap();
+    }
+    assert_eq!(purged, 3, "the three old letters");
+    let left = store
+        .dead_letters(&PartitionId::new(GROUP, "t", 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        left.iter().map(|l| l.record.offset()).collect::<Vec<_>>(),
+        [3]
+    );
+    assert_eq!(
+        store.dead_letters(&other).await.unwrap().len(),
+        4,
+        "another group's"
+    );
+}
+
 /// `Store::acquire`, `Transaction::commit` and `Inspect::set_position`: the position a commit
 /// writes is the one the next acquire returns, with a newer epoch; an operator's new position
 /// keeps the epoch and is the next owner's start (on a partition never seen too); a negative
@@ -472,5 +526,6 @@ contract!(
     a_fenced_commit_writes_nothing,
     the_purge_is_bounded_and_takes_only_expired_entries,
     the_purge_takes_only_its_own_groups_entries,
+    the_dead_letter_purge_takes_only_old_letters_of_its_group,
     positions_round_trip,
 );

@@ -64,6 +64,7 @@ pub(crate) struct Config {
     /// How long one assignment may try transient acquire failures again: the poll thread
     /// waits meanwhile, so at most half of `max.poll.interval.ms`.
     pub(crate) acquire_budget: Duration,
+    pub(crate) dead_letter_retention: Option<Duration>,
 }
 
 /// Builds a [`Runtime`]. Start with [`Runtime::builder`].
@@ -87,6 +88,7 @@ pub struct RuntimeBuilder<S = ()> {
     start: StartPosition,
     kafka_unavailable: Duration,
     store_retry_timeout: Duration,
+    dead_letter_retention: Option<Duration>,
 }
 
 impl<S> fmt::Debug for RuntimeBuilder<S> {
@@ -236,6 +238,15 @@ impl<S> RuntimeBuilder<S> {
         self
     }
 
+    /// How long the store keeps a dead letter (default 30 days; `None`: until deleted by
+    /// hand). The purge that removes expired entries removes older letters too, in bounded
+    /// rounds, by the time the record was dead-lettered. Longer than the dead-letter topic's
+    /// retention keeps the store the record of truth for what was dead-lettered.
+    pub fn dead_letter_retention(mut self, retention: Option<Duration>) -> Self {
+        self.dead_letter_retention = retention;
+        self
+    }
+
     /// The store the runtime commits into.
     pub fn store<T: Store>(self, store: T) -> RuntimeBuilder<T> {
         RuntimeBuilder {
@@ -258,6 +269,7 @@ impl<S> RuntimeBuilder<S> {
             start: self.start,
             kafka_unavailable: self.kafka_unavailable,
             store_retry_timeout: self.store_retry_timeout,
+            dead_letter_retention: self.dead_letter_retention,
         }
     }
 }
@@ -326,6 +338,11 @@ impl<S: Store> RuntimeBuilder<S> {
                 "kafka_unavailable_timeout must be positive".into(),
             ));
         }
+        if self.dead_letter_retention.is_some_and(|r| r.is_zero()) {
+            return Err(Error::Config(
+                "dead_letter_retention must be positive (None keeps dead letters)".into(),
+            ));
+        }
         if self.store_retry_timeout.is_zero() {
             return Err(Error::Config("store_retry_timeout must be positive".into()));
         }
@@ -391,6 +408,7 @@ impl<S: Store> RuntimeBuilder<S> {
                     kafka_unavailable: self.kafka_unavailable,
                     store_retry_timeout: self.store_retry_timeout,
                     acquire_budget,
+                    dead_letter_retention: self.dead_letter_retention,
                 },
                 kafka_mark: self.store.store_id().map(stale::mark),
                 progress: Arc::new(super::progress::ProgressState::new()),
@@ -426,6 +444,7 @@ impl Runtime<(), ()> {
             start: StartPosition::default(),
             kafka_unavailable: Duration::from_secs(60),
             store_retry_timeout: Duration::from_secs(300),
+            dead_letter_retention: Some(Duration::from_secs(30 * 24 * 3600)),
         }
     }
 }
@@ -499,7 +518,7 @@ mod tests {
     }
 
     #[test]
-    fn batch_bounds_of_zero_are_refused() {
+    fn bounds_of_zero_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let base = || {
             Runtime::builder()
@@ -514,6 +533,13 @@ mod tests {
         let bytes = base().batch_max_bytes(0).store(open());
         let message = config_error(bytes.build(Noop).map(drop));
         assert!(message.contains("batch_max_bytes"), "{message}");
+        let letters = base()
+            .dead_letter_retention(Some(Duration::ZERO))
+            .store(open());
+        let message = config_error(letters.build(Noop).map(drop));
+        assert!(message.contains("dead_letter_retention"), "{message}");
+        let kept = base().dead_letter_retention(None).store(open());
+        kept.build(Noop).unwrap();
     }
 
     #[test]

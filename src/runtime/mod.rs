@@ -205,7 +205,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
                     }
                 }
                 _ = purge.tick() => {
-                    purge_expired(&*shared.store, &config.group, config.purge_batch, &shared.meter).await;
+                    purge_expired(&*shared.store, config, &shared.meter).await;
                 }
                 () = sleep_until_opt(next_deadline) => {
                     let now = Instant::now();
@@ -283,28 +283,51 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Purges expired entries in bounded rounds (a few rounds per tick at most), then refreshes the
-/// store-entries gauge.
-async fn purge_expired<S: Store>(store: &S, group: &str, batch: usize, meter: &GroupMeter) {
-    purge_rounds(store, group, batch, meter).await;
+/// Purges expired entries and, with a dead-letter retention, old dead letters, in bounded
+/// rounds, then refreshes the store-entries gauge.
+async fn purge_expired<S: Store>(store: &S, config: &Config, meter: &GroupMeter) {
+    let (group, batch) = (&config.group, config.purge_batch);
+    rounds(
+        "expired entries",
+        batch,
+        || store.purge_expired(group, partition::now_ms(), batch),
+        |n| meter.purged(n),
+    )
+    .await;
+    if let Some(retention) = config.dead_letter_retention {
+        rounds(
+            "old dead letters",
+            batch,
+            || store.purge_dead_letters(group, partition::now_ms(), retention, batch),
+            |n| meter.dead_letters_purged(n),
+        )
+        .await;
+    }
     match store.entry_count().await {
         Ok(n) => meter.store_entries(n),
         Err(e) => tracing::warn!(error = %e, "counting store entries failed"),
     }
 }
 
-async fn purge_rounds<S: Store>(store: &S, group: &str, batch: usize, meter: &GroupMeter) {
+/// Runs `round` until it purges fewer than `batch` (ten rounds a tick at most), counting what
+/// each round purged; a failure is logged and ends the tick.
+async fn rounds<Fut: Future<Output = Result<usize>>>(
+    what: &str,
+    batch: usize,
+    mut round: impl FnMut() -> Fut,
+    count: impl Fn(u64),
+) {
     for _ in 0..10 {
-        match store.purge_expired(group, partition::now_ms(), batch).await {
+        match round().await {
             Ok(n) => {
-                meter.purged(n as u64);
+                count(n as u64);
                 if n < batch {
                     break;
                 }
                 tokio::task::yield_now().await;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "purging expired entries failed");
+                tracing::warn!(error = %e, "purging {what} failed");
                 break;
             }
         }

@@ -192,6 +192,24 @@ impl Store for MemoryStore {
         Ok(expired.len())
     }
 
+    async fn purge_dead_letters(
+        &self,
+        group: &str,
+        now_ms: i64,
+        retention: std::time::Duration,
+        limit: usize,
+    ) -> Result<usize> {
+        let before = crate::store::retention_cutoff(now_ms, retention);
+        let mut state = self.lock();
+        let mut purged = 0;
+        state.dead_letters.retain(|(g, letter)| {
+            let old = g == group && letter.failed_at_ms < before && purged < limit;
+            purged += usize::from(old);
+            !old
+        });
+        Ok(purged)
+    }
+
     async fn entry_count(&self) -> Result<u64> {
         Ok(self.len() as u64)
     }

@@ -104,6 +104,17 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<usize>> + Send;
 
+    /// Deletes at most `limit` of `group`'s dead letters that failed more than `retention`
+    /// before `now_ms` (the dead-letter retention); returns how many. A store may examine at
+    /// most `limit` letters a call, going on where it stopped at the next.
+    fn purge_dead_letters(
+        &self,
+        group: &str,
+        now_ms: i64,
+        retention: std::time::Duration,
+        limit: usize,
+    ) -> impl Future<Output = Result<usize>> + Send;
+
     /// How many dedup entries the store holds, for the store-entries gauge. May be an estimate
     /// where counting exactly is expensive.
     fn entry_count(&self) -> impl Future<Output = Result<u64>> + Send;
@@ -139,6 +150,11 @@ pub trait Store: Send + Sync + 'static {
 /// A new store id: 128 bits from the clock, the process and the standard library's random
 /// hasher keys, as 32 hex digits. Unique enough to tell two stores of one group apart.
 #[cfg(any(feature = "rocksdb", feature = "memory"))]
+/// The instant before which a dead letter is past `retention` at `now_ms`.
+pub(crate) fn retention_cutoff(now_ms: i64, retention: std::time::Duration) -> i64 {
+    now_ms.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX))
+}
+
 pub(crate) fn new_store_id() -> String {
     use sha2::{Digest, Sha256};
     use std::hash::{BuildHasher, Hasher};

@@ -287,6 +287,24 @@ impl Store for PgStore {
         self.inner.idle_timeout
     }
 
+    async fn purge_dead_letters(
+        &self,
+        group: &str,
+        now_ms: i64,
+        retention: std::time::Duration,
+        limit: usize,
+    ) -> Result<usize> {
+        let done = sqlx::query(self.inner.sql.purge_dead_letters.clone())
+            .bind(group)
+            .bind(clamp_ms(now_ms))
+            .bind(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .execute(&self.inner.pool)
+            .await
+            .map_err(pg("purging old dead letters"))?;
+        Ok(done.rows_affected() as usize)
+    }
+
     async fn purge_expired(&self, group: &str, now_ms: i64, limit: usize) -> Result<usize> {
         let done = sqlx::query(self.inner.sql.purge.clone())
             .bind(clamp_ms(now_ms))

@@ -55,6 +55,7 @@ pub(super) struct Sql {
     pub(super) epoch: SqlStr,
     pub(super) purge: SqlStr,
     pub(super) dead_letters_of: SqlStr,
+    pub(super) purge_dead_letters: SqlStr,
     pub(super) count_entries: SqlStr,
     pub(super) estimate_entries: SqlStr,
 }
@@ -175,6 +176,17 @@ impl Sql {
                  WHERE d.consumer_group = x.consumer_group AND d.tenant = x.tenant \
                    AND d.idempotency_key = x.idempotency_key AND d.expires_at <= {now}",
                 now = format!("LEAST({}, now())", ts(1))
+            )),
+            // Older than the retention by the caller's clock and the database's alike.
+            purge_dead_letters: statement(format!(
+                "DELETE FROM {dead_letters} d USING ( \
+                   SELECT consumer_group, topic, \"partition\", \"offset\" FROM {dead_letters} \
+                   WHERE consumer_group = $1 \
+                     AND failed_at < LEAST({now}, now()) - $3::bigint * interval '1 millisecond' \
+                   ORDER BY failed_at LIMIT $4 FOR UPDATE SKIP LOCKED) x \
+                 WHERE d.consumer_group = x.consumer_group AND d.topic = x.topic \
+                   AND d.\"partition\" = x.\"partition\" AND d.\"offset\" = x.\"offset\"",
+                now = ts(2)
             )),
             dead_letters_of: statement(format!(
                 "SELECT letter, payload FROM {dead_letters} \

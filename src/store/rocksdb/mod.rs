@@ -72,6 +72,8 @@ pub(super) struct Inner {
     /// Commits hold it shared; a purge round holds it exclusively, so a purge never deletes an
     /// entry that a concurrent commit just rewrote.
     purge_gate: RwLock<()>,
+    /// Where each group's next dead-letter purge goes on (`purge::purge_dead_letters`).
+    dead_letter_cursor: std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>,
     /// Dedup keys claimed by in-flight transactions.
     claims: Arc<KeyTable>,
     /// Keys of the handler's state locked by in-flight transactions (by a read or a write).
@@ -128,6 +130,7 @@ impl RocksStore {
                 write_opts,
                 fences: Mutex::new(HashMap::new()),
                 purge_gate: RwLock::new(()),
+                dead_letter_cursor: std::sync::Mutex::default(),
                 claims: KeyTable::shared(),
                 data_locks: KeyTable::shared(),
                 store_id,
@@ -285,6 +288,17 @@ impl Store for RocksStore {
 
     async fn purge_expired(&self, group: &str, now_ms: i64, limit: usize) -> Result<usize> {
         purge::purge_expired(&self.inner, group, now_ms, limit)
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        group: &str,
+        now_ms: i64,
+        retention: std::time::Duration,
+        limit: usize,
+    ) -> Result<usize> {
+        let before = crate::store::retention_cutoff(now_ms, retention);
+        purge::purge_dead_letters(&self.inner, group, before, limit)
     }
 
     fn store_id(&self) -> Option<&str> {

@@ -1,4 +1,5 @@
-//! Retention for the RocksDB store: expired entries removed in bounded rounds.
+//! Retention for the RocksDB store: expired entries, and dead letters past the dead-letter
+//! retention, removed in bounded rounds.
 //!
 //! The purge walks the `expiry` index in time order (one row per commit and expiry time, see
 //! `keys.rs`), deletes each listed entry whose *current* expiry is the row's (a key admitted
@@ -6,10 +7,11 @@
 //! keeps the keys left for the next round. A round holds the purge gate exclusively, so it never
 //! deletes an entry that a concurrent commit is rewriting.
 
-use rocksdb::{IteratorMode, WriteBatch};
+use rocksdb::{Direction, IteratorMode, WriteBatch};
 
-use super::keys::{CF_DEDUP, CF_EXPIRY, expiry_of, group_of_row, indexed_keys};
+use super::keys::{CF_DEAD_LETTERS, CF_DEDUP, CF_EXPIRY, expiry_of, group_of_row, indexed_keys};
 use super::{Inner, rocks};
+use crate::dead_letter::DeadLetter;
 use crate::error::Result;
 use crate::store::entry::{DedupEntry, put_bytes};
 
@@ -66,4 +68,62 @@ pub(super) fn purge_expired(
             .map_err(rocks("purging expired entries"))?;
     }
     Ok(purged)
+}
+
+/// Deletes at most `limit` of `group`'s dead letters that failed before `before_ms`, examining
+/// at most `limit` letters and going on at the next call where this one stopped (the group's
+/// letters are in partition and offset order, not time order).
+pub(super) fn purge_dead_letters(
+    inner: &Inner,
+    group: &str,
+    before_ms: i64,
+    limit: usize,
+) -> Result<usize> {
+    let _exclusive = inner.purge_gate.write().expect("purge gate poisoned");
+    let prefix = group_prefix(group);
+    let mut cursor = inner.dead_letter_cursor.lock().expect("cursor poisoned");
+    let start = cursor
+        .get(group)
+        .filter(|k| k.starts_with(&prefix))
+        .cloned()
+        .unwrap_or_else(|| prefix.clone());
+    let mode = IteratorMode::From(&start, Direction::Forward);
+    let mut batch = WriteBatch::default();
+    let (mut examined, mut purged) = (0, 0);
+    let mut next = None;
+    for item in inner.db.iterator_cf(inner.cf(CF_DEAD_LETTERS), mode) {
+        let (key, value) = item.map_err(rocks("scanning dead letters"))?;
+        if !key.starts_with(&prefix) {
+            break;
+        }
+        if examined >= limit {
+            next = Some(key.to_vec());
+            break;
+        }
+        examined += 1;
+        if DeadLetter::decode(&value)?.failed_at_ms < before_ms {
+            batch.delete_cf(inner.cf(CF_DEAD_LETTERS), &key);
+            purged += 1;
+        }
+    }
+    // At the end of the group's letters, the next call starts from the first again.
+    match next {
+        Some(key) => cursor.insert(group.to_owned(), key),
+        None => cursor.remove(group),
+    };
+    if !batch.is_empty() {
+        inner
+            .db
+            .write_opt(batch, &inner.write_opts)
+            .map_err(rocks("purging old dead letters"))?;
+    }
+    Ok(purged)
+}
+
+/// The first bytes of every key of `group` in the partition-keyed column families.
+fn group_prefix(group: &str) -> Vec<u8> {
+    let mut prefix = Vec::with_capacity(4 + group.len());
+    prefix.extend_from_slice(&(group.len() as u32).to_be_bytes());
+    prefix.extend_from_slice(group.as_bytes());
+    prefix
 }
