@@ -1794,3 +1794,58 @@ suite!(
     batches_are_bounded_by_bytes,
     background_purge_removes_old_dead_letters,
 );
+
+/// A record that waits long for its idempotency key, held by another partition's batch whose
+/// handler does not return, is logged as a warning naming the key and its holder (partition
+/// and epoch) instead of waiting silently.
+#[test]
+fn a_long_wait_for_a_busy_key_is_a_warning_naming_its_holder() {
+    struct HangOnPartition0;
+    impl idempotent_consumer::Handler<idempotent_consumer::RocksTx> for HangOnPartition0 {
+        async fn handle(
+            &self,
+            record: &idempotent_consumer::Record,
+            _: &mut idempotent_consumer::RocksTx,
+        ) -> Result<idempotent_consumer::Outcome, idempotent_consumer::HandlerError> {
+            if record.partition() == 0 {
+                std::future::pending::<()>().await;
+            }
+            Ok(idempotent_consumer::Outcome::none())
+        }
+    }
+    common::init_tracing();
+    let (cluster, topic, group) = setup(2);
+    let key = unique("shared-key");
+    cluster.send_movement(&topic, 0, &key, "kim", 1);
+    let dir = Rocks::new();
+    let running = Incarnation::launch(&dir, |store| {
+        builder(&cluster, &group, &topic)
+            .store(store)
+            .build(HangOnPartition0)
+            .unwrap()
+    });
+    running.wait_assigned(2);
+    // Partition 0's batch holds the key (its handler never returns) before partition 1 asks.
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.send_movement(&topic, 1, &key, "kim", 1);
+    let start = std::time::Instant::now();
+    let warned = loop {
+        let found = common::warnings()
+            .into_iter()
+            .find(|w| w.contains("waited long for its idempotency key") && w.contains(&key));
+        if let Some(w) = found {
+            break w;
+        }
+        assert!(start.elapsed() < common::WAIT, "no warning about the wait");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    running.crash();
+    assert!(
+        warned.contains(&format!("holder=\"{topic}/0 (epoch")),
+        "names the holder: {warned}"
+    );
+    assert!(
+        warned.contains(&format!("topic={topic} partition=1")),
+        "{warned}"
+    );
+}

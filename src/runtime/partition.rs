@@ -39,6 +39,11 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 /// What the batch loop does once the open transaction has ended.
+/// A record waiting this long for a key another in-flight batch holds is logged as a warning
+/// (again at most every `BUSY_WARN_EVERY`), naming the key's holder where the store knows it.
+const BUSY_WARN_AFTER: Duration = Duration::from_secs(10);
+const BUSY_WARN_EVERY: Duration = Duration::from_secs(30);
+
 enum AfterCommit {
     /// Every pending record is settled: done.
     Finish,
@@ -46,8 +51,8 @@ enum AfterCommit {
     Continue,
     /// Sleep, then go on with the record that asked for a retry.
     Retry(Duration),
-    /// Wait a moment, then go on with the record whose key was busy.
-    Busy,
+    /// Wait a moment, then go on with the record whose key was busy (its holder, if known).
+    Busy(Option<String>),
     /// Return this error.
     Stop(Error),
 }
@@ -250,6 +255,8 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         let mut tx = self.begin(pending).await?;
         let mut next = self.position;
         let mut busy_waits = 0u64;
+        // Since when the first pending record has waited for a key another batch holds.
+        let (mut busy_since, mut busy_warned) = (None, None::<std::time::Instant>);
         // pending[..settled] are settled in the open transaction.
         let mut settled = 0usize;
         loop {
@@ -261,6 +268,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                         let offset = item.record.offset();
                         next = Some(next.map_or(offset + 1, |n| n.max(offset + 1)));
                         self.attempts = Attempts::default();
+                        busy_since = None;
                         settled += 1;
                         if settled == pending.len() || !self.transaction_over_time() {
                             continue;
@@ -276,7 +284,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                         continue;
                     }
                     Step::Retry(delay) => AfterCommit::Retry(delay),
-                    Step::Busy => AfterCommit::Busy,
+                    Step::Busy(holder) => AfterCommit::Busy(holder),
                     Step::Stop(e) => AfterCommit::Stop(e),
                 },
             };
@@ -293,8 +301,25 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     self.meter.retried();
                     tokio::time::sleep(delay).await;
                 }
-                AfterCommit::Busy => {
+                AfterCommit::Busy(holder) => {
                     busy_waits += 1;
+                    let since = *busy_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= BUSY_WARN_AFTER
+                        && busy_warned.is_none_or(|w| w.elapsed() >= BUSY_WARN_EVERY)
+                    {
+                        busy_warned = Some(std::time::Instant::now());
+                        let waiting = pending.front();
+                        tracing::warn!(
+                            topic = %self.partition.topic,
+                            partition = self.partition.partition,
+                            offset = waiting.map(|p| p.record.offset()),
+                            key = waiting.and_then(|p| p.key.as_ref().ok()).map(|(k, _)| k.to_string()),
+                            holder = holder.as_deref().unwrap_or("another in-flight batch"),
+                            waited = ?since.elapsed(),
+                            "a record has waited long for its idempotency key, held by another \
+                             in-flight batch (a handler that does not return holds it)"
+                        );
+                    }
                     // Grows and is jittered, so two partitions that keep meeting on the same
                     // keys fall out of step.
                     let retry = &self.shared.config.retry;

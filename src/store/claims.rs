@@ -17,7 +17,8 @@ pub(crate) type Key = Arc<[u8]>;
 /// Keys held by in-flight transactions, each with its holder's id.
 #[derive(Debug, Default)]
 pub(crate) struct KeyTable {
-    held: Mutex<foldhash::HashMap<Key, u64>>,
+    /// Each held key's holder: its id and who it is (for a warning about a long wait).
+    held: Mutex<foldhash::HashMap<Key, (u64, Arc<str>)>>,
     next_holder: AtomicU64,
 }
 
@@ -34,12 +35,14 @@ impl KeyTable {
 }
 
 /// The locked table.
-pub(crate) struct Locked<'a>(MutexGuard<'a, foldhash::HashMap<Key, u64>>);
+pub(crate) struct Locked<'a>(MutexGuard<'a, foldhash::HashMap<Key, (u64, Arc<str>)>>);
 
 impl Locked<'_> {
     /// True when some transaction other than the one of `holds` holds `key`.
     pub(crate) fn held_by_other(&self, holds: &Holds, key: &[u8]) -> bool {
-        self.0.get(key).is_some_and(|holder| *holder != holds.id)
+        self.0
+            .get(key)
+            .is_some_and(|(holder, _)| *holder != holds.id)
     }
 
     /// True when any transaction holds `key`.
@@ -50,28 +53,49 @@ impl Locked<'_> {
     /// Enters `key` for the transaction of `holds`; returns the key, allocated once for both.
     pub(crate) fn hold(&mut self, holds: &mut Holds, key: &[u8]) -> Key {
         let key = Key::from(key);
-        self.0.insert(key.clone(), holds.id);
+        self.0.insert(key.clone(), (holds.id, holds.name.clone()));
         holds.keys.insert(key.clone());
         key
     }
 }
 
 /// The keys one transaction holds in one table; released when dropped.
+/// How a waiter's warning names the transaction holding a key: its partition and epoch.
+pub(crate) fn holder_name(partition: &crate::store::PartitionId, epoch: u64) -> String {
+    format!(
+        "{}/{} (epoch {epoch})",
+        partition.topic, partition.partition
+    )
+}
+
 #[derive(Debug)]
 pub(crate) struct Holds {
     table: Arc<KeyTable>,
     id: u64,
+    /// Who holds these keys (a partition and epoch), as another waiter's warning names it.
+    name: Arc<str>,
     keys: foldhash::HashSet<Key>,
 }
 
 impl Holds {
     /// A new holder of keys in `table`, with an id of its own.
-    pub(crate) fn new(table: &Arc<KeyTable>) -> Holds {
+    pub(crate) fn new(table: &Arc<KeyTable>, name: impl Into<Arc<str>>) -> Holds {
         Holds {
             id: table.next_holder.fetch_add(1, Ordering::Relaxed),
             table: table.clone(),
+            name: name.into(),
             keys: foldhash::HashSet::default(),
         }
+    }
+
+    /// Who else holds `key`, if anyone.
+    pub(crate) fn other_holder(&self, key: &[u8]) -> Option<Arc<str>> {
+        let table = self.table.lock();
+        table
+            .0
+            .get(key)
+            .filter(|(holder, _)| *holder != self.id)
+            .map(|(_, name)| name.clone())
     }
 
     /// The held key equal to `key`, to share its allocation.
@@ -92,7 +116,11 @@ impl Drop for Holds {
         }
         let mut table = self.table.lock();
         for key in self.keys.drain() {
-            if table.0.get(&key) == Some(&self.id) {
+            if table
+                .0
+                .get(&key)
+                .is_some_and(|(holder, _)| *holder == self.id)
+            {
                 table.0.remove(&key);
             }
         }
@@ -104,9 +132,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn another_holder_is_named() {
+        let table = KeyTable::shared();
+        let (mut one, two) = (
+            Holds::new(&table, "t/0 (epoch 3)"),
+            Holds::new(&table, "t/1"),
+        );
+        table.lock().hold(&mut one, b"k");
+        assert_eq!(two.other_holder(b"k").as_deref(), Some("t/0 (epoch 3)"));
+        assert_eq!(one.other_holder(b"k"), None, "its own key");
+        assert_eq!(two.other_holder(b"free"), None);
+    }
+
+    #[test]
     fn a_key_is_held_until_its_holder_is_dropped() {
         let table = KeyTable::shared();
-        let (mut one, two) = (Holds::new(&table), Holds::new(&table));
+        let (mut one, two) = (Holds::new(&table, "one"), Holds::new(&table, "two"));
         table.lock().hold(&mut one, b"k");
         assert!(one.contains(b"k"));
         assert!(table.lock().held_by_other(&two, b"k"));

@@ -170,7 +170,7 @@ impl Store for MemoryStore {
             data: foldhash::HashMap::default(),
             dead_letters: Vec::new(),
             undo: Vec::new(),
-            claimed: Holds::new(&self.claims),
+            claimed: Holds::new(&self.claims, super::claims::holder_name(partition, epoch)),
         })
     }
 
@@ -220,6 +220,10 @@ impl Store for MemoryStore {
 }
 
 impl Transaction for MemoryTx {
+    fn busy_holder(&self, store_key: &[u8]) -> Option<String> {
+        self.claimed.other_holder(store_key).map(|h| h.to_string())
+    }
+
     async fn lookup(&mut self, key: &[u8]) -> Result<Option<DedupEntry>> {
         Ok(match self.entries.get(key) {
             Some(entry) => Some(entry.clone()),

@@ -307,6 +307,14 @@ pub trait Transaction: Send + 'static {
         async { Ok(()) }
     }
 
+    /// Optional. Who holds a key [`Transaction::claim`] found [`Claim::Busy`] (for example
+    /// its partition and epoch), named by the runtime's warning when the wait grows long.
+    /// Default `None`.
+    fn busy_holder(&self, store_key: &[u8]) -> Option<String> {
+        let _ = store_key;
+        None
+    }
+
     /// Optional. True (once) when the handler touched state held by another in-flight
     /// transaction since the last savepoint, where the store refuses such access instead of
     /// waiting for it: the runtime then rolls the record back and handles it again after

@@ -929,10 +929,42 @@ pub fn store_key(group: &str, key: &str) -> Vec<u8> {
 
 /// Logs to the test output when `RUST_LOG` is set.
 pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{Layer, filter::LevelFilter};
+    let shown = tracing_subscriber::fmt::layer()
         .with_test_writer()
+        .with_filter(tracing_subscriber::EnvFilter::from_default_env());
+    let _ = tracing_subscriber::registry()
+        .with(shown)
+        .with(Warnings.with_filter(LevelFilter::WARN))
         .try_init();
+}
+
+/// Every warning and error logged in this test process so far, as `message field=value ...`
+/// (after [`init_tracing`]).
+pub fn warnings() -> Vec<String> {
+    WARNINGS.lock().unwrap().clone()
+}
+
+static WARNINGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Keeps warnings and errors for [`warnings`], whatever `RUST_LOG` shows.
+struct Warnings;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Fields(String);
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                use std::fmt::Write;
+                let _ = write!(self.0, " {}={value:?}", field.name());
+            }
+        }
+        let mut fields = Fields(String::new());
+        event.record(&mut fields);
+        WARNINGS.lock().unwrap().push(fields.0);
+    }
 }
 
 impl Cluster {

@@ -19,7 +19,7 @@ use super::keys::{
 use super::rocks;
 use crate::dead_letter::DeadLetter;
 use crate::error::{Error, Result};
-use crate::store::claims::{Holds, Key};
+use crate::store::claims::{Holds, Key, holder_name};
 use crate::store::entry::{DedupEntry, put_bytes};
 use crate::store::{Claim, ClaimAhead, PartitionId, StoredPosition, Transaction};
 
@@ -108,8 +108,8 @@ impl RocksTx {
         let position_key = position_key(partition);
         let inner = &store.inner;
         RocksTx {
-            claimed: Holds::new(&inner.claims),
-            locked: Holds::new(&inner.data_locks),
+            claimed: Holds::new(&inner.claims, holder_name(partition, epoch)),
+            locked: Holds::new(&inner.data_locks, holder_name(partition, epoch)),
             conflicted: false,
             fence: store.fence(&position_key),
             store: store.clone(),
@@ -253,6 +253,10 @@ impl Transaction for RocksTx {
 
     fn take_conflict(&mut self) -> bool {
         std::mem::take(&mut self.conflicted)
+    }
+
+    fn busy_holder(&self, store_key: &[u8]) -> Option<String> {
+        self.claimed.other_holder(store_key).map(|h| h.to_string())
     }
 
     async fn savepoint(&mut self) -> Result<()> {
