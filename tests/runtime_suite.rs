@@ -1425,6 +1425,33 @@ fn batches_are_bounded_by_bytes<B: Backend>(b: &B) {
     assert_eq!(b.balances()["uma"], 20);
 }
 
+/// When the asynchronous Kafka commit after a partition's last batch fails, the position is
+/// committed to Kafka again once the partition is idle: Kafka's committed offset (what lag
+/// tools read) reaches the store's while the runtime runs, not only at its stop. (On a real
+/// cluster commits cannot be made to fail; the offset must get there all the same.)
+fn kafka_offsets_catch_up_after_a_failed_commit<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
+    for i in 0..5 {
+        cluster.send_movement(&topic, 0, &format!("k{i}"), "kai", 1);
+    }
+    // The batch's asynchronous commit fails (on the mock cluster; with the re-commit left out
+    // the offset then stays behind until the stop).
+    let _ = cluster.fail_offset_commits(1);
+    let running = start(&cluster, &group, &topic, b, Ledger::new());
+    running.wait_for("the five records", |s| s.applied == 5);
+    let started = std::time::Instant::now();
+    while cluster.kafka_offset(&group, &topic, 0) != Some(5) {
+        assert!(
+            started.elapsed() < common::WAIT,
+            "Kafka's offset stays behind: {:?} {:?}",
+            cluster.kafka_offset(&group, &topic, 0),
+            running.stats()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    running.stop().unwrap();
+}
+
 /// A stored position beyond the end of the log (the topic was deleted and created again) is
 /// refused with both numbers: without the check every new record would be below the position
 /// and skipped as a redelivery. Once the operator sets where it resumes, everything is handled.
@@ -1793,6 +1820,7 @@ suite!(
     every_compression_codec_is_read,
     batches_are_bounded_by_bytes,
     background_purge_removes_old_dead_letters,
+    kafka_offsets_catch_up_after_a_failed_commit,
 );
 
 /// A record that waits long for its idempotency key, held by another partition's batch whose

@@ -44,6 +44,9 @@ pub(crate) fn now_ms() -> i64 {
 const BUSY_WARN_AFTER: Duration = Duration::from_secs(10);
 const BUSY_WARN_EVERY: Duration = Duration::from_secs(30);
 
+/// How long a partition is idle after a commit before its position goes to Kafka once more.
+const IDLE_RECOMMIT: Duration = Duration::from_secs(2);
+
 enum AfterCommit {
     /// Every pending record is settled: done.
     Finish,
@@ -97,6 +100,10 @@ pub(crate) struct PartitionTask<S: Store, H> {
     /// began: what claims check expiry against, and the creation time of the entries it writes,
     /// so an entry claimed ahead is exactly the one the record then leaves.
     batch_now: i64,
+    /// A batch was committed since the partition last went idle: when no record comes for
+    /// `IDLE_RECOMMIT`, its position is committed to Kafka once more (the asynchronous commit
+    /// after the batch may have failed, and no later batch would repeat it).
+    recommit_due: std::sync::atomic::AtomicBool,
     /// When the open transaction began, for `tx_budget`.
     tx_began: std::time::Instant,
     /// How long a transaction may stay open before what it settled is committed: half the
@@ -128,6 +135,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             savepoint_each: false,
             failed_without_savepoint: None,
             batch_now: 0,
+            recommit_due: std::sync::atomic::AtomicBool::new(false),
             tx_began: std::time::Instant::now(),
             tx_budget,
         }
@@ -218,7 +226,31 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         batch: &mut VecDeque<Pending>,
     ) -> bool {
         let config = &self.shared.config;
-        let Some(first) = records.recv().await else {
+        let first = if self
+            .recommit_due
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            // `recv` is cancel-safe: a record is only taken when it is returned.
+            match tokio::time::timeout(IDLE_RECOMMIT, records.recv()).await {
+                Ok(first) => first,
+                Err(_) => {
+                    if let Some(next) = self.position {
+                        commit_kafka(
+                            &self.consumer,
+                            &self.partition,
+                            next,
+                            self.shared.kafka_mark.as_deref(),
+                            CommitMode::Async,
+                            &self.shared.meter,
+                        );
+                    }
+                    records.recv().await
+                }
+            }
+        } else {
+            records.recv().await
+        };
+        let Some(first) = first else {
             return false;
         };
         let pending = |record: Record| {
@@ -410,6 +442,8 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             Committed::Unchanged => self.meter.flush(&mut self.tally),
             Committed::Written(latency) => {
                 self.position = Some(next);
+                self.recommit_due
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 self.meter.committed(&mut self.tally, latency);
                 self.shared.progress.committed(
                     &self.partition.topic,

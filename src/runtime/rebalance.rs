@@ -151,10 +151,18 @@ impl<S: Store> ConsumerContext for ConsumerCtx<S> {
         }
     }
 
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Err(e) = result {
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        // The request may succeed while a partition's commit in it failed.
+        let failure = result.err().map(|e| e.to_string()).or_else(|| {
+            offsets.elements().iter().find_map(|p| {
+                p.error()
+                    .err()
+                    .map(|e| format!("{}/{}: {e}", p.topic(), p.partition()))
+            })
+        });
+        if let Some(error) = failure {
             self.meter.kafka_commit_failed();
-            tracing::debug!(error = %e, "kafka offset commit failed; the store's position stays authoritative");
+            tracing::debug!(%error, "kafka offset commit failed; the store's position stays authoritative");
         }
     }
 }

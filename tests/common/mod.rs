@@ -144,6 +144,20 @@ impl Cluster {
         }
     }
 
+    /// Makes the next `n` offset commits fail (the mock cluster answers them with
+    /// `OFFSET_METADATA_TOO_LARGE`, an error no client retries); false on a real cluster,
+    /// where they cannot be made to fail.
+    pub fn fail_offset_commits(&self, n: usize) -> bool {
+        match self.mock() {
+            Some(mock) => {
+                let errors = vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; n];
+                mock.request_errors(RDKafkaApiKey::OffsetCommit, &errors);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Every record of partition 0 of `topic`, read from the start until `n` arrived and no more
     /// came for a second: (key, payload, headers as UTF-8-lossy name/value pairs).
     pub fn read_all(&self, topic: &str, n: usize) -> Vec<TopicRecord> {
