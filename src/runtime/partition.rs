@@ -38,7 +38,6 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// What the batch loop does once the open transaction has ended.
 /// A record waiting this long for a key another in-flight batch holds is logged as a warning
 /// (again at most every `BUSY_WARN_EVERY`), naming the key's holder where the store knows it.
 const BUSY_WARN_AFTER: Duration = Duration::from_secs(10);
@@ -47,6 +46,7 @@ const BUSY_WARN_EVERY: Duration = Duration::from_secs(30);
 /// How long a partition is idle after a commit before its position goes to Kafka once more.
 const IDLE_RECOMMIT: Duration = Duration::from_secs(2);
 
+/// What the batch loop does once the open transaction has ended.
 enum AfterCommit {
     /// Every pending record is settled: done.
     Finish,
@@ -103,7 +103,7 @@ pub(crate) struct PartitionTask<S: Store, H> {
     /// A batch was committed since the partition last went idle: when no record comes for
     /// `IDLE_RECOMMIT`, its position is committed to Kafka once more (the asynchronous commit
     /// after the batch may have failed, and no later batch would repeat it).
-    recommit_due: std::sync::atomic::AtomicBool,
+    recommit_due: bool,
     /// When the open transaction began, for `tx_budget`.
     tx_began: std::time::Instant,
     /// How long a transaction may stay open before what it settled is committed: half the
@@ -135,7 +135,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             savepoint_each: false,
             failed_without_savepoint: None,
             batch_now: 0,
-            recommit_due: std::sync::atomic::AtomicBool::new(false),
+            recommit_due: false,
             tx_began: std::time::Instant::now(),
             tx_budget,
         }
@@ -221,15 +221,12 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     /// Waits for a record, then gathers more until the batch is full or the linger time passed.
     /// Returns false once the feed is closed.
     async fn next_batch(
-        &self,
+        &mut self,
         records: &mut Feed<ConsumerCtx<S>>,
         batch: &mut VecDeque<Pending>,
     ) -> bool {
         let config = &self.shared.config;
-        let first = if self
-            .recommit_due
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
-        {
+        let first = if std::mem::take(&mut self.recommit_due) {
             // `recv` is cancel-safe: a record is only taken when it is returned.
             match tokio::time::timeout(IDLE_RECOMMIT, records.recv()).await {
                 Ok(first) => first,
@@ -316,7 +313,16 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                         continue;
                     }
                     Step::Retry(delay) => AfterCommit::Retry(delay),
-                    Step::Busy(holder) => AfterCommit::Busy(holder),
+                    Step::Busy => {
+                        // Who holds the key, asked only once the wait is long enough to warn.
+                        let long = busy_since
+                            .is_some_and(|s: std::time::Instant| s.elapsed() >= BUSY_WARN_AFTER);
+                        let holder = match &item.key {
+                            Ok((_, store_key)) if long => tx.busy_holder(store_key),
+                            _ => None,
+                        };
+                        AfterCommit::Busy(holder)
+                    }
                     Step::Stop(e) => AfterCommit::Stop(e),
                 },
             };
@@ -442,8 +448,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             Committed::Unchanged => self.meter.flush(&mut self.tally),
             Committed::Written(latency) => {
                 self.position = Some(next);
-                self.recommit_due
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                self.recommit_due = true;
                 self.meter.committed(&mut self.tally, latency);
                 self.shared.progress.committed(
                     &self.partition.topic,

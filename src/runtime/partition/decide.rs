@@ -36,8 +36,8 @@ pub(super) enum Step {
     /// Retry it after this delay, in a new batch.
     Retry(Duration),
     /// Its key, or state it touched, is held by another in-flight batch: commit ours (releasing
-    /// our claims) and try again shortly. With the holder of its key when the store says.
-    Busy(Option<String>),
+    /// our claims) and try again shortly.
+    Busy,
     /// The handler failed without a savepoint to undo it: drop the transaction and handle the
     /// batch again from its first record, with savepoints; the failed run counts for the record
     /// (its error is kept, the handler is not called again for it).
@@ -64,7 +64,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 let outcome = match step {
                     Step::Done(outcome) => outcome,
                     Step::Retry(_) => "retry",
-                    Step::Busy(_) => "busy",
+                    Step::Busy => "busy",
                     Step::HandleAgain => "handle_again",
                     Step::Stop(_) => "stop",
                 };
@@ -105,7 +105,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             Claim::Claimed => {}
             Claim::Busy => {
                 tracing::debug!("key in flight in another batch; waiting for it");
-                return Ok(Step::Busy(tx.busy_holder(store_key)));
+                return Ok(Step::Busy);
             }
             Claim::Existing(entry) if entry.fingerprint == item.fingerprint => {
                 self.duplicate(record, &entry).await;
@@ -189,7 +189,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             // computed on state that may change. Undo and handle it again after our commit.
             tx.rollback_to_savepoint().await?;
             tracing::debug!("state in flight in another batch; handling the record again");
-            return Ok(Step::Busy(None));
+            return Ok(Step::Busy);
         }
         match result {
             Ok(outcome) => {
@@ -338,7 +338,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     self.duplicate(record, &entry).await;
                     return Ok(Step::Done("duplicate"));
                 }
-                Claim::Busy => return Ok(Step::Busy(tx.busy_holder(&conflict_key))),
+                Claim::Busy => return Ok(Step::Busy),
             }
         };
         self.tally.conflicts += 1;

@@ -107,9 +107,10 @@ impl RocksTx {
     pub(super) fn new(store: &RocksStore, partition: &PartitionId, epoch: u64) -> RocksTx {
         let position_key = position_key(partition);
         let inner = &store.inner;
+        let holder: std::sync::Arc<str> = holder_name(partition, epoch).into();
         RocksTx {
-            claimed: Holds::new(&inner.claims, holder_name(partition, epoch)),
-            locked: Holds::new(&inner.data_locks, holder_name(partition, epoch)),
+            claimed: Holds::new(&inner.claims, holder.clone()),
+            locked: Holds::new(&inner.data_locks, holder),
             conflicted: false,
             fence: store.fence(&position_key),
             store: store.clone(),
