@@ -202,6 +202,19 @@ fn savepoint_rollback_undoes_one_record_and_keeps_the_batch() {
 /// already wrote it), one that leaves another entry (an outcome) commits that one, and a claim
 /// whose record did not finish (retried later, or stopped before) is released by the commit, so
 /// it never blocks or shadows the record's next attempt.
+/// A claim ahead of key `key` for the record at `offset` of `t`/0 (payload `p`, live).
+fn claim_ahead(key: &[u8], offset: i64) -> ClaimAhead<'_> {
+    ClaimAhead {
+        key,
+        fingerprint: idempotent_consumer::Fingerprint::of(Some(b"p")),
+        topic: "t",
+        partition: 0,
+        offset,
+        created_at_ms: 1,
+        expires_at_ms: 4_000_000_000_000,
+    }
+}
+
 #[test]
 fn claims_ahead_commit_the_entry_their_record_left_and_unfinished_ones_are_released() {
     let pg = Postgres::new();
@@ -214,15 +227,7 @@ fn claims_ahead_commit_the_entry_their_record_left_and_unfinished_ones_are_relea
             store_key("g", "with-outcome"),
             store_key("g", "later"),
         ];
-        let ahead = |i: usize| ClaimAhead {
-            key: &keys[i],
-            fingerprint: idempotent_consumer::Fingerprint::of(Some(b"p")),
-            topic: "t",
-            partition: 0,
-            offset: i as i64,
-            created_at_ms: 1,
-            expires_at_ms: 4_000_000_000_000,
-        };
+        let ahead = |i: usize| claim_ahead(&keys[i], i as i64);
         let mut tx = store.begin(&pid, epoch).await.unwrap();
         tx.prepare_claims(&[ahead(0), ahead(1), ahead(2), ahead(0)], 10)
             .await
@@ -254,6 +259,45 @@ fn claims_ahead_commit_the_entry_their_record_left_and_unfinished_ones_are_relea
             tx.claim(&keys[0], 10).await.unwrap(),
             Claim::Existing(_)
         ));
+    });
+}
+
+/// A handler that ends the store transaction (`COMMIT` on `tx.conn()`) also commits the rows
+/// claimed ahead for records it has not handled yet, and they already say `completed`: left
+/// alone, those records would be found as duplicates and never handled. The commit detects that
+/// its transaction is no longer the one that claimed them, fails with a clear error instead of
+/// advancing the position, and releases them, so their records are handled again.
+#[test]
+fn a_handler_ending_the_transaction_is_detected_and_its_unhandled_claims_released() {
+    let pg = Postgres::new();
+    block_on(async {
+        let store = pg.connect().await;
+        let pid = PartitionId::new("g", "t", 0);
+        let epoch = store.acquire(&pid).await.unwrap().epoch;
+        let keys = [store_key("g", "handled"), store_key("g", "not-yet")];
+        let ahead = |i: usize| claim_ahead(&keys[i], i as i64);
+        let mut tx = store.begin(&pid, epoch).await.unwrap();
+        tx.prepare_claims(&[ahead(0), ahead(1)], 10).await.unwrap();
+        assert_eq!(tx.claim(&keys[0], 10).await.unwrap(), Claim::Claimed);
+        // The handler of offset 0 ends the transaction.
+        sqlx::raw_sql("COMMIT").execute(tx.conn()).await.unwrap();
+        tx.put_entry(&keys[0], &ahead(0).entry()).await.unwrap();
+        let error = tx.commit(1).await.expect_err("the commit went on");
+        assert!(!error.is_fenced(), "{error}");
+        assert!(
+            error.to_string().contains("ended the store transaction"),
+            "{error}"
+        );
+        assert_eq!(
+            committed(&store, "g", "not-yet").await,
+            None,
+            "an unhandled record's claim stayed committed as completed"
+        );
+        let position = store.position(&pid).await.unwrap();
+        assert_eq!(position.and_then(|p| p.next_offset), None, "advanced");
+        // The partition goes on: the next batch claims the released key.
+        let mut tx = store.begin(&pid, epoch).await.unwrap();
+        assert_eq!(tx.claim(&keys[1], 10).await.unwrap(), Claim::Claimed);
     });
 }
 

@@ -26,6 +26,21 @@ pub(super) enum KeyState {
 }
 
 impl PgTx {
+    /// Keeps the id of the transaction that inserted the first claims: the commit checks that
+    /// it is still the same one (a handler may have ended it on `conn()`).
+    fn note_claiming_transaction(&mut self, claimed: &[sqlx::postgres::PgRow]) -> Result<()> {
+        use sqlx::Row;
+        if self.claimed_in.is_none()
+            && let Some(row) = claimed.first()
+        {
+            let xid: i64 = row
+                .try_get("xid")
+                .map_err(pg("reading the transaction id"))?;
+            self.claimed_in = Some(xid);
+        }
+        Ok(())
+    }
+
     /// Claims every key of `claims` not known yet, in one insert (two if some come with the
     /// entry to write and some without); then reads the entries of the ones it did not get,
     /// taking over the expired ones.
@@ -83,6 +98,7 @@ impl PgTx {
                     .fetch_all(&mut *self.tx)
                     .await
                     .map_err(pg("claiming keys"))?;
+                self.note_claiming_transaction(&claimed)?;
                 for row in &claimed {
                     let key = store_key_of(row)?;
                     let entry = ahead
@@ -108,6 +124,7 @@ impl PgTx {
                     .fetch_all(&mut *self.tx)
                     .await
                     .map_err(pg("claiming keys"))?;
+                self.note_claiming_transaction(&claimed)?;
                 for row in &claimed {
                     self.set_key(&store_key_of(row)?, KeyState::Claimed(None));
                 }

@@ -50,6 +50,9 @@ pub(super) struct Sql {
     pub(super) take_over: SqlStr,
     pub(super) write_entries: SqlStr,
     pub(super) release_claims: SqlStr,
+    /// After a handler ended the transaction: its claims, committed with it, deleted where they
+    /// are still what the claim wrote.
+    pub(super) release_committed_claims: SqlStr,
     pub(super) write_dead_letters: SqlStr,
     pub(super) advance: SqlStr,
     pub(super) epoch: SqlStr,
@@ -104,7 +107,7 @@ impl Sql {
                  FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(g, t, k) \
                  ORDER BY u.g COLLATE \"C\", u.t COLLATE \"C\", u.k \
                  ON CONFLICT (consumer_group, tenant, idempotency_key) DO NOTHING \
-                 RETURNING consumer_group, tenant, idempotency_key",
+                 RETURNING consumer_group, tenant, idempotency_key, txid_current() AS xid",
                 now = ts(5)
             )),
             // The same, each row holding the entry its record usually leaves.
@@ -116,7 +119,7 @@ impl Sql {
                       AS u(g, t, k, tp, f, p, o, c, e) \
                  ORDER BY u.g COLLATE \"C\", u.t COLLATE \"C\", u.k \
                  ON CONFLICT (consumer_group, tenant, idempotency_key) DO NOTHING \
-                 RETURNING consumer_group, tenant, idempotency_key"
+                 RETURNING consumer_group, tenant, idempotency_key, txid_current() AS xid"
             )),
             select_many: statement(format!(
                 "SELECT {entry_select} FROM {dedup} d \
@@ -147,6 +150,12 @@ impl Sql {
                 "DELETE FROM {dedup} d USING unnest($1::text[], $2::text[], $3::bytea[]) AS u(g, t, k) \
                  WHERE d.consumer_group = u.g AND d.tenant = u.t AND d.idempotency_key = u.k"
             )),
+            release_committed_claims: statement(format!(
+                "DELETE FROM {dedup} d USING unnest($1::text[], $2::text[], $3::bytea[], $4::int8[]) AS u(g, t, k, o) \
+                 WHERE d.consumer_group = u.g AND d.tenant = u.t AND d.idempotency_key = u.k \
+                   AND (d.status = 'claimed' OR (u.o IS NOT NULL AND d.status = 'completed' \
+                        AND d.topic = $5 AND d.\"partition\" = $6 AND d.\"offset\" = u.o))"
+            )),
             write_dead_letters: statement(format!(
                 "INSERT INTO {dead_letters} (consumer_group, topic, \"partition\", \"offset\", idempotency_key, reason, message, \
                  attempts, record_key, payload, first_failed_at, failed_at, letter) \
@@ -163,6 +172,7 @@ impl Sql {
             advance: statement(format!(
                 "UPDATE {positions} SET next_offset = $4, owner = $6, updated_at = now() \
                  WHERE consumer_group = $1 AND topic = $2 AND \"partition\" = $3 AND epoch = $5 \
+                   AND ($7::int8 IS NULL OR txid_current() = $7) \
                  RETURNING 1"
             )),
             epoch: statement(format!(
