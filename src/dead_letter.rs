@@ -93,13 +93,24 @@ pub struct DeadLetter {
     pub first_failed_at_ms: i64,
     /// When it was dead-lettered (its last failure), milliseconds since the epoch.
     pub failed_at_ms: i64,
+    /// The id of the attempt at a batch that dead-lettered it, also produced as the
+    /// `dlq.batch.id` header. The dead-letter topic is at least once: an attempt whose store
+    /// commit then failed or was fenced has already produced its letters, and a later attempt
+    /// may apply the record (or dead-letter it again, under a new id). The store's letters are
+    /// written in the commit and are exact; a letter on the topic is current when its batch id
+    /// is among them. `None` for letters kept by versions before the id.
+    pub batch_id: Option<String>,
 }
 
-/// The whole letter, payload included.
-const DEAD_LETTER_VERSION: u8 = 1;
+/// The whole letter, payload included, without a batch id (read only).
+const DEAD_LETTER_V1: u8 = 1;
 /// The letter without its payload, which the store keeps beside it (PostgreSQL's `payload`
-/// column), so the payload is stored once.
-const DEAD_LETTER_APART_VERSION: u8 = 2;
+/// column), so the payload is stored once; without a batch id (read only).
+const DEAD_LETTER_APART_V2: u8 = 2;
+/// Version 1 followed by the batch id.
+const DEAD_LETTER_VERSION: u8 = 3;
+/// Version 2 followed by the batch id.
+const DEAD_LETTER_APART_VERSION: u8 = 4;
 
 impl DeadLetter {
     /// Encodes the dead letter for the embedded store.
@@ -152,6 +163,7 @@ impl DeadLetter {
             put_bytes(&mut out, h.name.as_bytes());
             put_opt(&mut out, h.value.as_deref());
         }
+        put_opt(&mut out, self.batch_id.as_deref().map(str::as_bytes));
         out
     }
 
@@ -165,11 +177,17 @@ impl DeadLetter {
     pub(crate) fn decode_apart(bytes: &[u8], payload: Option<Vec<u8>>) -> Result<Self> {
         let mut rd = Reader::new(bytes, "dead letter");
         let version = rd.u8()?;
-        if version != DEAD_LETTER_VERSION && version != DEAD_LETTER_APART_VERSION {
-            return Err(Error::Corrupt(format!(
-                "dead letter version {version} is not supported"
-            )));
-        }
+        let (whole, with_batch) = match version {
+            DEAD_LETTER_V1 => (true, false),
+            DEAD_LETTER_APART_V2 => (false, false),
+            DEAD_LETTER_VERSION => (true, true),
+            DEAD_LETTER_APART_VERSION => (false, true),
+            _ => {
+                return Err(Error::Corrupt(format!(
+                    "dead letter version {version} is not supported"
+                )));
+            }
+        };
         let reason = DeadLetterReason::from_code(rd.u8()?)?;
         let attempts = u32::from_be_bytes(rd.array()?);
         let first_failed_at_ms = i64::from_be_bytes(rd.array()?);
@@ -184,11 +202,7 @@ impl DeadLetter {
             _ => Some(i64::from_be_bytes(rd.array()?)),
         };
         let record_key = get_opt(&mut rd)?;
-        let payload = if version == DEAD_LETTER_VERSION {
-            get_opt(&mut rd)?
-        } else {
-            payload
-        };
+        let payload = if whole { get_opt(&mut rd)? } else { payload };
         let mut record = Record::new(topic, partition, offset, record_key, payload);
         if let Some(ts) = timestamp {
             record = record.with_timestamp_ms(ts);
@@ -198,6 +212,14 @@ impl DeadLetter {
             let name = rd.string()?;
             record = record.with_header(name, get_opt(&mut rd)?);
         }
+        let batch_id = if with_batch {
+            get_opt(&mut rd)?
+                .map(String::from_utf8)
+                .transpose()
+                .map_err(|_| Error::Corrupt("dead letter batch id is not UTF-8".into()))?
+        } else {
+            None
+        };
         rd.finish()?;
         Ok(DeadLetter {
             record,
@@ -207,17 +229,19 @@ impl DeadLetter {
             attempts,
             first_failed_at_ms,
             failed_at_ms,
+            batch_id,
         })
     }
 
     /// The headers of the dead-letter topic record: the original headers, then `dlq.*` headers
     /// with the original position, the idempotency key, the reason class and message, the
-    /// attempts and the first and last failure times; for a letter too large to produce whole,
+    /// attempts, the first and last failure times and the batch id; for a letter too large to
+    /// produce whole,
     /// what was left out (`dlq.payload.omitted`, `dlq.headers.omitted`: how many bytes, how
     /// many headers).
     fn topic_headers(&self, shape: Shape) -> OwnedHeaders {
         let r = &self.record;
-        let mut headers = OwnedHeaders::new_with_capacity(r.headers().len() + 11);
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers().len() + 12);
         if shape == Shape::Bare {
             let count = r.headers().len().to_string();
             headers = headers.insert(Header {
@@ -253,6 +277,12 @@ impl DeadLetter {
             headers = headers.insert(Header {
                 key,
                 value: Some(value.as_bytes()),
+            });
+        }
+        if let Some(batch_id) = &self.batch_id {
+            headers = headers.insert(Header {
+                key: "dlq.batch.id",
+                value: Some(batch_id.as_bytes()),
             });
         }
         headers.insert(Header {
@@ -425,11 +455,12 @@ mod tests {
             message in ".{0,32}",
             attempts in any::<u32>(),
             offset in any::<i64>(),
+            batch_id in proptest::option::of("[0-9a-f]{0,32}"),
         ) {
             let mut record = Record::new("t", 1, offset, rkey, payload);
             if let Some(ts) = ts { record = record.with_timestamp_ms(ts); }
             for (n, v) in headers { record = record.with_header(n, v); }
-            let dl = DeadLetter { record, key, reason: DeadLetterReason::Conflict, message, attempts, first_failed_at_ms: 3, failed_at_ms: 7 };
+            let dl = DeadLetter { record, key, reason: DeadLetterReason::Conflict, message, attempts, first_failed_at_ms: 3, failed_at_ms: 7, batch_id };
             prop_assert_eq!(DeadLetter::decode(&dl.encode()).unwrap(), dl.clone());
             // Apart: the payload is not in the bytes, and comes back from beside them.
             let apart = dl.encode_apart();
@@ -437,7 +468,16 @@ mod tests {
             prop_assert_eq!(apart.len() + payload.as_ref().map_or(1, |p| 1 + 4 + p.len()), dl.encode().len());
             prop_assert_eq!(DeadLetter::decode_apart(&apart, payload).unwrap(), dl.clone());
             // A letter written whole before (version 1) reads the same whatever is beside it.
-            prop_assert_eq!(DeadLetter::decode_apart(&dl.encode(), Some(b"other".to_vec())).unwrap(), dl);
+            prop_assert_eq!(DeadLetter::decode_apart(&dl.encode(), Some(b"other".to_vec())).unwrap(), dl.clone());
+            // Letters kept before the batch id (versions 1 and 2) read with none: they are
+            // versions 3 and 4 without the id's trailing field.
+            let old = DeadLetter { batch_id: None, ..dl };
+            for (bytes, payload) in [(old.encode(), None), (old.encode_apart(), old.record.payload().map(<[u8]>::to_vec))] {
+                let mut before = bytes.clone();
+                prop_assert_eq!(before.pop(), Some(0));
+                before[0] -= 2;
+                prop_assert_eq!(DeadLetter::decode_apart(&before, payload).unwrap(), old.clone());
+            }
         }
 
         #[test]

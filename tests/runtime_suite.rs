@@ -1341,6 +1341,102 @@ fn exhausted_retries_are_dead_lettered<B: Backend>(b: &B) {
     assert_eq!(b.balances()["oli"], 2);
 }
 
+/// A batch whose commit is fenced has already produced its dead letters (they are
+/// acknowledged before the commit), and a later attempt may apply the record instead: the
+/// topic is at least once. Every letter names its attempt (`dlq.batch.id`), and the store's
+/// letters, written in the commit, are exact: only committed attempts' letters, each with the
+/// id its topic copy carries.
+fn dead_letters_are_exact_in_the_store_after_a_fenced_batch<B: Backend>(b: &B) {
+    /// At offset `at`, the first time: another owner takes the partition (its epoch moves on,
+    /// fencing this batch), then the record fails for good.
+    struct TakenOverAt<S> {
+        inner: Ledger,
+        store: S,
+        group: String,
+        at: i64,
+        done: std::sync::atomic::AtomicBool,
+    }
+    impl<S: Store + Clone> idempotent_consumer::Handler<S::Tx> for TakenOverAt<S>
+    where
+        S::Tx: common::LedgerTx,
+    {
+        async fn handle(
+            &self,
+            record: &idempotent_consumer::Record,
+            tx: &mut S::Tx,
+        ) -> Result<idempotent_consumer::Outcome, idempotent_consumer::HandlerError> {
+            use std::sync::atomic::Ordering;
+            if record.offset() == self.at && !self.done.swap(true, Ordering::SeqCst) {
+                let partition = PartitionId::new(&self.group, record.topic(), record.partition());
+                self.store.acquire(&partition).await.unwrap();
+                return Err(idempotent_consumer::HandlerError::permanent(
+                    "refused in the fenced batch",
+                ));
+            }
+            self.inner.handle(record, tx).await
+        }
+    }
+    let (cluster, topic, group) = setup(1);
+    for i in 0..3 {
+        cluster.send_movement(&topic, 0, &format!("x{i}"), "vic", 1);
+    }
+    let p0 = PartitionId::new(&group, &topic, 0);
+    let running = Incarnation::launch(b, |store| {
+        let handler = TakenOverAt {
+            inner: Ledger::new(),
+            store: store.clone(),
+            group: group.clone(),
+            at: 1,
+            done: Default::default(),
+        };
+        builder(&cluster, &group, &topic)
+            .store(store)
+            .build(handler)
+            .unwrap()
+    });
+    running.wait_for("the fenced commit", |s| s.fenced_commits == 1);
+    running.stop().unwrap();
+    let dlq = cluster.read_all(&format!("{topic}.dlq"), 1);
+    assert_eq!(dlq.len(), 1, "produced before the fenced commit");
+    let fenced_batch = dlq[0]
+        .header("dlq.batch.id")
+        .expect("a batch id")
+        .to_owned();
+    assert!(
+        b.dead_letters(&p0).is_empty(),
+        "the fenced attempt wrote nothing"
+    );
+
+    // The next owner applies offset 1 and dead-letters offset 2.
+    let mut ledger = Ledger::new();
+    ledger.fail_at = Some((2, ErrorClass::Permanent, 1));
+    let running = start(&cluster, &group, &topic, b, ledger);
+    running.wait_for("the rest", |s| s.applied == 2 && s.dead_lettered == 1);
+    running.stop().unwrap();
+    let kept = b.dead_letters(&p0);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(kept[0].record.offset(), 2);
+    let kept_batch = kept[0]
+        .batch_id
+        .clone()
+        .expect("the store keeps the batch id");
+    assert_ne!(kept_batch, fenced_batch);
+    let dlq = cluster.read_all(&format!("{topic}.dlq"), 2);
+    let batch_of = |offset: &str| {
+        dlq.iter()
+            .find(|r| r.header("dlq.original.offset") == Some(offset))
+            .and_then(|r| r.header("dlq.batch.id"))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        batch_of("1"),
+        Some(fenced_batch),
+        "the stale letter, told apart"
+    );
+    assert_eq!(batch_of("2"), Some(kept_batch), "the current letter");
+    assert_eq!(b.balances()["vic"], 2, "offsets 0 and 1, once each");
+}
+
 /// A fatal error stops the runtime with the record's position; the records before it are
 /// committed, nothing at or after it is, and a restart handles it again.
 fn fatal_error_stops_without_committing_past_the_record<B: Backend>(b: &B) {
@@ -1812,6 +1908,7 @@ suite!(
     panicking_hooks_do_not_stop_the_runtime,
     retryable_error_is_retried_in_order_then_applied_once,
     exhausted_retries_are_dead_lettered,
+    dead_letters_are_exact_in_the_store_after_a_fenced_batch,
     fatal_error_stops_without_committing_past_the_record,
     dead_letter_that_cannot_be_produced_is_not_committed_past,
     missing_dead_letter_topic_ends_the_run_and_loses_nothing,

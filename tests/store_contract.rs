@@ -52,6 +52,7 @@ fn dead_letter(offset: i64) -> DeadLetter {
         attempts: 1,
         first_failed_at_ms: 1,
         failed_at_ms: 2,
+        batch_id: Some("b1".into()),
     }
 }
 

@@ -87,6 +87,10 @@ pub(crate) struct PartitionTask<S: Store, H> {
     tally: Tally,
     /// Dead letters of the open transaction, produced to the topic just before it commits.
     letters: Vec<DeadLetter>,
+    /// The open transaction's id, new for every attempt at a batch: its dead letters carry it
+    /// (`dlq.batch.id` on the topic), so a letter produced by an attempt that then failed to
+    /// commit is told apart from the store's letters, which only committed attempts wrote.
+    batch_id: String,
     /// The current record's failed runs and when it first failed (for retries and dead
     /// letters).
     attempts: Attempts,
@@ -131,6 +135,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             position,
             tally: Tally::default(),
             letters: Vec::new(),
+            batch_id: String::new(),
             attempts: Attempts::default(),
             savepoint_each: false,
             failed_without_savepoint: None,
@@ -395,6 +400,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     async fn begin(&mut self, pending: &VecDeque<Pending>) -> Result<S::Tx> {
         self.tally = Tally::default();
         self.letters.clear();
+        self.batch_id = crate::store::new_id();
         self.batch_now = now_ms();
         self.tx_began = std::time::Instant::now();
         let mut tx = self.shared.store.begin(&self.partition, self.epoch).await?;

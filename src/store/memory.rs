@@ -54,7 +54,7 @@ impl Default for MemoryStore {
         MemoryStore {
             state: Arc::default(),
             claims: KeyTable::shared(),
-            id: super::new_store_id().into(),
+            id: super::new_id().into(),
         }
     }
 }

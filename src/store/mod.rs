@@ -147,15 +147,16 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
-/// A new store id: 128 bits from the clock, the process and the standard library's random
-/// hasher keys, as 32 hex digits. Unique enough to tell two stores of one group apart.
-#[cfg(any(feature = "rocksdb", feature = "memory"))]
 /// The instant before which a dead letter is past `retention` at `now_ms`.
+#[cfg(any(feature = "rocksdb", feature = "memory"))]
 pub(crate) fn retention_cutoff(now_ms: i64, retention: std::time::Duration) -> i64 {
     now_ms.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX))
 }
 
-pub(crate) fn new_store_id() -> String {
+/// A new id (of a store, of a batch attempt): 128 bits from the clock, the process and the
+/// standard library's random hasher keys, as 32 hex digits. Unique enough to tell two stores
+/// of one group, or two attempts at one batch, apart.
+pub(crate) fn new_id() -> String {
     use sha2::{Digest, Sha256};
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};

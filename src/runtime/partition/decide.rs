@@ -361,6 +361,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             message,
             0,
             now,
+            &self.batch_id,
         );
         self.store_dead_letter(tx, &dl, Some((&conflict_key, fingerprint)))
             .await?;
@@ -421,6 +422,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             message,
             attempts,
             first_failure,
+            &self.batch_id,
         );
         self.store_dead_letter(tx, &dl, key.map(|(_, store_key, fp)| (store_key, fp)))
             .await?;
@@ -472,6 +474,7 @@ fn new_dead_letter(
     message: String,
     attempts: u32,
     first_failed_at_ms: i64,
+    batch_id: &str,
 ) -> DeadLetter {
     DeadLetter {
         record: record.clone(),
@@ -481,5 +484,6 @@ fn new_dead_letter(
         attempts,
         first_failed_at_ms,
         failed_at_ms: now_ms(),
+        batch_id: Some(batch_id.to_owned()),
     }
 }

@@ -241,7 +241,7 @@ fn store_id(db: &DB) -> Result<String> {
     {
         return String::from_utf8(id).map_err(|_| Error::Corrupt("store id is not UTF-8".into()));
     }
-    let id = crate::store::new_store_id();
+    let id = crate::store::new_id();
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
     db.put_cf_opt(cf, STORE_ID_KEY, id.as_bytes(), &sync)
