@@ -945,6 +945,16 @@ impl Harness {
             kafka_offsets(&specs[0].bootstrap, &specs[0].group, &work.topic)
                 .is_ok_and(|at| at.iter().zip(&ends).all(|(a, e)| *a == Some(*e)))
         });
+        if !done {
+            // What is behind, and what each instance last said, for whoever reads the log.
+            let at = kafka_offsets(&specs[0].bootstrap, &specs[0].group, &work.topic);
+            eprintln!("chaos: two-stores: Kafka's offsets {at:?}, the ends {ends:?}");
+            for (slot, i) in instances.iter().enumerate() {
+                if let Some(i) = i {
+                    eprintln!("chaos: two-stores: instance {slot}: {:?}", i.stats());
+                }
+            }
+        }
         for i in instances.into_iter().flatten() {
             match i.stop(Duration::from_secs(90)) {
                 Ok(last) => tally.add_fenced(&last),

@@ -74,7 +74,8 @@ counters! {
     expired_purged,
     /// Dead letters deleted from the store after the dead-letter retention.
     dead_letters_purged,
-    /// Asynchronous Kafka offset commits that failed (the store's position stays authoritative).
+    /// Kafka offset commits that failed, each tried again while the partition is owned (the
+    /// store's position stays authoritative).
     kafka_commit_failures,
     /// Batches tried again after a transient store failure (lost connection, deadlock).
     store_retries,

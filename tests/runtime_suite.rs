@@ -1530,9 +1530,9 @@ fn kafka_offsets_catch_up_after_a_failed_commit<B: Backend>(b: &B) {
     for i in 0..5 {
         cluster.send_movement(&topic, 0, &format!("k{i}"), "kai", 1);
     }
-    // The batch's asynchronous commit fails (on the mock cluster; with the re-commit left out
-    // the offset then stays behind until the stop).
-    let _ = cluster.fail_offset_commits(1);
+    // The batch's Kafka commit fails (on the mock cluster; without the retry the offset then
+    // stays behind until the stop), and the failure is counted.
+    let injected = cluster.fail_offset_commits(1);
     let running = start(&cluster, &group, &topic, b, Ledger::new());
     running.wait_for("the five records", |s| s.applied == 5);
     let started = std::time::Instant::now();
@@ -1545,7 +1545,37 @@ fn kafka_offsets_catch_up_after_a_failed_commit<B: Backend>(b: &B) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let stats = running.stats();
     running.stop().unwrap();
+    if injected {
+        assert_eq!(stats.kafka_commit_failures, 1, "counted: {stats:?}");
+    }
+}
+
+/// A partition assigned at a stored position that Kafka's committed offset lags (the last
+/// commit of its previous owner failed in the rebalance) and with nothing left to handle still
+/// gets its position committed to Kafka, so lag tools and the next owner see it.
+fn kafka_offsets_catch_up_with_the_store_at_assignment<B: Backend>(b: &B) {
+    let (cluster, topic, group) = setup(1);
+    for i in 0..5 {
+        cluster.send_movement(&topic, 0, &format!("a{i}"), "ada", 1);
+    }
+    // The store handled everything; Kafka never heard of it.
+    b.set_position(&PartitionId::new(&group, &topic, 0), 5);
+    let running = start(&cluster, &group, &topic, b, Ledger::new());
+    running.wait_assigned(1);
+    let started = std::time::Instant::now();
+    while cluster.kafka_offset(&group, &topic, 0) != Some(5) {
+        assert!(
+            started.elapsed() < common::WAIT,
+            "Kafka's offset stays behind: {:?}",
+            cluster.kafka_offset(&group, &topic, 0)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stats = running.stats();
+    running.stop().unwrap();
+    assert_eq!(stats.records_read, 0, "{stats:?}");
 }
 
 /// A stored position beyond the end of the log (the topic was deleted and created again) is
@@ -1918,6 +1948,7 @@ suite!(
     batches_are_bounded_by_bytes,
     background_purge_removes_old_dead_letters,
     kafka_offsets_catch_up_after_a_failed_commit,
+    kafka_offsets_catch_up_with_the_store_at_assignment,
 );
 
 /// A record that waits long for its idempotency key, held by another partition's batch whose

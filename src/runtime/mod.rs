@@ -139,6 +139,11 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
         shared.progress.attach(progress::reader(&self.client));
         let health = health::Health::new(config.topics.clone(), config.kafka_unavailable);
         let poller = PollThread::spawn(consumer.clone(), health);
+        let kafka = Arc::new(commit::KafkaCommitter::spawn(
+            &consumer,
+            shared.kafka_mark.clone(),
+            shared.meter.clone(),
+        )?);
         tracing::info!(group = %config.group, topics = ?config.topics, "consumer started");
 
         let mut tasks: JoinSet<Result<()>> = JoinSet::new();
@@ -162,7 +167,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
                     Event::Assigned { partition, epoch, position, records } => {
                         let task = PartitionTask::new(
                             shared.clone(),
-                            consumer.clone(),
+                            kafka.clone(),
                             partition.clone(),
                             epoch,
                             position,
@@ -195,6 +200,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
                         Err(e) => (e.id(), Err(Error::Task(format!("partition task panicked: {e}")))),
                     };
                     let Some(worker) = workers.remove(&id) else { continue };
+                    kafka.forget(&worker.partition);
                     settle_revokes(&mut revokes, &worker.partition);
                     match result {
                         Ok(()) => {}
@@ -254,6 +260,7 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
         for revoke in revokes {
             let _ = revoke.ack.send(());
         }
+        kafka.stop().await;
         drop(consumer);
         poller.stop().await;
         tracing::info!(stats = ?shared.meter.stats().snapshot(), "consumer stopped");

@@ -13,10 +13,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode};
-
 use super::Shared;
-use super::commit::{CommitContext, Committed, commit_batch, commit_kafka};
+use super::commit::{CommitContext, Committed, KafkaCommitter, commit_batch};
 use super::feed::Feed;
 use super::rebalance::ConsumerCtx;
 use crate::dead_letter::DeadLetter;
@@ -42,9 +40,6 @@ pub(crate) fn now_ms() -> i64 {
 /// (again at most every `BUSY_WARN_EVERY`), naming the key's holder where the store knows it.
 const BUSY_WARN_AFTER: Duration = Duration::from_secs(10);
 const BUSY_WARN_EVERY: Duration = Duration::from_secs(30);
-
-/// How long a partition is idle after a commit before its position goes to Kafka once more.
-const IDLE_RECOMMIT: Duration = Duration::from_secs(2);
 
 /// What the batch loop does once the open transaction has ended.
 enum AfterCommit {
@@ -78,7 +73,8 @@ impl Pending {
 pub(crate) struct PartitionTask<S: Store, H> {
     shared: Arc<Shared<S, H>>,
     meter: PartitionMeter,
-    consumer: Arc<BaseConsumer<ConsumerCtx<S>>>,
+    /// Commits the partition's position to Kafka (step 5 of the commit protocol).
+    kafka: Arc<KafkaCommitter>,
     partition: PartitionId,
     epoch: u64,
     /// The stored position: the next offset to handle, once the store has one.
@@ -104,10 +100,6 @@ pub(crate) struct PartitionTask<S: Store, H> {
     /// began: what claims check expiry against, and the creation time of the entries it writes,
     /// so an entry claimed ahead is exactly the one the record then leaves.
     batch_now: i64,
-    /// A batch was committed since the partition last went idle: when no record comes for
-    /// `IDLE_RECOMMIT`, its position is committed to Kafka once more (the asynchronous commit
-    /// after the batch may have failed, and no later batch would repeat it).
-    recommit_due: bool,
     /// When the open transaction began, for `tx_budget`.
     tx_began: std::time::Instant,
     /// How long a transaction may stay open before what it settled is committed: half the
@@ -119,17 +111,24 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     /// The task of a partition just acquired at `epoch`, resuming at the stored `position`.
     pub(crate) fn new(
         shared: Arc<Shared<S, H>>,
-        consumer: Arc<BaseConsumer<ConsumerCtx<S>>>,
+        kafka: Arc<KafkaCommitter>,
         partition: PartitionId,
         epoch: u64,
         position: Option<i64>,
     ) -> Self {
         let meter = PartitionMeter::new(&shared.meter, &partition, shared.config.conflict);
         let tx_budget = shared.store.transaction_time_limit().map(|limit| limit / 2);
+        if let Some(next) = position {
+            // Kafka's offset may lag the stored position the partition resumes at: the last
+            // commit of its previous owner (this instance, or another sharing the store) may
+            // have failed in the rebalance, and a partition already at its end commits nothing
+            // more.
+            kafka.submit(&partition, next);
+        }
         PartitionTask {
             shared,
             meter,
-            consumer,
+            kafka,
             partition,
             epoch,
             position,
@@ -140,7 +139,6 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             savepoint_each: false,
             failed_without_savepoint: None,
             batch_now: 0,
-            recommit_due: false,
             tx_began: std::time::Instant::now(),
             tx_budget,
         }
@@ -201,24 +199,9 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         if result.is_ok()
             && let Some(next) = self.position
         {
-            // Last word to Kafka before the partition is released.
-            let (consumer, partition, shared) = (
-                self.consumer.clone(),
-                self.partition.clone(),
-                self.shared.clone(),
-            );
-            let _ = tokio::task::spawn_blocking(move || {
-                let mark = shared.kafka_mark.as_deref();
-                commit_kafka(
-                    &consumer,
-                    &partition,
-                    next,
-                    mark,
-                    CommitMode::Sync,
-                    &shared.meter,
-                );
-            })
-            .await;
+            // Last word to Kafka before the partition is released, after every earlier
+            // commit of it.
+            self.kafka.commit_and_wait(&self.partition, next).await;
         }
         result
     }
@@ -231,27 +214,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         batch: &mut VecDeque<Pending>,
     ) -> bool {
         let config = &self.shared.config;
-        let first = if std::mem::take(&mut self.recommit_due) {
-            // `recv` is cancel-safe: a record is only taken when it is returned.
-            match tokio::time::timeout(IDLE_RECOMMIT, records.recv()).await {
-                Ok(first) => first,
-                Err(_) => {
-                    if let Some(next) = self.position {
-                        commit_kafka(
-                            &self.consumer,
-                            &self.partition,
-                            next,
-                            self.shared.kafka_mark.as_deref(),
-                            CommitMode::Async,
-                            &self.shared.meter,
-                        );
-                    }
-                    records.recv().await
-                }
-            }
-        } else {
-            records.recv().await
-        };
+        let first = records.recv().await;
         let Some(first) = first else {
             return false;
         };
@@ -442,9 +405,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             savepoint_each: self.savepoint_each,
             letters: &self.letters,
             producer: self.shared.dead_letters.as_ref(),
-            consumer: &self.consumer,
-            mark: self.shared.kafka_mark.as_deref(),
-            group: &self.shared.meter,
+            kafka: &self.kafka,
             meter: &self.meter,
         };
         let committed = commit_batch(tx, next, cx).await?;
@@ -454,7 +415,6 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             Committed::Unchanged => self.meter.flush(&mut self.tally),
             Committed::Written(latency) => {
                 self.position = Some(next);
-                self.recommit_due = true;
                 self.meter.committed(&mut self.tally, latency);
                 self.shared.progress.committed(
                     &self.partition.topic,

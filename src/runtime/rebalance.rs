@@ -22,7 +22,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaResult;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset};
@@ -148,21 +147,6 @@ impl<S: Store> ConsumerContext for ConsumerCtx<S> {
                     tracing::error!(error = %e, "unassign after a failed rebalance failed");
                 }
             }
-        }
-    }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        // The request may succeed while a partition's commit in it failed.
-        let failure = result.err().map(|e| e.to_string()).or_else(|| {
-            offsets.elements().iter().find_map(|p| {
-                p.error()
-                    .err()
-                    .map(|e| format!("{}/{}: {e}", p.topic(), p.partition()))
-            })
-        });
-        if let Some(error) = failure {
-            self.meter.kafka_commit_failed();
-            tracing::debug!(%error, "kafka offset commit failed; the store's position stays authoritative");
         }
     }
 }

@@ -62,7 +62,7 @@ fn report(stats: &Stats) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "{STATS}applied={} duplicates={} conflicts={} dead_lettered={} fenced={} store_retries={} retries={} refused={}",
+        "{STATS}applied={} duplicates={} conflicts={} dead_lettered={} fenced={} store_retries={} retries={} refused={} batches={} kafka_commit_failures={}",
         s.applied,
         s.duplicates(),
         s.conflicts,
@@ -70,7 +70,9 @@ fn report(stats: &Stats) {
         s.fenced_commits,
         s.store_retries,
         s.retries,
-        s.stale_partitions_refused
+        s.stale_partitions_refused,
+        s.batches_committed,
+        s.kafka_commit_failures
     );
     let _ = out.flush();
 }
