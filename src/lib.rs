@@ -141,12 +141,17 @@
 //! measuring and testing the runtime only; `postgres-tls` adds TLS to PostgreSQL connections;
 //! `testkit` is the test support the project's own suites and fault harness use (a broker and
 //! consumers in processes of their own, a throwaway database), offered for testing handlers.
+//! `http` is the protocol of idempotency keys over HTTP ([`http`]: the `Idempotency-Key`
+//! header, request fingerprints, which answers are kept, stored answers and their replay,
+//! problem details); the server layer that claims keys in the stores comes next.
 
 #![forbid(unsafe_code)]
 
 mod dead_letter;
 mod error;
 mod handler;
+#[cfg(feature = "http")]
+pub mod http;
 mod identity;
 mod metrics;
 mod record;
