@@ -59,6 +59,14 @@ pub enum Error {
         current: u64,
     },
 
+    /// A request's lease on its idempotency key ran out and another request took the key
+    /// over: nothing of this request was written.
+    #[error(
+        "the request's lease on its idempotency key ran out and another request took the key \
+         over; nothing of this request was written"
+    )]
+    LeaseLost,
+
     /// This store's copy of a partition is stale: Kafka's latest commit for it came from another
     /// store (another instance's own directory), which holds the partition's latest state. The
     /// partition was not handled (see [`StalePartitionPolicy`](crate::StalePartitionPolicy)).
@@ -229,6 +237,11 @@ impl Error {
     /// True when the error is a fenced commit: the partition now belongs to another owner.
     pub fn is_fenced(&self) -> bool {
         matches!(self, Error::Fenced { .. })
+    }
+
+    /// True when a request lost its idempotency key's lease to another ([`Error::LeaseLost`]).
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self, Error::LeaseLost)
     }
 
     /// True when the runtime stopped on purpose at a record (fatal handler error or a `Stop`

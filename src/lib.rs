@@ -143,7 +143,9 @@
 //! consumers in processes of their own, a throwaway database), offered for testing handlers.
 //! `http` is the protocol of idempotency keys over HTTP ([`http`]: the `Idempotency-Key`
 //! header, request fingerprints, which answers are kept, stored answers and their replay,
-//! problem details); the server layer that claims keys in the stores comes next.
+//! problem details) and the stores' side of it ([`RequestStore`]: a key claimed as a lease,
+//! completed with the handler's writes in one transaction; PostgreSQL so far); the server
+//! layer comes next.
 
 #![forbid(unsafe_code)]
 
@@ -179,6 +181,8 @@ pub use store::{
     Assignment, Claim, ClaimAhead, DedupEntry, DeferredWrites, EntryKey, EntryStatus, Inspect,
     PartitionId, Store, StoredPosition, Transaction,
 };
+#[cfg(feature = "http")]
+pub use store::{Lease, RequestClaim, RequestStore};
 
 /// The Kafka client the runtime is built on, at the version it uses: a handler or a test that
 /// names rdkafka's types takes them from here.
@@ -190,6 +194,8 @@ pub use sqlx;
 
 #[cfg(feature = "memory")]
 pub use store::memory::{MemoryStore, MemoryTx};
+#[cfg(all(feature = "postgres", feature = "http"))]
+pub use store::postgres::PgRequestTx;
 #[cfg(feature = "postgres")]
 pub use store::postgres::{BatchRow, BatchStatement, Column, PgOptions, PgStore, PgTx};
 #[cfg(feature = "rocksdb")]

@@ -31,12 +31,16 @@ mod inspect;
 pub(crate) mod memory;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
+#[cfg(feature = "http")]
+mod request;
 #[cfg(feature = "rocksdb")]
 pub(crate) mod rocksdb;
 
 pub use entry::{DedupEntry, EntryStatus};
 use inspect::check_position;
 pub use inspect::{EntryKey, Inspect};
+#[cfg(feature = "http")]
+pub use request::{Lease, RequestClaim, RequestStore};
 
 /// A partition as seen by one consumer group.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

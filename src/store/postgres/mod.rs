@@ -22,7 +22,8 @@
 //!
 //! Files: `sql.rs` (statements and migrations), `errors.rs` (error mapping), `rows.rs` (rows and
 //! their columns), `claims.rs` (the claim state machine), `tx.rs` (the batch and its commit),
-//! `batch.rs` (rows deferred to the end of a batch).
+//! `batch.rs` (rows deferred to the end of a batch), `request.rs` (idempotency keys of requests,
+//! feature `http`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -40,12 +41,16 @@ use crate::store::{Assignment, EntryKey, Inspect, PartitionId, Store, StoredPosi
 mod batch;
 mod claims;
 mod errors;
+#[cfg(feature = "http")]
+mod request;
 mod rows;
 mod sql;
 mod tx;
 
 pub use batch::{BatchRow, BatchStatement, Column};
 use errors::pg;
+#[cfg(feature = "http")]
+pub use request::PgRequestTx;
 use rows::select_entries;
 use sql::{Sql, clamp_ms, migrator, statement};
 pub use tx::PgTx;
@@ -120,6 +125,8 @@ struct Inner {
     owner: String,
     /// The sessions' `idle_in_transaction_session_timeout`, as set by the options.
     idle_timeout: Option<Duration>,
+    #[cfg(feature = "http")]
+    requests: request::RequestSql,
 }
 
 impl fmt::Debug for PgStore {
@@ -133,6 +140,15 @@ impl fmt::Debug for PgStore {
 }
 
 impl PgStore {
+    /// A transaction on a pooled connection.
+    async fn transaction(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        self.inner
+            .pool
+            .begin()
+            .await
+            .map_err(pg("starting a transaction"))
+    }
+
     /// Connects to `url` (`postgres://user:password@host:port/database`) with the default
     /// options and applies the migrations.
     pub async fn connect(url: &str) -> Result<PgStore> {
@@ -201,6 +217,8 @@ impl PgStore {
         Ok(PgStore {
             inner: Arc::new(Inner {
                 pool,
+                #[cfg(feature = "http")]
+                requests: request::RequestSql::new(&sql.dedup),
                 sql,
                 owner: options.owner,
                 idle_timeout,
@@ -254,12 +272,7 @@ impl Store for PgStore {
     }
 
     async fn begin(&self, partition: &PartitionId, epoch: u64) -> Result<PgTx> {
-        let tx = self
-            .inner
-            .pool
-            .begin()
-            .await
-            .map_err(pg("starting a transaction"))?;
+        let tx = self.transaction().await?;
         Ok(PgTx::new(tx, self.inner.clone(), partition, epoch))
     }
 

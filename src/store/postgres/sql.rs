@@ -17,6 +17,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "byte order keys",
         include_str!("migrations/0002_byte_order_keys.sql"),
     ),
+    (
+        3,
+        "request keys",
+        include_str!("migrations/0003_request_keys.sql"),
+    ),
 ];
 
 /// `$n` (milliseconds since the Unix epoch) as a `timestamptz`, exactly.

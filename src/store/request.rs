@@ -1,0 +1,125 @@
+//! Idempotency keys of requests (HTTP, feature `http`): what a store promises for them.
+//!
+//! A request's key is claimed in a write of its own before the handler runs, as a lease: a
+//! concurrent request with the key sees it in flight at once instead of waiting on a lock, and
+//! the claim of a server that crashed is taken over once its lease ran out. The handler's
+//! writes, the key's completed entry and the stored answer then commit in ONE transaction that
+//! checks the lease is still this request's: a request that outlived its lease and lost the
+//! key writes nothing ([`Error::LeaseLost`](crate::Error::LeaseLost)).
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::error::Result;
+
+/// A request's hold on its key, until [`until_ms`](Lease::until_ms) unless renewed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Lease {
+    key: Vec<u8>,
+    token: String,
+    until_ms: i64,
+}
+
+impl Lease {
+    pub(crate) fn new(key: &[u8], token: String, until_ms: i64) -> Self {
+        Lease {
+            key: key.to_vec(),
+            token,
+            until_ms,
+        }
+    }
+
+    /// The scoped store key held.
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// When the lease runs out, milliseconds since the epoch (by the store's clock).
+    pub fn until_ms(&self) -> i64 {
+        self.until_ms
+    }
+
+    pub(crate) fn token(&self) -> &str {
+        &self.token
+    }
+
+    pub(crate) fn set_until_ms(&mut self, until_ms: i64) {
+        self.until_ms = until_ms;
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("key_bytes", &self.key.len())
+            .field("until_ms", &self.until_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What claiming a request's key found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RequestClaim {
+    /// The key is this request's until the lease runs out: run the handler.
+    Claimed(Lease),
+    /// Another request holds the key until `until_ms`; `fingerprint` is that request's.
+    InFlight {
+        /// The holder's request fingerprint.
+        fingerprint: Vec<u8>,
+        /// When its lease runs out, milliseconds since the epoch.
+        until_ms: i64,
+    },
+    /// A request with the key completed: its fingerprint and its stored answer.
+    Completed {
+        /// The first request's fingerprint.
+        fingerprint: Vec<u8>,
+        /// Its stored answer.
+        response: Vec<u8>,
+        /// When the key expires and a new request with it runs again.
+        expires_at_ms: i64,
+    },
+}
+
+/// A store that keeps idempotency keys of requests beside the consumer's dedup entries, in the
+/// same table or family and under the same bounded purge.
+pub trait RequestStore: Send + Sync + 'static {
+    /// The handler's transaction for one request.
+    type RequestTx: Send;
+
+    /// Claims `key` for a request with `fingerprint`, held for `lease`; an abandoned claim is
+    /// purged `window` after it was made. A completed key whose `window` has passed, or a claim
+    /// whose lease ran out, is taken over.
+    fn claim_request(
+        &self,
+        key: &[u8],
+        fingerprint: &[u8],
+        lease: Duration,
+        window: Duration,
+    ) -> impl Future<Output = Result<RequestClaim>> + Send;
+
+    /// Holds the key `lease` longer. False when it is no longer this request's.
+    fn renew_request(
+        &self,
+        lease: &mut Lease,
+        lease_for: Duration,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Gives the key up without an answer (a 5xx, a dropped connection): the next request with
+    /// it runs. False when it was no longer this request's.
+    fn release_request(&self, lease: &Lease) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Opens the handler's transaction.
+    fn begin_request(&self) -> impl Future<Output = Result<Self::RequestTx>> + Send;
+
+    /// Commits the handler's writes with the key's completed entry and `response`, kept for
+    /// `window`, in one transaction, if the lease is still this request's; otherwise writes
+    /// nothing and fails with [`Error::LeaseLost`](crate::Error::LeaseLost).
+    fn commit_request(
+        &self,
+        tx: Self::RequestTx,
+        lease: &Lease,
+        response: &[u8],
+        window: Duration,
+    ) -> impl Future<Output = Result<()>> + Send;
+}
