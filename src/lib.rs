@@ -144,8 +144,8 @@
 //! `http` is the protocol of idempotency keys over HTTP ([`http`]: the `Idempotency-Key`
 //! header, request fingerprints, which answers are kept, stored answers and their replay,
 //! problem details) and the stores' side of it ([`RequestStore`]: a key claimed as a lease,
-//! completed with the handler's writes in one transaction; PostgreSQL so far); the server
-//! layer comes next.
+//! completed with the handler's writes in one transaction, on RocksDB and PostgreSQL); the
+//! server layer comes next.
 
 #![forbid(unsafe_code)]
 
@@ -199,4 +199,6 @@ pub use store::postgres::PgRequestTx;
 #[cfg(feature = "postgres")]
 pub use store::postgres::{BatchRow, BatchStatement, Column, PgOptions, PgStore, PgTx};
 #[cfg(feature = "rocksdb")]
+#[cfg(all(feature = "rocksdb", feature = "http"))]
+pub use store::rocksdb::RocksRequestTx;
 pub use store::rocksdb::{RocksOptions, RocksStore, RocksTx, StateError};

@@ -1,18 +1,79 @@
-//! Idempotency keys of requests on the stores (`RequestStore`, feature `http`): a key claimed as
-//! a lease before the handler runs, seen in flight by a concurrent request, taken over once the
-//! lease ran out, and completed with the handler's writes and the stored answer in one
-//! transaction that a request which lost its lease cannot commit. PostgreSQL so far (a
-//! database per test on the server named by `DATABASE_URL`); RocksDB comes with the HTTP layer.
+//! Idempotency keys of requests on the stores (`RequestStore`, feature `http`), written once,
+//! generic over the store and instantiated at the bottom for RocksDB and PostgreSQL (a database
+//! per test on the server named by `DATABASE_URL`): a key claimed as a lease before the handler
+//! runs, seen in flight by a concurrent request, taken over once the lease ran out, and
+//! completed with the handler's writes and the stored answer in one write that a request which
+//! lost its lease cannot make.
 
 mod common;
 
 use std::time::Duration;
 
-use common::backend::{Postgres, block_on};
-use idempotent_consumer::{EntryKey, PgRequestTx, PgStore, RequestClaim, RequestStore};
+use common::backend::{Postgres, Rocks, block_on};
+use idempotent_consumer::{
+    EntryKey, PgRequestTx, PgStore, RequestClaim, RequestStore, RocksRequestTx, RocksStore, Store,
+};
 
 const LONG: Duration = Duration::from_secs(60);
 const DAY: Duration = Duration::from_secs(86_400);
+
+/// Every payment id the tests use (RocksDB's state is read key by key).
+const PAYMENT_IDS: [&str; 5] = ["p1", "lost", "kept", "slow", "fast"];
+
+/// A store under test, and the handler's write on it: one payment.
+trait Subject {
+    type S: RequestStore + Store;
+    async fn open(&self) -> Self::S;
+    async fn pay(tx: &mut <Self::S as RequestStore>::RequestTx, id: &str);
+    /// How many payments committed.
+    async fn payments(store: &Self::S) -> usize;
+}
+
+impl Subject for Rocks {
+    type S = RocksStore;
+    async fn open(&self) -> RocksStore {
+        self.store()
+    }
+    async fn pay(tx: &mut RocksRequestTx, id: &str) {
+        tx.put(format!("payment/{id}"), "1");
+    }
+    async fn payments(store: &RocksStore) -> usize {
+        let mut tx = store.begin_request().await.unwrap();
+        PAYMENT_IDS
+            .iter()
+            .filter(|id| tx.get(format!("payment/{id}")).unwrap().is_some())
+            .count()
+    }
+}
+
+impl Subject for Postgres {
+    type S = PgStore;
+    async fn open(&self) -> PgStore {
+        let store = self.connect().await;
+        let mut tx = store.begin_request().await.unwrap();
+        sqlx::query("CREATE TABLE IF NOT EXISTS payments (id text NOT NULL)")
+            .execute(tx.conn())
+            .await
+            .unwrap();
+        sqlx::raw_sql("COMMIT").execute(tx.conn()).await.unwrap();
+        store
+    }
+    async fn pay(tx: &mut PgRequestTx, id: &str) {
+        sqlx::query("INSERT INTO payments (id) VALUES ($1)")
+            .bind(id)
+            .execute(tx.conn())
+            .await
+            .unwrap();
+    }
+    async fn payments(store: &PgStore) -> usize {
+        let mut tx = store.begin_request().await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM payments")
+            .fetch_one(tx.conn())
+            .await
+            .unwrap();
+        n as usize
+    }
+}
 
 fn key(tenant: Option<&str>, name: &str) -> Vec<u8> {
     let key = EntryKey::new("svc", name);
@@ -21,22 +82,6 @@ fn key(tenant: Option<&str>, name: &str) -> Vec<u8> {
         None => key,
     }
     .store_key()
-}
-
-/// The handler's write: one payment row.
-async fn pay(tx: &mut PgRequestTx, id: &str) {
-    sqlx::query("INSERT INTO payments (id) VALUES ($1)")
-        .bind(id)
-        .execute(tx.conn())
-        .await
-        .unwrap();
-}
-
-/// A database with the handler's table.
-fn database() -> Postgres {
-    let pg = Postgres::new();
-    pg.execute("CREATE TABLE payments (id text NOT NULL)");
-    pg
 }
 
 fn claimed(claim: RequestClaim) -> idempotent_consumer::Lease {
@@ -48,11 +93,9 @@ fn claimed(claim: RequestClaim) -> idempotent_consumer::Lease {
 
 /// One request runs; a concurrent one sees it in flight with its fingerprint; the handler's
 /// write and the answer commit together, and every later request gets the answer.
-#[test]
-fn a_key_is_claimed_once_then_answered_with_what_committed() {
-    let pg = database();
-    block_on(async {
-        let store: PgStore = pg.connect().await;
+async fn a_key_is_claimed_once_then_answered_with_what_committed<B: Subject>(b: &B) {
+    {
+        let store = b.open().await;
         let k = key(None, "pay-1");
         let lease = claimed(store.claim_request(&k, b"fp-1", LONG, DAY).await.unwrap());
         match store.claim_request(&k, b"fp-2", LONG, DAY).await.unwrap() {
@@ -66,7 +109,7 @@ fn a_key_is_claimed_once_then_answered_with_what_committed() {
             other => panic!("{other:?}"),
         }
         let mut tx = store.begin_request().await.unwrap();
-        pay(&mut tx, "p1").await;
+        B::pay(&mut tx, "p1").await;
         store
             .commit_request(tx, &lease, b"201 created", DAY)
             .await
@@ -84,16 +127,14 @@ fn a_key_is_claimed_once_then_answered_with_what_committed() {
             }
             other => panic!("{other:?}"),
         }
-    });
-    assert_eq!(pg.scalar("SELECT count(*) FROM payments"), Some(1));
+        assert_eq!(B::payments(&store).await, 1);
+    }
 }
 
 /// Many requests with one key at once: exactly one gets it.
-#[test]
-fn concurrent_claims_of_one_key_give_it_to_one() {
-    let pg = database();
-    block_on(async {
-        let store: PgStore = pg.connect().await;
+async fn concurrent_claims_of_one_key_give_it_to_one<B: Subject>(b: &B) {
+    {
+        let store = b.open().await;
         let k = key(None, "race");
         let claims =
             futures::future::join_all((0..50).map(|_| store.claim_request(&k, b"fp", LONG, DAY)))
@@ -107,21 +148,19 @@ fn concurrent_claims_of_one_key_give_it_to_one() {
             .filter(|c| matches!(c, Ok(RequestClaim::InFlight { .. })))
             .count();
         assert_eq!((won, in_flight), (1, 49), "{claims:?}");
-    });
+    }
 }
 
 /// A request that crashed before its commit left nothing but its claim; once the lease ran out
 /// the retry takes the key over and runs.
-#[test]
-fn a_crashed_requests_claim_is_taken_over_after_its_lease() {
-    let pg = database();
-    block_on(async {
-        let store: PgStore = pg.connect().await;
+async fn a_crashed_requests_claim_is_taken_over_after_its_lease<B: Subject>(b: &B) {
+    {
+        let store = b.open().await;
         let k = key(None, "crash");
         let short = Duration::from_millis(300);
         let _first = claimed(store.claim_request(&k, b"fp", short, DAY).await.unwrap());
         let mut tx = store.begin_request().await.unwrap();
-        pay(&mut tx, "lost").await;
+        B::pay(&mut tx, "lost").await;
         drop(tx); // the crash
         assert!(matches!(
             store.claim_request(&k, b"fp", LONG, DAY).await.unwrap(),
@@ -130,23 +169,17 @@ fn a_crashed_requests_claim_is_taken_over_after_its_lease() {
         tokio::time::sleep(Duration::from_millis(400)).await;
         let retry = claimed(store.claim_request(&k, b"fp", LONG, DAY).await.unwrap());
         let mut tx = store.begin_request().await.unwrap();
-        pay(&mut tx, "kept").await;
+        B::pay(&mut tx, "kept").await;
         store.commit_request(tx, &retry, b"ok", DAY).await.unwrap();
-    });
-    assert_eq!(
-        pg.scalar("SELECT count(*) FROM payments WHERE id = 'kept'"),
-        Some(1)
-    );
-    assert_eq!(pg.scalar("SELECT count(*) FROM payments"), Some(1));
+        assert_eq!(B::payments(&store).await, 1);
+    }
 }
 
 /// A request that outlived its lease while another took the key over cannot commit: its
 /// writes are rolled back, and the other's answer stands.
-#[test]
-fn a_request_that_lost_its_lease_is_fenced() {
-    let pg = database();
-    block_on(async {
-        let store: PgStore = pg.connect().await;
+async fn a_request_that_lost_its_lease_is_fenced<B: Subject>(b: &B) {
+    {
+        let store = b.open().await;
         let k = key(None, "slow");
         let slow = claimed(
             store
@@ -155,11 +188,11 @@ fn a_request_that_lost_its_lease_is_fenced() {
                 .unwrap(),
         );
         let mut slow_tx = store.begin_request().await.unwrap();
-        pay(&mut slow_tx, "slow").await;
+        B::pay(&mut slow_tx, "slow").await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let fast = claimed(store.claim_request(&k, b"fp", LONG, DAY).await.unwrap());
         let mut fast_tx = store.begin_request().await.unwrap();
-        pay(&mut fast_tx, "fast").await;
+        B::pay(&mut fast_tx, "fast").await;
         // The zombie commits while the request that took over still runs.
         let error = store
             .commit_request(slow_tx, &slow, b"slow", DAY)
@@ -174,21 +207,15 @@ fn a_request_that_lost_its_lease_is_fenced() {
             RequestClaim::Completed { response, .. } => assert_eq!(response, b"fast"),
             other => panic!("{other:?}"),
         }
-    });
-    assert_eq!(
-        pg.scalar("SELECT count(*) FROM payments WHERE id = 'slow'"),
-        Some(0)
-    );
-    assert_eq!(pg.scalar("SELECT count(*) FROM payments"), Some(1));
+        assert_eq!(B::payments(&store).await, 1);
+    }
 }
 
 /// Renewing holds the key past the first lease; a lease that was taken over neither renews nor
 /// releases; releasing lets the next request run.
-#[test]
-fn leases_renew_and_release_only_while_held() {
-    let pg = database();
-    block_on(async {
-        let store: PgStore = pg.connect().await;
+async fn leases_renew_and_release_only_while_held<B: Subject>(b: &B) {
+    {
+        let store = b.open().await;
         let k = key(None, "renew");
         let short = Duration::from_millis(300);
         let mut lease = claimed(store.claim_request(&k, b"fp", short, DAY).await.unwrap());
@@ -210,16 +237,14 @@ fn leases_renew_and_release_only_while_held() {
         let mut stale = next.clone();
         assert!(!store.renew_request(&mut stale, LONG).await.unwrap());
         assert!(!store.release_request(&next).await.unwrap());
-    });
+    }
 }
 
 /// A completed key is answered until its window passes; then a request with it runs again.
 /// Tenants are apart: one key under two tenants is two requests.
-#[test]
-fn keys_expire_after_their_window_and_tenants_are_apart() {
-    let pg = database();
-    block_on(async {
-        let store: PgStore = pg.connect().await;
+async fn keys_expire_after_their_window_and_tenants_are_apart<B: Subject>(b: &B) {
+    {
+        let store = b.open().await;
         let k = key(Some("acme"), "k");
         let lease = claimed(store.claim_request(&k, b"fp", LONG, DAY).await.unwrap());
         let tx = store.begin_request().await.unwrap();
@@ -240,5 +265,79 @@ fn keys_expire_after_their_window_and_tenants_are_apart() {
         ));
         tokio::time::sleep(Duration::from_millis(400)).await;
         claimed(store.claim_request(&k, b"fp", LONG, DAY).await.unwrap());
-    });
+    }
 }
+
+/// Request keys go with the same bounded purge as the consumer's entries, once their window
+/// passed: an answered key and an abandoned claim alike.
+async fn expired_request_keys_are_purged<B: Subject>(b: &B) {
+    let store = b.open().await;
+    let short = Duration::from_millis(200);
+    let answered = key(None, "answered");
+    let lease = claimed(
+        store
+            .claim_request(&answered, b"fp", LONG, DAY)
+            .await
+            .unwrap(),
+    );
+    let tx = store.begin_request().await.unwrap();
+    store
+        .commit_request(tx, &lease, b"ok", short)
+        .await
+        .unwrap();
+    let abandoned = key(None, "abandoned");
+    claimed(
+        store
+            .claim_request(&abandoned, b"fp", short, short)
+            .await
+            .unwrap(),
+    );
+    let live = key(None, "live");
+    claimed(store.claim_request(&live, b"fp", LONG, DAY).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let purged = store.purge_expired("svc", now, 100).await.unwrap();
+    assert_eq!(purged, 2, "the answered key and the abandoned claim");
+    assert_eq!(store.purge_expired("other", now, 100).await.unwrap(), 0);
+    assert!(matches!(
+        store.claim_request(&live, b"fp", LONG, DAY).await.unwrap(),
+        RequestClaim::InFlight { .. }
+    ));
+}
+
+/// Instantiates every test above once per store.
+macro_rules! requests {
+    ($($name:ident),* $(,)?) => {
+        mod rocksdb {
+            $(
+                #[test]
+                fn $name() {
+                    super::block_on(super::$name(&super::Rocks::new()));
+                }
+            )*
+        }
+
+        mod postgres {
+            $(
+                #[test]
+                fn $name() {
+                    let pg = super::Postgres::new();
+                    super::block_on(super::$name(&pg));
+                }
+            )*
+        }
+    };
+}
+
+requests!(
+    a_key_is_claimed_once_then_answered_with_what_committed,
+    concurrent_claims_of_one_key_give_it_to_one,
+    a_crashed_requests_claim_is_taken_over_after_its_lease,
+    a_request_that_lost_its_lease_is_fenced,
+    leases_renew_and_release_only_while_held,
+    keys_expire_after_their_window_and_tenants_are_apart,
+    expired_request_keys_are_purged,
+);

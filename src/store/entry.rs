@@ -63,6 +63,10 @@ pub struct DedupEntry {
 
 const ENTRY_VERSION: u8 = 1;
 
+/// The first byte of a request key's entry (`store/request.rs`): version, state (u8), lease
+/// end, creation and expiry times (i64 each), then fingerprint, lease token and answer.
+pub(crate) const REQUEST_ENTRY_VERSION: u8 = 2;
+
 impl DedupEntry {
     /// True once the retention window has passed: the key is admitted again.
     pub fn is_expired(&self, now_ms: i64) -> bool {
@@ -103,8 +107,15 @@ impl DedupEntry {
         Ok(r)
     }
 
-    /// The expiry time of an encoded entry, without decoding the rest.
+    /// The expiry time of an encoded entry, without decoding the rest: of a consumer's entry
+    /// or of a request's key (`REQUEST_ENTRY_VERSION`, beside them in the embedded store).
     pub(crate) fn encoded_expiry(bytes: &[u8]) -> Result<i64> {
+        if bytes.first() == Some(&REQUEST_ENTRY_VERSION) {
+            let mut r = Reader::new(bytes, "request entry");
+            // Version, state, lease end, creation time.
+            r.take(1 + 1 + 8 + 8)?;
+            return Ok(i64::from_be_bytes(r.array()?));
+        }
         let mut r = Self::reader(bytes)?;
         // Status, fingerprint, partition, offset, creation time.
         r.take(1 + 32 + 4 + 8 + 8)?;

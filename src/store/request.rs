@@ -10,7 +10,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::store::entry::{REQUEST_ENTRY_VERSION, Reader, put_bytes};
 
 /// A request's hold on its key, until [`until_ms`](Lease::until_ms) unless renewed.
 #[derive(Clone, PartialEq, Eq)]
@@ -122,4 +123,120 @@ pub trait RequestStore: Send + Sync + 'static {
         response: &[u8],
         window: Duration,
     ) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// A request key's entry as the embedded stores keep it (PostgreSQL has columns instead).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RequestEntry {
+    /// Claimed and not answered yet (otherwise completed).
+    pub(crate) in_flight: bool,
+    pub(crate) lease_until_ms: i64,
+    pub(crate) created_at_ms: i64,
+    pub(crate) expires_at_ms: i64,
+    pub(crate) fingerprint: Vec<u8>,
+    /// The holder's lease token (empty once completed).
+    pub(crate) token: String,
+    pub(crate) response: Vec<u8>,
+}
+
+impl RequestEntry {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(40 + self.fingerprint.len() + self.response.len());
+        out.push(REQUEST_ENTRY_VERSION);
+        out.push(u8::from(self.in_flight));
+        for time in [self.lease_until_ms, self.created_at_ms, self.expires_at_ms] {
+            out.extend_from_slice(&time.to_be_bytes());
+        }
+        put_bytes(&mut out, &self.fingerprint);
+        put_bytes(&mut out, self.token.as_bytes());
+        put_bytes(&mut out, &self.response);
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(bytes, "request entry");
+        if r.u8()? != REQUEST_ENTRY_VERSION {
+            return Err(Error::Corrupt(
+                "a request's key holds a consumer's entry".into(),
+            ));
+        }
+        let in_flight = match r.u8()? {
+            0 => false,
+            1 => true,
+            other => return Err(Error::Corrupt(format!("bad request state {other}"))),
+        };
+        let mut time = || -> Result<i64> { Ok(i64::from_be_bytes(r.array()?)) };
+        let (lease_until_ms, created_at_ms, expires_at_ms) = (time()?, time()?, time()?);
+        let fingerprint = r.bytes()?.to_vec();
+        let token = r.string()?;
+        let response = r.bytes()?.to_vec();
+        r.finish()?;
+        Ok(RequestEntry {
+            in_flight,
+            lease_until_ms,
+            created_at_ms,
+            expires_at_ms,
+            fingerprint,
+            token,
+            response,
+        })
+    }
+
+    /// Whether a new claim takes the key over at `now_ms`: the holder's lease ran out, or the
+    /// answer's window passed.
+    pub(crate) fn is_free(&self, now_ms: i64) -> bool {
+        if self.in_flight {
+            self.lease_until_ms <= now_ms
+        } else {
+            self.expires_at_ms <= now_ms
+        }
+    }
+
+    /// What a claim that does not take the key over finds.
+    pub(crate) fn found(self) -> RequestClaim {
+        if self.in_flight {
+            RequestClaim::InFlight {
+                fingerprint: self.fingerprint,
+                until_ms: self.lease_until_ms,
+            }
+        } else {
+            RequestClaim::Completed {
+                fingerprint: self.fingerprint,
+                response: self.response,
+                expires_at_ms: self.expires_at_ms,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::entry::DedupEntry;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn request_entries_round_trip_and_tell_their_expiry(
+            in_flight in any::<bool>(),
+            times in any::<(i64, i64, i64)>(),
+            fingerprint in any::<Vec<u8>>(),
+            token in "[a-z0-9]{0,20}",
+            response in any::<Vec<u8>>(),
+        ) {
+            let entry = RequestEntry {
+                in_flight,
+                lease_until_ms: times.0,
+                created_at_ms: times.1,
+                expires_at_ms: times.2,
+                fingerprint,
+                token,
+                response,
+            };
+            let bytes = entry.encode();
+            prop_assert_eq!(DedupEntry::encoded_expiry(&bytes).unwrap(), times.2);
+            prop_assert_eq!(RequestEntry::decode(&bytes).unwrap(), entry);
+            prop_assert!(RequestEntry::decode(&bytes[..bytes.len() - 1]).is_err());
+        }
+    }
 }

@@ -74,6 +74,16 @@ pub(super) fn expiry_key(
     k
 }
 
+/// Expiry index key of one request key's entry (the one-entry layout, with an empty value):
+/// the time, then the store key.
+#[cfg(feature = "http")]
+pub(super) fn request_expiry_key(expires_at_ms: i64, store_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + store_key.len());
+    k.extend_from_slice(&((expires_at_ms as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(store_key);
+    k
+}
+
 /// The expiry time of an index row.
 pub(super) fn expiry_of(index_key: &[u8]) -> Result<i64> {
     let t = index_key

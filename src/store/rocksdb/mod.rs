@@ -14,7 +14,8 @@
 //! refuse a partition whose latest state another instance's store holds.
 //!
 //! Files: `keys.rs` (families and encodings), `tx.rs` (the batch and its commit), `purge.rs`
-//! (retention); claims and state locks use the store module's shared key table.
+//! (retention), `request.rs` (idempotency keys of requests, feature `http`); claims and state
+//! locks use the store module's shared key table.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -35,6 +36,8 @@ use crate::store::{Assignment, EntryKey, Inspect, PartitionId, Store, StoredPosi
 
 mod keys;
 mod purge;
+#[cfg(feature = "http")]
+mod request;
 #[cfg(test)]
 mod tests;
 mod tx;
@@ -42,6 +45,8 @@ mod tx;
 use keys::{
     ALL_CFS, CF_DATA, CF_DEAD_LETTERS, CF_DEDUP, CF_META, CF_POSITIONS, STORE_ID_KEY, position_key,
 };
+#[cfg(feature = "http")]
+pub use request::RocksRequestTx;
 pub use tx::{RocksTx, StateError};
 
 /// Options of the RocksDB store.
@@ -83,6 +88,9 @@ pub(super) struct Inner {
     /// Created with the directory and kept in it (`meta` family): which store's copy of a
     /// partition Kafka's latest commit came from.
     store_id: String,
+    /// Held while a request key's entry is read and written (`request.rs`).
+    #[cfg(feature = "http")]
+    requests: Mutex<()>,
 }
 
 impl fmt::Debug for RocksStore {
@@ -134,6 +142,8 @@ impl RocksStore {
                 claims: KeyTable::shared(),
                 data_locks: KeyTable::shared(),
                 store_id,
+                #[cfg(feature = "http")]
+                requests: Mutex::new(()),
             }),
         })
     }

@@ -123,6 +123,43 @@ impl RocksTx {
         }
     }
 
+    /// A transaction for one request (feature `http`): only the handler's state, committed by
+    /// `RequestStore::commit_request` with the request key's entry.
+    #[cfg(feature = "http")]
+    pub(super) fn for_request(store: &RocksStore) -> RocksTx {
+        let inner = &store.inner;
+        let holder: std::sync::Arc<str> = "a request".into();
+        RocksTx {
+            claimed: Holds::new(&inner.claims, holder.clone()),
+            locked: Holds::new(&inner.data_locks, holder),
+            conflicted: false,
+            fence: Arc::new(Mutex::new(0)),
+            store: store.clone(),
+            partition: PartitionId::new("", "", -1),
+            position_key: Vec::new(),
+            epoch: 0,
+            overlay: Default::default(),
+            undo: Vec::new(),
+            known: foldhash::HashMap::default(),
+        }
+    }
+
+    /// The handler's state writes as one batch (a request's transaction writes nothing else).
+    #[cfg(feature = "http")]
+    pub(super) fn data_batch(&self) -> WriteBatch {
+        let cf = self.store.inner.cf(Family::Data.name());
+        let mut writes: Vec<_> = self.overlay[Family::Data as usize].iter().collect();
+        writes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut batch = WriteBatch::default();
+        for (key, value) in writes {
+            match value {
+                Some(v) => batch.put_cf(cf, key, v),
+                None => batch.delete_cf(cf, key),
+            }
+        }
+        batch
+    }
+
     fn write(&mut self, family: Family, key: Key, value: Option<Vec<u8>>) {
         let previous = self.overlay[family as usize].insert(key.clone(), value);
         self.undo.push((family, key, previous));

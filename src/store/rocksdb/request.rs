@@ -1,0 +1,181 @@
+//! Idempotency keys of requests on RocksDB: a request key's entry (`RequestEntry`) lives in the
+//! dedup family beside the consumer's entries, indexed for the same purge. Claims, renewals,
+//! releases and the completing commit read and write it under one lock of the store, so of two
+//! requests with one key exactly one holds it; the handler's state writes and the completed
+//! entry land in ONE `WriteBatch`, only while the lease is still the request's own.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rocksdb::WriteBatch;
+
+use super::keys::{CF_DEDUP, CF_EXPIRY, request_expiry_key};
+use super::tx::{RocksTx, StateError};
+use super::{Inner, RocksStore, rocks};
+use crate::error::{Error, Result};
+use crate::store::request::{Lease, RequestClaim, RequestEntry, RequestStore};
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn after(now_ms: i64, d: Duration) -> i64 {
+    now_ms.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Inner {
+    fn request_entry(&self, key: &[u8]) -> Result<Option<RequestEntry>> {
+        self.read_entry(key, RequestEntry::decode)
+    }
+
+    /// Writes `entry` under `key` with its index row, together with `batch`.
+    fn write_request(&self, mut batch: WriteBatch, key: &[u8], entry: &RequestEntry) -> Result<()> {
+        batch.put_cf(self.cf(CF_DEDUP), key, entry.encode());
+        batch.put_cf(
+            self.cf(CF_EXPIRY),
+            request_expiry_key(entry.expires_at_ms, key),
+            [],
+        );
+        // Shared, as a commit: a purge round never deletes what this rewrites.
+        let _shared = self.purge_gate.read().expect("purge gate poisoned");
+        self.db
+            .write_opt(batch, &self.write_opts)
+            .map_err(rocks("writing a request's key"))
+    }
+
+    /// The entry of `lease`'s key while `lease` holds it.
+    fn held(&self, lease: &Lease) -> Result<Option<RequestEntry>> {
+        Ok(self
+            .request_entry(lease.key())?
+            .filter(|e| e.in_flight && e.token == lease.token()))
+    }
+}
+
+/// The handler's transaction for one request on RocksDB: [`get`](RocksRequestTx::get),
+/// [`put`](RocksRequestTx::put) and [`delete`](RocksRequestTx::delete) on the handler's own key
+/// space, as on [`RocksTx`]; nothing is written until the request commits, in one
+/// `WriteBatch` with the key's entry and the stored answer.
+#[derive(Debug)]
+pub struct RocksRequestTx {
+    tx: RocksTx,
+}
+
+impl RocksRequestTx {
+    /// Reads a key of the handler's state, seeing this request's own writes (locked until the
+    /// request commits or is dropped; [`StateError::KeyBusy`] when another transaction holds
+    /// it).
+    pub fn get(
+        &mut self,
+        key: impl AsRef<[u8]>,
+    ) -> std::result::Result<Option<Vec<u8>>, StateError> {
+        self.tx.get(key)
+    }
+
+    /// Writes a key of the handler's state.
+    pub fn put(&mut self, key: impl AsRef<[u8]>, value: impl Into<Vec<u8>>) {
+        self.tx.put(key, value);
+    }
+
+    /// Deletes a key of the handler's state.
+    pub fn delete(&mut self, key: impl AsRef<[u8]>) {
+        self.tx.delete(key);
+    }
+}
+
+impl RequestStore for RocksStore {
+    type RequestTx = RocksRequestTx;
+
+    async fn claim_request(
+        &self,
+        key: &[u8],
+        fingerprint: &[u8],
+        lease: Duration,
+        window: Duration,
+    ) -> Result<RequestClaim> {
+        let inner = &self.inner;
+        let _one = inner.requests.lock().expect("request lock poisoned");
+        let now = now_ms();
+        if let Some(entry) = inner.request_entry(key)?
+            && !entry.is_free(now)
+        {
+            return Ok(entry.found());
+        }
+        let token = crate::store::new_id();
+        let entry = RequestEntry {
+            in_flight: true,
+            lease_until_ms: after(now, lease),
+            created_at_ms: now,
+            expires_at_ms: after(now, window),
+            fingerprint: fingerprint.to_vec(),
+            token: token.clone(),
+            response: Vec::new(),
+        };
+        inner.write_request(WriteBatch::default(), key, &entry)?;
+        Ok(RequestClaim::Claimed(Lease::new(
+            key,
+            token,
+            entry.lease_until_ms,
+        )))
+    }
+
+    async fn renew_request(&self, lease: &mut Lease, lease_for: Duration) -> Result<bool> {
+        let inner = &self.inner;
+        let _one = inner.requests.lock().expect("request lock poisoned");
+        let Some(mut entry) = inner.held(lease)? else {
+            return Ok(false);
+        };
+        entry.lease_until_ms = after(now_ms(), lease_for);
+        inner.write_request(WriteBatch::default(), lease.key(), &entry)?;
+        lease.set_until_ms(entry.lease_until_ms);
+        Ok(true)
+    }
+
+    async fn release_request(&self, lease: &Lease) -> Result<bool> {
+        let inner = &self.inner;
+        let _one = inner.requests.lock().expect("request lock poisoned");
+        if inner.held(lease)?.is_none() {
+            return Ok(false);
+        }
+        // Its index row stays; the purge passes over a key without the row's entry.
+        inner
+            .db
+            .delete_cf_opt(inner.cf(CF_DEDUP), lease.key(), &inner.write_opts)
+            .map_err(rocks("releasing a request's key"))?;
+        Ok(true)
+    }
+
+    async fn begin_request(&self) -> Result<RocksRequestTx> {
+        Ok(RocksRequestTx {
+            tx: RocksTx::for_request(self),
+        })
+    }
+
+    async fn commit_request(
+        &self,
+        tx: RocksRequestTx,
+        lease: &Lease,
+        response: &[u8],
+        window: Duration,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        let _one = inner.requests.lock().expect("request lock poisoned");
+        let Some(held) = inner.held(lease)? else {
+            return Err(Error::LeaseLost);
+        };
+        let now = now_ms();
+        let entry = RequestEntry {
+            in_flight: false,
+            lease_until_ms: 0,
+            created_at_ms: now,
+            expires_at_ms: after(now, window),
+            fingerprint: held.fingerprint,
+            token: String::new(),
+            response: response.to_vec(),
+        };
+        inner.write_request(tx.tx.data_batch(), lease.key(), &entry)?;
+        // The handler's state keys stay locked until the batch is written.
+        drop(tx);
+        Ok(())
+    }
+}
