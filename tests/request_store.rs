@@ -10,8 +10,9 @@ mod common;
 use std::time::Duration;
 
 use common::backend::{Postgres, Rocks, block_on};
+use idempotent_consumer::http::{ClientKey, IDEMPOTENCY_KEY, RequestScope};
 use idempotent_consumer::{
-    EntryKey, PgRequestTx, PgStore, RequestClaim, RequestStore, RocksRequestTx, RocksStore, Store,
+    PgRequestTx, PgStore, RequestClaim, RequestStore, RocksRequestTx, RocksStore, Store,
 };
 
 const LONG: Duration = Duration::from_secs(60);
@@ -75,13 +76,18 @@ impl Subject for Postgres {
     }
 }
 
+/// The store key of the client key `name` sent to `POST /payments`, for `tenant`.
 fn key(tenant: Option<&str>, name: &str) -> Vec<u8> {
-    let key = EntryKey::new("svc", name);
-    match tenant {
-        Some(t) => key.tenant(t),
-        None => key,
-    }
-    .store_key()
+    let mut headers = http::HeaderMap::new();
+    headers.insert(IDEMPOTENCY_KEY, format!("\"{name}\"").parse().unwrap());
+    let client = ClientKey::from_headers(&headers, 64).unwrap().unwrap();
+    let scope = RequestScope {
+        namespace: "svc",
+        tenant,
+        method: &http::Method::POST,
+        route: "/payments",
+    };
+    scope.store_key(&client).unwrap()
 }
 
 fn claimed(claim: RequestClaim) -> idempotent_consumer::Lease {

@@ -15,15 +15,20 @@
 //! 4. **The kept answer** (`response.rs`): status, an allow-list of headers and the body, replayed
 //!    with `Idempotent-Replayed: true`.
 //! 5. **Errors** (`problem.rs`) are RFC 9457 `application/problem+json` bodies.
+//! 6. **Where the key lives** (`scope.rs`): namespace, tenant, method and route template, then
+//!    the client's key, apart from every consumer key; the stores' side is
+//!    [`RequestStore`](crate::RequestStore).
 
 mod fingerprint;
 mod key;
 mod policy;
 mod problem;
 mod response;
+mod scope;
 
 pub use fingerprint::{BodyFingerprint, Mismatch, RequestFingerprint};
 pub use key::{ClientKey, DEFAULT_MAX_CLIENT_KEY_LEN, IDEMPOTENCY_KEY, KeyProblem};
 pub use policy::{Keep, StorePolicy};
 pub use problem::{PROBLEM_JSON, Problem};
 pub use response::{DEFAULT_REPLAYED_HEADERS, IDEMPOTENT_REPLAYED, StoredResponse};
+pub use scope::RequestScope;
