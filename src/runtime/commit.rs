@@ -14,8 +14,9 @@
 //!    partition's epoch: a stale owner gets [`Error::Fenced`](crate::Error::Fenced) and writes
 //!    nothing.
 //! 5. **Kafka.** Only then is the same offset committed to Kafka, by the consumer's commit
-//!    thread ([`KafkaCommitter`]), so lag tools keep working. Kafka's offset is advisory: on assignment the runtime seeks to the store's
-//!    position, so a lost or late Kafka commit can never skip or repeat a record. A store of
+//!    thread ([`KafkaCommitter`]), so lag tools keep working. Kafka's offset is advisory: on
+//!    assignment the runtime seeks to the store's position, so a lost or late Kafka commit
+//!    can never skip or repeat a record. A store of
 //!    one instance's own marks the commit with its id, which tells the next owner whether its
 //!    own copy of the partition is current (`stale.rs`).
 

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use super::Shared;
 use super::commit::{CommitContext, Committed, KafkaCommitter, commit_batch};
@@ -30,11 +30,7 @@ mod decide;
 
 use decide::Step;
 
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+pub(crate) use crate::store::now_ms;
 
 /// A record waiting this long for a key another in-flight batch holds is logged as a warning
 /// (again at most every `BUSY_WARN_EVERY`), naming the key's holder where the store knows it.
@@ -83,10 +79,11 @@ pub(crate) struct PartitionTask<S: Store, H> {
     tally: Tally,
     /// Dead letters of the open transaction, produced to the topic just before it commits.
     letters: Vec<DeadLetter>,
-    /// The open transaction's id, new for every attempt at a batch: its dead letters carry it
-    /// (`dlq.batch.id` on the topic), so a letter produced by an attempt that then failed to
-    /// commit is told apart from the store's letters, which only committed attempts wrote.
-    batch_id: String,
+    /// The open transaction's id, new for every attempt at a batch and made by its first dead
+    /// letter (most batches have none): its dead letters carry it (`dlq.batch.id` on the
+    /// topic), so a letter produced by an attempt that then failed to commit is told apart
+    /// from the store's letters, which only committed attempts wrote.
+    batch_id: Option<String>,
     /// The current record's failed runs and when it first failed (for retries and dead
     /// letters).
     attempts: Attempts,
@@ -134,7 +131,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             position,
             tally: Tally::default(),
             letters: Vec::new(),
-            batch_id: String::new(),
+            batch_id: None,
             attempts: Attempts::default(),
             savepoint_each: false,
             failed_without_savepoint: None,
@@ -360,10 +357,17 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     /// Opens a transaction for the pending records and claims their keys in one go, where the
     /// store can. A new transaction starts with nothing of a previous one: an earlier
     /// transaction either committed (and flushed its tally) or failed (and counts for nothing).
+    /// The open transaction's id (`batch_id`), made on first use.
+    fn batch_id(&mut self) -> String {
+        self.batch_id
+            .get_or_insert_with(crate::store::new_id)
+            .clone()
+    }
+
     async fn begin(&mut self, pending: &VecDeque<Pending>) -> Result<S::Tx> {
         self.tally = Tally::default();
         self.letters.clear();
-        self.batch_id = crate::store::new_id();
+        self.batch_id = None;
         self.batch_now = now_ms();
         self.tx_began = std::time::Instant::now();
         let mut tx = self.shared.store.begin(&self.partition, self.epoch).await?;

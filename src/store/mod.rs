@@ -157,6 +157,13 @@ pub(crate) fn retention_cutoff(now_ms: i64, retention: std::time::Duration) -> i
     now_ms.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// The wall clock, milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// A new id (of a store, of a batch attempt): 128 bits from the clock, the process and the
 /// standard library's random hasher keys, as 32 hex digits. Unique enough to tell two stores
 /// of one group, or two attempts at one batch, apart.

@@ -361,7 +361,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             message,
             0,
             now,
-            &self.batch_id,
+            self.batch_id(),
         );
         self.store_dead_letter(tx, &dl, Some((&conflict_key, fingerprint)))
             .await?;
@@ -422,7 +422,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             message,
             attempts,
             first_failure,
-            &self.batch_id,
+            self.batch_id(),
         );
         self.store_dead_letter(tx, &dl, key.map(|(_, store_key, fp)| (store_key, fp)))
             .await?;
@@ -474,7 +474,7 @@ fn new_dead_letter(
     message: String,
     attempts: u32,
     first_failed_at_ms: i64,
-    batch_id: &str,
+    batch_id: String,
 ) -> DeadLetter {
     DeadLetter {
         record: record.clone(),
@@ -484,6 +484,6 @@ fn new_dead_letter(
         attempts,
         first_failed_at_ms,
         failed_at_ms: now_ms(),
-        batch_id: Some(batch_id.to_owned()),
+        batch_id: Some(batch_id),
     }
 }

@@ -4,7 +4,7 @@
 //! requests with one key exactly one holds it; the handler's state writes and the completed
 //! entry land in ONE `WriteBatch`, only while the lease is still the request's own.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rocksdb::WriteBatch;
 
@@ -12,13 +12,8 @@ use super::keys::{CF_DEDUP, CF_EXPIRY, request_expiry_key};
 use super::tx::{RocksTx, StateError};
 use super::{Inner, RocksStore, rocks};
 use crate::error::{Error, Result};
+use crate::store::now_ms;
 use crate::store::request::{Lease, RequestClaim, RequestEntry, RequestStore};
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
 
 fn after(now_ms: i64, d: Duration) -> i64 {
     now_ms.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
