@@ -114,6 +114,67 @@ impl PgTx {
             self.undo.push((key.to_vec(), before));
         }
     }
+
+    /// The epoch is ours but the transaction is not the one that claimed: a handler ended it,
+    /// committing (or rolling back) the claims. Records not handled yet must not stay marked
+    /// done, so their claims, where the server still holds them as written, are deleted (the
+    /// connection is outside any transaction now, so each statement commits by itself); the
+    /// error ends the run. The server's id of the transaction the commit runs in
+    /// (`txid_current()`) is what tells: the claims returned it, the fenced position update
+    /// compares it.
+    async fn transaction_ended_by_a_handler(&mut self) -> Error {
+        let p = &self.partition;
+        let mut keys: Vec<&[u8]> = Vec::new();
+        let mut offsets: Vec<Option<i64>> = Vec::new();
+        for (key, state) in &self.keys {
+            let offset = match state {
+                KeyState::Claimed(ahead) => ahead.as_ref().map(|e| e.offset),
+                // Handled, its entry not written yet: only a placeholder would be left.
+                KeyState::Written { stored: false, .. } => None,
+                // Handled with the entry claimed ahead, or known before: as they should be.
+                KeyState::Written { stored: true, .. } | KeyState::Existing(_) => continue,
+            };
+            keys.push(key);
+            offsets.push(offset);
+        }
+        // A transaction the handler may have begun after ending ours is not this batch's.
+        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *self.tx).await;
+        let released = match split_all(&keys) {
+            Ok((groups, tenants, bytes)) => {
+                sqlx::query(self.store.sql.release_committed_claims.clone())
+                    .bind(&groups)
+                    .bind(&tenants)
+                    .bind(&bytes)
+                    .bind(&offsets)
+                    .bind(&p.topic)
+                    .bind(p.partition)
+                    .execute(&mut *self.tx)
+                    .await
+                    .map(|done| done.rows_affected())
+                    .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let released = match released {
+            Ok(n) => format!("{n} claims of records not handled yet were released"),
+            Err(e) => format!("releasing the claims of records not handled yet failed ({e})"),
+        };
+        tracing::error!(
+            topic = %p.topic,
+            partition = p.partition,
+            %released,
+            "a handler ended the store transaction"
+        );
+        Error::store(
+            format!(
+                "{}/{}: a handler ended the store transaction (COMMIT or ROLLBACK on \
+                 PgTx::conn()), so the batch's effects, dedup entries and position are no \
+                 longer one atomic write; the position was not advanced and {released}",
+                p.topic, p.partition
+            ),
+            "handlers must leave the transaction to the runtime",
+        )
+    }
 }
 
 impl Transaction for PgTx {
@@ -229,74 +290,7 @@ impl Transaction for PgTx {
         Ok(())
     }
 
-    async fn commit(self, next_offset: i64) -> Result<()> {
-        self.commit_batch(next_offset).await
-    }
-}
-
-impl PgTx {
-    /// The epoch is ours but the transaction is not the one that claimed: a handler ended it,
-    /// committing (or rolling back) the claims. Records not handled yet must not stay marked
-    /// done, so their claims, where the server still holds them as written, are deleted (the
-    /// connection is outside any transaction now, so each statement commits by itself); the
-    /// error ends the run. The server's id of the transaction the commit runs in
-    /// (`txid_current()`) is what tells: the claims returned it, the fenced position update
-    /// compares it.
-    async fn transaction_ended_by_a_handler(&mut self) -> Error {
-        let p = &self.partition;
-        let mut keys: Vec<&[u8]> = Vec::new();
-        let mut offsets: Vec<Option<i64>> = Vec::new();
-        for (key, state) in &self.keys {
-            let offset = match state {
-                KeyState::Claimed(ahead) => ahead.as_ref().map(|e| e.offset),
-                // Handled, its entry not written yet: only a placeholder would be left.
-                KeyState::Written { stored: false, .. } => None,
-                // Handled with the entry claimed ahead, or known before: as they should be.
-                KeyState::Written { stored: true, .. } | KeyState::Existing(_) => continue,
-            };
-            keys.push(key);
-            offsets.push(offset);
-        }
-        // A transaction the handler may have begun after ending ours is not this batch's.
-        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *self.tx).await;
-        let released = match split_all(&keys) {
-            Ok((groups, tenants, bytes)) => {
-                sqlx::query(self.store.sql.release_committed_claims.clone())
-                    .bind(&groups)
-                    .bind(&tenants)
-                    .bind(&bytes)
-                    .bind(&offsets)
-                    .bind(&p.topic)
-                    .bind(p.partition)
-                    .execute(&mut *self.tx)
-                    .await
-                    .map(|done| done.rows_affected())
-                    .map_err(|e| e.to_string())
-            }
-            Err(e) => Err(e.to_string()),
-        };
-        let released = match released {
-            Ok(n) => format!("{n} claims of records not handled yet were released"),
-            Err(e) => format!("releasing the claims of records not handled yet failed ({e})"),
-        };
-        tracing::error!(
-            topic = %p.topic,
-            partition = p.partition,
-            %released,
-            "a handler ended the store transaction"
-        );
-        Error::store(
-            format!(
-                "{}/{}: a handler ended the store transaction (COMMIT or ROLLBACK on \
-                 PgTx::conn()), so the batch's effects, dedup entries and position are no \
-                 longer one atomic write; the position was not advanced and {released}",
-                p.topic, p.partition
-            ),
-            "handlers must leave the transaction to the runtime",
-        )
-    }
-
-    async fn commit_batch(mut self, next_offset: i64) -> Result<()> {
+    async fn commit(mut self, next_offset: i64) -> Result<()> {
         let sql = &self.store.sql;
         let p = &self.partition;
         // The fence first: it takes the position row's lock, so an acquire waits for this
