@@ -67,6 +67,11 @@ pub enum Error {
     )]
     LeaseLost,
 
+    /// A request's transaction was used after its handler returned (by a task the handler
+    /// spawned): the request was already answered.
+    #[error("the request's transaction was used after its handler returned")]
+    RequestEnded,
+
     /// This store's copy of a partition is stale: Kafka's latest commit for it came from another
     /// store (another instance's own directory), which holds the partition's latest state. The
     /// partition was not handled (see [`StalePartitionPolicy`](crate::StalePartitionPolicy)).

@@ -125,6 +125,8 @@
 //! | `idempotent_consumer_handler_seconds` | histogram | group, topic, partition |
 //! | `idempotent_consumer_commit_seconds` | histogram | group, topic, partition |
 //! | `idempotent_consumer_store_entries` | gauge | group |
+//! | `idempotent_consumer_requests_total` | counter | namespace, route, outcome (`handled`, `released`, `replayed`, `in_flight`, `reused`, `bad_key`, `too_large`, `superseded`, `unavailable`, `failed`, `unkeyed`) |
+//! | `idempotent_consumer_request_handler_seconds` | histogram | namespace, route |
 //!
 //! The store-entries gauge is refreshed at each purge round; on large PostgreSQL tables it is
 //! the planner's estimate.
@@ -144,8 +146,10 @@
 //! `http` is the protocol of idempotency keys over HTTP ([`http`]: the `Idempotency-Key`
 //! header, request fingerprints, which answers are kept, stored answers and their replay,
 //! problem details) and the stores' side of it ([`RequestStore`]: a key claimed as a lease,
-//! completed with the handler's writes in one transaction, on RocksDB and PostgreSQL); the
-//! server layer comes next.
+//! completed with the handler's writes in one transaction, on RocksDB and PostgreSQL) with its
+//! server layer ([`http::IdempotencyLayer`], a `tower::Layer` for axum routes, and the
+//! [`http::Tx`] extractor that hands the handler the store's open transaction);
+//! `examples/payments_http.rs` shows it.
 
 #![forbid(unsafe_code)]
 
@@ -198,7 +202,7 @@ pub use store::memory::{MemoryStore, MemoryTx};
 pub use store::postgres::PgRequestTx;
 #[cfg(feature = "postgres")]
 pub use store::postgres::{BatchRow, BatchStatement, Column, PgOptions, PgStore, PgTx};
-#[cfg(feature = "rocksdb")]
 #[cfg(all(feature = "rocksdb", feature = "http"))]
-pub use store::rocksdb::RocksRequestTx;
+pub use store::rocksdb::{REQUEST_STATE_LOCK_WAIT, RocksRequestTx};
+#[cfg(feature = "rocksdb")]
 pub use store::rocksdb::{RocksOptions, RocksStore, RocksTx, StateError};

@@ -36,14 +36,15 @@ impl Subject for Rocks {
         self.store()
     }
     async fn pay(tx: &mut RocksRequestTx, id: &str) {
-        tx.put(format!("payment/{id}"), "1");
+        tx.put(format!("payment/{id}"), "1").await.unwrap();
     }
     async fn payments(store: &RocksStore) -> usize {
         let mut tx = store.begin_request().await.unwrap();
-        PAYMENT_IDS
-            .iter()
-            .filter(|id| tx.get(format!("payment/{id}")).unwrap().is_some())
-            .count()
+        let mut n = 0;
+        for id in PAYMENT_IDS {
+            n += usize::from(tx.get(format!("payment/{id}")).await.unwrap().is_some());
+        }
+        n
     }
 }
 

@@ -18,16 +18,35 @@
 //! 6. **Where the key lives** (`scope.rs`): namespace, tenant, method and route template, then
 //!    the client's key, apart from every consumer key; the stores' side is
 //!    [`RequestStore`](crate::RequestStore).
+//! 7. **The server layer** (`layer.rs`): [`IdempotencyLayer`], a `tower::Layer` for axum routes,
+//!    puts the steps together around the handler, which takes the store's open transaction as
+//!    the [`Tx`] extractor (`extract.rs`).
+//!
+//! ## The key's window
+//!
+//! An answered key is kept for the layer's window (24 hours by default): until then every
+//! retry gets the kept answer; after it, a request with the key runs as a new request. The
+//! window is published on the kept first answer and on every replay as the
+//! [`Idempotency-Key-Expires`](IDEMPOTENCY_KEY_EXPIRES) header, an RFC 9651 Date
+//! (`Idempotency-Key-Expires: @1767225600`, seconds since the epoch). Expired keys are purged
+//! by the store's bounded purge with the consumer's entries.
 
+mod extract;
 mod fingerprint;
 mod key;
+mod layer;
 mod policy;
 mod problem;
 mod response;
 mod scope;
 
+pub use extract::{Tx, TxGuard};
 pub use fingerprint::{BodyFingerprint, Mismatch, RequestFingerprint};
 pub use key::{ClientKey, DEFAULT_MAX_CLIENT_KEY_LEN, IDEMPOTENCY_KEY, KeyProblem};
+pub use layer::{
+    DEFAULT_LEASE, DEFAULT_MAX_BODY, DEFAULT_WINDOW, IDEMPOTENCY_KEY_EXPIRES, IdempotencyLayer,
+    IdempotencyService,
+};
 pub use policy::{Keep, StorePolicy};
 pub use problem::{PROBLEM_JSON, Problem};
 pub use response::{DEFAULT_REPLAYED_HEADERS, IDEMPOTENT_REPLAYED, StoredResponse};

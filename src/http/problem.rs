@@ -85,7 +85,60 @@ impl Problem {
         )
     }
 
-    /// The response: the problem as JSON, with `Retry-After: 1` on a 409.
+    /// **413**: the request's body is over the limit the layer buffers (it must read the whole
+    /// body to fingerprint it).
+    pub fn too_large(limit: usize) -> Self {
+        Problem::new(
+            "too-large",
+            "Request body too large",
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over the limit of {limit} bytes"),
+        )
+    }
+
+    /// **400**: the request's body could not be read to its end.
+    pub fn unreadable_body() -> Self {
+        Problem::new(
+            "unreadable-body",
+            "Request body unreadable",
+            StatusCode::BAD_REQUEST,
+            "the request's body could not be read to its end".into(),
+        )
+    }
+
+    /// **400**: the key's scope (the tenant the service derived from the request) is unusable.
+    pub fn bad_scope(detail: String) -> Self {
+        Problem::new(
+            "scope",
+            "Idempotency-Key scope invalid",
+            StatusCode::BAD_REQUEST,
+            detail,
+        )
+    }
+
+    /// **503**: the store could not be reached, or a key of the handler's state stayed busy;
+    /// nothing was kept, and a retry with the same key runs the request.
+    pub fn unavailable() -> Self {
+        Problem::new(
+            "unavailable",
+            "Try again",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the request could not be completed now; retry with the same Idempotency-Key".into(),
+        )
+    }
+
+    /// **500**: the server failed; nothing of the request was kept (the detail never names
+    /// the cause, which is logged).
+    pub fn internal(detail: &str) -> Self {
+        Problem::new(
+            "internal",
+            "Internal server error",
+            StatusCode::INTERNAL_SERVER_ERROR,
+            detail.to_owned(),
+        )
+    }
+
+    /// The response: the problem as JSON, with `Retry-After: 1` on a 409 or a 503.
     pub fn to_response(&self) -> Response<Vec<u8>> {
         let body = serde_json::to_vec(self).expect("a problem serialises");
         let mut response = Response::new(body);
@@ -93,7 +146,7 @@ impl Problem {
             StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-        if self.status == StatusCode::CONFLICT.as_u16() {
+        if matches!(self.status, 409 | 503) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response

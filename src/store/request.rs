@@ -86,7 +86,7 @@ pub enum RequestClaim {
 /// same table or family and under the same bounded purge.
 pub trait RequestStore: Send + Sync + 'static {
     /// The handler's transaction for one request.
-    type RequestTx: Send;
+    type RequestTx: Send + 'static;
 
     /// Claims `key` for a request with `fingerprint`, held for `lease`; an abandoned claim is
     /// purged `window` after it was made. A completed key whose `window` has passed, or a claim
@@ -115,14 +115,19 @@ pub trait RequestStore: Send + Sync + 'static {
 
     /// Commits the handler's writes with the key's completed entry and `response`, kept for
     /// `window`, in one transaction, if the lease is still this request's; otherwise writes
-    /// nothing and fails with [`Error::LeaseLost`](crate::Error::LeaseLost).
+    /// nothing and fails with [`Error::LeaseLost`](crate::Error::LeaseLost). Returns when the
+    /// key expires, milliseconds since the epoch (by the store's clock).
     fn commit_request(
         &self,
         tx: Self::RequestTx,
         lease: &Lease,
         response: &[u8],
         window: Duration,
-    ) -> impl Future<Output = Result<()>> + Send;
+    ) -> impl Future<Output = Result<i64>> + Send;
+
+    /// Commits the handler's writes of a request without a key (on an endpoint where the key
+    /// is optional): nothing is kept for a retry.
+    fn commit_unkeyed(&self, tx: Self::RequestTx) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// A request key's entry as the embedded stores keep it (PostgreSQL has columns instead).

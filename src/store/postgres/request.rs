@@ -68,8 +68,9 @@ impl RequestSql {
             complete: statement(format!(
                 "UPDATE {dedup} SET status = 'completed', outcome = $5, created_at = now(), \
                  expires_at = {window}, lease_token = NULL, lease_until = NULL \
-                 WHERE {key} AND status = 'in_flight' AND lease_token = $4 RETURNING 1",
+                 WHERE {key} AND status = 'in_flight' AND lease_token = $4 RETURNING {expires}",
                 window = after(6),
+                expires = ms("expires_at"),
             )),
         }
     }
@@ -211,9 +212,9 @@ impl RequestStore for PgStore {
         lease: &Lease,
         response: &[u8],
         window: Duration,
-    ) -> Result<()> {
+    ) -> Result<i64> {
         let (g, t, k) = split(lease.key())?;
-        let completed = sqlx::query(self.inner.requests.complete.clone())
+        let completed: Option<i64> = sqlx::query_scalar(self.inner.requests.complete.clone())
             .bind(g)
             .bind(t)
             .bind(k)
@@ -223,10 +224,15 @@ impl RequestStore for PgStore {
             .fetch_optional(&mut *tx.tx)
             .await
             .map_err(pg("completing a request's key"))?;
-        if completed.is_none() {
+        let Some(expires_at_ms) = completed else {
             let _ = tx.tx.rollback().await;
             return Err(Error::LeaseLost);
-        }
+        };
+        tx.tx.commit().await.map_err(pg("committing a request"))?;
+        Ok(expires_at_ms)
+    }
+
+    async fn commit_unkeyed(&self, tx: PgRequestTx) -> Result<()> {
         tx.tx.commit().await.map_err(pg("committing a request"))
     }
 }

@@ -46,7 +46,7 @@ use keys::{
     ALL_CFS, CF_DATA, CF_DEAD_LETTERS, CF_DEDUP, CF_META, CF_POSITIONS, STORE_ID_KEY, position_key,
 };
 #[cfg(feature = "http")]
-pub use request::RocksRequestTx;
+pub use request::{REQUEST_STATE_LOCK_WAIT, RocksRequestTx};
 pub use tx::{RocksTx, StateError};
 
 /// Options of the RocksDB store.

@@ -47,34 +47,76 @@ impl Inner {
     }
 }
 
+/// How long a request's transaction waits for a key of the handler's state that another
+/// transaction (a request's or a consumer batch's) holds, before [`StateError::KeyBusy`].
+pub const REQUEST_STATE_LOCK_WAIT: Duration = Duration::from_secs(5);
+
 /// The handler's transaction for one request on RocksDB: [`get`](RocksRequestTx::get),
 /// [`put`](RocksRequestTx::put) and [`delete`](RocksRequestTx::delete) on the handler's own key
 /// space, as on [`RocksTx`]; nothing is written until the request commits, in one
 /// `WriteBatch` with the key's entry and the stored answer.
+///
+/// Every key the transaction touches stays locked until it commits or is dropped, so a
+/// read-modify-write (a balance debited by two payments at once) is safe; a key another
+/// transaction holds is waited for, up to [`REQUEST_STATE_LOCK_WAIT`]. Two requests that lock the same
+/// keys in opposite orders wait for each other until one gives up: touch keys in one order.
 #[derive(Debug)]
 pub struct RocksRequestTx {
     tx: RocksTx,
 }
 
 impl RocksRequestTx {
-    /// Reads a key of the handler's state, seeing this request's own writes (locked until the
-    /// request commits or is dropped; [`StateError::KeyBusy`] when another transaction holds
-    /// it).
-    pub fn get(
+    /// Waits until this transaction holds `key`.
+    async fn lock(&mut self, key: &[u8]) -> std::result::Result<(), StateError> {
+        let deadline = tokio::time::Instant::now() + REQUEST_STATE_LOCK_WAIT;
+        let mut pause = Duration::from_micros(200);
+        while !self.tx.try_lock_data(key) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StateError::KeyBusy);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Reads a key of the handler's state, seeing this request's own writes.
+    pub async fn get(
         &mut self,
         key: impl AsRef<[u8]>,
     ) -> std::result::Result<Option<Vec<u8>>, StateError> {
+        self.lock(key.as_ref()).await?;
         self.tx.get(key)
     }
 
     /// Writes a key of the handler's state.
-    pub fn put(&mut self, key: impl AsRef<[u8]>, value: impl Into<Vec<u8>>) {
+    pub async fn put(
+        &mut self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Vec<u8>>,
+    ) -> std::result::Result<(), StateError> {
+        self.lock(key.as_ref()).await?;
         self.tx.put(key, value);
+        Ok(())
     }
 
     /// Deletes a key of the handler's state.
-    pub fn delete(&mut self, key: impl AsRef<[u8]>) {
+    pub async fn delete(&mut self, key: impl AsRef<[u8]>) -> std::result::Result<(), StateError> {
+        self.lock(key.as_ref()).await?;
         self.tx.delete(key);
+        Ok(())
+    }
+
+    /// The handler's writes, refused if one of them was dropped on a busy key (never, through
+    /// this type's methods: they wait).
+    fn batch(&self) -> Result<WriteBatch> {
+        if self.tx.is_conflicted() {
+            return Err(Error::store_transient(
+                "committing a request",
+                "a key of the handler's state was held by another transaction",
+            ));
+        }
+        Ok(self.tx.data_batch())
     }
 }
 
@@ -152,8 +194,9 @@ impl RequestStore for RocksStore {
         lease: &Lease,
         response: &[u8],
         window: Duration,
-    ) -> Result<()> {
+    ) -> Result<i64> {
         let inner = &self.inner;
+        let batch = tx.batch()?;
         let _one = inner.requests.lock().expect("request lock poisoned");
         let Some(held) = inner.held(lease)? else {
             return Err(Error::LeaseLost);
@@ -168,8 +211,19 @@ impl RequestStore for RocksStore {
             token: String::new(),
             response: response.to_vec(),
         };
-        inner.write_request(tx.tx.data_batch(), lease.key(), &entry)?;
+        inner.write_request(batch, lease.key(), &entry)?;
         // The handler's state keys stay locked until the batch is written.
+        drop(tx);
+        Ok(entry.expires_at_ms)
+    }
+
+    async fn commit_unkeyed(&self, tx: RocksRequestTx) -> Result<()> {
+        let inner = &self.inner;
+        let batch = tx.batch()?;
+        inner
+            .db
+            .write_opt(batch, &inner.write_opts)
+            .map_err(rocks("committing a request"))?;
         drop(tx);
         Ok(())
     }

@@ -179,6 +179,27 @@ impl RocksTx {
         Ok(locks.hold(&mut self.locked, key))
     }
 
+    /// Locks a key of the handler's state if no other transaction holds it (a request's
+    /// transaction waits for it instead of being marked conflicted).
+    #[cfg(feature = "http")]
+    pub(super) fn try_lock_data(&mut self, key: &[u8]) -> bool {
+        if self.locked.contains(key) {
+            return true;
+        }
+        let mut locks = self.store.inner.data_locks.lock();
+        if locks.held_by_other(&self.locked, key) {
+            return false;
+        }
+        locks.hold(&mut self.locked, key);
+        true
+    }
+
+    /// True when a write was dropped because another transaction held its key.
+    #[cfg(feature = "http")]
+    pub(super) fn is_conflicted(&self) -> bool {
+        self.conflicted
+    }
+
     fn read(&self, family: Family, key: &[u8]) -> Result<Option<Vec<u8>>> {
         if let Some(pending) = self.overlay[family as usize].get(key) {
             return Ok(pending.clone());
