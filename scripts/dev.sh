@@ -180,6 +180,8 @@ case "${1:-}" in
         cargo run --quiet --all-features --example quickstart
         log "metrics example"
         cargo run --quiet --all-features --example metrics_prometheus
+        log "HTTP example"
+        cargo run --quiet --all-features --example payments_http -- demo
         if [ -n "$chaos_log" ]; then
             chaos_rc=0
             wait "$chaos_pid" || chaos_rc=$?

@@ -120,6 +120,7 @@ impl DeadLetter {
 
     /// Encodes the dead letter without its payload, for a store that keeps the payload beside
     /// it; read it back with [`DeadLetter::decode_apart`].
+    #[cfg(any(feature = "postgres", test))]
     pub(crate) fn encode_apart(&self) -> Vec<u8> {
         self.encode_with(false)
     }
