@@ -4,6 +4,7 @@
 #   scripts/dev.sh quickstart   run the quickstart on the embedded store (no services needed)
 #   scripts/dev.sh test         fmt, clippy, docs and the whole test suite
 #   scripts/dev.sh bench        the throughput benchmark (release build; flags pass through)
+#   scripts/dev.sh bench-http   idempotency keys over HTTP against the plain handler
 #
 # Both first make sure the Debian packages the native builds need are present: RocksDB's build
 # runs bindgen (libclang) and compiles with Clang (scripts/cxx: about 30 % faster than GCC per
@@ -201,6 +202,13 @@ case "${1:-}" in
         PG_FSYNC=on PG_DEADLOCK_TIMEOUT=1s start_postgres
         cargo bench --all-features --bench throughput -- "$@"
         ;;
+    bench-http)
+        # Idempotency keys over HTTP against the plain handler (release build), against a
+        # throwaway server with fsync on.
+        shift
+        PG_FSYNC=on start_postgres
+        cargo bench --all-features --bench http -- "$@"
+        ;;
     postgres)
         # A throwaway server for working on the PostgreSQL store by hand: prints its URL and
         # keeps it until Ctrl-C.
@@ -212,7 +220,7 @@ case "${1:-}" in
         while :; do sleep 3600 & wait $!; done
         ;;
     *)
-        echo "usage: $0 quickstart|test|bench|postgres" >&2
+        echo "usage: $0 quickstart|test|bench|bench-http|postgres" >&2
         exit 2
         ;;
 esac

@@ -17,6 +17,14 @@ use super::sql::ms;
 use crate::error::{Error, Result};
 use crate::store::request::{Lease, RequestClaim, RequestStore};
 
+/// Makes the statement's own (implicit) transaction commit without waiting for its WAL to
+/// reach the disk (`synchronous_commit = off` for that transaction alone): claims, renewals and
+/// releases are visible to every session at once, and a claim lost with a server crash is a
+/// key nobody completed, which a retry runs, as after its lease. The completing commit, which
+/// carries the handler's writes and the answer, stays synchronous, and its WAL flush covers
+/// every claim before it.
+const ASYNC: &str = "(SELECT set_config('synchronous_commit', 'off', true)) AS async_commit";
+
 /// The statements, built once from the validated table name.
 pub(super) struct RequestSql {
     claim: SqlStr,
@@ -37,7 +45,8 @@ impl RequestSql {
             claim: statement(format!(
                 "INSERT INTO {dedup} AS d (consumer_group, tenant, idempotency_key, status, fingerprint, \
                  topic, \"partition\", \"offset\", created_at, expires_at, lease_token, lease_until) \
-                 VALUES ($1, $2, $3, 'in_flight', $4, '', -1, -1, now(), {window}, $5, {lease}) \
+                 SELECT $1, $2, $3, 'in_flight', $4, '', -1, -1, now(), {window}, $5, {lease} \
+                 FROM {ASYNC} \
                  ON CONFLICT (consumer_group, tenant, idempotency_key) DO UPDATE SET \
                  status = 'in_flight', fingerprint = EXCLUDED.fingerprint, outcome = NULL, \
                  created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at, \
@@ -56,13 +65,13 @@ impl RequestSql {
                 expires = ms("expires_at"),
             )),
             renew: statement(format!(
-                "UPDATE {dedup} SET lease_until = {lease} \
+                "UPDATE {dedup} SET lease_until = {lease} FROM {ASYNC} \
                  WHERE {key} AND status = 'in_flight' AND lease_token = $4 RETURNING {until}",
                 lease = after(5),
                 until = ms("lease_until"),
             )),
             release: statement(format!(
-                "DELETE FROM {dedup} WHERE {key} AND status = 'in_flight' AND lease_token = $4"
+                "DELETE FROM {dedup} USING {ASYNC} WHERE {key} AND status = 'in_flight' AND lease_token = $4"
             )),
             // In the handler's transaction: the row lock makes a takeover wait for it.
             complete: statement(format!(

@@ -88,9 +88,11 @@ pub(super) struct Inner {
     /// Created with the directory and kept in it (`meta` family): which store's copy of a
     /// partition Kafka's latest commit came from.
     store_id: String,
-    /// Held while a request key's entry is read and written (`request.rs`).
+    /// Held while a request key's entry is read and written (`request.rs`), one of them per
+    /// stripe of keys: requests with other keys (most) claim and commit at once, and their
+    /// synced writes share a write group.
     #[cfg(feature = "http")]
-    requests: Mutex<()>,
+    requests: request::Requests,
 }
 
 impl fmt::Debug for RocksStore {
@@ -143,7 +145,7 @@ impl RocksStore {
                 data_locks: KeyTable::shared(),
                 store_id,
                 #[cfg(feature = "http")]
-                requests: Mutex::new(()),
+                requests: request::Requests::default(),
             }),
         })
     }

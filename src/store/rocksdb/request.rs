@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use rocksdb::WriteBatch;
+use rocksdb::{WriteBatch, WriteOptions};
 
 use super::keys::{CF_DEDUP, CF_EXPIRY, request_expiry_key};
 use super::tx::{RocksTx, StateError};
@@ -14,6 +14,47 @@ use super::{Inner, RocksStore, rocks};
 use crate::error::{Error, Result};
 use crate::store::now_ms;
 use crate::store::request::{Lease, RequestClaim, RequestEntry, RequestStore};
+
+/// What the store keeps for request keys: their locks, by stripe of the key's hash, and the
+/// write options of claims, renewals and releases.
+pub(super) struct Requests {
+    stripes: Box<[std::sync::Mutex<()>]>,
+    /// Not synced: a claim, renewal or release lost with the machine (never with the process:
+    /// the WAL is written before the call returns) is a key nobody completed, which a retry
+    /// runs, as after its lease. The completing write is synced as the store's commits are,
+    /// and its sync covers every write before it in the WAL.
+    unsynced: WriteOptions,
+}
+
+impl Default for Requests {
+    fn default() -> Self {
+        let mut unsynced = WriteOptions::default();
+        unsynced.set_sync(false);
+        Requests {
+            stripes: (0..64).map(|_| std::sync::Mutex::new(())).collect(),
+            unsynced,
+        }
+    }
+}
+
+impl Requests {
+    /// The lock of `key`'s stripe.
+    fn lock(&self, key: &[u8]) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::BuildHasher;
+        let hash = foldhash::fast::FixedState::default().hash_one(key);
+        let stripe = &self.stripes[(hash % self.stripes.len() as u64) as usize];
+        stripe.lock().expect("request lock poisoned")
+    }
+}
+
+/// Whether a request key's write is synced.
+#[derive(Clone, Copy)]
+enum Durable {
+    /// As the store's commits (the completing write).
+    AsCommits,
+    /// Not synced (claims, renewals, releases).
+    No,
+}
 
 fn after(now_ms: i64, d: Duration) -> i64 {
     now_ms.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -24,8 +65,21 @@ impl Inner {
         self.read_entry(key, RequestEntry::decode)
     }
 
+    fn opts(&self, durable: Durable) -> &WriteOptions {
+        match durable {
+            Durable::AsCommits => &self.write_opts,
+            Durable::No => &self.requests.unsynced,
+        }
+    }
+
     /// Writes `entry` under `key` with its index row, together with `batch`.
-    fn write_request(&self, mut batch: WriteBatch, key: &[u8], entry: &RequestEntry) -> Result<()> {
+    fn write_request(
+        &self,
+        mut batch: WriteBatch,
+        key: &[u8],
+        entry: &RequestEntry,
+        durable: Durable,
+    ) -> Result<()> {
         batch.put_cf(self.cf(CF_DEDUP), key, entry.encode());
         batch.put_cf(
             self.cf(CF_EXPIRY),
@@ -35,7 +89,7 @@ impl Inner {
         // Shared, as a commit: a purge round never deletes what this rewrites.
         let _shared = self.purge_gate.read().expect("purge gate poisoned");
         self.db
-            .write_opt(batch, &self.write_opts)
+            .write_opt(batch, self.opts(durable))
             .map_err(rocks("writing a request's key"))
     }
 
@@ -131,7 +185,7 @@ impl RequestStore for RocksStore {
         window: Duration,
     ) -> Result<RequestClaim> {
         let inner = &self.inner;
-        let _one = inner.requests.lock().expect("request lock poisoned");
+        let _one = inner.requests.lock(key);
         let now = now_ms();
         if let Some(entry) = inner.request_entry(key)?
             && !entry.is_free(now)
@@ -148,7 +202,7 @@ impl RequestStore for RocksStore {
             token: token.clone(),
             response: Vec::new(),
         };
-        inner.write_request(WriteBatch::default(), key, &entry)?;
+        inner.write_request(WriteBatch::default(), key, &entry, Durable::No)?;
         Ok(RequestClaim::Claimed(Lease::new(
             key,
             token,
@@ -158,26 +212,26 @@ impl RequestStore for RocksStore {
 
     async fn renew_request(&self, lease: &mut Lease, lease_for: Duration) -> Result<bool> {
         let inner = &self.inner;
-        let _one = inner.requests.lock().expect("request lock poisoned");
+        let _one = inner.requests.lock(lease.key());
         let Some(mut entry) = inner.held(lease)? else {
             return Ok(false);
         };
         entry.lease_until_ms = after(now_ms(), lease_for);
-        inner.write_request(WriteBatch::default(), lease.key(), &entry)?;
+        inner.write_request(WriteBatch::default(), lease.key(), &entry, Durable::No)?;
         lease.set_until_ms(entry.lease_until_ms);
         Ok(true)
     }
 
     async fn release_request(&self, lease: &Lease) -> Result<bool> {
         let inner = &self.inner;
-        let _one = inner.requests.lock().expect("request lock poisoned");
+        let _one = inner.requests.lock(lease.key());
         if inner.held(lease)?.is_none() {
             return Ok(false);
         }
         // Its index row stays; the purge passes over a key without the row's entry.
         inner
             .db
-            .delete_cf_opt(inner.cf(CF_DEDUP), lease.key(), &inner.write_opts)
+            .delete_cf_opt(inner.cf(CF_DEDUP), lease.key(), inner.opts(Durable::No))
             .map_err(rocks("releasing a request's key"))?;
         Ok(true)
     }
@@ -197,7 +251,7 @@ impl RequestStore for RocksStore {
     ) -> Result<i64> {
         let inner = &self.inner;
         let batch = tx.batch()?;
-        let _one = inner.requests.lock().expect("request lock poisoned");
+        let _one = inner.requests.lock(lease.key());
         let Some(held) = inner.held(lease)? else {
             return Err(Error::LeaseLost);
         };
@@ -211,7 +265,7 @@ impl RequestStore for RocksStore {
             token: String::new(),
             response: response.to_vec(),
         };
-        inner.write_request(batch, lease.key(), &entry)?;
+        inner.write_request(batch, lease.key(), &entry, Durable::AsCommits)?;
         // The handler's state keys stay locked until the batch is written.
         drop(tx);
         Ok(entry.expires_at_ms)
