@@ -543,8 +543,8 @@ async fn a_thousand_concurrent_requests_with_one_key_apply_once<B: Backend>(b: &
 }
 
 /// Kill the server (SIGKILL) inside the handler after its write; restart it; retry: the retry
-/// runs once the dead server's lease ran out, one effect, and its answer is what the first
-/// would have been.
+/// runs (on PostgreSQL once the dead server's lease ran out, on RocksDB at once), one effect,
+/// and its answer is what the first would have been.
 async fn a_killed_server_leaves_nothing_and_the_retry_applies_once<B: Backend>(b: &B) {
     let body = payment("bob", 5);
     let mut server = ChildServer::start(&b.child_spec());

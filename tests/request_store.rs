@@ -24,6 +24,9 @@ const PAYMENT_IDS: [&str; 5] = ["p1", "lost", "kept", "slow", "fast"];
 /// A store under test, and the handler's write on it: one payment.
 trait Subject {
     type S: RequestStore + Store;
+    /// Whether a claim outlives its process: PostgreSQL's is a row other servers see until its
+    /// lease runs out; RocksDB's lives in the one process that has the directory open.
+    const CLAIMS_OUTLIVE_THE_PROCESS: bool;
     async fn open(&self) -> Self::S;
     async fn pay(tx: &mut <Self::S as RequestStore>::RequestTx, id: &str);
     /// How many payments committed.
@@ -32,6 +35,7 @@ trait Subject {
 
 impl Subject for Rocks {
     type S = RocksStore;
+    const CLAIMS_OUTLIVE_THE_PROCESS: bool = false;
     async fn open(&self) -> RocksStore {
         self.store()
     }
@@ -50,6 +54,7 @@ impl Subject for Rocks {
 
 impl Subject for Postgres {
     type S = PgStore;
+    const CLAIMS_OUTLIVE_THE_PROCESS: bool = true;
     async fn open(&self) -> PgStore {
         let store = self.connect().await;
         let mut tx = store.begin_request().await.unwrap();
@@ -307,12 +312,35 @@ async fn expired_request_keys_are_purged<B: Subject>(b: &B) {
         .unwrap()
         .as_millis() as i64;
     let purged = store.purge_expired("svc", now, 100).await.unwrap();
-    assert_eq!(purged, 2, "the answered key and the abandoned claim");
+    let abandoned_rows = usize::from(B::CLAIMS_OUTLIVE_THE_PROCESS);
+    assert_eq!(
+        purged,
+        1 + abandoned_rows,
+        "the answered key and an abandoned claim's row"
+    );
     assert_eq!(store.purge_expired("other", now, 100).await.unwrap(), 0);
     assert!(matches!(
         store.claim_request(&live, b"fp", LONG, DAY).await.unwrap(),
         RequestClaim::InFlight { .. }
     ));
+}
+
+/// A claim whose process died (the store dropped and opened again) is held on PostgreSQL until
+/// its lease runs out (another server may still run it); on RocksDB, whose directory one process
+/// opens at a time, nobody can, and a retry runs at once.
+async fn a_dead_processs_claim_is_held_only_where_another_server_could_run_it<B: Subject>(b: &B) {
+    let k = key(None, "restart");
+    {
+        let store = b.open().await;
+        claimed(store.claim_request(&k, b"fp", LONG, DAY).await.unwrap());
+    }
+    let store = b.open().await;
+    let claim = store.claim_request(&k, b"fp", LONG, DAY).await.unwrap();
+    if B::CLAIMS_OUTLIVE_THE_PROCESS {
+        assert!(matches!(claim, RequestClaim::InFlight { .. }), "{claim:?}");
+    } else {
+        claimed(claim);
+    }
 }
 
 /// Instantiates every test above once per store.
@@ -347,4 +375,5 @@ requests!(
     leases_renew_and_release_only_while_held,
     keys_expire_after_their_window_and_tenants_are_apart,
     expired_request_keys_are_purged,
+    a_dead_processs_claim_is_held_only_where_another_server_could_run_it,
 );

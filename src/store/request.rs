@@ -1,8 +1,10 @@
 //! Idempotency keys of requests (HTTP, feature `http`): what a store promises for them.
 //!
-//! A request's key is claimed in a write of its own before the handler runs, as a lease: a
-//! concurrent request with the key sees it in flight at once instead of waiting on a lock, and
-//! the claim of a server that crashed is taken over once its lease ran out. The handler's
+//! A request's key is claimed before the handler runs, as a lease, where every server that could
+//! take the key sees it at once (PostgreSQL: a committed row; RocksDB, whose directory one
+//! process opens: that process's memory): a concurrent request with the key sees it in flight
+//! instead of waiting on a lock, and the claim of a server that crashed is taken over once its
+//! lease ran out (on RocksDB, once the process is gone). The handler's
 //! writes, the key's completed entry and the stored answer then commit in ONE transaction that
 //! checks the lease is still this request's: a request that outlived its lease and lost the
 //! key writes nothing ([`Error::LeaseLost`](crate::Error::LeaseLost)).

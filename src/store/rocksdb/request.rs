@@ -1,12 +1,12 @@
-//! Idempotency keys of requests on RocksDB: a request key's entry (`RequestEntry`) lives in the
-//! dedup family beside the consumer's entries, indexed for the same purge. Claims, renewals,
-//! releases and the completing commit read and write it under one lock of the store, so of two
-//! requests with one key exactly one holds it; the handler's state writes and the completed
-//! entry land in ONE `WriteBatch`, only while the lease is still the request's own.
+//! Idempotency keys of requests on RocksDB: a claim is held in this process (`Requests`, one
+//! lock per stripe of keys), so of two requests with one key exactly one holds it; the
+//! handler's state writes and the key's completed entry (`RequestEntry`, in the dedup family
+//! beside the consumer's entries, indexed for the same purge) land in ONE synced `WriteBatch`,
+//! only while the lease is still the request's own.
 
 use std::time::Duration;
 
-use rocksdb::{WriteBatch, WriteOptions};
+use rocksdb::WriteBatch;
 
 use super::keys::{CF_DEDUP, CF_EXPIRY, request_expiry_key};
 use super::tx::{RocksTx, StateError};
@@ -15,31 +15,35 @@ use crate::error::{Error, Result};
 use crate::store::now_ms;
 use crate::store::request::{Lease, RequestClaim, RequestEntry, RequestStore};
 
-/// What the store keeps for request keys: their locks, by stripe of the key's hash, and the
-/// write options of claims, renewals and releases.
+/// Claims of request keys held by this process, by stripe of the key's hash (requests with
+/// other keys claim and commit at once).
+///
+/// A claim lives here, not in the database: a RocksDB directory is open in one process at a
+/// time (RocksDB's lock), so no other server can hold one of its keys, and a claim outlives
+/// its process for no one. After a crash a retry runs at once instead of waiting for the dead
+/// request's lease. The answer is the one durable write: the handler's writes, the key's
+/// completed entry and its index row in one synced `WriteBatch`.
 pub(super) struct Requests {
-    stripes: Box<[std::sync::Mutex<()>]>,
-    /// Not synced: a claim, renewal or release lost with the machine (never with the process:
-    /// the WAL is written before the call returns) is a key nobody completed, which a retry
-    /// runs, as after its lease. The completing write is synced as the store's commits are,
-    /// and its sync covers every write before it in the WAL.
-    unsynced: WriteOptions,
+    stripes: Box<[std::sync::Mutex<Claims>]>,
 }
+
+/// The in-flight claims of one stripe (entries with `in_flight` set).
+type Claims = foldhash::HashMap<Vec<u8>, RequestEntry>;
+
+/// A stripe holding this many claims drops those whose lease ran out when it takes another.
+const SWEEP_AT: usize = 64;
 
 impl Default for Requests {
     fn default() -> Self {
-        let mut unsynced = WriteOptions::default();
-        unsynced.set_sync(false);
         Requests {
-            stripes: (0..64).map(|_| std::sync::Mutex::new(())).collect(),
-            unsynced,
+            stripes: (0..1024).map(|_| std::sync::Mutex::default()).collect(),
         }
     }
 }
 
 impl Requests {
-    /// The lock of `key`'s stripe.
-    fn lock(&self, key: &[u8]) -> std::sync::MutexGuard<'_, ()> {
+    /// The claims of `key`'s stripe, locked.
+    fn lock(&self, key: &[u8]) -> std::sync::MutexGuard<'_, Claims> {
         use std::hash::BuildHasher;
         let hash = foldhash::fast::FixedState::default().hash_one(key);
         let stripe = &self.stripes[(hash % self.stripes.len() as u64) as usize];
@@ -47,13 +51,11 @@ impl Requests {
     }
 }
 
-/// Whether a request key's write is synced.
-#[derive(Clone, Copy)]
-enum Durable {
-    /// As the store's commits (the completing write).
-    AsCommits,
-    /// Not synced (claims, renewals, releases).
-    No,
+/// The claim of `lease`'s key while `lease` holds it.
+fn held<'a>(claims: &'a mut Claims, lease: &Lease) -> Option<&'a mut RequestEntry> {
+    claims
+        .get_mut(lease.key())
+        .filter(|e| e.token == lease.token())
 }
 
 fn after(now_ms: i64, d: Duration) -> i64 {
@@ -61,25 +63,17 @@ fn after(now_ms: i64, d: Duration) -> i64 {
 }
 
 impl Inner {
-    fn request_entry(&self, key: &[u8]) -> Result<Option<RequestEntry>> {
-        self.read_entry(key, RequestEntry::decode)
+    /// The key's answered entry, if it has one. An in-flight entry in the database (written by
+    /// an earlier version, which kept claims there) belongs to a process that is gone.
+    fn answered(&self, key: &[u8]) -> Result<Option<RequestEntry>> {
+        Ok(self
+            .read_entry(key, RequestEntry::decode)?
+            .filter(|e| !e.in_flight))
     }
 
-    fn opts(&self, durable: Durable) -> &WriteOptions {
-        match durable {
-            Durable::AsCommits => &self.write_opts,
-            Durable::No => &self.requests.unsynced,
-        }
-    }
-
-    /// Writes `entry` under `key` with its index row, together with `batch`.
-    fn write_request(
-        &self,
-        mut batch: WriteBatch,
-        key: &[u8],
-        entry: &RequestEntry,
-        durable: Durable,
-    ) -> Result<()> {
+    /// Writes `entry` under `key` with its index row, together with `batch`, synced as the
+    /// store's commits are.
+    fn write_request(&self, mut batch: WriteBatch, key: &[u8], entry: &RequestEntry) -> Result<()> {
         batch.put_cf(self.cf(CF_DEDUP), key, entry.encode());
         batch.put_cf(
             self.cf(CF_EXPIRY),
@@ -89,15 +83,8 @@ impl Inner {
         // Shared, as a commit: a purge round never deletes what this rewrites.
         let _shared = self.purge_gate.read().expect("purge gate poisoned");
         self.db
-            .write_opt(batch, self.opts(durable))
+            .write_opt(batch, &self.write_opts)
             .map_err(rocks("writing a request's key"))
-    }
-
-    /// The entry of `lease`'s key while `lease` holds it.
-    fn held(&self, lease: &Lease) -> Result<Option<RequestEntry>> {
-        Ok(self
-            .request_entry(lease.key())?
-            .filter(|e| e.in_flight && e.token == lease.token()))
     }
 }
 
@@ -185,15 +172,23 @@ impl RequestStore for RocksStore {
         window: Duration,
     ) -> Result<RequestClaim> {
         let inner = &self.inner;
-        let _one = inner.requests.lock(key);
+        let mut claims = inner.requests.lock(key);
         let now = now_ms();
-        if let Some(entry) = inner.request_entry(key)?
-            && !entry.is_free(now)
+        if let Some(holder) = claims.get(key)
+            && !holder.is_free(now)
         {
-            return Ok(entry.found());
+            return Ok(holder.clone().found());
+        }
+        if let Some(answered) = inner.answered(key)?
+            && !answered.is_free(now)
+        {
+            return Ok(answered.found());
+        }
+        if claims.len() >= SWEEP_AT {
+            claims.retain(|_, claim| !claim.is_free(now));
         }
         let token = crate::store::new_id();
-        let entry = RequestEntry {
+        let claim = RequestEntry {
             in_flight: true,
             lease_until_ms: after(now, lease),
             created_at_ms: now,
@@ -202,37 +197,27 @@ impl RequestStore for RocksStore {
             token: token.clone(),
             response: Vec::new(),
         };
-        inner.write_request(WriteBatch::default(), key, &entry, Durable::No)?;
-        Ok(RequestClaim::Claimed(Lease::new(
-            key,
-            token,
-            entry.lease_until_ms,
-        )))
+        let until_ms = claim.lease_until_ms;
+        claims.insert(key.to_vec(), claim);
+        Ok(RequestClaim::Claimed(Lease::new(key, token, until_ms)))
     }
 
     async fn renew_request(&self, lease: &mut Lease, lease_for: Duration) -> Result<bool> {
-        let inner = &self.inner;
-        let _one = inner.requests.lock(lease.key());
-        let Some(mut entry) = inner.held(lease)? else {
+        let mut claims = self.inner.requests.lock(lease.key());
+        let Some(claim) = held(&mut claims, lease) else {
             return Ok(false);
         };
-        entry.lease_until_ms = after(now_ms(), lease_for);
-        inner.write_request(WriteBatch::default(), lease.key(), &entry, Durable::No)?;
-        lease.set_until_ms(entry.lease_until_ms);
+        claim.lease_until_ms = after(now_ms(), lease_for);
+        lease.set_until_ms(claim.lease_until_ms);
         Ok(true)
     }
 
     async fn release_request(&self, lease: &Lease) -> Result<bool> {
-        let inner = &self.inner;
-        let _one = inner.requests.lock(lease.key());
-        if inner.held(lease)?.is_none() {
+        let mut claims = self.inner.requests.lock(lease.key());
+        if held(&mut claims, lease).is_none() {
             return Ok(false);
         }
-        // Its index row stays; the purge passes over a key without the row's entry.
-        inner
-            .db
-            .delete_cf_opt(inner.cf(CF_DEDUP), lease.key(), inner.opts(Durable::No))
-            .map_err(rocks("releasing a request's key"))?;
+        claims.remove(lease.key());
         Ok(true)
     }
 
@@ -251,8 +236,8 @@ impl RequestStore for RocksStore {
     ) -> Result<i64> {
         let inner = &self.inner;
         let batch = tx.batch()?;
-        let _one = inner.requests.lock(lease.key());
-        let Some(held) = inner.held(lease)? else {
+        let mut claims = inner.requests.lock(lease.key());
+        let Some(claim) = held(&mut claims, lease) else {
             return Err(Error::LeaseLost);
         };
         let now = now_ms();
@@ -261,11 +246,12 @@ impl RequestStore for RocksStore {
             lease_until_ms: 0,
             created_at_ms: now,
             expires_at_ms: after(now, window),
-            fingerprint: held.fingerprint,
+            fingerprint: claim.fingerprint.clone(),
             token: String::new(),
             response: response.to_vec(),
         };
-        inner.write_request(batch, lease.key(), &entry, Durable::AsCommits)?;
+        inner.write_request(batch, lease.key(), &entry)?;
+        claims.remove(lease.key());
         // The handler's state keys stay locked until the batch is written.
         drop(tx);
         Ok(entry.expires_at_ms)
