@@ -108,3 +108,33 @@ where
         })
     }
 }
+
+/// A handler's error as the answer: a lost lease is 409, a transient store failure 503,
+/// anything else 500; the cause is logged, never sent.
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let problem = if self.is_lease_lost() {
+            Problem::superseded()
+        } else if self.is_transient() {
+            tracing::warn!(error = %self, "a request failed transiently");
+            Problem::unavailable()
+        } else {
+            tracing::error!(error = %self, "a request failed");
+            Problem::internal("the request failed")
+        };
+        problem.into_response()
+    }
+}
+
+#[cfg(feature = "rocksdb")]
+impl IntoResponse for crate::store::rocksdb::StateError {
+    fn into_response(self) -> Response {
+        match self {
+            crate::store::rocksdb::StateError::Store(e) => e.into_response(),
+            busy => {
+                tracing::warn!(error = %busy, "a request's state key stayed busy");
+                Problem::unavailable().into_response()
+            }
+        }
+    }
+}

@@ -1,33 +1,23 @@
-//! The server layer: a `tower::Layer` for axum routes (and any tower service over axum's body)
-//! that walks a request through the protocol of this module, around the handler, on a
-//! [`RequestStore`].
+//! The server layer: a `tower::Layer` for axum routes (and any tower service over axum's body),
+//! its settings and its service; each request's walk around the handler is `walk.rs`.
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
-use axum::extract::MatchedPath;
+use axum::body::Body;
 use axum::response::{IntoResponse, Response};
-use futures::future::{Either, select};
+use http::Request;
 use http::request::Parts;
-use http::{HeaderValue, Request};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
-use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
-use tracing::Instrument;
 
-use super::{
-    BodyFingerprint, ClientKey, DEFAULT_MAX_CLIENT_KEY_LEN, DEFAULT_REPLAYED_HEADERS, Keep,
-    KeyProblem, Mismatch, Problem, RequestFingerprint, RequestScope, StorePolicy, StoredResponse,
-    Tx,
-};
+use super::{BodyFingerprint, DEFAULT_MAX_CLIENT_KEY_LEN, DEFAULT_REPLAYED_HEADERS, StorePolicy};
+use crate::RequestStore;
 use crate::error::{Error, Result};
-use crate::{Lease, RequestClaim, RequestStore};
 
 /// The response header that publishes when the key expires: an RFC 9651 Date
 /// (`@1767225600`, seconds since the epoch). Until then a retry with the key gets the stored
@@ -45,25 +35,23 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// fingerprint it), and the largest answer it keeps.
 pub const DEFAULT_MAX_BODY: usize = 1 << 20;
 
-const REQUESTS: &str = "idempotent_consumer_requests_total";
-const HANDLER_SECONDS: &str = "idempotent_consumer_request_handler_seconds";
-
 type TenantFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
 
-struct Config<S> {
-    store: S,
-    namespace: String,
-    tenant: Option<TenantFn>,
-    fingerprint: BodyFingerprint,
-    policy: StorePolicy,
-    window: Duration,
-    lease: Duration,
-    wait: Option<Duration>,
-    required: bool,
-    max_key_len: usize,
-    max_body: usize,
-    max_response: usize,
-    replayed_headers: Vec<String>,
+/// A layer's settings, shared by its services and read by each request's walk (`walk.rs`).
+pub(super) struct Config<S> {
+    pub(super) store: S,
+    pub(super) namespace: String,
+    pub(super) tenant: Option<TenantFn>,
+    pub(super) fingerprint: BodyFingerprint,
+    pub(super) policy: StorePolicy,
+    pub(super) window: Duration,
+    pub(super) lease: Duration,
+    pub(super) wait: Option<Duration>,
+    pub(super) required: bool,
+    pub(super) max_key_len: usize,
+    pub(super) max_body: usize,
+    pub(super) max_response: usize,
+    pub(super) replayed_headers: Vec<String>,
 }
 
 impl<S: Clone> Clone for Config<S> {
@@ -87,7 +75,7 @@ impl<S: Clone> Clone for Config<S> {
 }
 
 /// Idempotency keys for the routes it wraps, on one store: a request with an
-/// `Idempotency-Key` runs its handler once, in the store's transaction ([`Tx`]), and every
+/// `Idempotency-Key` runs its handler once, in the store's transaction ([`Tx`](super::Tx)), and every
 /// retry gets the kept answer.
 ///
 /// ```ignore
@@ -145,7 +133,7 @@ impl<S: RequestStore + Clone> IdempotencyLayer<S> {
                     .into(),
             ));
         }
-        describe();
+        super::walk::describe();
         Ok(IdempotencyLayer {
             config: Arc::new(Config {
                 store,
@@ -293,507 +281,6 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let config = self.config.clone();
-        Box::pin(async move { Ok(serve(config, inner, request).await) })
-    }
-}
-
-/// What became of a request, as its metric and span say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    /// First run, answer kept with the handler's writes.
-    Handled,
-    /// First run, answer not kept: writes rolled back, key released.
-    Released,
-    /// A run without a key (optional keys).
-    Unkeyed,
-    /// The kept answer, replayed.
-    Replayed,
-    /// 409: the first request is still in flight.
-    InFlight,
-    /// 422: the key was used with another request.
-    Reused,
-    /// 400: the key is missing, malformed or its scope unusable.
-    BadKey,
-    /// 413.
-    TooLarge,
-    /// 409: the lease ran out and another request took the key over.
-    Superseded,
-    /// 503: the store failed transiently.
-    Unavailable,
-    /// 500.
-    Failed,
-}
-
-impl Outcome {
-    fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Handled => "handled",
-            Outcome::Released => "released",
-            Outcome::Unkeyed => "unkeyed",
-            Outcome::Replayed => "replayed",
-            Outcome::InFlight => "in_flight",
-            Outcome::Reused => "reused",
-            Outcome::BadKey => "bad_key",
-            Outcome::TooLarge => "too_large",
-            Outcome::Superseded => "superseded",
-            Outcome::Unavailable => "unavailable",
-            Outcome::Failed => "failed",
-        }
-    }
-}
-
-fn describe() {
-    metrics::describe_counter!(
-        REQUESTS,
-        "Requests through an IdempotencyLayer, by namespace, route and outcome."
-    );
-    metrics::describe_histogram!(
-        HANDLER_SECONDS,
-        metrics::Unit::Seconds,
-        "Handler latency of requests run under an IdempotencyLayer."
-    );
-}
-
-impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
-        self.to_response().map(Body::from)
-    }
-}
-
-/// A handler's error as the answer: a lost lease is 409, a transient store failure 503,
-/// anything else 500; the cause is logged, never sent.
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
-        let problem = if self.is_lease_lost() {
-            Problem::superseded()
-        } else if self.is_transient() {
-            tracing::warn!(error = %self, "a request failed transiently");
-            Problem::unavailable()
-        } else {
-            tracing::error!(error = %self, "a request failed");
-            Problem::internal("the request failed")
-        };
-        problem.into_response()
-    }
-}
-
-#[cfg(feature = "rocksdb")]
-impl IntoResponse for crate::store::rocksdb::StateError {
-    fn into_response(self) -> Response {
-        match self {
-            crate::store::rocksdb::StateError::Store(e) => e.into_response(),
-            busy => {
-                tracing::warn!(error = %busy, "a request's state key stayed busy");
-                Problem::unavailable().into_response()
-            }
-        }
-    }
-}
-
-async fn serve<S, Svc>(config: Arc<Config<S>>, inner: Svc, request: Request<Body>) -> Response
-where
-    S: RequestStore + Clone,
-    Svc: Service<Request<Body>, Error = Infallible> + Send,
-    Svc::Response: IntoResponse,
-    Svc::Future: Send,
-{
-    let (parts, body) = request.into_parts();
-    let route = parts
-        .extensions
-        .get::<MatchedPath>()
-        .map_or_else(|| parts.uri.path().to_owned(), |m| m.as_str().to_owned());
-    let span = tracing::info_span!(
-        "idempotent_request",
-        namespace = %config.namespace,
-        method = %parts.method,
-        route = %route,
-        outcome = tracing::field::Empty,
-    );
-    let walk = Walk {
-        config: &config,
-        route: &route,
-    };
-    let (outcome, response) = walk.run(inner, parts, body).instrument(span.clone()).await;
-    span.record("outcome", outcome.as_str());
-    metrics::counter!(
-        REQUESTS,
-        "namespace" => config.namespace.clone(),
-        "route" => route,
-        "outcome" => outcome.as_str(),
-    )
-    .increment(1);
-    response
-}
-
-/// One request's walk through the layer.
-struct Walk<'a, S> {
-    config: &'a Config<S>,
-    route: &'a str,
-}
-
-impl<S: RequestStore + Clone> Walk<'_, S> {
-    async fn run<Svc>(&self, inner: Svc, parts: Parts, body: Body) -> (Outcome, Response)
-    where
-        Svc: Service<Request<Body>, Error = Infallible> + Send,
-        Svc::Response: IntoResponse,
-        Svc::Future: Send,
-    {
-        let config = self.config;
-        let key = match ClientKey::from_headers(&parts.headers, config.max_key_len) {
-            Ok(key) => key,
-            Err(problem) => return (Outcome::BadKey, Problem::bad_key(&problem).into_response()),
-        };
-        let tenant = config.tenant.as_ref().and_then(|f| f(&parts));
-        let Some(key) = key else {
-            if config.required {
-                let problem = Problem::bad_key(&KeyProblem::Missing);
-                return (Outcome::BadKey, problem.into_response());
-            }
-            return self.unkeyed(inner, parts, body, tenant).await;
-        };
-        let bytes = match Limited::new(body, config.max_body).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-                let problem = Problem::too_large(config.max_body);
-                return (Outcome::TooLarge, problem.into_response());
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "reading a request's body failed");
-                return (Outcome::BadKey, Problem::unreadable_body().into_response());
-            }
-        };
-        let target = parts
-            .uri
-            .path_and_query()
-            .map_or(parts.uri.path(), |pq| pq.as_str());
-        let fingerprint = RequestFingerprint::of(target, &bytes, &config.fingerprint);
-        let scope = RequestScope {
-            namespace: &config.namespace,
-            tenant: tenant.as_deref(),
-            method: &parts.method,
-            route: self.route,
-        };
-        let store_key = match scope.store_key(&key) {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::debug!(error = %e, "a request's key scope is unusable");
-                let problem = Problem::bad_scope(
-                    "the tenant this request acts for cannot scope an Idempotency-Key \
-                     (control characters, or too long)"
-                        .into(),
-                );
-                return (Outcome::BadKey, problem.into_response());
-            }
-        };
-
-        let deadline = config.wait.map(|wait| Instant::now() + wait);
-        let mut pause = Duration::from_millis(5);
-        loop {
-            let claim = config
-                .store
-                .claim_request(
-                    &store_key,
-                    &fingerprint.to_bytes(),
-                    config.lease,
-                    config.window,
-                )
-                .await;
-            match claim {
-                Err(e) => {
-                    tracing::warn!(error = %e, "claiming a request's key failed");
-                    return (Outcome::Unavailable, Problem::unavailable().into_response());
-                }
-                Ok(RequestClaim::Claimed(lease)) => {
-                    let request = (parts, bytes);
-                    return self.first(inner, request, lease, key, tenant).await;
-                }
-                Ok(RequestClaim::InFlight {
-                    fingerprint: first, ..
-                }) => {
-                    if let Some(mismatch) = differs(&fingerprint, &first) {
-                        return (Outcome::Reused, Problem::reused(mismatch).into_response());
-                    }
-                    let now = Instant::now();
-                    match deadline {
-                        Some(deadline) if now < deadline => {
-                            tokio::time::sleep(pause.min(deadline - now)).await;
-                            pause = (pause * 2).min(Duration::from_millis(200));
-                        }
-                        _ => return (Outcome::InFlight, Problem::in_flight().into_response()),
-                    }
-                }
-                Ok(RequestClaim::Completed {
-                    fingerprint: first,
-                    response,
-                    expires_at_ms,
-                }) => {
-                    if let Some(mismatch) = differs(&fingerprint, &first) {
-                        return (Outcome::Reused, Problem::reused(mismatch).into_response());
-                    }
-                    return match StoredResponse::decode(&response) {
-                        Ok(stored) => {
-                            let mut replay = stored.replay().map(Body::from);
-                            publish_expiry(&mut replay, expires_at_ms);
-                            (Outcome::Replayed, replay)
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "a kept answer cannot be read");
-                            let problem =
-                                Problem::internal("the kept answer of this key cannot be read");
-                            (Outcome::Failed, problem.into_response())
-                        }
-                    };
-                }
-            }
-        }
-    }
-
-    /// The first run of a key this request holds.
-    async fn first<Svc>(
-        &self,
-        inner: Svc,
-        (mut parts, bytes): (Parts, Bytes),
-        lease: Lease,
-        key: ClientKey,
-        tenant: Option<String>,
-    ) -> (Outcome, Response)
-    where
-        Svc: Service<Request<Body>, Error = Infallible> + Send,
-        Svc::Response: IntoResponse,
-        Svc::Future: Send,
-    {
-        let config = self.config;
-        // Released if this future is dropped (the client went away) before it answers.
-        let mut hold = Hold {
-            store: config.store.clone(),
-            lease: Some(lease.clone()),
-        };
-        let tx = match config.store.begin_request().await {
-            Ok(tx) => tx,
-            Err(e) => {
-                tracing::warn!(error = %e, "opening a request's transaction failed");
-                hold.release().await;
-                return (Outcome::Unavailable, Problem::unavailable().into_response());
-            }
-        };
-        let slot = Tx::new(tx, Some(key), tenant);
-        parts.extensions.insert(slot.clone());
-        let request = Request::from_parts(parts, Body::from(bytes));
-        let (response, lease) = self.handle(inner, request, lease).await;
-
-        let tx = slot.take().await;
-        let (head, body) = response.into_parts();
-        let body = match Limited::new(body, config.max_response).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) => {
-                tracing::error!(error = %e, "a handler's answer could not be kept");
-                drop(tx);
-                hold.release().await;
-                let problem = Problem::internal("the answer could not be kept");
-                return (Outcome::Failed, problem.into_response());
-            }
-        };
-        let Some(tx) = tx else {
-            // `take` found it gone: only `take` removes it.
-            hold.release().await;
-            return (
-                Outcome::Failed,
-                Problem::internal("the request failed").into_response(),
-            );
-        };
-        match config.policy.decide(head.status) {
-            Keep::Release => {
-                drop(tx);
-                hold.release().await;
-                (
-                    Outcome::Released,
-                    Response::from_parts(head, Body::from(body)),
-                )
-            }
-            Keep::Store => {
-                let allowed: Vec<&str> =
-                    config.replayed_headers.iter().map(|h| h.as_str()).collect();
-                let kept =
-                    StoredResponse::capture(head.status, &head.headers, body.to_vec(), &allowed);
-                let committed = config
-                    .store
-                    .commit_request(tx, &lease, &kept.encode(), config.window)
-                    .await;
-                match committed {
-                    Ok(expires_at_ms) => {
-                        hold.disarm();
-                        let mut response = Response::from_parts(head, Body::from(body));
-                        publish_expiry(&mut response, expires_at_ms);
-                        (Outcome::Handled, response)
-                    }
-                    Err(e) if e.is_lease_lost() => {
-                        hold.disarm();
-                        tracing::warn!("a request outlived its lease; its answer was not kept");
-                        (Outcome::Superseded, Problem::superseded().into_response())
-                    }
-                    Err(e) => {
-                        hold.release().await;
-                        let outcome = if e.is_transient() {
-                            Outcome::Unavailable
-                        } else {
-                            Outcome::Failed
-                        };
-                        (outcome, e.into_response())
-                    }
-                }
-            }
-        }
-    }
-
-    /// Runs the handler, renewing the lease every third of it meanwhile, in this task: a
-    /// process that stops making progress stops renewing.
-    async fn handle<Svc>(
-        &self,
-        mut inner: Svc,
-        request: Request<Body>,
-        mut lease: Lease,
-    ) -> (Response, Lease)
-    where
-        Svc: Service<Request<Body>, Error = Infallible> + Send,
-        Svc::Response: IntoResponse,
-        Svc::Future: Send,
-    {
-        let config = self.config;
-        let every = config.lease / 3;
-        let started = Instant::now();
-        let mut call = pin!(inner.call(request));
-        let result = loop {
-            let tick = pin!(tokio::time::sleep(every));
-            match select(call.as_mut(), tick).await {
-                Either::Left((result, _)) => break result,
-                Either::Right(((), _)) => {}
-            }
-            let renewal = pin!(config.store.renew_request(&mut lease, config.lease));
-            match select(call.as_mut(), renewal).await {
-                Either::Left((result, _)) => break result,
-                Either::Right((Ok(true), _)) => {}
-                Either::Right((Ok(false), _)) => {
-                    tracing::warn!("a request lost its key's lease while its handler runs");
-                }
-                Either::Right((Err(e), _)) => {
-                    tracing::warn!(error = %e, "renewing a request's lease failed");
-                }
-            }
-        };
-        metrics::histogram!(
-            HANDLER_SECONDS,
-            "namespace" => config.namespace.clone(),
-            "route" => self.route.to_owned(),
-        )
-        .record(started.elapsed().as_secs_f64());
-        let response = match result {
-            Ok(response) => response.into_response(),
-            Err(never) => match never {},
-        };
-        (response, lease)
-    }
-
-    /// A request without a key on a route where keys are optional.
-    async fn unkeyed<Svc>(
-        &self,
-        mut inner: Svc,
-        mut parts: Parts,
-        body: Body,
-        tenant: Option<String>,
-    ) -> (Outcome, Response)
-    where
-        Svc: Service<Request<Body>, Error = Infallible> + Send,
-        Svc::Response: IntoResponse,
-        Svc::Future: Send,
-    {
-        let config = self.config;
-        let tx = match config.store.begin_request().await {
-            Ok(tx) => tx,
-            Err(e) => {
-                tracing::warn!(error = %e, "opening a request's transaction failed");
-                return (Outcome::Unavailable, Problem::unavailable().into_response());
-            }
-        };
-        let slot = Tx::new(tx, None, tenant);
-        parts.extensions.insert(slot.clone());
-        let response = match inner.call(Request::from_parts(parts, body)).await {
-            Ok(response) => response.into_response(),
-            Err(never) => match never {},
-        };
-        let Some(tx) = slot.take().await else {
-            return (
-                Outcome::Failed,
-                Problem::internal("the request failed").into_response(),
-            );
-        };
-        if config.policy.decide(response.status()) == Keep::Release {
-            return (Outcome::Unkeyed, response);
-        }
-        match config.store.commit_unkeyed(tx).await {
-            Ok(()) => (Outcome::Unkeyed, response),
-            Err(e) => {
-                let outcome = if e.is_transient() {
-                    Outcome::Unavailable
-                } else {
-                    Outcome::Failed
-                };
-                (outcome, e.into_response())
-            }
-        }
-    }
-}
-
-/// What differs between this request and the key's first (a stored fingerprint that cannot be
-/// read is taken as all of it).
-fn differs(this: &RequestFingerprint, first: &[u8]) -> Option<Mismatch> {
-    match RequestFingerprint::from_bytes(first) {
-        Some(first) => this.mismatch(&first),
-        None => Some(Mismatch::TargetAndBody),
-    }
-}
-
-fn publish_expiry(response: &mut Response, expires_at_ms: i64) {
-    let date = format!("@{}", expires_at_ms.div_euclid(1000));
-    if let Ok(value) = HeaderValue::from_str(&date) {
-        response
-            .headers_mut()
-            .insert(IDEMPOTENCY_KEY_EXPIRES, value);
-    }
-}
-
-/// A claimed key not answered yet: released when dropped (the request's future dropped with
-/// the connection), in a task of its own.
-struct Hold<S: RequestStore + Clone> {
-    store: S,
-    lease: Option<Lease>,
-}
-
-impl<S: RequestStore + Clone> Hold<S> {
-    async fn release(&mut self) {
-        if let Some(lease) = self.lease.take()
-            && let Err(e) = self.store.release_request(&lease).await
-        {
-            tracing::warn!(error = %e, "releasing a request's key failed; its lease runs out");
-        }
-    }
-
-    fn disarm(&mut self) {
-        self.lease = None;
-    }
-}
-
-impl<S: RequestStore + Clone> Drop for Hold<S> {
-    fn drop(&mut self) {
-        let Some(lease) = self.lease.take() else {
-            return;
-        };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let store = self.store.clone();
-            runtime.spawn(async move {
-                if let Err(e) = store.release_request(&lease).await {
-                    tracing::warn!(error = %e, "releasing a dropped request's key failed");
-                }
-            });
-        }
+        Box::pin(async move { Ok(super::walk::serve(config, inner, request).await) })
     }
 }

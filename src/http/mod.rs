@@ -19,8 +19,9 @@
 //!    the client's key, apart from every consumer key; the stores' side is
 //!    [`RequestStore`](crate::RequestStore).
 //! 7. **The server layer** (`layer.rs`): [`IdempotencyLayer`], a `tower::Layer` for axum routes,
-//!    puts the steps together around the handler, which takes the store's open transaction as
-//!    the [`Tx`] extractor (`extract.rs`).
+//!    puts the steps together around the handler (`walk.rs`, one request's walk), which takes
+//!    the store's open transaction as the [`Tx`] extractor (`extract.rs`, with the handler's
+//!    errors as answers).
 //!
 //! ## The key's window
 //!
@@ -39,6 +40,7 @@ mod policy;
 mod problem;
 mod response;
 mod scope;
+mod walk;
 
 pub use extract::{Tx, TxGuard};
 pub use fingerprint::{BodyFingerprint, Mismatch, RequestFingerprint};

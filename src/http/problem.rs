@@ -1,5 +1,6 @@
 //! Refusals as RFC 9457 problem details (`application/problem+json`).
 
+use axum::body::Body;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use super::{KeyProblem, Mismatch};
@@ -150,6 +151,12 @@ impl Problem {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
+    }
+}
+
+impl axum::response::IntoResponse for Problem {
+    fn into_response(self) -> axum::response::Response {
+        self.to_response().map(Body::from)
     }
 }
 

@@ -147,18 +147,6 @@ impl RocksRequestTx {
         self.tx.delete(key);
         Ok(())
     }
-
-    /// The handler's writes, refused if one of them was dropped on a busy key (never, through
-    /// this type's methods: they wait).
-    fn batch(&self) -> Result<WriteBatch> {
-        if self.tx.is_conflicted() {
-            return Err(Error::store_transient(
-                "committing a request",
-                "a key of the handler's state was held by another transaction",
-            ));
-        }
-        Ok(self.tx.data_batch())
-    }
 }
 
 impl RequestStore for RocksStore {
@@ -235,7 +223,7 @@ impl RequestStore for RocksStore {
         window: Duration,
     ) -> Result<i64> {
         let inner = &self.inner;
-        let batch = tx.batch()?;
+        let batch = tx.tx.data_batch();
         let mut claims = inner.requests.lock(lease.key());
         let Some(claim) = held(&mut claims, lease) else {
             return Err(Error::LeaseLost);
@@ -259,7 +247,7 @@ impl RequestStore for RocksStore {
 
     async fn commit_unkeyed(&self, tx: RocksRequestTx) -> Result<()> {
         let inner = &self.inner;
-        let batch = tx.batch()?;
+        let batch = tx.tx.data_batch();
         inner
             .db
             .write_opt(batch, &inner.write_opts)

@@ -194,12 +194,6 @@ impl RocksTx {
         true
     }
 
-    /// True when a write was dropped because another transaction held its key.
-    #[cfg(feature = "http")]
-    pub(super) fn is_conflicted(&self) -> bool {
-        self.conflicted
-    }
-
     fn read(&self, family: Family, key: &[u8]) -> Result<Option<Vec<u8>>> {
         if let Some(pending) = self.overlay[family as usize].get(key) {
             return Ok(pending.clone());
