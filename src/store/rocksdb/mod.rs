@@ -88,9 +88,8 @@ pub(super) struct Inner {
     /// Created with the directory and kept in it (`meta` family): which store's copy of a
     /// partition Kafka's latest commit came from.
     store_id: String,
-    /// Held while a request key's entry is read and written (`request.rs`), one of them per
-    /// stripe of keys: requests with other keys (most) claim and commit at once, and their
-    /// synced writes share a write group.
+    /// The claims of request keys this process holds, one lock per stripe of keys, taken
+    /// while a key is claimed, renewed, released or completed (`request.rs`).
     #[cfg(feature = "http")]
     requests: request::Requests,
 }
