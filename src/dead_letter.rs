@@ -350,16 +350,22 @@ const CONSUMER_ONLY: [&str; 8] = [
     "partition.assignment.strategy",
 ];
 
+/// A producer's configuration with the consumer's connection settings (brokers, security).
+pub(crate) fn producer_config(consumer: &ClientConfig) -> ClientConfig {
+    let mut config = consumer.clone();
+    for key in CONSUMER_ONLY {
+        config.remove(key);
+    }
+    config
+}
+
 impl DeadLetterProducer {
     /// A producer sharing the consumer's connection settings, or `None` when disabled.
     pub(crate) fn new(consumer: &ClientConfig, topics: DeadLetterTopic) -> Result<Option<Self>> {
         if topics == DeadLetterTopic::Disabled {
             return Ok(None);
         }
-        let mut config = consumer.clone();
-        for key in CONSUMER_ONLY {
-            config.remove(key);
-        }
+        let mut config = producer_config(consumer);
         config.set("enable.idempotence", "true");
         if config.get("message.timeout.ms").is_none() {
             config.set("message.timeout.ms", "30000");

@@ -127,6 +127,12 @@
 //! | `idempotent_consumer_store_entries` | gauge | group |
 //! | `idempotent_consumer_requests_total` | counter | namespace, route, outcome (`handled`, `released`, `replayed`, `in_flight`, `reused`, `bad_key`, `too_large`, `superseded`, `unavailable`, `failed`, `unkeyed`) |
 //! | `idempotent_consumer_request_handler_seconds` | histogram | namespace, route |
+//! | `idempotent_consumer_outbox_published_total` | counter | (rows committed to the outbox) |
+//! | `idempotent_consumer_outbox_relayed_total` | counter | relay |
+//! | `idempotent_consumer_outbox_dead_total` | counter | relay |
+//! | `idempotent_consumer_outbox_relay_errors_total` | counter | relay, class (`store`, `produce`, `refused`) |
+//! | `idempotent_consumer_outbox_lag_rows` | gauge | relay |
+//! | `idempotent_consumer_outbox_lag_seconds` | gauge | relay (age of the oldest row waiting) |
 //!
 //! The store-entries gauge is refreshed at each purge round; on large PostgreSQL tables it is
 //! the planner's estimate.
@@ -149,7 +155,11 @@
 //! completed with the handler's writes in one transaction, on RocksDB and PostgreSQL) with its
 //! server layer ([`http::IdempotencyLayer`], a `tower::Layer` for axum routes, and the
 //! [`http::Tx`] extractor that hands the handler the store's open transaction);
-//! `examples/payments_http.rs` shows it.
+//! `examples/payments_http.rs` shows it. `outbox` is the transactional outbox ([`outbox`]):
+//! `publish` on every store's transaction writes an event in the same atomic write as the
+//! handler's effects, with an idempotency key derived from the record or request it came from,
+//! and the [`outbox::Relay`] produces committed rows to Kafka and deletes each one only after
+//! the broker acknowledged it.
 
 #![forbid(unsafe_code)]
 
@@ -160,6 +170,8 @@ mod handler;
 pub mod http;
 mod identity;
 mod metrics;
+#[cfg(feature = "outbox")]
+pub mod outbox;
 mod record;
 mod retry;
 mod runtime;

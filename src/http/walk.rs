@@ -254,9 +254,14 @@ impl<S: RequestStore + Clone> Walk<'_, S> {
         parts: &mut Parts,
         key: Option<ClientKey>,
         tenant: Option<String>,
+        #[cfg_attr(not(feature = "outbox"), allow(unused_variables))] source: Option<&[u8]>,
     ) -> Option<Tx<S::RequestTx>> {
         match self.config.store.begin_request().await {
-            Ok(tx) => {
+            #[cfg_attr(not(feature = "outbox"), allow(unused_mut))]
+            Ok(mut tx) => {
+                // What its publications derive their keys from: the scoped key it holds.
+                #[cfg(feature = "outbox")]
+                self.config.store.begin_source(&mut tx, source);
                 let slot = Tx::new(tx, key, tenant);
                 parts.extensions.insert(slot.clone());
                 Some(slot)
@@ -288,7 +293,11 @@ impl<S: RequestStore + Clone> Walk<'_, S> {
             store: config.store.clone(),
             lease: Some(lease.clone()),
         };
-        let Some(slot) = self.open(&mut parts, Some(key), tenant).await else {
+        let source = lease.key().to_vec();
+        let Some(slot) = self
+            .open(&mut parts, Some(key), tenant, Some(&source))
+            .await
+        else {
             hold.release().await;
             return (Outcome::Unavailable, Problem::unavailable().into_response());
         };
@@ -416,7 +425,7 @@ impl<S: RequestStore + Clone> Walk<'_, S> {
         Svc::Future: Send,
     {
         let config = self.config;
-        let Some(slot) = self.open(&mut parts, None, tenant).await else {
+        let Some(slot) = self.open(&mut parts, None, tenant, None).await else {
             return (Outcome::Unavailable, Problem::unavailable().into_response());
         };
         let response = match inner.call(Request::from_parts(parts, body)).await {

@@ -89,6 +89,9 @@ pub struct RuntimeBuilder<S = ()> {
     kafka_unavailable: Duration,
     store_retry_timeout: Duration,
     dead_letter_retention: Option<Duration>,
+    /// Makes the outbox's relay at `build` ([`RuntimeBuilder::relay`]).
+    #[cfg(feature = "outbox")]
+    pub(super) relay: Option<super::relay::Start<S>>,
 }
 
 impl<S> fmt::Debug for RuntimeBuilder<S> {
@@ -270,6 +273,8 @@ impl<S> RuntimeBuilder<S> {
             kafka_unavailable: self.kafka_unavailable,
             store_retry_timeout: self.store_retry_timeout,
             dead_letter_retention: self.dead_letter_retention,
+            #[cfg(feature = "outbox")]
+            relay: None,
         }
     }
 }
@@ -385,7 +390,14 @@ impl<S: Store> RuntimeBuilder<S> {
         let conflict_scope = self.identity.conflict_scope(&group);
         let meter = GroupMeter::new(&group);
         let dead_letters = DeadLetterProducer::new(&client, self.dead_letter_topic)?;
+        #[cfg(feature = "outbox")]
+        let relay = self
+            .relay
+            .map(|start| start(&self.store, &client))
+            .transpose()?;
         Ok(Runtime {
+            #[cfg(feature = "outbox")]
+            relay,
             client,
             shared: Arc::new(Shared {
                 config: Config {
@@ -445,6 +457,8 @@ impl Runtime<(), ()> {
             kafka_unavailable: Duration::from_secs(60),
             store_retry_timeout: Duration::from_secs(300),
             dead_letter_retention: Some(Duration::from_secs(30 * 24 * 3600)),
+            #[cfg(feature = "outbox")]
+            relay: None,
         }
     }
 }

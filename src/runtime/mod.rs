@@ -42,6 +42,8 @@ mod health;
 mod partition;
 mod progress;
 mod rebalance;
+#[cfg(feature = "outbox")]
+mod relay;
 mod stale;
 mod start;
 
@@ -70,6 +72,8 @@ pub(crate) struct Shared<S, H> {
 pub struct Runtime<S, H> {
     client: ClientConfig,
     shared: Arc<Shared<S, H>>,
+    #[cfg(feature = "outbox")]
+    relay: Option<relay::Prepared>,
 }
 
 impl<S, H> fmt::Debug for Runtime<S, H> {
@@ -98,6 +102,12 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
         self.shared.meter.stats().clone()
     }
 
+    /// The counters of its outbox relay, when it runs one ([`RuntimeBuilder::relay`]).
+    #[cfg(feature = "outbox")]
+    pub fn relay_stats(&self) -> Option<Arc<crate::outbox::RelayStats>> {
+        self.relay.as_ref().map(|r| r.stats.clone())
+    }
+
     /// Where the runtime has got once it runs: per assigned partition its position, the log's
     /// watermarks and the lag, and [`Progress::caught_up`].
     pub fn progress(&self) -> Progress {
@@ -118,6 +128,8 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
         let shared = self.shared;
         let config = &shared.config;
         metrics::describe();
+        #[cfg(feature = "outbox")]
+        let relay = self.relay.map(relay::Prepared::spawn);
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let ctx = ConsumerCtx::new(
             shared.store.clone(),
@@ -263,6 +275,12 @@ impl<S: Store, H: Handler<S::Tx>> Runtime<S, H> {
         kafka.stop().await;
         drop(consumer);
         poller.stop().await;
+        #[cfg(feature = "outbox")]
+        if let Some(relay) = relay
+            && let Err(e) = relay.stop().await
+        {
+            tracing::error!(error = %e, "the outbox relay failed");
+        }
         tracing::info!(stats = ?shared.meter.stats().snapshot(), "consumer stopped");
         match (outcome, drain_error) {
             (Err(e), _) | (Ok(()), Some(e)) => Err(e),

@@ -24,6 +24,14 @@ struct State {
     /// Each with the group of the partition that kept it.
     dead_letters: Vec<(String, DeadLetter)>,
     data: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Published rows waiting for the relay, and the ones the broker refused, by number
+    /// (taken at commit, under this state's lock: the commit order).
+    #[cfg(feature = "outbox")]
+    outbox: BTreeMap<u64, crate::outbox::OutboxRow>,
+    #[cfg(feature = "outbox")]
+    outbox_dead: Vec<crate::outbox::OutboxDeadRow>,
+    #[cfg(feature = "outbox")]
+    outbox_next: u64,
 }
 
 impl State {
@@ -47,6 +55,10 @@ pub struct MemoryStore {
     claims: Arc<KeyTable>,
     /// Each store's own: its state is lost with the process, like an instance's directory.
     id: Arc<str>,
+    #[cfg(feature = "outbox")]
+    relay: Arc<crate::outbox::store::LocalLease>,
+    #[cfg(feature = "outbox")]
+    written: Arc<tokio::sync::Notify>,
 }
 
 impl Default for MemoryStore {
@@ -55,6 +67,10 @@ impl Default for MemoryStore {
             state: Arc::default(),
             claims: KeyTable::shared(),
             id: super::new_id().into(),
+            #[cfg(feature = "outbox")]
+            relay: Arc::default(),
+            #[cfg(feature = "outbox")]
+            written: Arc::default(),
         }
     }
 }
@@ -115,6 +131,8 @@ pub struct MemoryTx {
     undo: Vec<Undo>,
     /// Keys this transaction claimed, released when it is dropped (after its commit's write).
     claimed: Holds,
+    #[cfg(feature = "outbox")]
+    publications: crate::outbox::Publications,
 }
 
 impl fmt::Debug for MemoryTx {
@@ -171,6 +189,8 @@ impl Store for MemoryStore {
             dead_letters: Vec::new(),
             undo: Vec::new(),
             claimed: Holds::new(&self.claims, super::claims::holder_name(partition, epoch)),
+            #[cfg(feature = "outbox")]
+            publications: Default::default(),
         })
     }
 
@@ -252,13 +272,23 @@ impl Transaction for MemoryTx {
         Ok(Claim::Claimed)
     }
 
+    #[cfg(feature = "outbox")]
+    fn begin_record(&mut self, store_key: &[u8], record: &crate::Record) {
+        self.publications
+            .begin_source(store_key, crate::outbox::record_label(record));
+    }
+
     async fn savepoint(&mut self) -> Result<()> {
+        #[cfg(feature = "outbox")]
+        self.publications.savepoint();
         // A rollback only returns to the last savepoint.
         self.undo.clear();
         Ok(())
     }
 
     async fn rollback_to_savepoint(&mut self) -> Result<()> {
+        #[cfg(feature = "outbox")]
+        self.publications.rollback_to_savepoint();
         while let Some(undo) = self.undo.pop() {
             match undo {
                 Undo::Entry(key, Some(previous)) => {
@@ -313,6 +343,19 @@ impl Transaction for MemoryTx {
                 epoch: self.epoch,
             },
         );
+        #[cfg(feature = "outbox")]
+        {
+            let rows = self.publications.take();
+            if !rows.is_empty() {
+                metrics::counter!(crate::outbox::PUBLISHED).increment(rows.len() as u64);
+                for row in rows {
+                    let id = state.outbox_next;
+                    state.outbox_next += 1;
+                    state.outbox.insert(id, row.into_row(id));
+                }
+                self.store.written.notify_one();
+            }
+        }
         // The claims are released when `self` is dropped, after the entries are visible.
         Ok(())
     }
@@ -354,6 +397,88 @@ impl Inspect for MemoryStore {
 /// The group of a store key (`Scope::store_key`).
 fn group_of(store_key: &[u8]) -> Option<&[u8]> {
     crate::identity::split_store_key(store_key).map(|(group, _, _)| group)
+}
+
+#[cfg(feature = "outbox")]
+impl crate::outbox::OutboxStore for MemoryStore {
+    async fn lease_outbox(
+        &self,
+        owner: &str,
+        lease: std::time::Duration,
+    ) -> Result<Option<crate::outbox::OutboxLease>> {
+        Ok(self.relay.take(owner, lease))
+    }
+
+    async fn release_outbox(&self, lease: &crate::outbox::OutboxLease) -> Result<()> {
+        self.relay.release(lease);
+        Ok(())
+    }
+
+    async fn pending_rows(&self, limit: usize) -> Result<Vec<crate::outbox::OutboxRow>> {
+        Ok(self.lock().outbox.values().take(limit).cloned().collect())
+    }
+
+    async fn mark_sent(&self, lease: &crate::outbox::OutboxLease, ids: &[u64]) -> Result<bool> {
+        let done = self.relay.while_held(lease, || {
+            let mut state = self.lock();
+            for id in ids {
+                state.outbox.remove(id);
+            }
+            Ok(())
+        })?;
+        Ok(done.is_some())
+    }
+
+    async fn mark_dead(
+        &self,
+        lease: &crate::outbox::OutboxLease,
+        id: u64,
+        reason: &str,
+    ) -> Result<bool> {
+        let done = self.relay.while_held(lease, || {
+            let mut state = self.lock();
+            if let Some(row) = state.outbox.remove(&id) {
+                state.outbox_dead.push(crate::outbox::OutboxDeadRow {
+                    row,
+                    reason: reason.to_owned(),
+                    failed_at_ms: super::now_ms(),
+                });
+            }
+            Ok(())
+        })?;
+        Ok(done.is_some())
+    }
+
+    async fn outbox_backlog(&self) -> Result<(u64, Option<i64>)> {
+        let state = self.lock();
+        let oldest = state.outbox.values().next().map(|r| r.created_at_ms);
+        Ok((state.outbox.len() as u64, oldest))
+    }
+
+    async fn dead_rows(&self, limit: usize) -> Result<Vec<crate::outbox::OutboxDeadRow>> {
+        Ok(self
+            .lock()
+            .outbox_dead
+            .iter()
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    fn outbox_written(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(self.written.clone())
+    }
+}
+
+/// Publishes through the outbox, committed with this transaction (feature `outbox`).
+#[cfg(feature = "outbox")]
+impl crate::outbox::Publish for MemoryTx {
+    fn publish(
+        &mut self,
+        publication: crate::outbox::Publication,
+    ) -> std::result::Result<String, crate::outbox::PublishError> {
+        self.publications.publish(publication)
+    }
 }
 
 #[cfg(test)]

@@ -319,6 +319,14 @@ pub trait Transaction: Send + 'static {
         async { Ok(()) }
     }
 
+    /// Optional. Called just before the handler runs for `record`, whose dedup entry is kept
+    /// under `store_key`: a store with an outbox numbers the record's publications from 0 again
+    /// and derives their keys from `store_key` (so a record handled again publishes the same
+    /// keys). Default: nothing.
+    fn begin_record(&mut self, store_key: &[u8], record: &crate::Record) {
+        let _ = (store_key, record);
+    }
+
     /// Optional. Who holds a key [`Transaction::claim`] found [`Claim::Busy`] (for example
     /// its partition and epoch), named by the runtime's warning when the wait grows long.
     /// Default `None`.

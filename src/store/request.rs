@@ -130,6 +130,28 @@ pub trait RequestStore: Send + Sync + 'static {
     /// Commits the handler's writes of a request without a key (on an endpoint where the key
     /// is optional): nothing is kept for a retry.
     fn commit_unkeyed(&self, tx: Self::RequestTx) -> impl Future<Output = Result<()>> + Send;
+
+    /// Optional (feature `outbox`). Names what the events the request's handler publishes
+    /// through `tx` derive their keys from: the request's scoped key (`key`), so a retried
+    /// request publishes the same keys, or, for a request without one, a source of its own.
+    /// The HTTP layer calls it after [`begin_request`](RequestStore::begin_request). Default:
+    /// nothing (a store without an outbox).
+    #[cfg(feature = "outbox")]
+    fn begin_source(&self, tx: &mut Self::RequestTx, key: Option<&[u8]>) {
+        let _ = (tx, key);
+    }
+}
+
+/// The source of a request's publications: its scoped key, or a new id of its own.
+#[cfg(feature = "outbox")]
+pub(crate) fn begin_source(publications: &mut crate::outbox::Publications, key: Option<&[u8]>) {
+    match key {
+        Some(key) => publications.begin_source(key, "request".into()),
+        None => {
+            let id = crate::store::new_id();
+            publications.begin_source(id.as_bytes(), "request without a key".into());
+        }
+    }
 }
 
 /// A request key's entry as the embedded stores keep it (PostgreSQL has columns instead).

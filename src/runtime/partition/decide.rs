@@ -154,6 +154,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         if guarded {
             tx.savepoint().await?;
         }
+        tx.begin_record(store_key, record);
         let mut result = match self.run_handler(tx, record).await {
             // The store's failure of the whole transaction (a deadlock on the handler's own
             // statements): the batch is tried again, not this record's attempt.

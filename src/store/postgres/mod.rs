@@ -23,7 +23,7 @@
 //! Files: `sql.rs` (statements and migrations), `errors.rs` (error mapping), `rows.rs` (rows and
 //! their columns), `claims.rs` (the claim state machine), `tx.rs` (the batch and its commit),
 //! `batch.rs` (rows deferred to the end of a batch), `request.rs` (idempotency keys of requests,
-//! feature `http`).
+//! feature `http`), `outbox.rs` (the outbox and the relays' lease, feature `outbox`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -41,6 +41,8 @@ use crate::store::{Assignment, EntryKey, Inspect, PartitionId, Store, StoredPosi
 mod batch;
 mod claims;
 mod errors;
+#[cfg(feature = "outbox")]
+mod outbox;
 #[cfg(feature = "http")]
 mod request;
 mod rows;
@@ -127,6 +129,8 @@ struct Inner {
     idle_timeout: Option<Duration>,
     #[cfg(feature = "http")]
     requests: request::RequestSql,
+    #[cfg(feature = "outbox")]
+    outbox: outbox::OutboxSql,
 }
 
 impl fmt::Debug for PgStore {
@@ -219,6 +223,8 @@ impl PgStore {
                 pool,
                 #[cfg(feature = "http")]
                 requests: request::RequestSql::new(&sql.dedup),
+                #[cfg(feature = "outbox")]
+                outbox: outbox::OutboxSql::new(&options.schema, &options.table_prefix),
                 sql,
                 owner: options.owner,
                 idle_timeout,

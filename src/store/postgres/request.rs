@@ -94,6 +94,8 @@ fn millis(d: Duration) -> i64 {
 /// stored answer.
 pub struct PgRequestTx {
     tx: sqlx::Transaction<'static, Postgres>,
+    #[cfg(feature = "outbox")]
+    publications: crate::outbox::Publications,
 }
 
 impl std::fmt::Debug for PgRequestTx {
@@ -106,6 +108,22 @@ impl PgRequestTx {
     /// The open transaction's connection.
     pub fn conn(&mut self) -> &mut PgConnection {
         &mut self.tx
+    }
+
+    /// Writes the publications and commits.
+    async fn finish(#[allow(unused_mut)] mut self, store: &PgStore) -> Result<()> {
+        #[cfg(feature = "outbox")]
+        let published = {
+            let rows = self.publications.take();
+            super::outbox::write_rows(&mut self.tx, &store.inner.outbox, &rows).await?;
+            rows.len()
+        };
+        #[cfg(not(feature = "outbox"))]
+        let _ = store;
+        self.tx.commit().await.map_err(pg("committing a request"))?;
+        #[cfg(feature = "outbox")]
+        super::outbox::committed(published);
+        Ok(())
     }
 }
 
@@ -212,6 +230,8 @@ impl RequestStore for PgStore {
     async fn begin_request(&self) -> Result<PgRequestTx> {
         Ok(PgRequestTx {
             tx: self.transaction().await?,
+            #[cfg(feature = "outbox")]
+            publications: Default::default(),
         })
     }
 
@@ -237,11 +257,27 @@ impl RequestStore for PgStore {
             let _ = tx.tx.rollback().await;
             return Err(Error::LeaseLost);
         };
-        tx.tx.commit().await.map_err(pg("committing a request"))?;
+        tx.finish(self).await?;
         Ok(expires_at_ms)
     }
 
     async fn commit_unkeyed(&self, tx: PgRequestTx) -> Result<()> {
-        tx.tx.commit().await.map_err(pg("committing a request"))
+        tx.finish(self).await
+    }
+
+    #[cfg(feature = "outbox")]
+    fn begin_source(&self, tx: &mut PgRequestTx, key: Option<&[u8]>) {
+        crate::store::request::begin_source(&mut tx.publications, key);
+    }
+}
+
+/// Publishes through the outbox, committed with this transaction (feature `outbox`).
+#[cfg(feature = "outbox")]
+impl crate::outbox::Publish for PgRequestTx {
+    fn publish(
+        &mut self,
+        publication: crate::outbox::Publication,
+    ) -> std::result::Result<String, crate::outbox::PublishError> {
+        self.publications.publish(publication)
     }
 }

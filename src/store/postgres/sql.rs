@@ -22,6 +22,7 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "request keys",
         include_str!("migrations/0003_request_keys.sql"),
     ),
+    (4, "outbox", include_str!("migrations/0004_outbox.sql")),
 ];
 
 /// `$n` (milliseconds since the Unix epoch) as a `timestamptz`, exactly.

@@ -42,6 +42,9 @@ pub struct PgTx {
     /// or `ROLLBACK` on `conn()`) committed the claims with it, the ones claimed ahead already
     /// saying `completed` for records not handled yet.
     pub(super) claimed_in: Option<i64>,
+    /// Events published through the outbox, inserted by the commit.
+    #[cfg(feature = "outbox")]
+    publications: crate::outbox::Publications,
 }
 
 impl fmt::Debug for PgTx {
@@ -73,6 +76,8 @@ impl PgTx {
             deferred: Vec::new(),
             deferred_marks: Vec::new(),
             claimed_in: None,
+            #[cfg(feature = "outbox")]
+            publications: Default::default(),
         }
     }
 
@@ -226,6 +231,12 @@ impl Transaction for PgTx {
         }
     }
 
+    #[cfg(feature = "outbox")]
+    fn begin_record(&mut self, store_key: &[u8], record: &crate::Record) {
+        self.publications
+            .begin_source(store_key, crate::outbox::record_label(record));
+    }
+
     async fn savepoint(&mut self) -> Result<()> {
         let statement = if self.savepoint {
             "RELEASE SAVEPOINT idc_record; SAVEPOINT idc_record"
@@ -237,6 +248,8 @@ impl Transaction for PgTx {
             .await
             .map_err(pg("setting a savepoint"))?;
         self.savepoint = true;
+        #[cfg(feature = "outbox")]
+        self.publications.savepoint();
         self.undo.clear();
         self.deferred_marks.clear();
         self.deferred_marks
@@ -252,6 +265,8 @@ impl Transaction for PgTx {
             .execute(&mut *self.tx)
             .await
             .map_err(pg("rolling back to a savepoint"))?;
+        #[cfg(feature = "outbox")]
+        self.publications.rollback_to_savepoint();
         while let Some((key, before)) = self.undo.pop() {
             match before {
                 Some(state) => self.keys.insert(key, state),
@@ -401,6 +416,26 @@ impl Transaction for PgTx {
                 .map_err(pg("writing dead letters"))?;
         }
 
-        self.tx.commit().await.map_err(pg("committing a batch"))
+        #[cfg(feature = "outbox")]
+        let published = {
+            let rows = self.publications.take();
+            super::outbox::write_rows(&mut self.tx, &self.store.outbox, &rows).await?;
+            rows.len()
+        };
+        self.tx.commit().await.map_err(pg("committing a batch"))?;
+        #[cfg(feature = "outbox")]
+        super::outbox::committed(published);
+        Ok(())
+    }
+}
+
+/// Publishes through the outbox, committed with this transaction (feature `outbox`).
+#[cfg(feature = "outbox")]
+impl crate::outbox::Publish for PgTx {
+    fn publish(
+        &mut self,
+        publication: crate::outbox::Publication,
+    ) -> std::result::Result<String, crate::outbox::PublishError> {
+        self.publications.publish(publication)
     }
 }

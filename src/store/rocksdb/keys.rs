@@ -14,13 +14,20 @@ pub(super) const CF_DEAD_LETTERS: &str = "dead_letters";
 pub(super) const CF_DATA: &str = "data";
 /// The store's own facts: its id.
 pub(super) const CF_META: &str = "meta";
-pub(super) const ALL_CFS: [&str; 6] = [
+/// Published rows waiting for the relay (feature `outbox`), by sequence number.
+pub(super) const CF_OUTBOX: &str = "outbox";
+/// Published rows the broker refused for good, by sequence number.
+pub(super) const CF_OUTBOX_DEAD: &str = "outbox_dead";
+/// Every family, created on open whatever the features (one layout for every build).
+pub(super) const ALL_CFS: [&str; 8] = [
     CF_DEDUP,
     CF_EXPIRY,
     CF_POSITIONS,
     CF_DEAD_LETTERS,
     CF_DATA,
     CF_META,
+    CF_OUTBOX,
+    CF_OUTBOX_DEAD,
 ];
 
 /// The key of the store id in `meta`.

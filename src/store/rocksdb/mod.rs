@@ -1,10 +1,12 @@
 //! The embedded RocksDB store (default).
 //!
-//! Six column families: `dedup` (scoped key → [`DedupEntry`], bloom-filtered for misses),
+//! Eight column families: `dedup` (scoped key → [`DedupEntry`], bloom-filtered for misses),
 //! `expiry` (expiry time ‖ commit → the keys that commit wrote with that expiry: the index the
 //! purge walks, one row per commit and expiry time), `positions` (group/topic/partition →
 //! next offset and epoch), `dead_letters` (partition ‖ offset → [`DeadLetter`]), `data` (the
-//! handler's own key-value state, through [`RocksTx`]) and `meta` (the store id).
+//! handler's own key-value state, through [`RocksTx`]), `meta` (the store id), and `outbox` and
+//! `outbox_dead` (published rows waiting for the relay, and the ones the broker refused; feature
+//! `outbox`, in `outbox.rs`).
 //!
 //! A batch is buffered in a [`RocksTx`] overlay (so reads see the batch's own writes, and a
 //! per-record savepoint can be undone) and lands as ONE `WriteBatch` together with the partition's
@@ -35,6 +37,8 @@ use crate::store::entry::DedupEntry;
 use crate::store::{Assignment, EntryKey, Inspect, PartitionId, Store, StoredPosition};
 
 mod keys;
+#[cfg(feature = "outbox")]
+mod outbox;
 mod purge;
 #[cfg(feature = "http")]
 mod request;
@@ -92,6 +96,9 @@ pub(super) struct Inner {
     /// while a key is claimed, renewed, released or completed (`request.rs`).
     #[cfg(feature = "http")]
     requests: request::Requests,
+    /// Where the outbox stands: sequence numbers, the relay's cursor and lease.
+    #[cfg(feature = "outbox")]
+    outbox: outbox::RocksOutbox,
 }
 
 impl fmt::Debug for RocksStore {
@@ -133,6 +140,8 @@ impl RocksStore {
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(options.sync);
         let store_id = store_id(&db)?;
+        #[cfg(feature = "outbox")]
+        let outbox = outbox::RocksOutbox::open(&db)?;
         Ok(RocksStore {
             inner: Arc::new(Inner {
                 db,
@@ -145,6 +154,8 @@ impl RocksStore {
                 store_id,
                 #[cfg(feature = "http")]
                 requests: request::Requests::default(),
+                #[cfg(feature = "outbox")]
+                outbox,
             }),
         })
     }

@@ -217,17 +217,22 @@ impl RequestStore for RocksStore {
 
     async fn commit_request(
         &self,
-        tx: RocksRequestTx,
+        #[allow(unused_mut)] mut tx: RocksRequestTx,
         lease: &Lease,
         response: &[u8],
         window: Duration,
     ) -> Result<i64> {
         let inner = &self.inner;
-        let batch = tx.tx.data_batch();
+        #[allow(unused_mut)]
+        let mut batch = tx.tx.data_batch();
         let mut claims = inner.requests.lock(lease.key());
         let Some(claim) = held(&mut claims, lease) else {
             return Err(Error::LeaseLost);
         };
+        #[cfg(feature = "outbox")]
+        let rows = tx.tx.publications.take();
+        #[cfg(feature = "outbox")]
+        let numbered = (!rows.is_empty()).then(|| inner.put_outbox_rows(&mut batch, &rows));
         let now = now_ms();
         let entry = RequestEntry {
             in_flight: false,
@@ -239,20 +244,49 @@ impl RequestStore for RocksStore {
             response: response.to_vec(),
         };
         inner.write_request(batch, lease.key(), &entry)?;
+        #[cfg(feature = "outbox")]
+        if let Some(numbered) = numbered {
+            numbered.written();
+        }
         claims.remove(lease.key());
         // The handler's state keys stay locked until the batch is written.
         drop(tx);
         Ok(entry.expires_at_ms)
     }
 
-    async fn commit_unkeyed(&self, tx: RocksRequestTx) -> Result<()> {
+    async fn commit_unkeyed(&self, #[allow(unused_mut)] mut tx: RocksRequestTx) -> Result<()> {
         let inner = &self.inner;
-        let batch = tx.tx.data_batch();
+        #[allow(unused_mut)]
+        let mut batch = tx.tx.data_batch();
+        #[cfg(feature = "outbox")]
+        let rows = tx.tx.publications.take();
+        #[cfg(feature = "outbox")]
+        let numbered = (!rows.is_empty()).then(|| inner.put_outbox_rows(&mut batch, &rows));
         inner
             .db
             .write_opt(batch, &inner.write_opts)
             .map_err(rocks("committing a request"))?;
+        #[cfg(feature = "outbox")]
+        if let Some(numbered) = numbered {
+            numbered.written();
+        }
         drop(tx);
         Ok(())
+    }
+
+    #[cfg(feature = "outbox")]
+    fn begin_source(&self, tx: &mut RocksRequestTx, key: Option<&[u8]>) {
+        crate::store::request::begin_source(&mut tx.tx.publications, key);
+    }
+}
+
+/// Publishes through the outbox, committed with this transaction (feature `outbox`).
+#[cfg(feature = "outbox")]
+impl crate::outbox::Publish for RocksRequestTx {
+    fn publish(
+        &mut self,
+        publication: crate::outbox::Publication,
+    ) -> std::result::Result<String, crate::outbox::PublishError> {
+        self.tx.publications.publish(publication)
     }
 }

@@ -88,6 +88,9 @@ pub struct RocksTx {
     /// Live entries read by `prepare_claims` (committed, so only a claim could change them,
     /// and a live entry is never claimed).
     known: foldhash::HashMap<Vec<u8>, DedupEntry>,
+    /// Events published through the outbox, written with the commit.
+    #[cfg(feature = "outbox")]
+    pub(super) publications: crate::outbox::Publications,
 }
 
 impl fmt::Debug for RocksTx {
@@ -120,6 +123,8 @@ impl RocksTx {
             overlay: Default::default(),
             undo: Vec::new(),
             known: foldhash::HashMap::default(),
+            #[cfg(feature = "outbox")]
+            publications: Default::default(),
         }
     }
 
@@ -141,6 +146,8 @@ impl RocksTx {
             overlay: Default::default(),
             undo: Vec::new(),
             known: foldhash::HashMap::default(),
+            #[cfg(feature = "outbox")]
+            publications: Default::default(),
         }
     }
 
@@ -312,7 +319,15 @@ impl Transaction for RocksTx {
         self.claimed.other_holder(store_key).map(|h| h.to_string())
     }
 
+    #[cfg(feature = "outbox")]
+    fn begin_record(&mut self, store_key: &[u8], record: &crate::Record) {
+        self.publications
+            .begin_source(store_key, crate::outbox::record_label(record));
+    }
+
     async fn savepoint(&mut self) -> Result<()> {
+        #[cfg(feature = "outbox")]
+        self.publications.savepoint();
         self.conflicted = false;
         // A rollback only returns to the last savepoint.
         self.undo.clear();
@@ -320,6 +335,8 @@ impl Transaction for RocksTx {
     }
 
     async fn rollback_to_savepoint(&mut self) -> Result<()> {
+        #[cfg(feature = "outbox")]
+        self.publications.rollback_to_savepoint();
         while let Some((family, key, previous)) = self.undo.pop() {
             let writes = &mut self.overlay[family as usize];
             match previous {
@@ -351,7 +368,7 @@ impl Transaction for RocksTx {
         Ok(())
     }
 
-    async fn commit(self, next_offset: i64) -> Result<()> {
+    async fn commit(#[allow(unused_mut)] mut self, next_offset: i64) -> Result<()> {
         let inner = &self.store.inner;
         let pending: usize = self.overlay.iter().map(HashMap::len).sum();
         let mut batch = WriteBatch::with_capacity_bytes(128 * (pending + 1));
@@ -391,9 +408,29 @@ impl Transaction for RocksTx {
         if *current != self.epoch {
             return Err(Error::fenced(&self.partition, self.epoch, *current));
         }
+        #[cfg(feature = "outbox")]
+        let rows = self.publications.take();
+        #[cfg(feature = "outbox")]
+        let numbered = (!rows.is_empty()).then(|| inner.put_outbox_rows(&mut batch, &rows));
         inner
             .db
             .write_opt(batch, &inner.write_opts)
-            .map_err(rocks("committing a batch"))
+            .map_err(rocks("committing a batch"))?;
+        #[cfg(feature = "outbox")]
+        if let Some(numbered) = numbered {
+            numbered.written();
+        }
+        Ok(())
+    }
+}
+
+/// Publishes through the outbox, committed with this transaction (feature `outbox`).
+#[cfg(feature = "outbox")]
+impl crate::outbox::Publish for RocksTx {
+    fn publish(
+        &mut self,
+        publication: crate::outbox::Publication,
+    ) -> std::result::Result<String, crate::outbox::PublishError> {
+        self.publications.publish(publication)
     }
 }

@@ -1,0 +1,399 @@
+//! The relay: committed outbox rows to Kafka, each deleted only after the broker's
+//! acknowledgement.
+//!
+//! A round: hold (or renew) the outbox's lease; read the first rows not yet sent; produce them
+//! in order with an idempotent producer (with no delivery timeout by default, so a broker that
+//! is down delays rows and never reorders or fails them); then delete the acknowledged rows and
+//! keep the refused ones as dead rows, both only while the lease is still this relay's. A relay
+//! that lost its lease stops at the next round and waits; what it produced meanwhile is produced
+//! again by the new holder and dropped downstream by its derived key.
+//!
+//! Metrics (the [`metrics`](https://docs.rs/metrics) facade, label `relay`):
+//! `idempotent_consumer_outbox_relayed_total`, `idempotent_consumer_outbox_dead_total`,
+//! `idempotent_consumer_outbox_relay_errors_total{class}` (`store`, `produce`, `refused`),
+//! gauges `idempotent_consumer_outbox_lag_rows` and `idempotent_consumer_outbox_lag_seconds`
+//! (rows waiting and the age of the oldest); `idempotent_consumer_outbox_published_total` is
+//! counted by the stores' commits.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::FutureExt;
+use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tracing::Instrument;
+
+use super::{IDEMPOTENCY_KEY_HEADER, OutboxLease, OutboxRow, OutboxStore};
+use crate::error::{Error, Result};
+
+pub(crate) const PUBLISHED_METRIC: &str = "idempotent_consumer_outbox_published_total";
+const RELAYED: &str = "idempotent_consumer_outbox_relayed_total";
+const DEAD: &str = "idempotent_consumer_outbox_dead_total";
+const ERRORS: &str = "idempotent_consumer_outbox_relay_errors_total";
+const LAG_ROWS: &str = "idempotent_consumer_outbox_lag_rows";
+const LAG_SECONDS: &str = "idempotent_consumer_outbox_lag_seconds";
+
+/// How often the lag gauges are measured (counting the outbox's rows is not free).
+const BACKLOG_EVERY: Duration = Duration::from_secs(1);
+
+/// How a relay runs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RelayConfig {
+    /// Names the relay in its lease, logs and metrics (default `relay`; a unique suffix is added
+    /// per relay).
+    pub name: String,
+    /// Rows read and produced per round (default 500).
+    pub batch_size: usize,
+    /// How often an idle relay looks for rows committed by other processes (default 100 ms;
+    /// commits of its own process wake it at once).
+    pub poll_interval: Duration,
+    /// How long the lease holds without renewal (default 10 s); renewed every round.
+    pub lease: Duration,
+    /// The longest wait after a failing round (default 30 s; doubling from 100 ms).
+    pub max_backoff: Duration,
+    /// A backlog of more rows than this is logged as an alarm (default 100,000).
+    pub alarm_rows: u64,
+    /// A backlog whose oldest row is older than this is logged as an alarm (default 5 min).
+    pub alarm_age: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            name: "relay".into(),
+            batch_size: 500,
+            poll_interval: Duration::from_millis(100),
+            lease: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(30),
+            alarm_rows: 100_000,
+            alarm_age: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What a relay did, shared while it runs ([`Relay::stats`]).
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    relayed: AtomicU64,
+    dead: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl RelayStats {
+    /// Rows produced and acknowledged, then deleted.
+    pub fn relayed(&self) -> u64 {
+        self.relayed.load(Ordering::Relaxed)
+    }
+
+    /// Rows the broker refused for good, kept as dead rows.
+    pub fn dead(&self) -> u64 {
+        self.dead.load(Ordering::Relaxed)
+    }
+
+    /// Rounds that failed (a store error, a produce error) and were tried again.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+}
+
+/// Produces a store's committed outbox rows to Kafka. Started by the runtime
+/// ([`RuntimeBuilder::relay`](crate::RuntimeBuilder::relay)) or alone, beside an HTTP service.
+pub struct Relay<S> {
+    store: S,
+    producer: FutureProducer,
+    config: RelayConfig,
+    owner: String,
+    stats: Arc<RelayStats>,
+}
+
+impl<S> std::fmt::Debug for Relay<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("owner", &self.owner)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What became of one produced row.
+enum Delivery {
+    Sent(u64),
+    Refused(u64, String),
+    Failed(KafkaError),
+}
+
+/// A refusal that producing again cannot change: the row becomes a dead row.
+fn is_refusal(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::MessageBatchTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::InvalidTopic
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::UnknownTopic
+            | C::InvalidRequiredAcks
+    )
+}
+
+impl<S: OutboxStore> Relay<S> {
+    /// A relay of `store`'s outbox producing through a producer made from `client` (the
+    /// broker's address and security settings; idempotence is always on, and unless `client`
+    /// sets `message.timeout.ms`, deliveries never time out: a row waits for the broker).
+    pub fn new(store: S, client: &ClientConfig, config: RelayConfig) -> Result<Self> {
+        if config.batch_size == 0 {
+            return Err(Error::Config("relay batch_size must be at least 1".into()));
+        }
+        let mut producer = client.clone();
+        producer.set("enable.idempotence", "true");
+        if producer.get("message.timeout.ms").is_none() {
+            producer.set("message.timeout.ms", "0");
+        }
+        if producer.get("linger.ms").is_none() {
+            producer.set("linger.ms", "2");
+        }
+        let producer = producer
+            .create()
+            .map_err(|e| Error::kafka("creating the relay's producer", e))?;
+        let owner = format!("{}-{}", config.name, &crate::store::new_id()[..12]);
+        Ok(Relay {
+            store,
+            producer,
+            config,
+            owner,
+            stats: Arc::default(),
+        })
+    }
+
+    /// Its counters, readable while it runs.
+    pub fn stats(&self) -> Arc<RelayStats> {
+        self.stats.clone()
+    }
+
+    /// The name it holds the lease under.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Relays until `shutdown` completes, then gives the lease up. Rows being produced when it
+    /// ends stay in the outbox and are produced again by the next relay.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let span = tracing::info_span!("outbox_relay", relay = %self.owner);
+        let mut shutdown = std::pin::pin!(shutdown.fuse());
+        let mut lease: Option<OutboxLease> = None;
+        let mut backoff = Duration::ZERO;
+        let written = self.store.outbox_written();
+        let mut measured: Option<std::time::Instant> = None;
+        async {
+            loop {
+                if lease.is_some() && measured.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) {
+                    self.backlog().await;
+                    measured = Some(std::time::Instant::now());
+                }
+                let idle = match self.round(&mut lease).await {
+                    Ok(sent) => {
+                        backoff = Duration::ZERO;
+                        sent == 0
+                    }
+                    Err(e) => {
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        backoff = (backoff * 2)
+                            .max(Duration::from_millis(100))
+                            .min(self.config.max_backoff);
+                        tracing::warn!(error = %e, ?backoff, "relay round failed; backing off");
+                        true
+                    }
+                };
+                if idle || backoff > Duration::ZERO {
+                    let wait = if backoff > Duration::ZERO {
+                        backoff
+                    } else {
+                        self.config.poll_interval
+                    };
+                    let woken = async {
+                        match &written {
+                            Some(n) if backoff == Duration::ZERO => n.notified().await,
+                            _ => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(wait) => {}
+                        () = woken => {}
+                    }
+                } else if (&mut shutdown).now_or_never().is_some() {
+                    break;
+                }
+            }
+            if let Some(lease) = &lease
+                && let Err(e) = self.store.release_outbox(lease).await
+            {
+                tracing::warn!(error = %e, "giving the outbox's lease up failed; it runs out");
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn error(&self, class: &'static str) {
+        metrics::counter!(ERRORS, "relay" => self.config.name.clone(), "class" => class)
+            .increment(1);
+    }
+
+    /// One round; returns how many rows it settled (sent or dead).
+    async fn round(&self, lease: &mut Option<OutboxLease>) -> Result<usize> {
+        let held = self
+            .store
+            .lease_outbox(&self.owner, self.config.lease)
+            .await
+            .inspect_err(|_| self.error("store"))?;
+        if held.as_ref().map(OutboxLease::epoch) != lease.as_ref().map(OutboxLease::epoch) {
+            match &held {
+                Some(l) => tracing::info!(epoch = l.epoch(), "holding the outbox"),
+                None if lease.is_some() => {
+                    tracing::warn!("the outbox's lease went to another relay")
+                }
+                None => tracing::debug!("another relay holds the outbox"),
+            }
+        }
+        *lease = held;
+        let Some(lease) = lease.as_ref() else {
+            return Ok(0);
+        };
+        let rows = self
+            .store
+            .pending_rows(self.config.batch_size)
+            .await
+            .inspect_err(|_| self.error("store"))?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let deliveries = self.produce(&rows).await;
+        let mut sent = Vec::with_capacity(rows.len());
+        let mut failure = None;
+        let mut settled = 0;
+        for delivery in deliveries {
+            match delivery {
+                Delivery::Sent(id) => sent.push(id),
+                Delivery::Refused(id, reason) => {
+                    self.error("refused");
+                    tracing::error!(id, %reason, "the broker refused an outbox row for good; kept as a dead row");
+                    if self.store.mark_dead(lease, id, &reason).await? {
+                        self.stats.dead.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(DEAD, "relay" => self.config.name.clone()).increment(1);
+                        settled += 1;
+                    }
+                }
+                Delivery::Failed(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        if !sent.is_empty() {
+            if self.store.mark_sent(lease, &sent).await? {
+                let n = sent.len() as u64;
+                self.stats.relayed.fetch_add(n, Ordering::Relaxed);
+                metrics::counter!(RELAYED, "relay" => self.config.name.clone()).increment(n);
+                settled += sent.len();
+            } else {
+                tracing::warn!(
+                    rows = sent.len(),
+                    "the outbox's lease ran out while producing: the next holder produces these rows again"
+                );
+            }
+        }
+        match failure {
+            Some(e) => {
+                self.error("produce");
+                Err(Error::kafka("relaying outbox rows", e))
+            }
+            None => Ok(settled),
+        }
+    }
+
+    /// Produces `rows` in order and waits for every acknowledgement.
+    async fn produce(&self, rows: &[OutboxRow]) -> Vec<Delivery> {
+        let mut pending = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut headers = OwnedHeaders::new_with_capacity(row.headers.len() + 1);
+            for (name, value) in &row.headers {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value),
+                });
+            }
+            headers = headers.insert(Header {
+                key: IDEMPOTENCY_KEY_HEADER,
+                value: Some(&row.idempotency_key),
+            });
+            let mut record = FutureRecord::<[u8], [u8]>::to(&row.topic).headers(headers);
+            if let Some(key) = &row.key {
+                record = record.key(key);
+            }
+            if let Some(payload) = &row.payload {
+                record = record.payload(payload);
+            }
+            let span = tracing::debug_span!(
+                "outbox_row",
+                id = row.id,
+                source = %row.source,
+                idempotency_key = %row.idempotency_key,
+                topic = %row.topic
+            );
+            let id = row.id;
+            // Queued now, in order; a full queue is waited out.
+            let queued = loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => break Ok(delivery),
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => break Err(e),
+                }
+            };
+            pending.push(
+                async move {
+                    let result = match queued {
+                        Ok(delivery) => match delivery.await {
+                            Ok(Ok(_)) => return Delivery::Sent(id),
+                            Ok(Err((e, _))) => e,
+                            Err(_) => KafkaError::Canceled,
+                        },
+                        Err(e) => e,
+                    };
+                    match result.rdkafka_error_code() {
+                        Some(code) if is_refusal(code) => Delivery::Refused(id, result.to_string()),
+                        _ => Delivery::Failed(result),
+                    }
+                }
+                .instrument(span),
+            );
+        }
+        futures::future::join_all(pending).await
+    }
+
+    /// Updates the lag gauges and raises the backlog alarm.
+    async fn backlog(&self) {
+        let Ok((rows, oldest)) = self.store.outbox_backlog().await else {
+            return;
+        };
+        let age_ms = oldest.map_or(0, |t| crate::store::now_ms().saturating_sub(t).max(0));
+        let name = self.config.name.clone();
+        metrics::gauge!(LAG_ROWS, "relay" => name.clone()).set(rows as f64);
+        metrics::gauge!(LAG_SECONDS, "relay" => name).set(age_ms as f64 / 1000.0);
+        let age = Duration::from_millis(age_ms as u64);
+        if rows > self.config.alarm_rows || age > self.config.alarm_age {
+            tracing::warn!(rows, age_s = age.as_secs(), "outbox backlog over its alarm");
+        }
+    }
+}
