@@ -1,5 +1,5 @@
 //! A throwaway PostgreSQL database on the server of a URL: made by [`ThrowawayDb::create`],
-//! dropped (`WITH (FORCE)`) with the value. The tests, the fault harness (`examples/chaos.rs`)
+//! dropped (`WITH (FORCE)`) with the value. The tests, the fault harness (`examples/chaos/`)
 //! and the benchmark (`benches/throughput.rs`) each give every run a database of its own.
 
 use std::fmt;

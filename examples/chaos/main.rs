@@ -24,13 +24,18 @@
 //! a broker down and up, and PostgreSQL restarted mid-run), `two-stores` (RocksDB: two
 //! instances of one group, each on a directory of its own, keys always on one partition; one
 //! instance at a time is killed and left down past its session, so the other is given its
-//! partitions and must refuse them as stale, then started again).
+//! partitions and must refuse them as stale, then started again), `chain` (both stores: HTTP
+//! → outbox → Kafka → consumer; an HTTP service whose handler records a payment and publishes
+//! its event, its relay, a second relay on PostgreSQL, and a ledger downstream, each killed at
+//! random while a client retries and resends payments; see `chain.rs`, which prints
+//! `CHAOS scenario=chain store=.. payments=.. accepted=.. kills=.. relayed=.. duplicates=.. lost=.. doubled=..`).
 //!
 //! Run: `cargo run --all-features --example chaos -- run` with `DATABASE_URL` set (a server where
 //! databases may be created) and `CHAOS_PG_RESTART` set to a shell command that restarts that
 //! server (or `none` to leave the restart fault out, which the output then says). Knobs, as
 //! flags or environment variables: `--records N` (`CHAOS_RECORDS`, default 50000), `--kills N`
-//! (`CHAOS_KILLS`, default 20), `--scenarios a,b` (`CHAOS_SCENARIOS`), `--stores a,b`
+//! (`CHAOS_KILLS`, default 20; also the chain's rounds), `--chain-payments N`
+//! (`CHAOS_CHAIN_PAYMENTS`, default records / 25), `--scenarios a,b` (`CHAOS_SCENARIOS`), `--stores a,b`
 //! (`CHAOS_STORES`), `--seed N` (`CHAOS_SEED`). `scripts/dev.sh test` runs the CI-sized version.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -51,6 +56,8 @@ use idempotent_consumer::testkit::{
     BrokerProcess, ConsumerProcess, ThrowawayDb, serve_mock_broker, serve_reporting,
 };
 
+mod chain;
+
 const PARTITIONS: i32 = 4;
 const ACCOUNTS: u64 = 200;
 /// The consumers' session timeout; a frozen instance is held well past it.
@@ -64,9 +71,12 @@ fn main() {
     let result = match role {
         "broker" => serve_mock_broker(3),
         "consumer" => consumer(&Flags::parse(&args[1..])),
+        "service" => chain::service(&Flags::parse(&args[1..])),
+        "relay" => chain::relay(&Flags::parse(&args[1..])),
+        "ledger" => chain::ledger(&Flags::parse(&args[1..])),
         "run" => run(&Flags::parse(args.get(1..).unwrap_or_default())),
         other => Err(format!(
-            "unknown role {other:?}: use run, broker or consumer"
+            "unknown role {other:?}: use run, broker, consumer, service, relay or ledger"
         )),
     };
     if let Err(e) = result {
@@ -681,15 +691,24 @@ struct Harness {
     kills: u64,
     seed: u64,
     pg_restart: Option<String>,
+    /// Payments the chain scenario's client makes.
+    chain_payments: u64,
 }
 
 fn run(flags: &Flags) -> Res<()> {
     let records = flags.num("records", 50_000)?;
     let kills = flags.num("kills", 20)?;
     let seed = flags.num("seed", 7)?;
+    let chain_payments = flags.num("chain-payments", (records / 25).max(100))?;
     let scenarios = flags.list(
         "scenarios",
-        &["kill-storm", "rebalance-storm", "faults", "two-stores"],
+        &[
+            "kill-storm",
+            "rebalance-storm",
+            "faults",
+            "two-stores",
+            "chain",
+        ],
     );
     let stores = flags.list("stores", &["rocksdb", "postgres"]);
     let pg_restart = match std::env::var("CHAOS_PG_RESTART") {
@@ -719,6 +738,7 @@ fn run(flags: &Flags) -> Res<()> {
         kills,
         seed,
         pg_restart,
+        chain_payments,
     };
     eprintln!(
         "chaos: broker process at {}, {records} records per scenario",
@@ -757,7 +777,7 @@ fn run(flags: &Flags) -> Res<()> {
     // The kill storms and the two-stores run share nothing but the broker: they run side by
     // side. The others run alone: the faults scenario's broker faults would hit every run, and
     // the rebalance storm's freeze is timed against the session timeout.
-    let side_by_side = |scenario: &str| scenario == "kill-storm" || scenario == "two-stores";
+    let side_by_side = |scenario: &str| matches!(scenario, "kill-storm" | "two-stores" | "chain");
     let mut failures = Vec::new();
     std::thread::scope(|scope| {
         let handles: Vec<_> = runs
@@ -815,6 +835,9 @@ impl Harness {
     }
 
     fn scenario(&self, scenario: &str, store_kind: &str, n: u64) -> Res<bool> {
+        if scenario == "chain" {
+            return self.chain(store_kind, n);
+        }
         let topic = format!("chaos-{n}-{}", std::process::id());
         self.command(&format!("topic {topic} {PARTITIONS}"))?;
         self.command(&format!("topic {topic}.dlq 1"))?;
