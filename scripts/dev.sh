@@ -209,6 +209,13 @@ case "${1:-}" in
         PG_FSYNC=on start_postgres
         cargo bench --all-features --bench http -- "$@"
         ;;
+    bench-relay)
+        # The outbox relay against raw produce, and the end-to-end latency (release build),
+        # against a throwaway server with fsync on.
+        shift
+        PG_FSYNC=on start_postgres
+        cargo bench --all-features --bench relay -- "$@"
+        ;;
     postgres)
         # A throwaway server for working on the PostgreSQL store by hand: prints its URL and
         # keeps it until Ctrl-C.
@@ -220,7 +227,7 @@ case "${1:-}" in
         while :; do sleep 3600 & wait $!; done
         ;;
     *)
-        echo "usage: $0 quickstart|test|bench|bench-http|postgres" >&2
+        echo "usage: $0 quickstart|test|bench|bench-http|bench-relay|postgres" >&2
         exit 2
         ;;
 esac

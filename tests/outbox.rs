@@ -207,8 +207,12 @@ impl<S: OutboxStore> OutboxStore for LosesMarks<S> {
     async fn release_outbox(&self, lease: &OutboxLease) -> idempotent_consumer::Result<()> {
         self.store.release_outbox(lease).await
     }
-    async fn pending_rows(&self, limit: usize) -> idempotent_consumer::Result<Vec<OutboxRow>> {
-        self.store.pending_rows(limit).await
+    async fn pending_rows(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> idempotent_consumer::Result<Vec<OutboxRow>> {
+        self.store.pending_rows(after, limit).await
     }
     async fn mark_sent(
         &self,
@@ -326,7 +330,7 @@ fn a_redone_record_publishes_the_same_keys<B: Outboxed>(b: &B) {
         .unwrap()
         .extend(["e2:7".to_owned(), "e3:3".to_owned()]);
     publish_through_consumer(b, &sc, 10, forward);
-    let rows = b.inspect(async |s: &B::S| s.pending_rows(100).await.unwrap());
+    let rows = b.inspect(async |s: &B::S| s.pending_rows(None, 100).await.unwrap());
     let keys: Vec<&str> = rows.iter().map(|r| r.idempotency_key.as_str()).collect();
     let expected: Vec<String> = (0..10)
         .map(|i| derive_key(&store_key(group, &format!("k{i}")), 0))
@@ -366,17 +370,17 @@ fn a_relay_that_lost_its_lease_is_fenced<B: Outboxed>(b: &B) {
                 .unwrap()
                 .is_none()
         );
-        let rows = s.pending_rows(10).await.unwrap();
+        let rows = s.pending_rows(None, 10).await.unwrap();
         assert_eq!(rows.len(), 3);
         assert!(
             !s.mark_sent(&old, &[rows[0].id]).await.unwrap(),
             "a fenced relay deletes nothing"
         );
         assert!(!s.mark_dead(&old, rows[1].id, "x").await.unwrap());
-        assert_eq!(s.pending_rows(10).await.unwrap(), rows);
+        assert_eq!(s.pending_rows(None, 10).await.unwrap(), rows);
         assert!(s.mark_sent(&new, &[rows[0].id]).await.unwrap());
         assert!(s.mark_dead(&new, rows[1].id, "refused").await.unwrap());
-        assert_eq!(s.pending_rows(10).await.unwrap(), rows[2..].to_vec());
+        assert_eq!(s.pending_rows(None, 10).await.unwrap(), rows[2..].to_vec());
         let dead = s.dead_rows(10).await.unwrap();
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].row, rows[1]);
@@ -402,7 +406,9 @@ fn two_relays_on_one_postgres_outbox_produce_each_row_once_in_order() {
 
     let rt = multi_thread();
     let mut config = quick();
+    // Ten rows a round, one round in flight: the first holder is stopped halfway.
     config.batch_size = 10;
+    config.in_flight = 10;
     let relays: Vec<_> = (0..2)
         .map(|_| Relay::new(rt.block_on(b.connect()), &client(cluster), config.clone()).unwrap())
         .collect();
@@ -571,7 +577,7 @@ where
     .store_key(&client_key)
     .unwrap();
     assert_eq!(first_key, derive_key(&scoped, 0));
-    let rows = store.pending_rows(10).await.unwrap();
+    let rows = store.pending_rows(None, 10).await.unwrap();
     assert_eq!(rows.len(), 2, "one row per key, none for the replay");
     assert_eq!(rows[0].idempotency_key, first_key);
     assert_eq!(rows[0].payload.as_deref(), Some(&b"{\"amount\":5}"[..]));

@@ -1,10 +1,13 @@
 //! The relay: committed outbox rows to Kafka, each deleted only after the broker's
 //! acknowledgement.
 //!
-//! A round: hold (or renew) the outbox's lease; read the first rows not yet sent; produce them
-//! in order with an idempotent producer (with no delivery timeout by default, so a broker that
-//! is down delays rows and never reorders or fails them); then delete the acknowledged rows and
-//! keep the refused ones as dead rows, both only while the lease is still this relay's. A relay
+//! A round: hold (or renew) the outbox's lease; read the next rows not yet sent (after the
+//! rounds still in flight); produce them in order with an idempotent producer (with no delivery
+//! timeout by default, so a broker that is down delays rows and never reorders or fails them).
+//! Up to [`RelayConfig::in_flight`] rows wait for their acknowledgements at once; each round is
+//! settled in order: the acknowledged rows deleted and the refused ones kept as dead rows, both
+//! only while the lease is still this relay's. When the relay idles, or after a failure, it
+//! reads from the first row waiting again. A relay
 //! that lost its lease stops at the next round and waits; what it produced meanwhile is produced
 //! again by the new holder and dropped downstream by its derived key.
 //!
@@ -20,6 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -48,10 +53,14 @@ pub struct RelayConfig {
     pub name: String,
     /// Rows read and produced per round (default 500).
     pub batch_size: usize,
+    /// Rows produced ahead of their acknowledgements (default 10,000, at least one round):
+    /// reading and producing go on while the broker acknowledges; rounds are settled in order.
+    pub in_flight: usize,
     /// How often an idle relay looks for rows committed by other processes (default 100 ms;
     /// commits of its own process wake it at once).
     pub poll_interval: Duration,
-    /// How long the lease holds without renewal (default 10 s); renewed every round.
+    /// How long the lease holds without renewal (default 10 s); renewed once a third of it has
+    /// passed.
     pub lease: Duration,
     /// The longest wait after a failing round (default 30 s; doubling from 100 ms).
     pub max_backoff: Duration,
@@ -66,6 +75,7 @@ impl Default for RelayConfig {
         RelayConfig {
             name: "relay".into(),
             batch_size: 500,
+            in_flight: 10_000,
             poll_interval: Duration::from_millis(100),
             lease: Duration::from_secs(10),
             max_backoff: Duration::from_secs(30),
@@ -118,6 +128,9 @@ impl<S> std::fmt::Debug for Relay<S> {
             .finish_non_exhaustive()
     }
 }
+
+/// The acknowledgements of one produced batch, in row order.
+type Acks = futures::future::BoxFuture<'static, Vec<Delivery>>;
 
 /// What became of one produced row.
 enum Delivery {
@@ -183,8 +196,9 @@ impl<S: OutboxStore> Relay<S> {
         &self.owner
     }
 
-    /// Relays until `shutdown` completes, then gives the lease up. Rows being produced when it
-    /// ends stay in the outbox and are produced again by the next relay.
+    /// Relays until `shutdown` completes, then waits for the rows in flight, settles them and
+    /// gives the lease up. Rows produced but not settled when it ends (its task dropped, its
+    /// process killed) stay in the outbox and are produced again by the next relay.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let span = tracing::info_span!("outbox_relay", relay = %self.owner);
         let mut shutdown = std::pin::pin!(shutdown.fuse());
@@ -192,46 +206,85 @@ impl<S: OutboxStore> Relay<S> {
         let mut backoff = Duration::ZERO;
         let written = self.store.outbox_written();
         let mut measured: Option<std::time::Instant> = None;
+        // Batches produced and not settled yet, oldest first, and the last row produced.
+        let mut in_flight: FuturesOrdered<Acks> = FuturesOrdered::new();
+        let mut cursor: Option<u64> = None;
+        // When the lease was last taken or renewed (here, by this process's clock).
+        let mut renewed: Option<std::time::Instant> = None;
+        let rounds = self
+            .config
+            .in_flight
+            .div_ceil(self.config.batch_size)
+            .max(1);
         async {
             loop {
                 if lease.is_some() && measured.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) {
                     self.backlog().await;
                     measured = Some(std::time::Instant::now());
                 }
-                let idle = match self.round(&mut lease).await {
-                    Ok(sent) => {
-                        backoff = Duration::ZERO;
-                        sent == 0
-                    }
-                    Err(e) => {
-                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                        backoff = (backoff * 2)
-                            .max(Duration::from_millis(100))
-                            .min(self.config.max_backoff);
-                        tracing::warn!(error = %e, ?backoff, "relay round failed; backing off");
-                        true
-                    }
-                };
-                if idle || backoff > Duration::ZERO {
-                    let wait = if backoff > Duration::ZERO {
-                        backoff
-                    } else {
-                        self.config.poll_interval
-                    };
-                    let woken = async {
-                        match &written {
-                            Some(n) if backoff == Duration::ZERO => n.notified().await,
-                            _ => std::future::pending().await,
+                let mut failed = None;
+                let mut produced = false;
+                if in_flight.len() < rounds {
+                    match self.refill(&mut lease, &mut renewed, &mut cursor).await {
+                        Ok(Some(acks)) => {
+                            in_flight.push_back(acks);
+                            produced = true;
                         }
-                    };
+                        Ok(None) => {}
+                        Err(e) => failed = Some(e),
+                    }
+                }
+                // The oldest batch is settled once the pipeline is full or nothing more came.
+                let settle = !produced || in_flight.len() >= rounds;
+                if failed.is_none()
+                    && settle
+                    && let Some(deliveries) = in_flight.next().await
+                    && let Err(e) = self.settle(lease.as_ref(), deliveries).await
+                {
+                    failed = Some(e);
+                }
+                if let Some(e) = failed {
+                    // What is acknowledged is settled; the rest is read again from the first
+                    // row waiting, after a pause.
+                    while let Some(deliveries) = in_flight.next().await {
+                        let _ = self.settle(lease.as_ref(), deliveries).await;
+                    }
+                    cursor = None;
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    backoff = (backoff * 2)
+                        .max(Duration::from_millis(100))
+                        .min(self.config.max_backoff);
+                    tracing::warn!(error = %e, ?backoff, "relaying failed; backing off");
                     tokio::select! {
                         () = &mut shutdown => break,
-                        () = tokio::time::sleep(wait) => {}
-                        () = woken => {}
+                        () = tokio::time::sleep(backoff) => {}
                     }
-                } else if (&mut shutdown).now_or_never().is_some() {
-                    break;
+                    continue;
                 }
+                backoff = Duration::ZERO;
+                if produced || !in_flight.is_empty() {
+                    if (&mut shutdown).now_or_never().is_some() {
+                        break;
+                    }
+                    continue;
+                }
+                // Idle: the next read starts from the first row waiting again, so a row
+                // committed late under a lower id (PostgreSQL) is found too.
+                cursor = None;
+                let woken = async {
+                    match &written {
+                        Some(n) => n.notified().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    () = tokio::time::sleep(self.config.poll_interval) => {}
+                    () = woken => {}
+                }
+            }
+            while let Some(deliveries) = in_flight.next().await {
+                let _ = self.settle(lease.as_ref(), deliveries).await;
             }
             if let Some(lease) = &lease
                 && let Err(e) = self.store.release_outbox(lease).await
@@ -249,8 +302,39 @@ impl<S: OutboxStore> Relay<S> {
             .increment(1);
     }
 
-    /// One round; returns how many rows it settled (sent or dead).
-    async fn round(&self, lease: &mut Option<OutboxLease>) -> Result<usize> {
+    /// Renews the lease, reads the rows after `cursor` and produces them: their
+    /// acknowledgements to come, or `None` when the outbox is another relay's or has nothing
+    /// more.
+    async fn refill(
+        &self,
+        lease: &mut Option<OutboxLease>,
+        renewed: &mut Option<std::time::Instant>,
+        cursor: &mut Option<u64>,
+    ) -> Result<Option<Acks>> {
+        // Renewed once a third of it has passed (every round while another relay holds it).
+        let fresh =
+            lease.is_some() && renewed.is_some_and(|at| at.elapsed() < self.config.lease / 3);
+        if !fresh {
+            self.renew(lease, cursor).await?;
+            *renewed = lease.is_some().then(std::time::Instant::now);
+        }
+        if lease.is_none() {
+            return Ok(None);
+        }
+        let rows = self
+            .store
+            .pending_rows(*cursor, self.config.batch_size)
+            .await
+            .inspect_err(|_| self.error("store"))?;
+        let Some(last) = rows.last() else {
+            return Ok(None);
+        };
+        *cursor = Some(last.id);
+        Ok(Some(self.produce(&rows).await))
+    }
+
+    /// Takes or renews the outbox's lease.
+    async fn renew(&self, lease: &mut Option<OutboxLease>, cursor: &mut Option<u64>) -> Result<()> {
         let held = self
             .store
             .lease_outbox(&self.owner, self.config.lease)
@@ -264,23 +348,22 @@ impl<S: OutboxStore> Relay<S> {
                 }
                 None => tracing::debug!("another relay holds the outbox"),
             }
+            // A new holder (or none) starts from the first row waiting.
+            *cursor = None;
         }
         *lease = held;
-        let Some(lease) = lease.as_ref() else {
-            return Ok(0);
+        Ok(())
+    }
+
+    /// Settles one produced batch: the acknowledged rows deleted, the refused ones kept dead,
+    /// while `lease` is still the current one. A row that failed otherwise is an error: it is
+    /// produced again.
+    async fn settle(&self, lease: Option<&OutboxLease>, deliveries: Vec<Delivery>) -> Result<()> {
+        let Some(lease) = lease else {
+            return Ok(());
         };
-        let rows = self
-            .store
-            .pending_rows(self.config.batch_size)
-            .await
-            .inspect_err(|_| self.error("store"))?;
-        if rows.is_empty() {
-            return Ok(0);
-        }
-        let deliveries = self.produce(&rows).await;
-        let mut sent = Vec::with_capacity(rows.len());
+        let mut sent = Vec::with_capacity(deliveries.len());
         let mut failure = None;
-        let mut settled = 0;
         for delivery in deliveries {
             match delivery {
                 Delivery::Sent(id) => sent.push(id),
@@ -290,7 +373,6 @@ impl<S: OutboxStore> Relay<S> {
                     if self.store.mark_dead(lease, id, &reason).await? {
                         self.stats.dead.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!(DEAD, "relay" => self.config.name.clone()).increment(1);
-                        settled += 1;
                     }
                 }
                 Delivery::Failed(e) => {
@@ -303,7 +385,6 @@ impl<S: OutboxStore> Relay<S> {
                 let n = sent.len() as u64;
                 self.stats.relayed.fetch_add(n, Ordering::Relaxed);
                 metrics::counter!(RELAYED, "relay" => self.config.name.clone()).increment(n);
-                settled += sent.len();
             } else {
                 tracing::warn!(
                     rows = sent.len(),
@@ -316,12 +397,12 @@ impl<S: OutboxStore> Relay<S> {
                 self.error("produce");
                 Err(Error::kafka("relaying outbox rows", e))
             }
-            None => Ok(settled),
+            None => Ok(()),
         }
     }
 
-    /// Produces `rows` in order and waits for every acknowledgement.
-    async fn produce(&self, rows: &[OutboxRow]) -> Vec<Delivery> {
+    /// Queues `rows` with the producer in order; returns their acknowledgements to come.
+    async fn produce(&self, rows: &[OutboxRow]) -> Acks {
         let mut pending = Vec::with_capacity(rows.len());
         for row in rows {
             let mut headers = OwnedHeaders::new_with_capacity(row.headers.len() + 1);
@@ -342,14 +423,14 @@ impl<S: OutboxStore> Relay<S> {
             if let Some(payload) = &row.payload {
                 record = record.payload(payload);
             }
-            let span = tracing::debug_span!(
-                "outbox_row",
+            // What links the event on the topic to the record or request that published it.
+            tracing::debug!(
                 id = row.id,
                 source = %row.source,
                 idempotency_key = %row.idempotency_key,
-                topic = %row.topic
+                topic = %row.topic,
+                "relaying an outbox row"
             );
-            let id = row.id;
             // Queued now, in order; a full queue is waited out.
             let queued = loop {
                 match self.producer.send_result(record) {
@@ -361,25 +442,30 @@ impl<S: OutboxStore> Relay<S> {
                     Err((e, _)) => break Err(e),
                 }
             };
-            pending.push(
-                async move {
-                    let result = match queued {
-                        Ok(delivery) => match delivery.await {
-                            Ok(Ok(_)) => return Delivery::Sent(id),
-                            Ok(Err((e, _))) => e,
-                            Err(_) => KafkaError::Canceled,
-                        },
-                        Err(e) => e,
-                    };
-                    match result.rdkafka_error_code() {
-                        Some(code) if is_refusal(code) => Delivery::Refused(id, result.to_string()),
-                        _ => Delivery::Failed(result),
-                    }
-                }
-                .instrument(span),
-            );
+            pending.push((row.id, queued));
         }
-        futures::future::join_all(pending).await
+        // Acknowledgements arrive in order within a partition: awaited one after another.
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(pending.len());
+            for (id, queued) in pending {
+                let result = match queued {
+                    Ok(delivery) => match delivery.await {
+                        Ok(Ok(_)) => {
+                            out.push(Delivery::Sent(id));
+                            continue;
+                        }
+                        Ok(Err((e, _))) => e,
+                        Err(_) => KafkaError::Canceled,
+                    },
+                    Err(e) => e,
+                };
+                out.push(match result.rdkafka_error_code() {
+                    Some(code) if is_refusal(code) => Delivery::Refused(id, result.to_string()),
+                    _ => Delivery::Failed(result),
+                });
+            }
+            out
+        })
     }
 
     /// Updates the lag gauges and raises the backlog alarm.

@@ -98,8 +98,13 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
     /// Gives the lease up, so another relay takes over at once.
     fn release_outbox(&self, lease: &OutboxLease) -> impl Future<Output = Result<()>> + Send;
 
-    /// The first `limit` committed rows not yet sent, in order.
-    fn pending_rows(&self, limit: usize) -> impl Future<Output = Result<Vec<OutboxRow>>> + Send;
+    /// The first `limit` committed rows not yet sent, in order; only those after id `after`
+    /// when given (the rows before it are in flight).
+    fn pending_rows(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<OutboxRow>>> + Send;
 
     /// Deletes rows the broker acknowledged. False (and nothing done) when `lease` is no longer
     /// the current one.

@@ -414,8 +414,19 @@ impl crate::outbox::OutboxStore for MemoryStore {
         Ok(())
     }
 
-    async fn pending_rows(&self, limit: usize) -> Result<Vec<crate::outbox::OutboxRow>> {
-        Ok(self.lock().outbox.values().take(limit).cloned().collect())
+    async fn pending_rows(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<crate::outbox::OutboxRow>> {
+        let from = after.map_or(0, |a| a.saturating_add(1));
+        Ok(self
+            .lock()
+            .outbox
+            .range(from..)
+            .take(limit)
+            .map(|(_, row)| row.clone())
+            .collect())
     }
 
     async fn mark_sent(&self, lease: &crate::outbox::OutboxLease, ids: &[u64]) -> Result<bool> {

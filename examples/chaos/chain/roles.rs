@@ -106,8 +106,8 @@ impl<S: OutboxStore> OutboxStore for SlowMarks<S> {
     async fn release_outbox(&self, lease: &OutboxLease) -> Out<()> {
         self.0.release_outbox(lease).await
     }
-    async fn pending_rows(&self, limit: usize) -> Out<Vec<OutboxRow>> {
-        self.0.pending_rows(limit).await
+    async fn pending_rows(&self, after: Option<u64>, limit: usize) -> Out<Vec<OutboxRow>> {
+        self.0.pending_rows(after, limit).await
     }
     async fn mark_sent(&self, lease: &OutboxLease, ids: &[u64]) -> Out<bool> {
         tokio::time::sleep(Duration::from_millis(30)).await;

@@ -66,12 +66,16 @@ impl OutboxSql {
             )),
             pending: statement(format!(
                 "SELECT {ROW_COLUMNS}, {created} AS created_ms FROM {outbox} \
-                 WHERE reason IS NULL ORDER BY id LIMIT $1"
+                 WHERE reason IS NULL AND id > $2 ORDER BY id LIMIT $1"
             )),
+            // Committed without waiting for the WAL's flush (for this transaction alone): a
+            // deletion lost with the server is a row produced again, which the consumers
+            // downstream drop by its key.
             sent: statement(format!(
                 "WITH {held}, gone AS (DELETE FROM {outbox} \
-                 WHERE id = ANY($3::int8[]) AND reason IS NULL AND EXISTS (SELECT 1 FROM held) RETURNING 1) \
-                 SELECT EXISTS (SELECT 1 FROM held), (SELECT count(*) FROM gone)"
+                 WHERE id = ANY($3::int8[]) AND reason IS NULL AND EXISTS (SELECT 1 FROM held) RETURNING 1), \
+                 unsynced AS (SELECT set_config('synchronous_commit', 'off', true) AS s) \
+                 SELECT EXISTS (SELECT 1 FROM held), (SELECT count(*) FROM gone), (SELECT s FROM unsynced)"
             )),
             dead: statement(format!(
                 "WITH {held}, kept AS (UPDATE {outbox} SET reason = $4, failed_at = now() \
@@ -207,9 +211,10 @@ impl OutboxStore for PgStore {
         Ok(())
     }
 
-    async fn pending_rows(&self, n: usize) -> Result<Vec<OutboxRow>> {
+    async fn pending_rows(&self, after: Option<u64>, n: usize) -> Result<Vec<OutboxRow>> {
         let rows = sqlx::query(self.inner.outbox.pending.clone())
             .bind(limit(n))
+            .bind(after.map_or(0, |a| a as i64))
             .fetch_all(&self.inner.pool)
             .await
             .map_err(pg("reading the outbox"))?;

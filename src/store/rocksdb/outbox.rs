@@ -146,6 +146,22 @@ impl Inner {
     }
 }
 
+/// At most `limit` rows from number `from` on.
+fn read_rows(inner: &Inner, from: u64, limit: usize) -> Result<Vec<OutboxRow>> {
+    let mut options = ReadOptions::default();
+    options.set_iterate_lower_bound(seq_key(from).to_vec());
+    let mode = IteratorMode::From(&[], rocksdb::Direction::Forward);
+    let mut rows = Vec::new();
+    for item in inner.db.iterator_cf_opt(inner.cf(CF_OUTBOX), options, mode) {
+        if rows.len() == limit {
+            break;
+        }
+        let (key, value) = item.map_err(rocks("reading the outbox"))?;
+        rows.push(decode_row(seq_of(&key)?, &value)?);
+    }
+    Ok(rows)
+}
+
 impl OutboxStore for RocksStore {
     async fn lease_outbox(&self, owner: &str, lease: Duration) -> Result<Option<OutboxLease>> {
         Ok(self.inner.outbox.lease.take(owner, lease))
@@ -156,26 +172,19 @@ impl OutboxStore for RocksStore {
         Ok(())
     }
 
-    async fn pending_rows(&self, limit: usize) -> Result<Vec<OutboxRow>> {
+    async fn pending_rows(&self, after: Option<u64>, limit: usize) -> Result<Vec<OutboxRow>> {
         let inner = &self.inner;
         let outbox = &inner.outbox;
+        if let Some(after) = after {
+            return read_rows(inner, after.saturating_add(1), limit);
+        }
         // Before reading: a commit writing now has a number at or above this floor.
         let floor = {
             let numbers = outbox.numbers.lock().expect("outbox poisoned");
             numbers.writing.first().copied().unwrap_or(numbers.next)
         };
         let from = *outbox.cursor.lock().expect("outbox poisoned");
-        let mut options = ReadOptions::default();
-        options.set_iterate_lower_bound(seq_key(from).to_vec());
-        let mode = IteratorMode::From(&[], rocksdb::Direction::Forward);
-        let mut rows = Vec::new();
-        for item in inner.db.iterator_cf_opt(inner.cf(CF_OUTBOX), options, mode) {
-            if rows.len() == limit {
-                break;
-            }
-            let (key, value) = item.map_err(rocks("reading the outbox"))?;
-            rows.push(decode_row(seq_of(&key)?, &value)?);
-        }
+        let rows = read_rows(inner, from, limit)?;
         let first_waiting = rows.first().map_or(u64::MAX, |r| r.id);
         *outbox.cursor.lock().expect("outbox poisoned") = floor.min(first_waiting).max(from);
         Ok(rows)
@@ -236,7 +245,10 @@ impl OutboxStore for RocksStore {
         let oldest = if waiting == 0 {
             None
         } else {
-            self.pending_rows(1).await?.first().map(|r| r.created_at_ms)
+            self.pending_rows(None, 1)
+                .await?
+                .first()
+                .map(|r| r.created_at_ms)
         };
         Ok((waiting, oldest))
     }

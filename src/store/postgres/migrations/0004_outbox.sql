@@ -16,6 +16,13 @@ CREATE TABLE IF NOT EXISTS "{schema}"."{prefix}outbox" (
     failed_at       timestamptz
 );
 
+-- The rows waiting, in order: what the relay reads. A partial index, so the read is an index
+-- scan in id order whatever the table's statistics say (a queue table's swing from empty to
+-- full between two ANALYZEs, and without this index an estimate made on an empty table turns
+-- every read of a full one into a scan and a sort of all of it).
+CREATE INDEX IF NOT EXISTS "{prefix}outbox_waiting" ON "{schema}"."{prefix}outbox" (id)
+    WHERE reason IS NULL;
+
 -- The relays' lease on the outbox: one relay produces at a time; every epoch is a new holder,
 -- and only the holder of an unexpired lease deletes rows or marks them dead.
 CREATE TABLE IF NOT EXISTS "{schema}"."{prefix}outbox_relay" (
