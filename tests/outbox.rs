@@ -188,15 +188,15 @@ fn committed_rows_are_relayed_once_after_a_restart<B: Outboxed>(b: &B) {
     assert_eq!(cluster.read_all(out, 20).len(), 20);
 }
 
-/// A store whose first `fail` deletions of sent rows fail: the relay produced the rows and
-/// died before it marked them, as far as the outbox can tell.
+/// A store on which deleting sent rows never ends: the relay that tries is stuck between the
+/// produce and the delete, where the test kills it.
 #[derive(Clone)]
-struct LosesMarks<S> {
+struct HangsOnDelete<S> {
     store: S,
-    fail: std::sync::Arc<AtomicUsize>,
+    tried: std::sync::Arc<AtomicUsize>,
 }
 
-impl<S: OutboxStore> OutboxStore for LosesMarks<S> {
+impl<S: OutboxStore> OutboxStore for HangsOnDelete<S> {
     async fn lease_outbox(
         &self,
         owner: &str,
@@ -219,17 +219,9 @@ impl<S: OutboxStore> OutboxStore for LosesMarks<S> {
         lease: &OutboxLease,
         ids: &[u64],
     ) -> idempotent_consumer::Result<bool> {
-        if self
-            .fail
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(idempotent_consumer::Error::store_transient(
-                "deleting sent rows",
-                "the relay died here",
-            ));
-        }
-        self.store.mark_sent(lease, ids).await
+        let _ = (lease, ids);
+        self.tried.fetch_add(1, Ordering::SeqCst);
+        std::future::pending().await
     }
     async fn mark_dead(
         &self,
@@ -273,20 +265,41 @@ fn rows_produced_twice_are_applied_once_downstream<B: Outboxed>(b: &B) {
     publish_through_consumer(b, &sc, 20, Forward::new(out));
 
     let rt = multi_thread();
-    let store = LosesMarks {
-        store: rt.block_on(b.open_async()),
-        fail: std::sync::Arc::new(AtomicUsize::new(1)),
+    let store = rt.block_on(b.open_async());
+    let stuck = HangsOnDelete {
+        store: store.clone(),
+        tried: std::sync::Arc::default(),
     };
     let mut config = quick();
     config.batch_size = 500;
+    config.lease = Duration::from_secs(1);
+    let relay = Relay::new(stuck.clone(), &client(cluster), config.clone()).unwrap();
+    let first = rt.spawn(relay.run(std::future::pending()));
+    assert_eq!(
+        cluster.read_all(out, 20).len(),
+        20,
+        "the first relay produced every row"
+    );
+    let start = Instant::now();
+    while stuck.tried.load(Ordering::SeqCst) == 0 {
+        assert!(
+            start.elapsed() < WAIT,
+            "the first relay never got to the delete"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Killed between the produce and the delete; the next relay takes over once its lease
+    // ran out.
+    first.abort();
+    let _ = rt.block_on(first);
     relay_until(
         &rt,
         Relay::new(store.clone(), &client(cluster), config).unwrap(),
         |s| s.relayed() == 20,
     );
     let produced = cluster.read_all(out, 40);
-    assert_eq!(produced.len(), 40, "the unmarked rows were produced again");
-    drop(store);
+    assert_eq!(produced.len(), 40, "the undeleted rows were produced again");
+    drop((store, stuck));
     drop(rt);
 
     let downstream = Rocks::new();

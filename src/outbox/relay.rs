@@ -41,6 +41,9 @@ const ERRORS: &str = "idempotent_consumer_outbox_relay_errors_total";
 const LAG_ROWS: &str = "idempotent_consumer_outbox_lag_rows";
 const LAG_SECONDS: &str = "idempotent_consumer_outbox_lag_seconds";
 
+/// Acknowledged rows are deleted this many at a time (or when nothing more is in flight).
+const DELETE_EVERY: usize = 1000;
+
 /// How often the lag gauges are measured (counting the outbox's rows is not free).
 const BACKLOG_EVERY: Duration = Duration::from_secs(1);
 
@@ -211,6 +214,8 @@ impl<S: OutboxStore> Relay<S> {
         let mut cursor: Option<u64> = None;
         // When the lease was last taken or renewed (here, by this process's clock).
         let mut renewed: Option<std::time::Instant> = None;
+        // Acknowledged rows not deleted yet.
+        let mut sent: Vec<u64> = Vec::new();
         let rounds = self
             .config
             .in_flight
@@ -239,7 +244,15 @@ impl<S: OutboxStore> Relay<S> {
                 if failed.is_none()
                     && settle
                     && let Some(deliveries) = in_flight.next().await
-                    && let Err(e) = self.settle(lease.as_ref(), deliveries).await
+                    && let Err(e) = self.settle(lease.as_ref(), deliveries, &mut sent).await
+                {
+                    failed = Some(e);
+                }
+                // Deleted a thousand at a time, and always before the next read from the first
+                // row waiting (which would find them again).
+                if failed.is_none()
+                    && (sent.len() >= DELETE_EVERY || in_flight.is_empty())
+                    && let Err(e) = self.flush(lease.as_ref(), &mut sent).await
                 {
                     failed = Some(e);
                 }
@@ -247,7 +260,11 @@ impl<S: OutboxStore> Relay<S> {
                     // What is acknowledged is settled; the rest is read again from the first
                     // row waiting, after a pause.
                     while let Some(deliveries) = in_flight.next().await {
-                        let _ = self.settle(lease.as_ref(), deliveries).await;
+                        let _ = self.settle(lease.as_ref(), deliveries, &mut sent).await;
+                    }
+                    if let Err(e) = self.flush(lease.as_ref(), &mut sent).await {
+                        tracing::warn!(error = %e, "deleting sent rows failed; they are produced again");
+                        sent.clear();
                     }
                     cursor = None;
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -284,7 +301,10 @@ impl<S: OutboxStore> Relay<S> {
                 }
             }
             while let Some(deliveries) = in_flight.next().await {
-                let _ = self.settle(lease.as_ref(), deliveries).await;
+                let _ = self.settle(lease.as_ref(), deliveries, &mut sent).await;
+            }
+            if let Err(e) = self.flush(lease.as_ref(), &mut sent).await {
+                tracing::warn!(error = %e, "deleting sent rows failed; they are produced again");
             }
             if let Some(lease) = &lease
                 && let Err(e) = self.store.release_outbox(lease).await
@@ -355,14 +375,18 @@ impl<S: OutboxStore> Relay<S> {
         Ok(())
     }
 
-    /// Settles one produced batch: the acknowledged rows deleted, the refused ones kept dead,
-    /// while `lease` is still the current one. A row that failed otherwise is an error: it is
-    /// produced again.
-    async fn settle(&self, lease: Option<&OutboxLease>, deliveries: Vec<Delivery>) -> Result<()> {
+    /// Settles one produced batch: its acknowledged rows join `sent` (deleted by
+    /// [`flush`](Self::flush)), the refused ones are kept dead at once, while `lease` is still
+    /// the current one. A row that failed otherwise is an error: it is produced again.
+    async fn settle(
+        &self,
+        lease: Option<&OutboxLease>,
+        deliveries: Vec<Delivery>,
+        sent: &mut Vec<u64>,
+    ) -> Result<()> {
         let Some(lease) = lease else {
             return Ok(());
         };
-        let mut sent = Vec::with_capacity(deliveries.len());
         let mut failure = None;
         for delivery in deliveries {
             match delivery {
@@ -380,18 +404,6 @@ impl<S: OutboxStore> Relay<S> {
                 }
             }
         }
-        if !sent.is_empty() {
-            if self.store.mark_sent(lease, &sent).await? {
-                let n = sent.len() as u64;
-                self.stats.relayed.fetch_add(n, Ordering::Relaxed);
-                metrics::counter!(RELAYED, "relay" => self.config.name.clone()).increment(n);
-            } else {
-                tracing::warn!(
-                    rows = sent.len(),
-                    "the outbox's lease ran out while producing: the next holder produces these rows again"
-                );
-            }
-        }
         match failure {
             Some(e) => {
                 self.error("produce");
@@ -399,6 +411,34 @@ impl<S: OutboxStore> Relay<S> {
             }
             None => Ok(()),
         }
+    }
+
+    /// Deletes the acknowledged rows in `sent`, while `lease` is still the current one.
+    async fn flush(&self, lease: Option<&OutboxLease>, sent: &mut Vec<u64>) -> Result<()> {
+        let Some(lease) = lease else {
+            sent.clear();
+            return Ok(());
+        };
+        if sent.is_empty() {
+            return Ok(());
+        }
+        if self
+            .store
+            .mark_sent(lease, sent)
+            .await
+            .inspect_err(|_| self.error("store"))?
+        {
+            let n = sent.len() as u64;
+            self.stats.relayed.fetch_add(n, Ordering::Relaxed);
+            metrics::counter!(RELAYED, "relay" => self.config.name.clone()).increment(n);
+        } else {
+            tracing::warn!(
+                rows = sent.len(),
+                "the outbox's lease ran out while producing: the next holder produces these rows again"
+            );
+        }
+        sent.clear();
+        Ok(())
     }
 
     /// Queues `rows` with the producer in order; returns their acknowledgements to come.

@@ -195,8 +195,17 @@ impl OutboxStore for RocksStore {
         let done = inner.outbox.lease.while_held(lease, || {
             let mut batch = WriteBatch::default();
             let cf = inner.cf(CF_OUTBOX);
-            for id in ids {
-                batch.delete_cf(cf, seq_key(*id));
+            // A run of consecutive numbers is one range deletion (a round's rows usually are):
+            // nothing else can be inside it, as every number in it is one of these rows.
+            for run in ids.chunk_by(|a, b| b.checked_sub(*a) == Some(1)) {
+                match run {
+                    [one] => batch.delete_cf(cf, seq_key(*one)),
+                    [first, .., last] => {
+                        batch.delete_range_cf(cf, seq_key(*first), seq_key(*last));
+                        batch.delete_cf(cf, seq_key(*last));
+                    }
+                    [] => {}
+                }
             }
             inner
                 .db
