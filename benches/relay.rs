@@ -13,6 +13,10 @@
 //!   the commit to the last row deleted after its acknowledgement;
 //! - `relay-postgres-b100`, `relay-postgres-b1000`: the same on PostgreSQL (with
 //!   `DATABASE_URL`; left out otherwise, and the output says so);
+//! - `outbox-limit-rocksdb`, `outbox-limit-postgres`: the store's share alone, no Kafka: the
+//!   same rows read and deleted a thousand at a time, as the relay does. With `produce-raw` it
+//!   gives the most a relay can reach on the machine, `1 / (1/raw + 1/limit)`, printed as
+//!   `BENCH limit <store> composite_ratio_to_raw=<x>`;
 //! - `e2e-rocksdb`: a consumer on RocksDB whose handler publishes one event per record (the
 //!   handler's clock in the payload), its relay, and a consumer downstream; records arrive at
 //!   `--rate` per second (default 2,000) for `--seconds` (default 10); the latency of each event
@@ -123,27 +127,38 @@ fn run() -> Res<()> {
     row("produce-raw", n, raw);
 
     let mut ratios = Vec::new();
-    for batch in [100, 1000] {
-        let topic = format!("relay-rocksdb-b{batch}");
+    let mut limits = Vec::new();
+    let rocks = || -> Res<(tempfile::TempDir, RocksStore)> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let store = RocksStore::open_with(dir.path(), RocksOptions { sync: true })
             .map_err(|e| e.to_string())?;
+        Ok((dir, store))
+    };
+    let (_dir, store) = rocks()?;
+    let took = rt.block_on(store_alone(&store, n))?;
+    row("outbox-limit-rocksdb", n, took);
+    limits.push(("rocksdb", took));
+    for batch in [100, 1000] {
+        let topic = format!("relay-rocksdb-b{batch}");
+        let (_dir, store) = rocks()?;
         let took = rt.block_on(drain(store, &topic, &client, batch, n))?;
         row(&topic, n, took);
         ratios.push((topic, raw.as_secs_f64() / took.as_secs_f64()));
     }
     match std::env::var("DATABASE_URL") {
         Ok(admin) if !admin.is_empty() => {
+            let took = rt.block_on(async {
+                let (db, store) = pg_store(&admin, "limit").await?;
+                let took = store_alone(&store, n).await;
+                drop(db);
+                took
+            })?;
+            row("outbox-limit-postgres", n, took);
+            limits.push(("postgres", took));
             for batch in [100, 1000] {
                 let topic = format!("relay-postgres-b{batch}");
                 let took = rt.block_on(async {
-                    let name = format!("bench_outbox_{}_{batch}", std::process::id());
-                    let db = ThrowawayDb::create(&admin, &name, "")
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let store = PgStore::connect_with(db.url(), PgOptions::default())
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let (db, store) = pg_store(&admin, &batch.to_string()).await?;
                     let took = drain(store, &topic, &client, batch, n).await;
                     drop(db);
                     took
@@ -158,7 +173,29 @@ fn run() -> Res<()> {
         let verdict = if *ratio >= 0.7 { "met" } else { "MISSED" };
         println!("BENCH ratio {name}/produce-raw={ratio:.3} target>=0.7 {verdict}");
     }
+    // What a relay could reach on these two cores: the producer's and the store's costs
+    // per row added up.
+    for (store, alone) in &limits {
+        let composite = 1.0 / (raw.as_secs_f64() + alone.as_secs_f64());
+        println!(
+            "BENCH limit {store} composite_ratio_to_raw={:.3} (1 / (1/raw + 1/outbox-limit-{store}))",
+            composite * raw.as_secs_f64()
+        );
+    }
     rt.block_on(end_to_end(&mock, &bootstrap, &args))
+}
+
+/// A database of its own on the server of `admin` (dropped with the first value) and a store
+/// on it.
+async fn pg_store(admin: &str, suffix: &str) -> Res<(ThrowawayDb, PgStore)> {
+    let name = format!("bench_outbox_{}_{suffix}", std::process::id());
+    let db = ThrowawayDb::create(admin, &name, "")
+        .await
+        .map_err(|e| e.to_string())?;
+    let store = PgStore::connect_with(db.url(), PgOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((db, store))
 }
 
 fn row(name: &str, records: usize, took: Duration) {
@@ -247,6 +284,38 @@ where
             .map_err(|e| e.to_string())?;
     }
     tx.commit(to as i64).await.map_err(|e| e.to_string())
+}
+
+/// The store's share of relaying, no Kafka: `n` committed rows read and deleted a thousand
+/// at a time, as the relay does, under a lease.
+async fn store_alone<S>(store: &S, n: usize) -> Res<Duration>
+where
+    S: OutboxStore + Store<Tx: Publish>,
+{
+    fill(store, "limit", 0, n).await?;
+    let e = |e: idempotent_consumer::Error| e.to_string();
+    let lease = store
+        .lease_outbox("limit", Duration::from_secs(600))
+        .await
+        .map_err(e)?
+        .ok_or("the outbox's lease is held")?;
+    let started = Instant::now();
+    let mut cursor = None;
+    let mut deleted = 0;
+    loop {
+        let rows = store.pending_rows(cursor, 1000).await.map_err(e)?;
+        let Some(last) = rows.last() else { break };
+        cursor = Some(last.id);
+        let ids: Vec<u64> = rows.iter().map(|r| r.id).collect();
+        store.mark_sent(&lease, &ids).await.map_err(e)?;
+        deleted += ids.len();
+    }
+    let took = started.elapsed();
+    store.release_outbox(&lease).await.map_err(e)?;
+    if deleted != n {
+        return Err(format!("read and deleted {deleted} of {n} rows"));
+    }
+    Ok(took)
 }
 
 /// A relay reading `batch` rows a round, warmed up on one row (a new idempotent producer's
