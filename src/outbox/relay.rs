@@ -241,12 +241,25 @@ impl<S: OutboxStore> Relay<S> {
                 }
                 // The oldest batch is settled once the pipeline is full or nothing more came.
                 let settle = !produced || in_flight.len() >= rounds;
-                if failed.is_none()
-                    && settle
-                    && let Some(deliveries) = in_flight.next().await
-                    && let Err(e) = self.settle(lease.as_ref(), deliveries, &mut sent).await
-                {
-                    failed = Some(e);
+                if failed.is_none() && settle && !in_flight.is_empty() {
+                    // The lease is kept while the broker is slow to acknowledge.
+                    let deliveries = loop {
+                        tokio::select! {
+                            d = in_flight.next() => break d,
+                            () = tokio::time::sleep(self.config.lease / 3) => {
+                                if let Err(e) = self.renew(&mut lease, &mut cursor).await {
+                                    tracing::warn!(error = %e, "renewing the outbox's lease failed");
+                                } else {
+                                    renewed = lease.is_some().then(std::time::Instant::now);
+                                }
+                            }
+                        }
+                    };
+                    if let Some(deliveries) = deliveries
+                        && let Err(e) = self.settle(lease.as_ref(), deliveries, &mut sent).await
+                    {
+                        failed = Some(e);
+                    }
                 }
                 // Deleted a thousand at a time, and always before the next read from the first
                 // row waiting (which would find them again).

@@ -144,6 +144,18 @@ impl Cluster {
         }
     }
 
+    /// Delays every answer of the broker by `delay` (0 to undo); false on a real cluster.
+    pub fn broker_round_trip(&self, delay: Duration) -> bool {
+        match self.mock() {
+            Some(mock) => {
+                mock.broker_round_trip_time(1, delay)
+                    .expect("setting the mock broker's round trip");
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Makes the next `n` offset commits fail (the mock cluster answers them with
     /// `OFFSET_METADATA_TOO_LARGE`, an error no client retries); false on a real cluster,
     /// where they cannot be made to fail.
