@@ -507,7 +507,9 @@ async fn a_thousand_concurrent_requests_with_one_key_apply_once<B: Backend>(b: &
             let client = client.clone();
             let (key, body) = (key.clone(), body.clone());
             async move {
-                let extra = [("x-sleep-ms", "300")];
+                // Long enough that on a loaded machine the rest still arrive while the first
+                // runs (at 300 ms a CI run once saw every other request after it had answered).
+                let extra = [("x-sleep-ms", "1500")];
                 client.pay(Some(&key), None, &body, &extra).await
             }
         }))
