@@ -277,13 +277,13 @@ impl Harness {
         });
         for role in roles.iter().filter(|r| **r != "ledger") {
             let process = running.remove(role).ok_or("a role is not running")?;
-            process.stop(Duration::from_secs(30))?;
+            stop(process)?;
         }
         let ends = topic_ends(&chain.bootstrap, &topic)?;
         let ledger = running
             .remove("ledger")
             .ok_or("the ledger is not running")?;
-        let last = ledger.stop(Duration::from_secs(30))?;
+        let last = stop(ledger)?;
         chain.settle("ledger", &last);
         let until: Vec<String> = ends.iter().map(i64::to_string).collect();
         let mut last_ledger = chain.start("ledger", Some(&until.join(",")))?;
@@ -391,6 +391,15 @@ impl Harness {
         );
         Ok(problems.is_empty())
     }
+}
+
+/// Stops a process of the chain gracefully once it is up: it reports its first `STATS` line
+/// after it has its SIGTERM handler, and one started a moment ago may not have it yet.
+fn stop(process: ConsumerProcess) -> Res<BTreeMap<String, u64>> {
+    if !wait_until(Duration::from_secs(60), || !process.stats().is_empty()) {
+        return Err("a process of the chain never reported".into());
+    }
+    process.stop(Duration::from_secs(30))
 }
 
 /// What the service's store holds once the chain stopped.
