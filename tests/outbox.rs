@@ -636,6 +636,38 @@ async fn postgres_a_request_publishes_once_per_key() {
     a_request_publishes_once_per_key(pg.connect().await).await;
 }
 
+/// A zombie's commit (its partition taken over) and a transaction dropped before its commit
+/// (a crash) publish nothing: the row is part of the batch's one atomic write.
+fn a_fenced_or_dropped_batch_publishes_nothing<B: Outboxed>(b: &B) {
+    use idempotent_consumer::{PartitionId, Transaction};
+    b.inspect(async |s: &B::S| {
+        let p = PartitionId::new("g", "t", 0);
+        let source = Record::new("t", 0, 0, None, None);
+        let epoch = s.acquire(&p).await.unwrap().epoch;
+        let mut tx = s.begin(&p, epoch).await.unwrap();
+        tx.begin_record(b"k0", &source);
+        tx.publish(Publication::new("out")).unwrap();
+        s.acquire(&p).await.unwrap();
+        assert!(tx.commit(1).await.unwrap_err().is_fenced());
+        assert_eq!(s.pending_rows(None, 10).await.unwrap(), vec![]);
+
+        let epoch = s.acquire(&p).await.unwrap().epoch;
+        let mut tx = s.begin(&p, epoch).await.unwrap();
+        tx.begin_record(b"k1", &source);
+        tx.publish(Publication::new("out")).unwrap();
+        drop(tx);
+        assert_eq!(s.pending_rows(None, 10).await.unwrap(), vec![]);
+
+        let mut tx = s.begin(&p, epoch).await.unwrap();
+        tx.begin_record(b"k2", &source);
+        tx.publish(Publication::new("out")).unwrap();
+        tx.commit(1).await.unwrap();
+        let rows = s.pending_rows(None, 10).await.unwrap();
+        assert_eq!(rows.len(), 1, "the owner's commit publishes");
+        assert_eq!(rows[0].idempotency_key, derive_key(b"k2", 0));
+    });
+}
+
 /// Each of the store-generic cases on RocksDB and on PostgreSQL.
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
@@ -660,6 +692,7 @@ macro_rules! on_both_stores {
 }
 
 on_both_stores!(
+    a_fenced_or_dropped_batch_publishes_nothing,
     committed_rows_are_relayed_once_after_a_restart,
     rows_produced_twice_are_applied_once_downstream,
     a_redone_record_publishes_the_same_keys,

@@ -50,8 +50,6 @@ pub(crate) mod encode;
 mod relay;
 pub(crate) mod store;
 
-#[cfg(any(feature = "rocksdb", feature = "postgres", feature = "memory"))]
-pub(crate) use relay::PUBLISHED_METRIC as PUBLISHED;
 pub use relay::{Relay, RelayConfig, RelayStats};
 pub use store::{OutboxDeadRow, OutboxLease, OutboxRow, OutboxStore};
 
@@ -167,7 +165,7 @@ pub enum PublishError {
     #[error("serializing the payload: {0}")]
     Payload(String),
     /// The transaction has no source to derive keys from: it was opened outside the runtime
-    /// and the HTTP layer, and `begin_source` was not called.
+    /// and the HTTP layer, and no record or request was named as its source.
     #[error(
         "publishing outside a record or request: the transaction has no source to derive keys from"
     )]
@@ -191,9 +189,18 @@ pub fn derive_key(source: &[u8], index: u32) -> String {
     let mut key = String::with_capacity(36);
     key.push_str("ob1-");
     for b in &digest.finalize()[..16] {
-        key.push_str(&format!("{b:02x}"));
+        use std::fmt::Write as _;
+        let _ = write!(key, "{b:02x}");
     }
     key
+}
+
+/// Counts rows a store's commit wrote to the outbox, once it committed.
+#[cfg(any(feature = "rocksdb", feature = "postgres", feature = "memory"))]
+pub(crate) fn count_published(rows: usize) {
+    if rows > 0 {
+        metrics::counter!(relay::PUBLISHED_METRIC).increment(rows as u64);
+    }
 }
 
 /// A publication ready to be written: with its derived key, where it came from and when.
@@ -224,18 +231,49 @@ impl Outgoing {
     }
 }
 
-/// What a transaction is handling now.
-#[derive(Debug, Clone)]
+/// What a transaction is handling now. Its buffers are kept from one record to the next, so
+/// naming a record's source (once per record, publishing or not) allocates nothing.
+#[derive(Debug, Clone, Default)]
 struct Source {
+    /// The scoped store key the keys derive from.
     key: Vec<u8>,
-    label: String,
+    origin: Origin,
+}
+
+/// Where the publications come from, for the row's `source`.
+#[derive(Debug, Clone, Default)]
+enum Origin {
+    /// Nothing named yet.
+    #[default]
+    None,
+    Record {
+        topic: String,
+        partition: i32,
+        offset: i64,
+    },
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    Request(&'static str),
+}
+
+impl Origin {
+    fn label(&self) -> String {
+        match self {
+            Origin::None => String::new(),
+            Origin::Record {
+                topic,
+                partition,
+                offset,
+            } => format!("{topic}/{partition}@{offset}"),
+            Origin::Request(label) => (*label).to_owned(),
+        }
+    }
 }
 
 /// The publications of one transaction not committed yet, numbered per source, undone with
 /// the transaction's savepoints. Every store's transaction keeps one.
 #[derive(Debug, Default)]
 pub(crate) struct Publications {
-    source: Option<Source>,
+    source: Source,
     next_index: u32,
     rows: Vec<Outgoing>,
     /// At the last savepoint: how many rows, and the next index.
@@ -243,19 +281,59 @@ pub(crate) struct Publications {
 }
 
 impl Publications {
-    /// From now on, publications come from `key` (a scoped store key), numbered from 0.
-    pub(crate) fn begin_source(&mut self, key: &[u8], label: String) {
-        self.source = Some(Source {
-            key: key.to_vec(),
-            label,
-        });
+    /// From now on, publications come from `record`, whose dedup entry is kept under
+    /// `store_key`, numbered from 0. Called for every record a handler runs for.
+    pub(crate) fn begin_record(&mut self, store_key: &[u8], record: &crate::Record) {
+        self.source.key.clear();
+        self.source.key.extend_from_slice(store_key);
+        match &mut self.source.origin {
+            Origin::Record {
+                topic,
+                partition,
+                offset,
+            } => {
+                topic.clear();
+                topic.push_str(record.topic());
+                *partition = record.partition();
+                *offset = record.offset();
+            }
+            origin => {
+                *origin = Origin::Record {
+                    topic: record.topic().to_owned(),
+                    partition: record.partition(),
+                    offset: record.offset(),
+                }
+            }
+        }
+        self.next_index = 0;
+    }
+
+    /// From now on, publications come from a request with the scoped key `key` (so a retried
+    /// request publishes the same keys), or, without a key, from a source of its own.
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    pub(crate) fn begin_request(&mut self, key: Option<&[u8]>) {
+        self.source.key.clear();
+        match key {
+            Some(key) => {
+                self.source.key.extend_from_slice(key);
+                self.source.origin = Origin::Request("request");
+            }
+            None => {
+                let id = crate::store::new_id();
+                self.source.key.extend_from_slice(id.as_bytes());
+                self.source.origin = Origin::Request("request without a key");
+            }
+        }
         self.next_index = 0;
     }
 
     /// Adds a publication; returns its derived key.
     pub(crate) fn publish(&mut self, publication: Publication) -> Result<String, PublishError> {
         publication.check()?;
-        let source = self.source.as_ref().ok_or(PublishError::NoSource)?;
+        let source = &self.source;
+        if matches!(source.origin, Origin::None) {
+            return Err(PublishError::NoSource);
+        }
         let idempotency_key = derive_key(&source.key, self.next_index);
         self.next_index += 1;
         tracing::debug!(
@@ -266,7 +344,7 @@ impl Publications {
         self.rows.push(Outgoing {
             publication,
             idempotency_key: idempotency_key.clone(),
-            source: source.label.clone(),
+            source: source.origin.label(),
             created_at_ms: crate::store::now_ms(),
         });
         Ok(idempotency_key)
@@ -293,16 +371,6 @@ impl Publications {
     }
 }
 
-/// The label of a record source: `topic/partition@offset`.
-pub(crate) fn record_label(record: &crate::Record) -> String {
-    format!(
-        "{}/{}@{}",
-        record.topic(),
-        record.partition(),
-        record.offset()
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,7 +394,8 @@ mod tests {
             p.publish(Publication::new("t")),
             Err(PublishError::NoSource)
         );
-        p.begin_source(b"k1", "t/0@1".into());
+        let record = crate::Record::new("t", 0, 1, None, None);
+        p.begin_record(b"k1", &record);
         p.savepoint();
         let first = p.publish(Publication::new("out")).unwrap();
         p.rollback_to_savepoint();
@@ -337,18 +406,30 @@ mod tests {
             p.publish(Publication::new("out")).unwrap(),
             derive_key(b"k1", 1)
         );
-        p.begin_source(b"k1", "t/0@1".into());
+        p.begin_record(b"k1", &record);
         assert_eq!(
             p.publish(Publication::new("out")).unwrap(),
             derive_key(b"k1", 0)
         );
-        assert_eq!(p.take().len(), 3);
+        let rows = p.take();
+        assert_eq!(rows.len(), 3);
+        assert!(rows.iter().all(|r| r.source == "t/0@1"));
+        // The next record reuses the buffers and names its own source.
+        p.begin_record(b"k2", &crate::Record::new("other", 3, 9, None, None));
+        p.publish(Publication::new("out")).unwrap();
+        p.begin_request(Some(b"req"));
+        p.publish(Publication::new("out")).unwrap();
+        let rows = p.take();
+        assert_eq!(rows[0].source, "other/3@9");
+        assert_eq!(rows[0].idempotency_key, derive_key(b"k2", 0));
+        assert_eq!(rows[1].source, "request");
+        assert_eq!(rows[1].idempotency_key, derive_key(b"req", 0));
     }
 
     #[test]
     fn bad_publications_are_refused() {
         let mut p = Publications::default();
-        p.begin_source(b"k", "request".into());
+        p.begin_request(None);
         for topic in ["", ".", "..", "has space", &"x".repeat(250)] {
             assert!(matches!(
                 p.publish(Publication::new(topic)),

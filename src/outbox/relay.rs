@@ -34,7 +34,7 @@ use tracing::Instrument;
 use super::{IDEMPOTENCY_KEY_HEADER, OutboxLease, OutboxRow, OutboxStore};
 use crate::error::{Error, Result};
 
-pub(crate) const PUBLISHED_METRIC: &str = "idempotent_consumer_outbox_published_total";
+pub(super) const PUBLISHED_METRIC: &str = "idempotent_consumer_outbox_published_total";
 const RELAYED: &str = "idempotent_consumer_outbox_relayed_total";
 const DEAD: &str = "idempotent_consumer_outbox_dead_total";
 const ERRORS: &str = "idempotent_consumer_outbox_relay_errors_total";
@@ -132,6 +132,19 @@ impl<S> std::fmt::Debug for Relay<S> {
     }
 }
 
+/// What a running relay keeps between rounds.
+#[derive(Default)]
+struct State {
+    /// The outbox's lease, when this relay holds it, and when it was last taken or renewed
+    /// (by this process's clock).
+    lease: Option<OutboxLease>,
+    renewed: Option<std::time::Instant>,
+    /// The last row produced: the next read starts after it (`None`: at the first row waiting).
+    cursor: Option<u64>,
+    /// Acknowledged rows not deleted yet.
+    sent: Vec<u64>,
+}
+
 /// The acknowledgements of one produced batch, in row order.
 type Acks = futures::future::BoxFuture<'static, Vec<Delivery>>;
 
@@ -162,13 +175,15 @@ fn is_refusal(code: RDKafkaErrorCode) -> bool {
 
 impl<S: OutboxStore> Relay<S> {
     /// A relay of `store`'s outbox producing through a producer made from `client` (the
-    /// broker's address and security settings; idempotence is always on, and unless `client`
+    /// broker's address and security settings; a consumer's configuration will do, its
+    /// consumer-only properties are left out; idempotence is always on, and unless `client`
     /// sets `message.timeout.ms`, deliveries never time out: a row waits for the broker).
     pub fn new(store: S, client: &ClientConfig, config: RelayConfig) -> Result<Self> {
         if config.batch_size == 0 {
             return Err(Error::Config("relay batch_size must be at least 1".into()));
         }
-        let mut producer = client.clone();
+        // The client's connection settings; a consumer's own properties are left out.
+        let mut producer = crate::dead_letter::producer_config(client);
         producer.set("enable.idempotence", "true");
         if producer.get("message.timeout.ms").is_none() {
             producer.set("message.timeout.ms", "0");
@@ -205,17 +220,12 @@ impl<S: OutboxStore> Relay<S> {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let span = tracing::info_span!("outbox_relay", relay = %self.owner);
         let mut shutdown = std::pin::pin!(shutdown.fuse());
-        let mut lease: Option<OutboxLease> = None;
+        let mut st = State::default();
         let mut backoff = Duration::ZERO;
         let written = self.store.outbox_written();
         let mut measured: Option<std::time::Instant> = None;
-        // Batches produced and not settled yet, oldest first, and the last row produced.
+        // Rounds produced and not settled yet, oldest first.
         let mut in_flight: FuturesOrdered<Acks> = FuturesOrdered::new();
-        let mut cursor: Option<u64> = None;
-        // When the lease was last taken or renewed (here, by this process's clock).
-        let mut renewed: Option<std::time::Instant> = None;
-        // Acknowledged rows not deleted yet.
-        let mut sent: Vec<u64> = Vec::new();
         let rounds = self
             .config
             .in_flight
@@ -223,63 +233,37 @@ impl<S: OutboxStore> Relay<S> {
             .max(1);
         async {
             loop {
-                if lease.is_some() && measured.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) {
+                if st.lease.is_some() && measured.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) {
                     self.backlog().await;
                     measured = Some(std::time::Instant::now());
                 }
-                let mut failed = None;
                 let mut produced = false;
+                let mut step = Ok(());
                 if in_flight.len() < rounds {
-                    match self.refill(&mut lease, &mut renewed, &mut cursor).await {
+                    match self.refill(&mut st).await {
                         Ok(Some(acks)) => {
                             in_flight.push_back(acks);
                             produced = true;
                         }
                         Ok(None) => {}
-                        Err(e) => failed = Some(e),
+                        Err(e) => step = Err(e),
                     }
                 }
-                // The oldest batch is settled once the pipeline is full or nothing more came.
-                let settle = !produced || in_flight.len() >= rounds;
-                if failed.is_none() && settle && !in_flight.is_empty() {
-                    // The lease is kept while the broker is slow to acknowledge.
-                    let deliveries = loop {
-                        tokio::select! {
-                            d = in_flight.next() => break d,
-                            () = tokio::time::sleep(self.config.lease / 3) => {
-                                if let Err(e) = self.renew(&mut lease, &mut cursor).await {
-                                    tracing::warn!(error = %e, "renewing the outbox's lease failed");
-                                } else {
-                                    renewed = lease.is_some().then(std::time::Instant::now);
-                                }
-                            }
-                        }
-                    };
-                    if let Some(deliveries) = deliveries
-                        && let Err(e) = self.settle(lease.as_ref(), deliveries, &mut sent).await
-                    {
-                        failed = Some(e);
-                    }
+                // The oldest round is settled once the pipeline is full or nothing more came.
+                if step.is_ok() && (!produced || in_flight.len() >= rounds) && !in_flight.is_empty()
+                {
+                    step = self.settle_oldest(&mut st, &mut in_flight).await;
                 }
                 // Deleted a thousand at a time, and always before the next read from the first
                 // row waiting (which would find them again).
-                if failed.is_none()
-                    && (sent.len() >= DELETE_EVERY || in_flight.is_empty())
-                    && let Err(e) = self.flush(lease.as_ref(), &mut sent).await
-                {
-                    failed = Some(e);
+                if step.is_ok() && (st.sent.len() >= DELETE_EVERY || in_flight.is_empty()) {
+                    step = self.flush(&mut st).await;
                 }
-                if let Some(e) = failed {
+                if let Err(e) = step {
                     // What is acknowledged is settled; the rest is read again from the first
                     // row waiting, after a pause.
-                    while let Some(deliveries) = in_flight.next().await {
-                        let _ = self.settle(lease.as_ref(), deliveries, &mut sent).await;
-                    }
-                    if let Err(e) = self.flush(lease.as_ref(), &mut sent).await {
-                        tracing::warn!(error = %e, "deleting sent rows failed; they are produced again");
-                        sent.clear();
-                    }
-                    cursor = None;
+                    self.drain(&mut st, &mut in_flight).await;
+                    st.cursor = None;
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
                     backoff = (backoff * 2)
                         .max(Duration::from_millis(100))
@@ -300,7 +284,7 @@ impl<S: OutboxStore> Relay<S> {
                 }
                 // Idle: the next read starts from the first row waiting again, so a row
                 // committed late under a lower id (PostgreSQL) is found too.
-                cursor = None;
+                st.cursor = None;
                 let woken = async {
                     match &written {
                         Some(n) => n.notified().await,
@@ -313,13 +297,8 @@ impl<S: OutboxStore> Relay<S> {
                     () = woken => {}
                 }
             }
-            while let Some(deliveries) = in_flight.next().await {
-                let _ = self.settle(lease.as_ref(), deliveries, &mut sent).await;
-            }
-            if let Err(e) = self.flush(lease.as_ref(), &mut sent).await {
-                tracing::warn!(error = %e, "deleting sent rows failed; they are produced again");
-            }
-            if let Some(lease) = &lease
+            self.drain(&mut st, &mut in_flight).await;
+            if let Some(lease) = &st.lease
                 && let Err(e) = self.store.release_outbox(lease).await
             {
                 tracing::warn!(error = %e, "giving the outbox's lease up failed; it runs out");
@@ -335,75 +314,102 @@ impl<S: OutboxStore> Relay<S> {
             .increment(1);
     }
 
-    /// Renews the lease, reads the rows after `cursor` and produces them: their
-    /// acknowledgements to come, or `None` when the outbox is another relay's or has nothing
-    /// more.
-    async fn refill(
-        &self,
-        lease: &mut Option<OutboxLease>,
-        renewed: &mut Option<std::time::Instant>,
-        cursor: &mut Option<u64>,
-    ) -> Result<Option<Acks>> {
-        // Renewed once a third of it has passed (every round while another relay holds it).
-        let fresh =
-            lease.is_some() && renewed.is_some_and(|at| at.elapsed() < self.config.lease / 3);
+    /// Renews the lease when a third of it has passed, reads the rows after the cursor and
+    /// produces them: their acknowledgements to come, or `None` when the outbox is another
+    /// relay's or has nothing more.
+    async fn refill(&self, st: &mut State) -> Result<Option<Acks>> {
+        // Every round while another relay holds it.
+        let fresh = st.lease.is_some()
+            && st
+                .renewed
+                .is_some_and(|at| at.elapsed() < self.config.lease / 3);
         if !fresh {
-            self.renew(lease, cursor).await?;
-            *renewed = lease.is_some().then(std::time::Instant::now);
+            self.renew(st).await?;
         }
-        if lease.is_none() {
+        if st.lease.is_none() {
             return Ok(None);
         }
         let rows = self
             .store
-            .pending_rows(*cursor, self.config.batch_size)
+            .pending_rows(st.cursor, self.config.batch_size)
             .await
             .inspect_err(|_| self.error("store"))?;
         let Some(last) = rows.last() else {
             return Ok(None);
         };
-        *cursor = Some(last.id);
+        st.cursor = Some(last.id);
         Ok(Some(self.produce(&rows).await))
     }
 
     /// Takes or renews the outbox's lease.
-    async fn renew(&self, lease: &mut Option<OutboxLease>, cursor: &mut Option<u64>) -> Result<()> {
+    async fn renew(&self, st: &mut State) -> Result<()> {
         let held = self
             .store
             .lease_outbox(&self.owner, self.config.lease)
             .await
             .inspect_err(|_| self.error("store"))?;
-        if held.as_ref().map(OutboxLease::epoch) != lease.as_ref().map(OutboxLease::epoch) {
+        if held.as_ref().map(OutboxLease::epoch) != st.lease.as_ref().map(OutboxLease::epoch) {
             match &held {
                 Some(l) => tracing::info!(epoch = l.epoch(), "holding the outbox"),
-                None if lease.is_some() => {
+                None if st.lease.is_some() => {
                     tracing::warn!("the outbox's lease went to another relay")
                 }
                 None => tracing::debug!("another relay holds the outbox"),
             }
             // A new holder (or none) starts from the first row waiting.
-            *cursor = None;
+            st.cursor = None;
         }
-        *lease = held;
+        st.renewed = held.is_some().then(std::time::Instant::now);
+        st.lease = held;
         Ok(())
     }
 
-    /// Settles one produced batch: its acknowledged rows join `sent` (deleted by
-    /// [`flush`](Self::flush)), the refused ones are kept dead at once, while `lease` is still
-    /// the current one. A row that failed otherwise is an error: it is produced again.
-    async fn settle(
+    /// Waits for the oldest round's acknowledgements, keeping the lease meanwhile (a broker
+    /// slower than the lease must not cost it), and settles the round.
+    async fn settle_oldest(
         &self,
-        lease: Option<&OutboxLease>,
-        deliveries: Vec<Delivery>,
-        sent: &mut Vec<u64>,
+        st: &mut State,
+        in_flight: &mut FuturesOrdered<Acks>,
     ) -> Result<()> {
-        let Some(lease) = lease else {
+        let deliveries = loop {
+            tokio::select! {
+                d = in_flight.next() => break d,
+                () = tokio::time::sleep(self.config.lease / 3) => {
+                    if let Err(e) = self.renew(st).await {
+                        tracing::warn!(error = %e, "renewing the outbox's lease failed");
+                    }
+                }
+            }
+        };
+        match deliveries {
+            Some(deliveries) => self.settle(st, deliveries).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Settles every round in flight and deletes what was acknowledged; failures are logged
+    /// (the rows stay, and are produced again).
+    async fn drain(&self, st: &mut State, in_flight: &mut FuturesOrdered<Acks>) {
+        while let Some(deliveries) = in_flight.next().await {
+            let _ = self.settle(st, deliveries).await;
+        }
+        if let Err(e) = self.flush(st).await {
+            tracing::warn!(error = %e, "deleting sent rows failed; they are produced again");
+            st.sent.clear();
+        }
+    }
+
+    /// Settles one produced round: its acknowledged rows join `sent` (deleted by
+    /// [`flush`](Self::flush)), the refused ones are kept dead at once, while the lease is still
+    /// the current one. A row that failed otherwise is an error: it is produced again.
+    async fn settle(&self, st: &mut State, deliveries: Vec<Delivery>) -> Result<()> {
+        let Some(lease) = &st.lease else {
             return Ok(());
         };
         let mut failure = None;
         for delivery in deliveries {
             match delivery {
-                Delivery::Sent(id) => sent.push(id),
+                Delivery::Sent(id) => st.sent.push(id),
                 Delivery::Refused(id, reason) => {
                     self.error("refused");
                     tracing::error!(id, %reason, "the broker refused an outbox row for good; kept as a dead row");
@@ -426,31 +432,31 @@ impl<S: OutboxStore> Relay<S> {
         }
     }
 
-    /// Deletes the acknowledged rows in `sent`, while `lease` is still the current one.
-    async fn flush(&self, lease: Option<&OutboxLease>, sent: &mut Vec<u64>) -> Result<()> {
-        let Some(lease) = lease else {
-            sent.clear();
+    /// Deletes the acknowledged rows in `sent`, while the lease is still the current one.
+    async fn flush(&self, st: &mut State) -> Result<()> {
+        let Some(lease) = &st.lease else {
+            st.sent.clear();
             return Ok(());
         };
-        if sent.is_empty() {
+        if st.sent.is_empty() {
             return Ok(());
         }
-        if self
+        let held = self
             .store
-            .mark_sent(lease, sent)
+            .mark_sent(lease, &st.sent)
             .await
-            .inspect_err(|_| self.error("store"))?
-        {
-            let n = sent.len() as u64;
+            .inspect_err(|_| self.error("store"))?;
+        if held {
+            let n = st.sent.len() as u64;
             self.stats.relayed.fetch_add(n, Ordering::Relaxed);
             metrics::counter!(RELAYED, "relay" => self.config.name.clone()).increment(n);
         } else {
             tracing::warn!(
-                rows = sent.len(),
+                rows = st.sent.len(),
                 "the outbox's lease ran out while producing: the next holder produces these rows again"
             );
         }
-        sent.clear();
+        st.sent.clear();
         Ok(())
     }
 

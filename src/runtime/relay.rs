@@ -8,7 +8,6 @@ use rdkafka::ClientConfig;
 use tokio::sync::oneshot;
 
 use super::RuntimeBuilder;
-use crate::dead_letter::producer_config;
 use crate::error::Result;
 use crate::outbox::{OutboxStore, Relay, RelayConfig, RelayStats};
 use crate::store::Store;
@@ -60,7 +59,7 @@ impl<S: Store + OutboxStore> RuntimeBuilder<S> {
     /// one: one at a time holds the outbox's lease and the others stand by.
     pub fn relay(mut self, config: RelayConfig) -> Self {
         self.relay = Some(Box::new(move |store: &S, client: &ClientConfig| {
-            let relay = Relay::new(store.clone(), &producer_config(client), config)?;
+            let relay = Relay::new(store.clone(), client, config)?;
             let stats = relay.stats();
             Ok(Prepared {
                 run: Box::new(move |stopped| {

@@ -274,8 +274,7 @@ impl Transaction for MemoryTx {
 
     #[cfg(feature = "outbox")]
     fn begin_record(&mut self, store_key: &[u8], record: &crate::Record) {
-        self.publications
-            .begin_source(store_key, crate::outbox::record_label(record));
+        self.publications.begin_record(store_key, record);
     }
 
     async fn savepoint(&mut self) -> Result<()> {
@@ -347,7 +346,7 @@ impl Transaction for MemoryTx {
         {
             let rows = self.publications.take();
             if !rows.is_empty() {
-                metrics::counter!(crate::outbox::PUBLISHED).increment(rows.len() as u64);
+                crate::outbox::count_published(rows.len());
                 for row in rows {
                     let id = state.outbox_next;
                     state.outbox_next += 1;

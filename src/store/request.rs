@@ -142,18 +142,6 @@ pub trait RequestStore: Send + Sync + 'static {
     }
 }
 
-/// The source of a request's publications: its scoped key, or a new id of its own.
-#[cfg(feature = "outbox")]
-pub(crate) fn begin_source(publications: &mut crate::outbox::Publications, key: Option<&[u8]>) {
-    match key {
-        Some(key) => publications.begin_source(key, "request".into()),
-        None => {
-            let id = crate::store::new_id();
-            publications.begin_source(id.as_bytes(), "request without a key".into());
-        }
-    }
-}
-
 /// A request key's entry as the embedded stores keep it (PostgreSQL has columns instead).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RequestEntry {

@@ -129,13 +129,6 @@ pub(super) async fn write_rows(
     Ok(())
 }
 
-/// Counts rows a commit published, once it committed.
-pub(super) fn committed(rows: usize) {
-    if rows > 0 {
-        metrics::counter!(crate::outbox::PUBLISHED).increment(rows as u64);
-    }
-}
-
 fn row(r: &sqlx::postgres::PgRow) -> std::result::Result<OutboxRow, sqlx::Error> {
     let headers: Vec<u8> = r.try_get("headers")?;
     let id: i64 = r.try_get("id")?;

@@ -122,7 +122,7 @@ impl PgRequestTx {
         let _ = store;
         self.tx.commit().await.map_err(pg("committing a request"))?;
         #[cfg(feature = "outbox")]
-        super::outbox::committed(published);
+        crate::outbox::count_published(published);
         Ok(())
     }
 }
@@ -267,7 +267,7 @@ impl RequestStore for PgStore {
 
     #[cfg(feature = "outbox")]
     fn begin_source(&self, tx: &mut PgRequestTx, key: Option<&[u8]>) {
-        crate::store::request::begin_source(&mut tx.publications, key);
+        tx.publications.begin_request(key);
     }
 }
 

@@ -233,8 +233,7 @@ impl Transaction for PgTx {
 
     #[cfg(feature = "outbox")]
     fn begin_record(&mut self, store_key: &[u8], record: &crate::Record) {
-        self.publications
-            .begin_source(store_key, crate::outbox::record_label(record));
+        self.publications.begin_record(store_key, record);
     }
 
     async fn savepoint(&mut self) -> Result<()> {
@@ -424,7 +423,7 @@ impl Transaction for PgTx {
         };
         self.tx.commit().await.map_err(pg("committing a batch"))?;
         #[cfg(feature = "outbox")]
-        super::outbox::committed(published);
+        crate::outbox::count_published(published);
         Ok(())
     }
 }

@@ -227,6 +227,17 @@ impl RocksStore {
 }
 
 impl Inner {
+    /// Writes `batch` through `write` (a store without the outbox publishes nothing).
+    #[cfg(not(feature = "outbox"))]
+    pub(super) fn write_with_published(
+        &self,
+        batch: rocksdb::WriteBatch,
+        (): tx::Published,
+        write: impl FnOnce(rocksdb::WriteBatch) -> Result<()>,
+    ) -> Result<()> {
+        write(batch)
+    }
+
     pub(super) fn cf(&self, name: &str) -> &ColumnFamily {
         // Every family is created on open, so a missing handle is a bug, not an input error.
         self.db

@@ -107,18 +107,30 @@ impl Drop for Numbered<'_> {
             .remove(&self.first);
         if self.written {
             self.outbox.written.notify_one();
-            metrics::counter!(crate::outbox::PUBLISHED).increment(self.count);
+            crate::outbox::count_published(self.count as usize);
         }
     }
 }
 
 impl Inner {
-    /// Numbers `rows` and puts them into `batch`.
-    pub(super) fn put_outbox_rows(
+    /// Writes `batch` through `write` with `published` numbered into it, in the same write.
+    pub(super) fn write_with_published(
         &self,
-        batch: &mut WriteBatch,
-        rows: &[Outgoing],
-    ) -> Numbered<'_> {
+        mut batch: WriteBatch,
+        published: Vec<Outgoing>,
+        write: impl FnOnce(WriteBatch) -> Result<()>,
+    ) -> Result<()> {
+        if published.is_empty() {
+            return write(batch);
+        }
+        let numbered = self.put_outbox_rows(&mut batch, &published);
+        write(batch)?;
+        numbered.written();
+        Ok(())
+    }
+
+    /// Numbers `rows` and puts them into `batch`.
+    fn put_outbox_rows(&self, batch: &mut WriteBatch, rows: &[Outgoing]) -> Numbered<'_> {
         let outbox = &self.outbox;
         let count = rows.len() as u64;
         let first = {

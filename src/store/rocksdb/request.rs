@@ -217,22 +217,18 @@ impl RequestStore for RocksStore {
 
     async fn commit_request(
         &self,
-        #[allow(unused_mut)] mut tx: RocksRequestTx,
+        mut tx: RocksRequestTx,
         lease: &Lease,
         response: &[u8],
         window: Duration,
     ) -> Result<i64> {
         let inner = &self.inner;
-        #[allow(unused_mut)]
-        let mut batch = tx.tx.data_batch();
+        let batch = tx.tx.data_batch();
+        let published = tx.tx.take_published();
         let mut claims = inner.requests.lock(lease.key());
         let Some(claim) = held(&mut claims, lease) else {
             return Err(Error::LeaseLost);
         };
-        #[cfg(feature = "outbox")]
-        let rows = tx.tx.publications.take();
-        #[cfg(feature = "outbox")]
-        let numbered = (!rows.is_empty()).then(|| inner.put_outbox_rows(&mut batch, &rows));
         let now = now_ms();
         let entry = RequestEntry {
             in_flight: false,
@@ -243,40 +239,32 @@ impl RequestStore for RocksStore {
             token: String::new(),
             response: response.to_vec(),
         };
-        inner.write_request(batch, lease.key(), &entry)?;
-        #[cfg(feature = "outbox")]
-        if let Some(numbered) = numbered {
-            numbered.written();
-        }
+        inner.write_with_published(batch, published, |batch| {
+            inner.write_request(batch, lease.key(), &entry)
+        })?;
         claims.remove(lease.key());
         // The handler's state keys stay locked until the batch is written.
         drop(tx);
         Ok(entry.expires_at_ms)
     }
 
-    async fn commit_unkeyed(&self, #[allow(unused_mut)] mut tx: RocksRequestTx) -> Result<()> {
+    async fn commit_unkeyed(&self, mut tx: RocksRequestTx) -> Result<()> {
         let inner = &self.inner;
-        #[allow(unused_mut)]
-        let mut batch = tx.tx.data_batch();
-        #[cfg(feature = "outbox")]
-        let rows = tx.tx.publications.take();
-        #[cfg(feature = "outbox")]
-        let numbered = (!rows.is_empty()).then(|| inner.put_outbox_rows(&mut batch, &rows));
-        inner
-            .db
-            .write_opt(batch, &inner.write_opts)
-            .map_err(rocks("committing a request"))?;
-        #[cfg(feature = "outbox")]
-        if let Some(numbered) = numbered {
-            numbered.written();
-        }
+        let batch = tx.tx.data_batch();
+        let published = tx.tx.take_published();
+        inner.write_with_published(batch, published, |batch| {
+            inner
+                .db
+                .write_opt(batch, &inner.write_opts)
+                .map_err(rocks("committing a request"))
+        })?;
         drop(tx);
         Ok(())
     }
 
     #[cfg(feature = "outbox")]
     fn begin_source(&self, tx: &mut RocksRequestTx, key: Option<&[u8]>) {
-        crate::store::request::begin_source(&mut tx.tx.publications, key);
+        tx.tx.publications.begin_request(key);
     }
 }
 

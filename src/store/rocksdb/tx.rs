@@ -50,6 +50,13 @@ type Writes = foldhash::HashMap<Key, Option<Vec<u8>>>;
 /// A slot written since the last savepoint and what it held before (`None`: nothing pending).
 type Undo = (Family, Key, Option<Option<Vec<u8>>>);
 
+/// The rows a transaction published, written with its batch (feature `outbox`).
+#[cfg(feature = "outbox")]
+pub(super) type Published = Vec<crate::outbox::Outgoing>;
+/// Without the outbox a transaction publishes nothing.
+#[cfg(not(feature = "outbox"))]
+pub(super) type Published = ();
+
 /// Why [`RocksTx::get`] could not read a key of the handler's state.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -166,6 +173,16 @@ impl RocksTx {
         }
         batch
     }
+
+    /// What the transaction published, for its commit to write (nothing without `outbox`).
+    #[cfg(feature = "outbox")]
+    pub(super) fn take_published(&mut self) -> Published {
+        self.publications.take()
+    }
+
+    /// What the transaction published, for its commit to write (nothing without `outbox`).
+    #[cfg(not(feature = "outbox"))]
+    pub(super) fn take_published(&mut self) -> Published {}
 
     fn write(&mut self, family: Family, key: Key, value: Option<Vec<u8>>) {
         let previous = self.overlay[family as usize].insert(key.clone(), value);
@@ -321,8 +338,7 @@ impl Transaction for RocksTx {
 
     #[cfg(feature = "outbox")]
     fn begin_record(&mut self, store_key: &[u8], record: &crate::Record) {
-        self.publications
-            .begin_source(store_key, crate::outbox::record_label(record));
+        self.publications.begin_record(store_key, record);
     }
 
     async fn savepoint(&mut self) -> Result<()> {
@@ -368,7 +384,8 @@ impl Transaction for RocksTx {
         Ok(())
     }
 
-    async fn commit(#[allow(unused_mut)] mut self, next_offset: i64) -> Result<()> {
+    async fn commit(mut self, next_offset: i64) -> Result<()> {
+        let published = self.take_published();
         let inner = &self.store.inner;
         let pending: usize = self.overlay.iter().map(HashMap::len).sum();
         let mut batch = WriteBatch::with_capacity_bytes(128 * (pending + 1));
@@ -408,19 +425,12 @@ impl Transaction for RocksTx {
         if *current != self.epoch {
             return Err(Error::fenced(&self.partition, self.epoch, *current));
         }
-        #[cfg(feature = "outbox")]
-        let rows = self.publications.take();
-        #[cfg(feature = "outbox")]
-        let numbered = (!rows.is_empty()).then(|| inner.put_outbox_rows(&mut batch, &rows));
-        inner
-            .db
-            .write_opt(batch, &inner.write_opts)
-            .map_err(rocks("committing a batch"))?;
-        #[cfg(feature = "outbox")]
-        if let Some(numbered) = numbered {
-            numbered.written();
-        }
-        Ok(())
+        inner.write_with_published(batch, published, |batch| {
+            inner
+                .db
+                .write_opt(batch, &inner.write_opts)
+                .map_err(rocks("committing a batch"))
+        })
     }
 }
 
