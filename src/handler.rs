@@ -216,6 +216,24 @@ pub trait Handler<Tx>: Send + Sync + 'static {
         let _ = (record, entry);
         async {}
     }
+
+    /// Called (feature `resolve`) for a record the resolver did not let `handle` apply
+    /// (superseded, stale, a conflict with the winner's version, rejected), with its
+    /// resolution record and the batch's transaction: what it writes (a correction published
+    /// through the outbox, a row of the service's own) commits with the resolution record, the
+    /// record's dedup entry and the position, or not at all. An error is the record's, classed
+    /// like `handle`'s (retried, dead-lettered, or the stop), and rolls the resolution back
+    /// with it; a panic is a permanent error. Default: nothing.
+    #[cfg(feature = "resolve")]
+    fn on_superseded(
+        &self,
+        record: &Record,
+        resolution: &crate::resolve::Resolution,
+        tx: &mut Tx,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        let _ = (record, resolution, tx);
+        async { Ok(()) }
+    }
 }
 
 /// The message of a caught panic of user code (a handler, a hook, a key function).

@@ -173,6 +173,8 @@ mod metrics;
 #[cfg(feature = "outbox")]
 pub mod outbox;
 mod record;
+#[cfg(feature = "resolve")]
+pub mod resolve;
 mod retry;
 mod runtime;
 pub mod store;

@@ -82,6 +82,19 @@ counters! {
     /// Partition assignments refused because another store holds the partition's latest state
     /// ([`Error::StalePartition`](crate::Error::StalePartition)).
     stale_partitions_refused,
+    /// Records the resolver (feature `resolve`) let the handler apply (committed batches;
+    /// included in `applied`).
+    resolved_applied,
+    /// Records the resolver settled as superseded (committed batches).
+    resolved_superseded,
+    /// Records the resolver settled as stale (committed batches).
+    resolved_stale,
+    /// Records the resolver settled as conflicts with the winner's version (committed batches).
+    resolved_conflict,
+    /// Records the resolver rejected (committed batches).
+    resolved_rejected,
+    /// Expired resolution records purged.
+    resolutions_purged,
 }
 
 impl Stats {
@@ -103,6 +116,9 @@ pub(crate) struct Tally {
     pub(crate) conflicts_skipped: u64,
     /// Dead letters by [`DeadLetterReason`] (indexed by `reason_index`).
     pub(crate) dead_lettered: [u64; REASONS.len()],
+    /// The resolver's decisions by outcome (in the order of `OUTCOMES`); applied ones are
+    /// in `applied` too.
+    pub(crate) resolved: [u64; OUTCOMES.len()],
 }
 
 impl Tally {
@@ -125,8 +141,12 @@ impl Tally {
             + self.duplicates_repeated_key
             + self.conflicts_skipped
             + self.dead_lettered.iter().sum::<u64>()
+            + self.resolved[1..].iter().sum::<u64>()
     }
 }
+
+/// The resolver's outcomes, by their metric label (applied first).
+const OUTCOMES: [&str; 5] = ["applied", "superseded", "stale", "conflict", "rejected"];
 
 const REASONS: [DeadLetterReason; 4] = [
     DeadLetterReason::Permanent,
@@ -161,6 +181,8 @@ const BATCH_RECORDS: &str = "idempotent_consumer_batch_records";
 const HANDLER_SECONDS: &str = "idempotent_consumer_handler_seconds";
 const COMMIT_SECONDS: &str = "idempotent_consumer_commit_seconds";
 const STORE_ENTRIES: &str = "idempotent_consumer_store_entries";
+const RESOLUTIONS: &str = "idempotent_consumer_resolutions_total";
+const RESOLUTIONS_PURGED: &str = "idempotent_consumer_resolutions_purged_total";
 
 /// Describes every metric to the installed recorder (units and help texts).
 pub(crate) fn describe() {
@@ -192,6 +214,11 @@ pub(crate) fn describe() {
         STALE_REFUSED,
         "Partition assignments refused: another store holds the partition's latest state."
     );
+    metrics::describe_counter!(
+        RESOLUTIONS,
+        "Records the resolver decided, by outcome (applied, superseded, stale, conflict, rejected)."
+    );
+    metrics::describe_counter!(RESOLUTIONS_PURGED, "Expired resolution records purged.");
     metrics::describe_histogram!(BATCH_RECORDS, Unit::Count, "Records per committed batch.");
     metrics::describe_histogram!(HANDLER_SECONDS, Unit::Seconds, "Handler call latency.");
     metrics::describe_histogram!(COMMIT_SECONDS, Unit::Seconds, "Store commit latency.");
@@ -207,6 +234,7 @@ pub(crate) struct GroupMeter {
     kafka_commit_failures: Counter,
     expired_purged: Counter,
     dead_letters_purged: Counter,
+    resolutions_purged: Counter,
     store_entries: Gauge,
 }
 
@@ -219,6 +247,7 @@ impl GroupMeter {
             kafka_commit_failures: metrics::counter!(KAFKA_COMMIT_FAILURES, &labels),
             expired_purged: metrics::counter!(EXPIRED_PURGED, &labels),
             dead_letters_purged: metrics::counter!(DEAD_LETTERS_PURGED, &labels),
+            resolutions_purged: metrics::counter!(RESOLUTIONS_PURGED, &labels),
             store_entries: metrics::gauge!(STORE_ENTRIES, &labels),
         }
     }
@@ -241,6 +270,12 @@ impl GroupMeter {
     pub(crate) fn dead_letters_purged(&self, n: u64) {
         Stats::add(&self.stats.dead_letters_purged, n);
         self.dead_letters_purged.increment(n);
+    }
+
+    #[cfg_attr(not(feature = "resolve"), allow(dead_code))]
+    pub(crate) fn resolutions_purged(&self, n: u64) {
+        Stats::add(&self.stats.resolutions_purged, n);
+        self.resolutions_purged.increment(n);
     }
 
     /// A partition assignment refused as stale.
@@ -283,6 +318,7 @@ pub(crate) struct PartitionMeter {
     /// Labelled with the action of the runtime's conflict policy.
     conflicts: Counter,
     dead_letters: [Counter; REASONS.len()],
+    resolutions: [Counter; OUTCOMES.len()],
     retries: Counter,
     store_retries: Counter,
     batches: Counter,
@@ -317,6 +353,7 @@ impl PartitionMeter {
             conflicts: metrics::counter!(CONFLICTS, &with("action", conflict_action)),
             dead_letters: REASONS
                 .map(|r| metrics::counter!(DEAD_LETTERS, &with("reason", r.as_str()))),
+            resolutions: OUTCOMES.map(|o| metrics::counter!(RESOLUTIONS, &with("outcome", o))),
             retries: metrics::counter!(RETRIES, &labels),
             store_retries: metrics::counter!(STORE_RETRIES, &labels),
             batches: metrics::counter!(BATCHES, &labels),
@@ -374,6 +411,17 @@ impl PartitionMeter {
         for (counter, n) in self.dead_letters.iter().zip(t.dead_lettered) {
             counter.increment(n);
         }
+        let resolved = [
+            &stats.resolved_applied,
+            &stats.resolved_superseded,
+            &stats.resolved_stale,
+            &stats.resolved_conflict,
+            &stats.resolved_rejected,
+        ];
+        for ((counter, stat), n) in self.resolutions.iter().zip(resolved).zip(t.resolved) {
+            Stats::add(stat, n);
+            counter.increment(n);
+        }
     }
 }
 
@@ -397,6 +445,6 @@ mod tests {
         assert_eq!(json["applied"], 3);
         assert_eq!(json["stale_partitions_refused"], 1);
         assert_eq!(json["fenced_commits"], 0);
-        assert_eq!(json.as_object().unwrap().len(), 15, "every counter: {json}");
+        assert_eq!(json.as_object().unwrap().len(), 21, "every counter: {json}");
     }
 }

@@ -65,6 +65,9 @@ pub(crate) struct Config {
     /// waits meanwhile, so at most half of `max.poll.interval.ms`.
     pub(crate) acquire_budget: Duration,
     pub(crate) dead_letter_retention: Option<Duration>,
+    /// Decides between valid updates of one entity (feature `resolve`).
+    #[cfg(feature = "resolve")]
+    pub(crate) resolver: Option<crate::resolve::Resolver>,
 }
 
 /// Builds a [`Runtime`]. Start with [`Runtime::builder`].
@@ -89,6 +92,8 @@ pub struct RuntimeBuilder<S = ()> {
     kafka_unavailable: Duration,
     store_retry_timeout: Duration,
     dead_letter_retention: Option<Duration>,
+    #[cfg(feature = "resolve")]
+    resolver: Option<crate::resolve::Resolver>,
     /// Makes the outbox's relay at `build` ([`RuntimeBuilder::relay`]).
     #[cfg(feature = "outbox")]
     pub(super) relay: Option<super::relay::Start<S>>,
@@ -273,6 +278,8 @@ impl<S> RuntimeBuilder<S> {
             kafka_unavailable: self.kafka_unavailable,
             store_retry_timeout: self.store_retry_timeout,
             dead_letter_retention: self.dead_letter_retention,
+            #[cfg(feature = "resolve")]
+            resolver: self.resolver,
             #[cfg(feature = "outbox")]
             relay: None,
         }
@@ -280,6 +287,15 @@ impl<S> RuntimeBuilder<S> {
 }
 
 impl<S: Store> RuntimeBuilder<S> {
+    /// Decides between valid, distinct updates of one entity before the handler runs (feature
+    /// `resolve`): see [`resolve`](crate::resolve). The store must keep entities (RocksDB and
+    /// PostgreSQL do).
+    #[cfg(feature = "resolve")]
+    pub fn resolver(mut self, resolver: crate::resolve::Resolver) -> Self {
+        self.resolver = Some(resolver);
+        self
+    }
+
     /// Validates the configuration and returns the runtime that will call `handler`.
     pub fn build<H: Handler<S::Tx>>(self, handler: H) -> Result<Runtime<S, H>> {
         let group = self
@@ -356,6 +372,12 @@ impl<S: Store> RuntimeBuilder<S> {
                 "purge interval and batch must be positive".into(),
             ));
         }
+        #[cfg(feature = "resolve")]
+        if self.resolver.is_some() && !<S::Tx as crate::store::Transaction>::RESOLVES {
+            return Err(Error::Config(
+                "a resolver needs a store that keeps entities (RocksStore or PgStore)".into(),
+            ));
+        }
         self.identity.validate()?;
         let longest = self.identity.longest_store_key(&group);
         if let Some(limit) = self.store.max_key_bytes()
@@ -421,6 +443,8 @@ impl<S: Store> RuntimeBuilder<S> {
                     store_retry_timeout: self.store_retry_timeout,
                     acquire_budget,
                     dead_letter_retention: self.dead_letter_retention,
+                    #[cfg(feature = "resolve")]
+                    resolver: self.resolver,
                 },
                 kafka_mark: self.store.store_id().map(stale::mark),
                 progress: Arc::new(super::progress::ProgressState::new()),
@@ -457,6 +481,8 @@ impl Runtime<(), ()> {
             kafka_unavailable: Duration::from_secs(60),
             store_retry_timeout: Duration::from_secs(300),
             dead_letter_retention: Some(Duration::from_secs(30 * 24 * 3600)),
+            #[cfg(feature = "resolve")]
+            resolver: None,
             #[cfg(feature = "outbox")]
             relay: None,
         }

@@ -319,6 +319,14 @@ async fn purge_expired<S: Store>(store: &S, config: &Config, meter: &GroupMeter)
         |n| meter.purged(n),
     )
     .await;
+    #[cfg(feature = "resolve")]
+    rounds(
+        "expired resolution records",
+        batch,
+        || store.purge_resolutions(group, partition::now_ms(), batch),
+        |n| meter.resolutions_purged(n),
+    )
+    .await;
     if let Some(retention) = config.dead_letter_retention {
         rounds(
             "old dead letters",

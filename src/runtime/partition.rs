@@ -27,6 +27,7 @@ use crate::retry::Attempts;
 use crate::store::{ClaimAhead, PartitionId, Store, Transaction};
 
 mod decide;
+mod resolve;
 
 use decide::Step;
 

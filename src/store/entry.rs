@@ -13,6 +13,9 @@ pub enum EntryStatus {
     Completed,
     /// The record was sent to the dead-letter path.
     DeadLettered,
+    /// The record was settled by the resolver (feature `resolve`) without its handler:
+    /// superseded, stale, a conflict or rejected. Its resolution record says why.
+    Resolved,
 }
 
 impl EntryStatus {
@@ -20,6 +23,7 @@ impl EntryStatus {
         match self {
             EntryStatus::Completed => 1,
             EntryStatus::DeadLettered => 2,
+            EntryStatus::Resolved => 3,
         }
     }
 
@@ -27,6 +31,7 @@ impl EntryStatus {
         match code {
             1 => Ok(EntryStatus::Completed),
             2 => Ok(EntryStatus::DeadLettered),
+            3 => Ok(EntryStatus::Resolved),
             other => Err(Error::Corrupt(format!("unknown entry status {other}"))),
         }
     }
@@ -36,6 +41,7 @@ impl EntryStatus {
         match self {
             EntryStatus::Completed => "completed",
             EntryStatus::DeadLettered => "dead_lettered",
+            EntryStatus::Resolved => "resolved",
         }
     }
 }

@@ -119,6 +119,20 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<usize>> + Send;
 
+    /// Optional (feature `resolve`). Deletes at most `limit` of `group`'s resolution records
+    /// that expired at or before `now_ms`; returns how many. Never an entity's state. Default:
+    /// nothing to purge.
+    #[cfg(feature = "resolve")]
+    fn purge_resolutions(
+        &self,
+        group: &str,
+        now_ms: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<usize>> + Send {
+        let _ = (group, now_ms, limit);
+        async { Ok(0) }
+    }
+
     /// How many dedup entries the store holds, for the store-entries gauge. May be an estimate
     /// where counting exactly is expensive.
     fn entry_count(&self) -> impl Future<Output = Result<u64>> + Send;
@@ -354,6 +368,49 @@ pub trait Transaction: Send + 'static {
         false
     }
 
+    /// Optional (feature `resolve`). True for a store that keeps entities and resolution
+    /// records: the builder refuses a [`Resolver`](crate::resolve::Resolver) for a store
+    /// without them. Default false.
+    #[cfg(feature = "resolve")]
+    const RESOLVES: bool = false;
+
+    /// Optional (feature `resolve`). Locks `entity` of this transaction's consumer group until
+    /// the transaction ends, like a claim (a concurrent transaction sees
+    /// [`EntityLock::Busy`](crate::resolve::EntityLock::Busy) meanwhile), and returns its
+    /// state, seeing this transaction's own writes. Default: refused, for a store without
+    /// entities.
+    #[cfg(feature = "resolve")]
+    fn lock_entity(
+        &mut self,
+        entity: &str,
+    ) -> impl Future<Output = Result<crate::resolve::EntityLock>> + Send {
+        let _ = entity;
+        async { Err(no_entities()) }
+    }
+
+    /// Optional (feature `resolve`). Writes an entity's state (its winner), undone by a
+    /// rollback to the savepoint like every write. Default: refused.
+    #[cfg(feature = "resolve")]
+    fn put_entity(
+        &mut self,
+        state: &crate::resolve::EntityState,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = state;
+        async { Err(no_entities()) }
+    }
+
+    /// Optional (feature `resolve`). Keeps a resolution record until `expires_at_ms`, when
+    /// the purge may delete it. Default: refused.
+    #[cfg(feature = "resolve")]
+    fn put_resolution(
+        &mut self,
+        resolution: &crate::resolve::Resolution,
+        expires_at_ms: i64,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = (resolution, expires_at_ms);
+        async { Err(no_entities()) }
+    }
+
     /// Optional. Writes now what the handler deferred to the end of the batch. Default: nothing
     /// is ever deferred, so [`DeferredWrites::Written`].
     ///
@@ -364,4 +421,9 @@ pub trait Transaction: Send + 'static {
     fn write_deferred(&mut self) -> impl Future<Output = Result<DeferredWrites>> + Send {
         async { Ok(DeferredWrites::Written) }
     }
+}
+
+#[cfg(feature = "resolve")]
+fn no_entities() -> crate::Error {
+    crate::Error::Config("this store keeps no entities: a resolver needs one that does".into())
 }

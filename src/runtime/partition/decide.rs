@@ -18,6 +18,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use tracing::Instrument;
 
+use super::resolve::Resolved;
 use super::{PartitionTask, Pending, now_ms};
 use crate::dead_letter::{DeadLetter, DeadLetterReason};
 use crate::error::{Error, Result};
@@ -117,8 +118,14 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                     .await;
             }
         }
+        // 3b. Resolve (feature `resolve`): the entity's winner decides whether it runs.
+        #[cfg(feature = "resolve")]
+        if let Some(resolver) = &self.shared.config.resolver {
+            let resolver = resolver.clone();
+            return self.resolve(tx, item, key, store_key, &resolver).await;
+        }
         // 4. Apply; 5. failure.
-        self.apply(tx, item, key, store_key).await
+        self.apply(tx, item, key, store_key, None).await
     }
 
     /// A record below the stored position: counted, and reported with its stored entry.
@@ -140,13 +147,15 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     }
 
     /// Runs the handler for a record whose key this transaction claimed; on success writes its
-    /// entry, on failure rolls it back and classifies the error.
-    async fn apply(
+    /// entry (and what the resolver decided for it, when one did), on failure rolls it back and
+    /// classifies the error.
+    pub(super) async fn apply(
         &mut self,
         tx: &mut S::Tx,
         item: &Pending,
         key: &IdempotencyKey,
         store_key: &[u8],
+        resolved: Option<Resolved>,
     ) -> Result<Step> {
         let record = &item.record;
         // Where a savepoint costs a round trip, records run without one until a handler fails.
@@ -194,6 +203,9 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         }
         match result {
             Ok(outcome) => {
+                if let Some(resolved) = &resolved {
+                    self.write_resolved(tx, resolved).await?;
+                }
                 let entry = self.entry(
                     record,
                     item.fingerprint,
@@ -215,7 +227,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     /// The handler's result for `record`. A panic is a handler error, not the end of the
     /// runtime: deterministic on the same input as far as the runtime can tell, so permanent.
     /// The transaction is not left half-written: the savepoint undoes it.
-    async fn run_handler(
+    pub(super) async fn run_handler(
         &mut self,
         tx: &mut S::Tx,
         record: &Record,
@@ -243,7 +255,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     }
 
     /// A failed record, rolled back: retried after a delay, dead-lettered, or the stop.
-    async fn failure(
+    pub(super) async fn failure(
         &mut self,
         tx: &mut S::Tx,
         item: &Pending,
@@ -376,7 +388,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         Ok(Step::Done("dead_lettered"))
     }
 
-    fn entry(
+    pub(super) fn entry(
         &self,
         record: &Record,
         fingerprint: Fingerprint,
@@ -406,7 +418,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
     /// Keeps the record as a dead letter (in the store, and for the topic) and, when it has a
     /// key, marks the key dead-lettered in the same transaction so a redelivery is a duplicate
     /// instead of a second dead letter.
-    async fn dead_letter(
+    pub(super) async fn dead_letter(
         &mut self,
         tx: &mut S::Tx,
         record: &Record,

@@ -45,6 +45,8 @@ mod errors;
 mod outbox;
 #[cfg(feature = "http")]
 mod request;
+#[cfg(feature = "resolve")]
+mod resolve;
 mod rows;
 mod sql;
 mod tx;
@@ -131,6 +133,8 @@ struct Inner {
     requests: request::RequestSql,
     #[cfg(feature = "outbox")]
     outbox: outbox::OutboxSql,
+    #[cfg(feature = "resolve")]
+    resolve: resolve::ResolveSql,
 }
 
 impl fmt::Debug for PgStore {
@@ -225,6 +229,8 @@ impl PgStore {
                 requests: request::RequestSql::new(&sql.dedup),
                 #[cfg(feature = "outbox")]
                 outbox: outbox::OutboxSql::new(&options.schema, &options.table_prefix),
+                #[cfg(feature = "resolve")]
+                resolve: resolve::ResolveSql::new(&options.schema, &options.table_prefix),
                 sql,
                 owner: options.owner,
                 idle_timeout,
@@ -333,6 +339,11 @@ impl Store for PgStore {
             .await
             .map_err(pg("purging expired entries"))?;
         Ok(done.rows_affected() as usize)
+    }
+
+    #[cfg(feature = "resolve")]
+    async fn purge_resolutions(&self, group: &str, now_ms: i64, limit: usize) -> Result<usize> {
+        self.purge_resolution_rows(group, now_ms, limit).await
     }
 }
 

@@ -111,6 +111,7 @@ pub(super) fn read_entry(row: &PgRow) -> Result<ReadEntry> {
     let status = match status {
         "completed" | "claimed" => EntryStatus::Completed,
         "dead_lettered" => EntryStatus::DeadLettered,
+        "resolved" => EntryStatus::Resolved,
         other => return Err(Error::Corrupt(format!("unknown entry status {other:?}"))),
     };
     let fingerprint: &[u8] = row.try_get("fingerprint").map_err(pg("reading an entry"))?;

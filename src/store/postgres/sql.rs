@@ -23,6 +23,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("migrations/0003_request_keys.sql"),
     ),
     (4, "outbox", include_str!("migrations/0004_outbox.sql")),
+    (
+        5,
+        "resolution",
+        include_str!("migrations/0005_resolution.sql"),
+    ),
 ];
 
 /// `$n` (milliseconds since the Unix epoch) as a `timestamptz`, exactly.

@@ -185,6 +185,28 @@ impl PgTx {
 impl Transaction for PgTx {
     const SAVEPOINT_ROUND_TRIP: bool = true;
 
+    #[cfg(feature = "resolve")]
+    const RESOLVES: bool = true;
+
+    #[cfg(feature = "resolve")]
+    async fn lock_entity(&mut self, entity: &str) -> Result<crate::resolve::EntityLock> {
+        self.lock_entity_row(entity).await
+    }
+
+    #[cfg(feature = "resolve")]
+    async fn put_entity(&mut self, state: &crate::resolve::EntityState) -> Result<()> {
+        self.put_entity_row(state).await
+    }
+
+    #[cfg(feature = "resolve")]
+    async fn put_resolution(
+        &mut self,
+        resolution: &crate::resolve::Resolution,
+        expires_at_ms: i64,
+    ) -> Result<()> {
+        self.put_resolution_row(resolution, expires_at_ms).await
+    }
+
     fn is_transient_failure(&self, error: &HandlerError) -> bool {
         let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
         while let Some(e) = next {

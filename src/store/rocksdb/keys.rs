@@ -18,8 +18,14 @@ pub(super) const CF_META: &str = "meta";
 pub(super) const CF_OUTBOX: &str = "outbox";
 /// Published rows the broker refused for good, by sequence number.
 pub(super) const CF_OUTBOX_DEAD: &str = "outbox_dead";
+/// Each entity's state, by group and entity (feature `resolve`): never purged.
+pub(super) const CF_ENTITIES: &str = "entities";
+/// Resolution records, by group, entity and number (feature `resolve`).
+pub(super) const CF_RESOLUTIONS: &str = "resolutions";
+/// The purge's index of resolution records: expiry time, then the record's key; empty values.
+pub(super) const CF_RESOLUTION_EXPIRY: &str = "resolution_expiry";
 /// Every family, created on open whatever the features (one layout for every build).
-pub(super) const ALL_CFS: [&str; 8] = [
+pub(super) const ALL_CFS: [&str; 11] = [
     CF_DEDUP,
     CF_EXPIRY,
     CF_POSITIONS,
@@ -28,6 +34,9 @@ pub(super) const ALL_CFS: [&str; 8] = [
     CF_META,
     CF_OUTBOX,
     CF_OUTBOX_DEAD,
+    CF_ENTITIES,
+    CF_RESOLUTIONS,
+    CF_RESOLUTION_EXPIRY,
 ];
 
 /// The key of the store id in `meta`.
@@ -85,9 +94,21 @@ pub(super) fn expiry_key(
 /// the time, then the store key.
 #[cfg(feature = "http")]
 pub(super) fn request_expiry_key(expires_at_ms: i64, store_key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + store_key.len());
+    time_prefixed_key(expires_at_ms, store_key)
+}
+
+/// Index key of a resolution record in `resolution_expiry`: the time, then the record's key.
+#[cfg(feature = "resolve")]
+pub(super) fn resolution_expiry_key(expires_at_ms: i64, resolution_key: &[u8]) -> Vec<u8> {
+    time_prefixed_key(expires_at_ms, resolution_key)
+}
+
+/// A key of an index in time order: the time (order-preserving for negative values too), then `key`.
+#[cfg(any(feature = "http", feature = "resolve"))]
+fn time_prefixed_key(expires_at_ms: i64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + key.len());
     k.extend_from_slice(&((expires_at_ms as u64) ^ (1 << 63)).to_be_bytes());
-    k.extend_from_slice(store_key);
+    k.extend_from_slice(key);
     k
 }
 

@@ -1,12 +1,14 @@
 //! The embedded RocksDB store (default).
 //!
-//! Eight column families: `dedup` (scoped key → [`DedupEntry`], bloom-filtered for misses),
+//! Eleven column families: `dedup` (scoped key → [`DedupEntry`], bloom-filtered for misses),
 //! `expiry` (expiry time ‖ commit → the keys that commit wrote with that expiry: the index the
 //! purge walks, one row per commit and expiry time), `positions` (group/topic/partition →
 //! next offset and epoch), `dead_letters` (partition ‖ offset → [`DeadLetter`]), `data` (the
 //! handler's own key-value state, through [`RocksTx`]), `meta` (the store id), and `outbox` and
 //! `outbox_dead` (published rows waiting for the relay, and the ones the broker refused; feature
-//! `outbox`, in `outbox.rs`).
+//! `outbox`, in `outbox.rs`), and `entities`, `resolutions` and `resolution_expiry` (each
+//! entity's winner, the resolution records and their purge index; feature `resolve`, in
+//! `resolve.rs`).
 //!
 //! A batch is buffered in a [`RocksTx`] overlay (so reads see the batch's own writes, and a
 //! per-record savepoint can be undone) and lands as ONE `WriteBatch` together with the partition's
@@ -42,6 +44,8 @@ mod outbox;
 mod purge;
 #[cfg(feature = "http")]
 mod request;
+#[cfg(feature = "resolve")]
+mod resolve;
 #[cfg(test)]
 mod tests;
 mod tx;
@@ -89,6 +93,9 @@ pub(super) struct Inner {
     /// Apart from `claims`, so a batch claiming its keys never holds up another partition's
     /// handler.
     data_locks: Arc<KeyTable>,
+    /// Entities locked by in-flight transactions (feature `resolve`).
+    #[cfg(feature = "resolve")]
+    entity_locks: Arc<KeyTable>,
     /// Created with the directory and kept in it (`meta` family): which store's copy of a
     /// partition Kafka's latest commit came from.
     store_id: String,
@@ -151,6 +158,8 @@ impl RocksStore {
                 dead_letter_cursor: std::sync::Mutex::default(),
                 claims: KeyTable::shared(),
                 data_locks: KeyTable::shared(),
+                #[cfg(feature = "resolve")]
+                entity_locks: KeyTable::shared(),
                 store_id,
                 #[cfg(feature = "http")]
                 requests: request::Requests::default(),
@@ -332,6 +341,11 @@ impl Store for RocksStore {
     ) -> Result<usize> {
         let before = crate::store::retention_cutoff(now_ms, retention);
         purge::purge_dead_letters(&self.inner, group, before, limit)
+    }
+
+    #[cfg(feature = "resolve")]
+    async fn purge_resolutions(&self, group: &str, now_ms: i64, limit: usize) -> Result<usize> {
+        resolve::purge_resolutions(&self.inner, group, now_ms, limit)
     }
 
     fn store_id(&self) -> Option<&str> {

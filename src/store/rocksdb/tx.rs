@@ -13,8 +13,8 @@ use rocksdb::WriteBatch;
 
 use super::RocksStore;
 use super::keys::{
-    CF_DATA, CF_DEAD_LETTERS, CF_DEDUP, CF_EXPIRY, CF_POSITIONS, dead_letter_key, expiry_key,
-    position_key,
+    CF_DATA, CF_DEAD_LETTERS, CF_DEDUP, CF_ENTITIES, CF_EXPIRY, CF_POSITIONS, CF_RESOLUTION_EXPIRY,
+    CF_RESOLUTIONS, dead_letter_key, expiry_key, position_key,
 };
 use super::rocks;
 use crate::dead_letter::DeadLetter;
@@ -30,9 +30,21 @@ enum Family {
     Dedup = 0,
     DeadLetters = 1,
     Data = 2,
+    /// Entities' states (feature `resolve`).
+    Entities = 3,
+    /// Resolution records and their expiry index (feature `resolve`).
+    Resolutions = 4,
+    ResolutionExpiry = 5,
 }
 
-const FAMILIES: [Family; 3] = [Family::Dedup, Family::DeadLetters, Family::Data];
+const FAMILIES: [Family; 6] = [
+    Family::Dedup,
+    Family::DeadLetters,
+    Family::Data,
+    Family::Entities,
+    Family::Resolutions,
+    Family::ResolutionExpiry,
+];
 
 impl Family {
     fn name(self) -> &'static str {
@@ -40,6 +52,9 @@ impl Family {
             Family::Dedup => CF_DEDUP,
             Family::DeadLetters => CF_DEAD_LETTERS,
             Family::Data => CF_DATA,
+            Family::Entities => CF_ENTITIES,
+            Family::Resolutions => CF_RESOLUTIONS,
+            Family::ResolutionExpiry => CF_RESOLUTION_EXPIRY,
         }
     }
 }
@@ -81,6 +96,9 @@ pub struct RocksTx {
     claimed: Holds,
     /// Keys of the handler's state this transaction holds locked; released on drop.
     locked: Holds,
+    /// Entities this transaction holds locked (feature `resolve`); released on drop.
+    #[cfg(feature = "resolve")]
+    entities: Holds,
     /// Set when the handler touched a state key held by another transaction.
     conflicted: bool,
     store: RocksStore,
@@ -120,6 +138,8 @@ impl RocksTx {
         let holder: std::sync::Arc<str> = holder_name(partition, epoch).into();
         RocksTx {
             claimed: Holds::new(&inner.claims, holder.clone()),
+            #[cfg(feature = "resolve")]
+            entities: Holds::new(&inner.entity_locks, holder.clone()),
             locked: Holds::new(&inner.data_locks, holder),
             conflicted: false,
             fence: store.fence(&position_key),
@@ -143,6 +163,8 @@ impl RocksTx {
         let holder: std::sync::Arc<str> = "a request".into();
         RocksTx {
             claimed: Holds::new(&inner.claims, holder.clone()),
+            #[cfg(feature = "resolve")]
+            entities: Holds::new(&inner.entity_locks, holder.clone()),
             locked: Holds::new(&inner.data_locks, holder),
             conflicted: false,
             fence: Arc::new(Mutex::new(0)),
@@ -339,6 +361,57 @@ impl Transaction for RocksTx {
     #[cfg(feature = "outbox")]
     fn begin_record(&mut self, store_key: &[u8], record: &crate::Record) {
         self.publications.begin_record(store_key, record);
+    }
+
+    #[cfg(feature = "resolve")]
+    const RESOLVES: bool = true;
+
+    /// Locked in the store's entity table (no wait: a held entity is busy) and read under its
+    /// lock, as a claim is: a committing transaction writes the entity before it lets it go.
+    #[cfg(feature = "resolve")]
+    async fn lock_entity(&mut self, entity: &str) -> Result<crate::resolve::EntityLock> {
+        use crate::resolve::{EntityLock, EntityState, entity_key};
+        let key = entity_key(&self.partition.group, entity);
+        if !self.entities.contains(&key) {
+            let inner = self.store.inner.clone();
+            let mut table = inner.entity_locks.lock();
+            if table.held_by_other(&self.entities, &key) {
+                return Ok(EntityLock::Busy);
+            }
+            table.hold(&mut self.entities, &key);
+        }
+        let state = self.read(Family::Entities, &key)?;
+        Ok(EntityLock::Held(
+            state.map(|b| EntityState::from_json(&b)).transpose()?,
+        ))
+    }
+
+    #[cfg(feature = "resolve")]
+    async fn put_entity(&mut self, state: &crate::resolve::EntityState) -> Result<()> {
+        let key = crate::resolve::entity_key(&self.partition.group, &state.entity);
+        self.write(Family::Entities, Key::from(key), Some(state.to_json()));
+        Ok(())
+    }
+
+    #[cfg(feature = "resolve")]
+    async fn put_resolution(
+        &mut self,
+        resolution: &crate::resolve::Resolution,
+        expires_at_ms: i64,
+    ) -> Result<()> {
+        let key = crate::resolve::resolution_key(
+            &self.partition.group,
+            &resolution.entity,
+            resolution.seq,
+        );
+        let index = super::keys::resolution_expiry_key(expires_at_ms, &key);
+        self.write(Family::ResolutionExpiry, Key::from(index), Some(Vec::new()));
+        self.write(
+            Family::Resolutions,
+            Key::from(key),
+            Some(resolution.to_json()),
+        );
+        Ok(())
     }
 
     async fn savepoint(&mut self) -> Result<()> {
