@@ -183,6 +183,8 @@ case "${1:-}" in
         cargo run --quiet --all-features --example metrics_prometheus
         log "HTTP example"
         cargo run --quiet --all-features --example payments_http -- demo
+        log "device shadow example (resolver)"
+        cargo run --quiet --all-features --example device_shadow
         if [ -n "$chaos_log" ]; then
             chaos_rc=0
             wait "$chaos_pid" || chaos_rc=$?

@@ -133,6 +133,8 @@
 //! | `idempotent_consumer_outbox_relay_errors_total` | counter | relay, class (`store`, `produce`, `refused`) |
 //! | `idempotent_consumer_outbox_lag_rows` | gauge | relay |
 //! | `idempotent_consumer_outbox_lag_seconds` | gauge | relay (age of the oldest row waiting) |
+//! | `idempotent_consumer_resolutions_total` | counter | group, topic, partition, outcome (`applied`, `superseded`, `stale`, `conflict`, `rejected`) |
+//! | `idempotent_consumer_resolutions_purged_total` | counter | group |
 //!
 //! The store-entries gauge is refreshed at each purge round; on large PostgreSQL tables it is
 //! the planner's estimate.
@@ -159,7 +161,11 @@
 //! `publish` on every store's transaction writes an event in the same atomic write as the
 //! handler's effects, with an idempotency key derived from the record or request it came from,
 //! and the [`outbox::Relay`] produces committed rows to Kafka and deletes each one only after
-//! the broker acknowledged it.
+//! the broker acknowledged it. `resolve` decides between valid updates that conflict
+//! ([`resolve`]): a per-entity winner kept in the store, a policy (a version guard, last writer
+//! wins by event time with a deterministic tie-break, or the service's own rule) consulted
+//! before the handler runs, and a resolution record of every decision that is not a plain
+//! "newer, applied", committed with its effect; `examples/device_shadow.rs` shows it.
 
 #![forbid(unsafe_code)]
 

@@ -184,14 +184,7 @@ fn the_newer_wins_whatever_the_arrival_order<B: Resolving>(b: B) {
     let topic = cluster.create_topic(2);
     let group = unique("group");
     send(&cluster, &topic, &out_of_order("d1"));
-    let stats = consume(
-        &b,
-        &cluster,
-        &topic,
-        &group,
-        Policy::SequenceGuard { epochs: false },
-        10,
-    );
+    let stats = consume(&b, &cluster, &topic, &group, guard(), 10);
     assert_eq!(stats.duplicates(), 1, "{stats:?}");
     assert_eq!(stats.resolved_conflict, 1, "{stats:?}");
     assert_eq!(stats.dead_lettered, 0, "{stats:?}");
@@ -250,14 +243,7 @@ fn the_newer_wins_whatever_the_arrival_order<B: Resolving>(b: B) {
     for partition in 0..2 {
         b.set_position(&PartitionId::new(&group, &topic, partition), 0);
     }
-    let again = consume(
-        &b,
-        &cluster,
-        &topic,
-        &group,
-        Policy::SequenceGuard { epochs: false },
-        10,
-    );
+    let again = consume(&b, &cluster, &topic, &group, guard(), 10);
     assert_eq!(again.duplicates(), 10, "{again:?}");
     assert_eq!(
         explain(&b, &group, "d1"),
@@ -300,6 +286,10 @@ fn contested() -> Vec<(String, i32, Vec<u8>)> {
     .into_iter()
     .map(|(k, p)| (k.to_owned(), 0, p))
     .collect()
+}
+
+fn guard() -> Policy {
+    Policy::SequenceGuard { epochs: false }
 }
 
 fn lww() -> Policy {
@@ -424,7 +414,7 @@ fn a_crash_leaves_no_record_without_its_effect<B: Resolving>(b: B) {
         builder(&cluster, &group, &topic)
             .store(store)
             .batch(100, Duration::from_millis(200))
-            .resolver(resolver(Policy::SequenceGuard { epochs: false }))
+            .resolver(resolver(guard()))
             .build(shadow)
             .unwrap()
     });
@@ -483,14 +473,7 @@ fn a_crash_leaves_no_record_without_its_effect<B: Resolving>(b: B) {
         "on_superseded's writes, as committed"
     );
 
-    let stats = consume(
-        &b,
-        &cluster,
-        &topic,
-        &group,
-        Policy::SequenceGuard { epochs: false },
-        20 - committed as u64,
-    );
+    let stats = consume(&b, &cluster, &topic, &group, guard(), 20 - committed as u64);
     let why = explain(&b, &group, "dev");
     let state = why.state.unwrap();
     assert_eq!(state.winner.key, "r20");
@@ -564,7 +547,7 @@ fn postgres_two_instances_decide_each_entity_once() {
                 builder(&cluster, &group, &topic)
                     .store(store)
                     .batch(10, Duration::from_millis(20))
-                    .resolver(resolver(Policy::SequenceGuard { epochs: false }))
+                    .resolver(resolver(guard()))
                     .build(Shadow::new())
                     .unwrap()
             })
@@ -613,7 +596,7 @@ fn a_store_without_entities_is_refused() {
     let store = idempotent_consumer::MemoryStore::new();
     let err = builder(&cluster, "g", &topic)
         .store(store)
-        .resolver(resolver(Policy::SequenceGuard { epochs: false }))
+        .resolver(resolver(guard()))
         .build(Noop)
         .unwrap_err();
     assert!(err.to_string().contains("keeps entities"), "{err}");

@@ -28,7 +28,10 @@
 //! → outbox → Kafka → consumer; an HTTP service whose handler records a payment and publishes
 //! its event, its relay, a second relay on PostgreSQL, and a ledger downstream, each killed at
 //! random while a client retries and resends payments; see `chain.rs`, which prints
-//! `CHAOS scenario=chain store=.. payments=.. accepted=.. kills=.. relayed=.. duplicates=.. lost=.. doubled=..`).
+//! `CHAOS scenario=chain store=.. payments=.. accepted=.. kills=.. relayed=.. duplicates=.. lost=.. doubled=..`),
+//! `shadows` (both stores: device reports out of order across partitions, resent and
+//! conflicting, decided by a resolver while its consumer is killed at random; every report not
+//! applied must have exactly one resolution record; see `shadows.rs`).
 //!
 //! Run: `cargo run --all-features --example chaos -- run` with `DATABASE_URL` set (a server where
 //! databases may be created) and `CHAOS_PG_RESTART` set to a shell command that restarts that
@@ -57,6 +60,7 @@ use idempotent_consumer::testkit::{
 };
 
 mod chain;
+mod shadows;
 
 const PARTITIONS: i32 = 4;
 const ACCOUNTS: u64 = 200;
@@ -74,9 +78,10 @@ fn main() {
         "service" => chain::service(&Flags::parse(&args[1..])),
         "relay" => chain::relay(&Flags::parse(&args[1..])),
         "ledger" => chain::ledger(&Flags::parse(&args[1..])),
+        "shadow" => shadows::shadow(&Flags::parse(&args[1..])),
         "run" => run(&Flags::parse(args.get(1..).unwrap_or_default())),
         other => Err(format!(
-            "unknown role {other:?}: use run, broker, consumer, service, relay or ledger"
+            "unknown role {other:?}: use run, broker, consumer, service, relay, ledger or shadow"
         )),
     };
     if let Err(e) = result {
@@ -217,29 +222,14 @@ fn consumer(flags: &Flags) -> Res<()> {
             .with_writer(std::io::stderr)
             .init();
     }
-    let bootstrap = flags.need("bootstrap")?;
-    let group = flags.need("group")?;
-    let topic = flags.need("topic")?;
-    let until: Vec<i64> = flags
-        .need("until")?
-        .split(',')
-        .map(|v| v.parse().map_err(|_| format!("bad --until {v:?}")))
-        .collect::<Res<_>>()?;
+    let Role {
+        group,
+        topic,
+        until,
+        rt,
+        builder,
+    } = Role::new(flags)?;
     let delay = Duration::from_micros(flags.num("handler-delay-us", 0)?);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let builder = Runtime::builder()
-        .bootstrap_servers(bootstrap)
-        .group_id(&group)
-        .topics([topic.as_str()])
-        .set("session.timeout.ms", SESSION_MS.to_string())
-        .set("heartbeat.interval.ms", "300")
-        .set("topic.metadata.refresh.interval.ms", "1000")
-        .set("message.timeout.ms", "20000")
-        .batch(200, Duration::from_millis(20));
     // Static membership: a restarted instance takes its slot back at once instead of waiting
     // for the killed one's session to expire (Kubernetes-style deployments do the same).
     let builder = match flags.get("instance") {
@@ -298,6 +288,50 @@ fn consumer(flags: &Flags) -> Res<()> {
                 .map_err(|e| e.to_string())
         }),
         other => Err(format!("unknown store {other:?}")),
+    }
+}
+
+/// What every consumer role starts from: its group, topic and `--until`, a tokio runtime, and
+/// a builder with the harness's timings.
+struct Role {
+    group: String,
+    topic: String,
+    until: Vec<i64>,
+    rt: tokio::runtime::Runtime,
+    builder: idempotent_consumer::RuntimeBuilder,
+}
+
+impl Role {
+    fn new(flags: &Flags) -> Res<Role> {
+        let bootstrap = flags.need("bootstrap")?;
+        let group = flags.need("group")?;
+        let topic = flags.need("topic")?;
+        let until: Vec<i64> = flags
+            .need("until")?
+            .split(',')
+            .map(|v| v.parse().map_err(|_| format!("bad --until {v:?}")))
+            .collect::<Res<_>>()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let builder = Runtime::builder()
+            .bootstrap_servers(bootstrap)
+            .group_id(&group)
+            .topics([topic.as_str()])
+            .set("session.timeout.ms", SESSION_MS.to_string())
+            .set("heartbeat.interval.ms", "300")
+            .set("topic.metadata.refresh.interval.ms", "1000")
+            .set("message.timeout.ms", "20000")
+            .batch(200, Duration::from_millis(20));
+        Ok(Role {
+            group,
+            topic,
+            until,
+            rt,
+            builder,
+        })
     }
 }
 
@@ -708,6 +742,7 @@ fn run(flags: &Flags) -> Res<()> {
             "faults",
             "two-stores",
             "chain",
+            "shadows",
         ],
     );
     let stores = flags.list("stores", &["rocksdb", "postgres"]);
@@ -777,7 +812,8 @@ fn run(flags: &Flags) -> Res<()> {
     // The kill storms and the two-stores run share nothing but the broker: they run side by
     // side. The others run alone: the faults scenario's broker faults would hit every run, and
     // the rebalance storm's freeze is timed against the session timeout.
-    let side_by_side = |scenario: &str| matches!(scenario, "kill-storm" | "two-stores" | "chain");
+    let side_by_side =
+        |scenario: &str| matches!(scenario, "kill-storm" | "two-stores" | "chain" | "shadows");
     let mut failures = Vec::new();
     std::thread::scope(|scope| {
         let handles: Vec<_> = runs
@@ -837,6 +873,9 @@ impl Harness {
     fn scenario(&self, scenario: &str, store_kind: &str, n: u64) -> Res<bool> {
         if scenario == "chain" {
             return self.chain(store_kind, n);
+        }
+        if scenario == "shadows" {
+            return self.shadows(store_kind, n);
         }
         let topic = format!("chaos-{n}-{}", std::process::id());
         self.command(&format!("topic {topic} {PARTITIONS}"))?;

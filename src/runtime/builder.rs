@@ -255,6 +255,15 @@ impl<S> RuntimeBuilder<S> {
         self
     }
 
+    /// Decides between valid, distinct updates of one entity before the handler runs (feature
+    /// `resolve`): see [`resolve`](crate::resolve). The store must keep entities (RocksDB and
+    /// PostgreSQL do).
+    #[cfg(feature = "resolve")]
+    pub fn resolver(mut self, resolver: crate::resolve::Resolver) -> Self {
+        self.resolver = Some(resolver);
+        self
+    }
+
     /// The store the runtime commits into.
     pub fn store<T: Store>(self, store: T) -> RuntimeBuilder<T> {
         RuntimeBuilder {
@@ -287,15 +296,6 @@ impl<S> RuntimeBuilder<S> {
 }
 
 impl<S: Store> RuntimeBuilder<S> {
-    /// Decides between valid, distinct updates of one entity before the handler runs (feature
-    /// `resolve`): see [`resolve`](crate::resolve). The store must keep entities (RocksDB and
-    /// PostgreSQL do).
-    #[cfg(feature = "resolve")]
-    pub fn resolver(mut self, resolver: crate::resolve::Resolver) -> Self {
-        self.resolver = Some(resolver);
-        self
-    }
-
     /// Validates the configuration and returns the runtime that will call `handler`.
     pub fn build<H: Handler<S::Tx>>(self, handler: H) -> Result<Runtime<S, H>> {
         let group = self

@@ -6,7 +6,8 @@
 //! counters as a `STATS name=value ...` line every 200 ms and once more at the end; the test
 //! side is [`ConsumerProcess`], which starts the child, keeps the last counters it printed and
 //! sends it signals. Counter names: `applied`, `duplicates`, `conflicts`, `dead_lettered`,
-//! `fenced`, `store_retries`, `retries`, `refused` (stale partitions refused).
+//! `fenced`, `store_retries`, `retries`, `refused` (stale partitions refused), `batches`,
+//! `kafka_commit_failures`, `not_applied` (records the resolver settled without their handler).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -62,7 +63,7 @@ fn report(stats: &Stats) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "{STATS}applied={} duplicates={} conflicts={} dead_lettered={} fenced={} store_retries={} retries={} refused={} batches={} kafka_commit_failures={}",
+        "{STATS}applied={} duplicates={} conflicts={} dead_lettered={} fenced={} store_retries={} retries={} refused={} batches={} kafka_commit_failures={} not_applied={}",
         s.applied,
         s.duplicates(),
         s.conflicts,
@@ -72,7 +73,8 @@ fn report(stats: &Stats) {
         s.retries,
         s.stale_partitions_refused,
         s.batches_committed,
-        s.kafka_commit_failures
+        s.kafka_commit_failures,
+        s.resolved_superseded + s.resolved_stale + s.resolved_conflict + s.resolved_rejected
     );
     let _ = out.flush();
 }

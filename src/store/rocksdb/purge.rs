@@ -121,7 +121,7 @@ pub(super) fn purge_dead_letters(
 }
 
 /// The first bytes of every key of `group` in the partition-keyed column families.
-fn group_prefix(group: &str) -> Vec<u8> {
+pub(super) fn group_prefix(group: &str) -> Vec<u8> {
     let mut prefix = Vec::with_capacity(4 + group.len());
     prefix.extend_from_slice(&(group.len() as u32).to_be_bytes());
     prefix.extend_from_slice(group.as_bytes());

@@ -18,9 +18,7 @@ pub(super) fn purge_resolutions(
     now_ms: i64,
     limit: usize,
 ) -> Result<usize> {
-    let mut prefix = Vec::with_capacity(4 + group.len());
-    prefix.extend_from_slice(&(group.len() as u32).to_be_bytes());
-    prefix.extend_from_slice(group.as_bytes());
+    let prefix = super::purge::group_prefix(group);
     let mut batch = WriteBatch::default();
     let mut purged = 0;
     let index = inner
