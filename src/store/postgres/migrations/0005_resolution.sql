@@ -1,10 +1,25 @@
 -- Resolution of valid updates that conflict (feature `resolve`).
 
 -- A record the resolver settled without its handler (superseded, stale, a conflict, rejected)
--- leaves a 'resolved' entry, so its redelivery is a duplicate.
-ALTER TABLE "{schema}"."{prefix}dedup" DROP CONSTRAINT IF EXISTS "{prefix}dedup_status_check";
-ALTER TABLE "{schema}"."{prefix}dedup" ADD CONSTRAINT "{prefix}dedup_status_check"
-    CHECK (status IN ('claimed', 'completed', 'dead_lettered', 'resolved'));
+-- leaves a 'resolved' entry, so its redelivery is a duplicate. The status check is replaced
+-- whatever name it was given, keeping every status before it (requests' 'in_flight').
+DO $$
+DECLARE
+    existing text;
+BEGIN
+    FOR existing IN
+        SELECT conname FROM pg_constraint
+        WHERE conrelid = '"{schema}"."{prefix}dedup"'::regclass AND contype = 'c'
+          AND pg_get_constraintdef(oid) LIKE '%status%'
+    LOOP
+        EXECUTE format('ALTER TABLE "{schema}"."{prefix}dedup" DROP CONSTRAINT %I', existing);
+    END LOOP;
+END
+$$;
+
+ALTER TABLE "{schema}"."{prefix}dedup"
+    ADD CONSTRAINT "{prefix}dedup_status_check"
+        CHECK (status IN ('claimed', 'completed', 'dead_lettered', 'in_flight', 'resolved'));
 
 -- Each entity's current winner (`state`, JSON written by the crate), per consumer group. Locked
 -- by the transaction deciding one of its records; never purged by the dedup retention. A row
