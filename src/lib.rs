@@ -176,6 +176,8 @@ mod handler;
 pub mod http;
 mod identity;
 mod metrics;
+#[cfg(feature = "cli")]
+pub mod ops;
 #[cfg(feature = "outbox")]
 pub mod outbox;
 mod record;

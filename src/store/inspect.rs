@@ -1,5 +1,6 @@
 //! What an operator, a test or a dashboard reads from a store, with the same signatures on every
-//! store: a partition's position (and moving it), a key's entry, a partition's dead letters.
+//! store: a partition's position (and moving it), a group's positions, a key's entry, a
+//! partition's dead letters.
 
 use std::future::Future;
 
@@ -76,6 +77,13 @@ pub trait Inspect: Store {
         partition: &PartitionId,
         next_offset: i64,
     ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Every partition of `group` the store has a position for, with it, sorted by topic and
+    /// partition: what an operator lists first. Empty for a group the store has never seen.
+    fn positions(
+        &self,
+        group: &str,
+    ) -> impl Future<Output = Result<Vec<(PartitionId, StoredPosition)>>> + Send;
 
     /// The committed entry of a key, expired or not.
     fn entry(&self, key: &EntryKey<'_>) -> impl Future<Output = Result<Option<DedupEntry>>> + Send;

@@ -372,6 +372,18 @@ impl Inspect for MemoryStore {
         Ok(())
     }
 
+    async fn positions(&self, group: &str) -> Result<Vec<(PartitionId, StoredPosition)>> {
+        let mut out: Vec<(PartitionId, StoredPosition)> = self
+            .lock()
+            .positions
+            .iter()
+            .filter(|(p, _)| p.group == group)
+            .map(|(p, s)| (p.clone(), *s))
+            .collect();
+        out.sort_by(|a, b| (&a.0.topic, a.0.partition).cmp(&(&b.0.topic, b.0.partition)));
+        Ok(out)
+    }
+
     async fn entry(&self, key: &EntryKey<'_>) -> Result<Option<DedupEntry>> {
         Ok(self.committed_entry(&key.store_key()))
     }

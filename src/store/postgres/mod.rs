@@ -77,6 +77,9 @@ pub struct PgOptions {
     /// 60 s): bounds how long a frozen instance can hold claimed keys that its partition's new
     /// owner waits for. `None` leaves the server's setting.
     pub idle_in_transaction_timeout: Option<Duration>,
+    /// How long getting a connection may take before it fails (default 30 s): the pool tries
+    /// again meanwhile, so a server that is restarting is waited for.
+    pub connect_timeout: Duration,
 }
 
 impl Default for PgOptions {
@@ -94,6 +97,7 @@ impl Default for PgOptions {
             max_connections: 10,
             owner: format!("{host}:{}", std::process::id()),
             idle_in_transaction_timeout: Some(Duration::from_secs(60)),
+            connect_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -115,6 +119,28 @@ fn validate_identifier(what: &str, value: &str, allow_empty: bool) -> Result<()>
             "{what} {value:?} is not allowed: use 1 to 40 characters of [a-z0-9_], not starting with a digit"
         )))
     }
+}
+
+/// A pool on `url` with `options`' connection settings, once the options' identifiers are
+/// checked. The URL is never logged.
+async fn pool(url: &str, options: &PgOptions) -> Result<PgPool> {
+    validate_identifier("schema", &options.schema, false)?;
+    validate_identifier("table prefix", &options.table_prefix, true)?;
+    let mut connect = PgConnectOptions::from_str(url)
+        .map_err(|e| Error::Config(format!("invalid PostgreSQL URL: {}", redact(&e))))?
+        .application_name("idempotent-consumer");
+    if let Some(timeout) = options.idle_in_transaction_timeout {
+        connect = connect.options([(
+            "idle_in_transaction_session_timeout",
+            timeout.as_millis().max(1).to_string(),
+        )]);
+    }
+    PgPoolOptions::new()
+        .max_connections(options.max_connections.max(1))
+        .acquire_timeout(options.connect_timeout)
+        .connect_with(connect)
+        .await
+        .map_err(pg("connecting to PostgreSQL"))
 }
 
 /// The PostgreSQL store. Cheap to clone; clones share one pool.
@@ -165,24 +191,63 @@ impl PgStore {
 
     /// Connects to `url` with `options`. The URL is never logged.
     pub async fn connect_with(url: &str, options: PgOptions) -> Result<PgStore> {
-        validate_identifier("schema", &options.schema, false)?;
-        validate_identifier("table prefix", &options.table_prefix, true)?;
-        let mut connect = PgConnectOptions::from_str(url)
-            .map_err(|e| Error::Config(format!("invalid PostgreSQL URL: {}", redact(&e))))?
-            .application_name("idempotent-consumer");
-        if let Some(timeout) = options.idle_in_transaction_timeout {
-            connect = connect.options([(
-                "idle_in_transaction_session_timeout",
-                timeout.as_millis().max(1).to_string(),
-            )]);
-        }
-        let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(connect)
-            .await
-            .map_err(pg("connecting to PostgreSQL"))?;
+        let pool = pool(url, &options).await?;
         PgStore::from_pool(pool, options).await
+    }
+
+    /// Connects to the store at `url` without changing it, for tools that only look or act on
+    /// a store a service made: no migration runs. Refused with [`Error::Config`], having
+    /// written nothing, when the URL is malformed, when the database holds no store under
+    /// `options`' schema and prefix, or when the store's schema is of another version than this
+    /// crate's (older: start a service of this version once; newer: use the newer tool).
+    pub async fn open_existing(url: &str, options: PgOptions) -> Result<PgStore> {
+        let pool = pool(url, &options).await?;
+        let migrations = format!(
+            "\"{}\".\"{}migrations\"",
+            options.schema, options.table_prefix
+        );
+        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(&migrations)
+            .fetch_one(&pool)
+            .await
+            .map_err(pg("looking for the store's tables"))?;
+        if exists.is_none() {
+            return Err(Error::Config(format!(
+                "the database holds no store under schema {:?} and table prefix {:?}",
+                options.schema, options.table_prefix
+            )));
+        }
+        let version: Option<i64> = sqlx::query_scalar(statement(format!(
+            "SELECT max(version) FROM {migrations} WHERE success"
+        )))
+        .fetch_one(&pool)
+        .await
+        .map_err(pg("reading the store's schema version"))?;
+        let ours = sql::MIGRATIONS.last().map_or(0, |m| m.0);
+        match version {
+            Some(v) if v == ours => {}
+            Some(v) if v > ours => {
+                return Err(Error::Config(format!(
+                    "the store's schema is at version {v}, newer than this version's {ours}: \
+                     use the newer version"
+                )));
+            }
+            v => {
+                return Err(Error::Config(format!(
+                    "the store's schema is at version {}, older than this version's {ours}: start \
+                     a service of this version once (it migrates), then try again",
+                    v.unwrap_or(0)
+                )));
+            }
+        }
+        PgStore::from_pool(
+            pool,
+            PgOptions {
+                migrate: false,
+                ..options
+            },
+        )
+        .await
     }
 
     /// Uses an existing pool (its connection settings are the caller's) and applies the
@@ -363,6 +428,28 @@ impl Inspect for PgStore {
             })
         })
         .transpose()
+    }
+
+    async fn positions(&self, group: &str) -> Result<Vec<(PartitionId, StoredPosition)>> {
+        let rows = sqlx::query(self.inner.sql.positions_of.clone())
+            .bind(group)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(pg("reading positions"))?;
+        rows.iter()
+            .map(|r| {
+                let get = || pg("reading positions");
+                let topic: String = r.try_get(0).map_err(get())?;
+                let partition: i32 = r.try_get(1).map_err(get())?;
+                Ok((
+                    PartitionId::new(group, topic, partition),
+                    StoredPosition {
+                        next_offset: r.try_get(2).map_err(get())?,
+                        epoch: r.try_get::<i64, _>(3).map_err(get())? as u64,
+                    },
+                ))
+            })
+            .collect()
     }
 
     /// Takes effect for the next owner: call it while no instance consumes the group, or before

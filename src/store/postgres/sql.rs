@@ -54,6 +54,7 @@ pub(super) struct Sql {
     pub(super) dead_letters: String,
     pub(super) acquire: SqlStr,
     pub(super) position: SqlStr,
+    pub(super) positions_of: SqlStr,
     pub(super) set_position: SqlStr,
     pub(super) claim_many: SqlStr,
     pub(super) claim_ahead: SqlStr,
@@ -102,6 +103,10 @@ impl Sql {
             position: statement(format!(
                 "SELECT next_offset, epoch FROM {positions} \
                  WHERE consumer_group = $1 AND topic = $2 AND \"partition\" = $3"
+            )),
+            positions_of: statement(format!(
+                "SELECT topic, \"partition\", next_offset, epoch FROM {positions} \
+                 WHERE consumer_group = $1 ORDER BY topic COLLATE \"C\", \"partition\""
             )),
             // A partition never acquired gets its row (epoch 0, no owner yet): the first
             // owner's acquire starts there.

@@ -72,6 +72,15 @@ pub(super) fn position_key(p: &PartitionId) -> Vec<u8> {
     k
 }
 
+/// The partition a `positions` key names (the inverse of [`position_key`]).
+pub(super) fn decode_position_key(key: &[u8]) -> Result<PartitionId> {
+    let mut r = Reader::new(key, "position key");
+    let (group, topic) = (r.string()?, r.string()?);
+    let partition = i32::from_be_bytes(r.array()?);
+    r.finish()?;
+    Ok(PartitionId::new(group, topic, partition))
+}
+
 /// Expiry index key of the entries one commit wrote with one expiry time: the time first
 /// (order-preserving for negative values too), then what makes the commit unique (epoch, next
 /// offset, partition; a partition's position only moves forward within an epoch). The value

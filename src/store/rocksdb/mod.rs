@@ -144,9 +144,58 @@ impl RocksStore {
         let db = DB::open_cf_descriptors(&db_opts, path.as_ref(), cfs).map_err(|e| {
             Error::store(format!("opening RocksDB at {}", path.as_ref().display()), e)
         })?;
+        let store_id = store_id(&db)?;
+        Self::from_db(db, options, store_id)
+    }
+
+    /// Opens the store in `path` for reading only: RocksDB's read-only mode takes no lock and
+    /// writes nothing, so the service that owns the directory may keep running (reads see what
+    /// it had committed when this opened). Fails, creating and writing nothing, unless `path`
+    /// holds a store of this layout: a missing or foreign directory, or one of another version
+    /// (column families missing or unknown), is [`Error::Config`]. Commits through it fail.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.join("CURRENT").is_file() {
+            return Err(Error::Config(format!(
+                "{} holds no RocksDB store",
+                path.display()
+            )));
+        }
+        let families = DB::list_cf(&Options::default(), path)
+            .map_err(|e| Error::store(format!("listing the families of {}", path.display()), e))?;
+        let missing: Vec<&str> = ALL_CFS
+            .iter()
+            .copied()
+            .filter(|cf| !families.iter().any(|f| f == cf))
+            .collect();
+        let unknown: Vec<&str> = families
+            .iter()
+            .map(String::as_str)
+            .filter(|f| *f != "default" && !ALL_CFS.contains(f))
+            .collect();
+        if !missing.is_empty() || !unknown.is_empty() {
+            return Err(Error::Config(format!(
+                "the store at {} is of another version (families missing: {missing:?}, unknown: \
+                 {unknown:?}): open it with the version that wrote it",
+                path.display()
+            )));
+        }
+        let db = DB::open_cf_for_read_only(&Options::default(), path, ALL_CFS, false)
+            .map_err(|e| Error::store(format!("opening RocksDB at {}", path.display()), e))?;
+        let id = db
+            .get_cf(db.cf_handle(CF_META).expect("opened"), STORE_ID_KEY)
+            .map_err(rocks("reading the store id"))?
+            .ok_or_else(|| {
+                Error::Config(format!("{} holds no store id: not a store", path.display()))
+            })?;
+        let id =
+            String::from_utf8(id).map_err(|_| Error::Corrupt("store id is not UTF-8".into()))?;
+        Self::from_db(db, RocksOptions::default(), id)
+    }
+
+    fn from_db(db: DB, options: RocksOptions, store_id: String) -> Result<Self> {
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(options.sync);
-        let store_id = store_id(&db)?;
         #[cfg(feature = "outbox")]
         let outbox = outbox::RocksOutbox::open(&db)?;
         Ok(RocksStore {
@@ -375,6 +424,22 @@ impl Inspect for RocksStore {
                 &self.inner.write_opts,
             )
             .map_err(rocks("writing a position"))
+    }
+
+    async fn positions(&self, group: &str) -> Result<Vec<(PartitionId, StoredPosition)>> {
+        let prefix = purge::group_prefix(group);
+        let mode = IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.inner.db.iterator_cf(self.cf(CF_POSITIONS), mode) {
+            let (k, v) = item.map_err(rocks("reading positions"))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let partition = keys::decode_position_key(&k)?;
+            out.push((partition, StoredPosition::decode(&v)?));
+        }
+        out.sort_by(|a, b| (&a.0.topic, a.0.partition).cmp(&(&b.0.topic, b.0.partition)));
+        Ok(out)
     }
 
     async fn entry(&self, key: &EntryKey<'_>) -> Result<Option<DedupEntry>> {

@@ -1,0 +1,230 @@
+//! The operations tool (feature `cli`): `idc`, a command line over a store the crate wrote.
+//!
+//! It opens a RocksDB directory (read-only: the service that owns it may keep running) or a
+//! PostgreSQL URL (never printed with its password), checks that the store is of this version,
+//! and answers what an operator asks first: what happened to a key, where each partition of a
+//! group stands, what was dead-lettered and why, why an entity is in its state. Every command
+//! prints a table, or with `--json` one JSON document on standard output.
+//!
+//! Exit codes: 0 done; 1 the store or the broker failed (unreachable, an I/O error); 2 bad
+//! input, with nothing written: an unknown option or group, a malformed URL, a directory or
+//! database that holds no store of this version, a key the store cannot hold.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod commands;
+mod open;
+mod output;
+
+pub use open::redact_url;
+
+/// `idc`: inspect a store of idempotent-consumer.
+#[derive(Debug, Parser)]
+#[command(
+    name = "idc",
+    version,
+    about = "Inspect a store of idempotent-consumer"
+)]
+pub struct Cli {
+    /// The store: a RocksDB directory (a path, or `rocksdb:<path>`) or a PostgreSQL URL
+    /// (`postgres://user:password@host/database`). Also `IDC_STORE`.
+    #[arg(long, env = "IDC_STORE", hide_env_values = true)]
+    pub store: String,
+    /// PostgreSQL: the schema of the store's tables.
+    #[arg(long, default_value = "public")]
+    pub schema: String,
+    /// PostgreSQL: the prefix of the store's tables.
+    #[arg(long, default_value = "idc_")]
+    pub table_prefix: String,
+    /// PostgreSQL: how long to try to connect, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub connect_timeout: u64,
+    /// Kafka bootstrap servers, for the broker's side of `positions show` (committed offsets,
+    /// high watermarks, lag). Also `KAFKA_BOOTSTRAP_SERVERS`.
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    pub bootstrap: Option<String>,
+    /// Print one JSON document instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Dedup entries: what happened to a key.
+    #[command(subcommand)]
+    Entries(EntriesCommand),
+    /// Partitions' positions: the store's, and with `--bootstrap` the broker's.
+    #[command(subcommand)]
+    Positions(PositionsCommand),
+    /// Dead letters: what failed and why.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
+    /// Entities of the resolver: why an entity is in its state.
+    #[command(subcommand)]
+    Entities(EntitiesCommand),
+}
+
+/// `idc entries ...`
+#[derive(Debug, Subcommand)]
+pub enum EntriesCommand {
+    /// The entry of one key: status, fingerprint, outcome, the first record's position, when
+    /// it was written and expires, and the conflicts recorded for it.
+    Get {
+        /// The consumer group.
+        group: String,
+        /// The idempotency key, as the records carry it.
+        key: String,
+        /// The tenant, when the group's keys are scoped by one.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// How many entries the store holds (RocksDB: its estimate).
+    Count,
+}
+
+/// `idc positions ...`
+#[derive(Debug, Subcommand)]
+pub enum PositionsCommand {
+    /// Every partition of a group: the store's next offset and epoch, and with `--bootstrap`
+    /// the broker's committed offset, high watermark and the lag.
+    Show {
+        /// The consumer group.
+        group: String,
+    },
+}
+
+/// `idc dead-letters ...`
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// The dead letters of a group, oldest first, filtered.
+    List {
+        /// The consumer group.
+        group: String,
+        /// Only this topic's.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only this partition's.
+        #[arg(long)]
+        partition: Option<i32>,
+        /// Only this reason's (`permanent`, `retries_exhausted`, `conflict`, `invalid_key`).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only this idempotency key's.
+        #[arg(long)]
+        key: Option<String>,
+        /// Only letters that failed at or after this time (milliseconds since the epoch).
+        #[arg(long)]
+        since_ms: Option<i64>,
+        /// Only letters that failed before this time (milliseconds since the epoch).
+        #[arg(long)]
+        until_ms: Option<i64>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// One dead letter whole: its original bytes and headers, and the error.
+    Show {
+        /// The consumer group.
+        group: String,
+        /// The record's topic.
+        topic: String,
+        /// The record's partition.
+        partition: i32,
+        /// The record's offset.
+        offset: i64,
+    },
+}
+
+/// `idc entities ...`
+#[derive(Debug, Subcommand)]
+pub enum EntitiesCommand {
+    /// An entity's winner and its resolution records, newest first.
+    Explain {
+        /// The consumer group.
+        group: String,
+        /// The entity.
+        entity: String,
+        /// At most this many records.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+}
+
+/// Why a command failed, and so its exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad input; nothing was written. Exit code 2.
+    Input(String),
+    /// The store or the broker failed. Exit code 1.
+    Service(String),
+}
+
+impl From<crate::Error> for Failure {
+    fn from(e: crate::Error) -> Self {
+        match e {
+            crate::Error::Config(message) => Failure::Input(message),
+            other => {
+                // The error and what caused it: "connecting to PostgreSQL: pool timed out ...".
+                let mut message = other.to_string();
+                let mut source = std::error::Error::source(&other);
+                while let Some(cause) = source {
+                    let text = cause.to_string();
+                    if !message.contains(&text) {
+                        message.push_str(": ");
+                        message.push_str(&text);
+                    }
+                    source = cause.source();
+                }
+                Failure::Service(message)
+            }
+        }
+    }
+}
+
+/// Runs `idc` with the process's arguments: what the binary does.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("idc: starting tokio: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(&cli)) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(Failure::Input(message)) => {
+            eprintln!("idc: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Service(message)) => {
+            eprintln!("idc: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs one command and returns what it prints.
+pub async fn run(cli: &Cli) -> Result<String, Failure> {
+    let store = open::open(cli).await?;
+    let doc = commands::run(&store, cli).await?;
+    Ok(if cli.json {
+        let mut text = serde_json::to_string_pretty(&doc.json).expect("JSON serializes");
+        text.push('\n');
+        text
+    } else {
+        doc.human
+    })
+}
