@@ -204,8 +204,8 @@ pub use runtime::{
     StalePartitionPolicy, StartPosition,
 };
 pub use store::{
-    Assignment, Claim, ClaimAhead, DedupEntry, DeferredWrites, EntryKey, EntryStatus, Inspect,
-    PartitionId, Store, StoredPosition, Transaction,
+    Assignment, AuditRecord, Audited, Claim, ClaimAhead, DedupEntry, DeferredWrites, EntryKey,
+    EntryStatus, Inspect, PartitionId, Store, StoredPosition, Transaction,
 };
 #[cfg(feature = "http")]
 pub use store::{Lease, RequestClaim, RequestStore};

@@ -453,6 +453,34 @@ async fn positions_round_trip<B: Subject>(b: &B) {
     assert!(first.epoch > stored.epoch);
 }
 
+/// `Inspect::positions`: every partition of one group the store has a position for, sorted by
+/// topic and partition, none of another group's (a group whose name is a prefix of this one's
+/// included), and nothing for a group never seen.
+async fn a_groups_positions_are_listed_in_order<B: Subject>(b: &B) {
+    let store = b.open().await;
+    let other = format!("{GROUP}x");
+    for p in [
+        PartitionId::new(GROUP, "t", 1),
+        PartitionId::new(GROUP, "a", 0),
+        PartitionId::new(GROUP, "t", 0),
+        PartitionId::new(other.as_str(), "t", 0),
+    ] {
+        store.acquire(&p).await.unwrap();
+    }
+    store
+        .set_position(&PartitionId::new(GROUP, "t", 1), 9)
+        .await
+        .unwrap();
+    let listed = store.positions(GROUP).await.unwrap();
+    let names: Vec<(&str, i32, Option<i64>)> = listed
+        .iter()
+        .map(|(p, s)| (p.topic.as_str(), p.partition, s.next_offset))
+        .collect();
+    assert_eq!(names, [("a", 0, None), ("t", 0, None), ("t", 1, Some(9))]);
+    assert!(listed.iter().all(|(p, s)| p.group == GROUP && s.epoch >= 1));
+    assert!(store.positions("never-seen").await.unwrap().is_empty());
+}
+
 /// Runs a contract test on a runtime of its own.
 fn run<F: Future<Output = ()>>(f: F) {
     common::init_tracing();
@@ -529,4 +557,5 @@ contract!(
     the_purge_takes_only_its_own_groups_entries,
     the_dead_letter_purge_takes_only_old_letters_of_its_group,
     positions_round_trip,
+    a_groups_positions_are_listed_in_order,
 );

@@ -5,13 +5,15 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::change::{self, Target};
 use super::open::Opened;
 use super::output::{Doc, bytes, cut, fields, shown, table, when};
 use super::{
-    Cli, Command, DeadLettersCommand, EntitiesCommand, EntriesCommand, Failure, PositionsCommand,
+    AuditCommand, Cli, Command, DeadLettersCommand, EntitiesCommand, EntriesCommand, Failure,
+    PositionsCommand,
 };
 use crate::resolve::Entities;
-use crate::store::{EntryKey, Inspect};
+use crate::store::{Audited, EntryKey, Inspect};
 use crate::{DeadLetter, DeadLetterReason, PartitionId, StoredPosition};
 
 pub(super) async fn run(store: &Opened, cli: &Cli) -> Result<Doc, Failure> {
@@ -21,8 +23,41 @@ pub(super) async fn run(store: &Opened, cli: &Cli) -> Result<Doc, Failure> {
     }
 }
 
-async fn run_on<S: Inspect + Entities + Sync>(store: &S, cli: &Cli) -> Result<Doc, Failure> {
+async fn run_on<S: Inspect + Entities + Audited + Sync>(
+    store: &S,
+    cli: &Cli,
+) -> Result<Doc, Failure> {
+    let who = || change::who(cli.who.as_deref());
     match &cli.command {
+        Command::Entries(EntriesCommand::Purge { group, batch, .. }) => {
+            known_group(store, group).await?;
+            change::purge(store, group, *batch, who(), cli.json).await
+        }
+        Command::Positions(PositionsCommand::Rewind {
+            group,
+            topic,
+            partition,
+            to_offset,
+            to_time,
+            force,
+        }) => {
+            known_group(store, group).await?;
+            let target = Target {
+                offset: *to_offset,
+                time_ms: *to_time,
+            };
+            let partition = PartitionId::new(group, topic, *partition);
+            change::rewind(
+                store,
+                partition,
+                target,
+                *force,
+                cli.bootstrap.as_deref(),
+                who(),
+            )
+            .await
+        }
+        Command::Audit(AuditCommand::List { limit }) => change::audit_list(store, *limit).await,
         Command::Entries(EntriesCommand::Get { group, key, tenant }) => {
             entry(store, group, key, tenant.as_deref()).await
         }
@@ -312,21 +347,29 @@ async fn positions<S: Inspect>(
     })
 }
 
+/// A Kafka client of `group` that never joins it: for asking the broker.
+pub(super) fn client(
+    servers: &str,
+    group: &str,
+) -> Result<rdkafka::consumer::BaseConsumer, Failure> {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", servers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| Failure::Input(format!("the Kafka client refused its settings: {e}")))
+}
+
 /// The group's committed offsets and the partitions' high watermarks, asked of the broker.
 fn broker_side(
     servers: &str,
     group: &str,
     positions: &[(PartitionId, StoredPosition)],
 ) -> Result<Vec<BrokerSide>, Failure> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::consumer::Consumer;
     use rdkafka::{Offset, TopicPartitionList};
     let timeout = Duration::from_secs(10);
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", servers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(|e| Failure::Input(format!("the Kafka client refused its settings: {e}")))?;
+    let consumer = client(servers, group)?;
     let mut list = TopicPartitionList::new();
     for (p, _) in positions {
         list.add_partition(&p.topic, p.partition);

@@ -3,8 +3,11 @@
 //! It opens a RocksDB directory (read-only: the service that owns it may keep running) or a
 //! PostgreSQL URL (never printed with its password), checks that the store is of this version,
 //! and answers what an operator asks first: what happened to a key, where each partition of a
-//! group stands, what was dead-lettered and why, why an entity is in its state. Every command
-//! prints a table, or with `--json` one JSON document on standard output.
+//! group stands, what was dead-lettered and why, why an entity is in its state. Two commands
+//! change a store: `positions rewind` and `entries purge --expired`; each writes an audit
+//! record (who, when, what, the filters, the counts) in the same write as its change, and
+//! `audit list` reads them. Every command prints a table, or with `--json` one JSON document on
+//! standard output.
 //!
 //! Exit codes: 0 done; 1 the store or the broker failed (unreachable, an I/O error); 2 bad
 //! input, with nothing written: an unknown option or group, a malformed URL, a directory or
@@ -14,6 +17,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod change;
 mod commands;
 mod open;
 mod output;
@@ -48,6 +52,10 @@ pub struct Cli {
     /// Print one JSON document instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Who runs a command that changes the store, for its audit record (default: the user
+    /// and host). Also `IDC_WHO`.
+    #[arg(long, env = "IDC_WHO", global = true)]
+    pub who: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -68,6 +76,20 @@ pub enum Command {
     /// Entities of the resolver: why an entity is in its state.
     #[command(subcommand)]
     Entities(EntitiesCommand),
+    /// The audit log: every change made with this tool.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `idc audit ...`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// The latest audit records, newest first.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
 }
 
 /// `idc entries ...`
@@ -86,6 +108,18 @@ pub enum EntriesCommand {
     },
     /// How many entries the store holds (RocksDB: its estimate).
     Count,
+    /// Deletes a group's expired entries now, in bounded batches (each one audited), instead of
+    /// waiting for the service's own purge. Entries inside their window are never deleted.
+    Purge {
+        /// The consumer group.
+        group: String,
+        /// Required: only expired entries are ever purged.
+        #[arg(long, required = true)]
+        expired: bool,
+        /// Entries per batch (one write each).
+        #[arg(long, default_value_t = 1_000)]
+        batch: usize,
+    },
 }
 
 /// `idc positions ...`
@@ -96,6 +130,27 @@ pub enum PositionsCommand {
     Show {
         /// The consumer group.
         group: String,
+    },
+    /// Moves a partition's stored position (the service resumes there; records it applied
+    /// before are skipped as redeliveries). Refused while the group has live members, which
+    /// the broker is asked about (`--bootstrap`), unless `--force`. Audited.
+    Rewind {
+        /// The consumer group.
+        group: String,
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// The offset to resume from.
+        #[arg(long, conflicts_with = "to_time", required_unless_present = "to_time")]
+        to_offset: Option<i64>,
+        /// Resume from the first record at or after this time (milliseconds since the epoch;
+        /// asked of the broker).
+        #[arg(long)]
+        to_time: Option<i64>,
+        /// Rewind without asking the broker whether the group has live members.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -154,6 +209,17 @@ pub enum EntitiesCommand {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+}
+
+impl Command {
+    /// True for a command that changes the store (and so is audited).
+    fn writes(&self) -> bool {
+        matches!(
+            self,
+            Command::Entries(EntriesCommand::Purge { .. })
+                | Command::Positions(PositionsCommand::Rewind { .. })
+        )
+    }
 }
 
 /// Why a command failed, and so its exit code.
@@ -218,7 +284,7 @@ pub fn main() -> ExitCode {
 
 /// Runs one command and returns what it prints.
 pub async fn run(cli: &Cli) -> Result<String, Failure> {
-    let store = open::open(cli).await?;
+    let store = open::open(cli, cli.command.writes()).await?;
     let doc = commands::run(&store, cli).await?;
     Ok(if cli.json {
         let mut text = serde_json::to_string_pretty(&doc.json).expect("JSON serializes");

@@ -10,8 +10,8 @@ pub(super) enum Opened {
 }
 
 /// Opens `cli.store`: a PostgreSQL URL (`postgres://`, `postgresql://`) with the store's schema
-/// checked, or a RocksDB directory (a path, or `rocksdb:<path>`) read-only.
-pub(super) async fn open(cli: &Cli) -> Result<Opened, Failure> {
+/// checked, or a RocksDB directory (a path, or `rocksdb:<path>`), read-only unless `writes`.
+pub(super) async fn open(cli: &Cli, writes: bool) -> Result<Opened, Failure> {
     let store = cli.store.trim();
     if store.starts_with("postgres://") || store.starts_with("postgresql://") {
         let options = PgOptions {
@@ -36,9 +36,13 @@ pub(super) async fn open(cli: &Cli) -> Result<Opened, Failure> {
     if path.is_empty() {
         return Err(Failure::Input("--store is empty".into()));
     }
-    RocksStore::open_read_only(path)
-        .map(Opened::Rocks)
-        .map_err(Failure::from)
+    if writes {
+        RocksStore::open_existing(path, crate::RocksOptions::default())
+    } else {
+        RocksStore::open_read_only(path)
+    }
+    .map(Opened::Rocks)
+    .map_err(Failure::from)
 }
 
 /// The failure, naming the store without its secrets.

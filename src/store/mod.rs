@@ -23,6 +23,7 @@ use crate::error::Result;
 use crate::handler::HandlerError;
 use crate::identity::Fingerprint;
 
+mod audit;
 #[cfg(any(feature = "rocksdb", feature = "memory"))]
 mod claims;
 pub(crate) mod entry;
@@ -36,6 +37,7 @@ mod request;
 #[cfg(feature = "rocksdb")]
 pub(crate) mod rocksdb;
 
+pub use audit::{AuditRecord, Audited};
 pub use entry::{DedupEntry, EntryStatus};
 use inspect::check_position;
 pub use inspect::{EntryKey, Inspect};
@@ -169,6 +171,17 @@ pub trait Store: Send + Sync + 'static {
 #[cfg(any(feature = "rocksdb", feature = "memory"))]
 pub(crate) fn retention_cutoff(now_ms: i64, retention: std::time::Duration) -> i64 {
     now_ms.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// This machine's name (`HOSTNAME`, else `/etc/hostname`), or `unknown-host`.
+#[cfg(any(feature = "postgres", feature = "cli"))]
+pub(crate) fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".to_owned())
 }
 
 /// The wall clock, milliseconds since the Unix epoch.

@@ -38,6 +38,7 @@ use crate::error::{Error, Result};
 use crate::store::entry::DedupEntry;
 use crate::store::{Assignment, EntryKey, Inspect, PartitionId, Store, StoredPosition};
 
+mod audit;
 mod batch;
 mod claims;
 mod errors;
@@ -84,12 +85,7 @@ pub struct PgOptions {
 
 impl Default for PgOptions {
     fn default() -> Self {
-        let host = std::env::var("HOSTNAME")
-            .ok()
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-            .map(|h| h.trim().to_owned())
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "unknown-host".to_owned());
+        let host = crate::store::host_name();
         PgOptions {
             schema: "public".to_owned(),
             table_prefix: "idc_".to_owned(),

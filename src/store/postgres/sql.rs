@@ -28,6 +28,7 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "resolution",
         include_str!("migrations/0005_resolution.sql"),
     ),
+    (6, "audit", include_str!("migrations/0006_audit.sql")),
 ];
 
 /// `$n` (milliseconds since the Unix epoch) as a `timestamptz`, exactly.
@@ -72,6 +73,8 @@ pub(super) struct Sql {
     pub(super) dead_letters_of: SqlStr,
     pub(super) purge_dead_letters: SqlStr,
     pub(super) count_entries: SqlStr,
+    pub(super) put_audit: SqlStr,
+    pub(super) audit_log: SqlStr,
     pub(super) estimate_entries: SqlStr,
 }
 
@@ -87,6 +90,7 @@ impl Sql {
         let positions = format!("\"{schema}\".\"{prefix}positions\"");
         let dedup = format!("\"{schema}\".\"{prefix}dedup\"");
         let dead_letters = format!("\"{schema}\".\"{prefix}dead_letters\"");
+        let audit = format!("\"{schema}\".\"{prefix}audit\"");
         let entry_select = format!(
             "{ENTRY_COLUMNS}, {} AS created_ms, {} AS expires_ms",
             ms("created_at"),
@@ -220,6 +224,15 @@ impl Sql {
             )),
             count_entries: statement(format!(
                 "SELECT count(*) FROM {dedup} WHERE status <> 'claimed'"
+            )),
+            put_audit: statement(format!(
+                "INSERT INTO {audit} (id, at, who, command, record) \
+                 VALUES ($1, {at}, $3, $4, $5::jsonb) \
+                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+                at = ts(2)
+            )),
+            audit_log: statement(format!(
+                "SELECT record::text FROM {audit} ORDER BY at DESC, id DESC LIMIT $1"
             )),
             // The planner's estimate; -1 before the table was first vacuumed or analyzed.
             estimate_entries: statement(

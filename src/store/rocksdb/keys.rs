@@ -24,8 +24,10 @@ pub(super) const CF_ENTITIES: &str = "entities";
 pub(super) const CF_RESOLUTIONS: &str = "resolutions";
 /// The purge's index of resolution records: expiry time, then the record's key; empty values.
 pub(super) const CF_RESOLUTION_EXPIRY: &str = "resolution_expiry";
+/// The audit log of operators' commands, newest first: the inverted start time, then the id.
+pub(super) const CF_AUDIT: &str = "audit";
 /// Every family, created on open whatever the features (one layout for every build).
-pub(super) const ALL_CFS: [&str; 11] = [
+pub(super) const ALL_CFS: [&str; 12] = [
     CF_DEDUP,
     CF_EXPIRY,
     CF_POSITIONS,
@@ -37,6 +39,7 @@ pub(super) const ALL_CFS: [&str; 11] = [
     CF_ENTITIES,
     CF_RESOLUTIONS,
     CF_RESOLUTION_EXPIRY,
+    CF_AUDIT,
 ];
 
 /// The key of the store id in `meta`.
@@ -69,6 +72,14 @@ pub(super) fn position_key(p: &PartitionId) -> Vec<u8> {
         k.extend_from_slice(part);
     }
     k.extend_from_slice(&p.partition.to_be_bytes());
+    k
+}
+
+/// The key of an audit record: newest first.
+pub(super) fn audit_key(record: &crate::store::AuditRecord) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + record.id.len());
+    k.extend_from_slice(&(u64::MAX - ((record.at_ms as u64) ^ (1 << 63))).to_be_bytes());
+    k.extend_from_slice(record.id.as_bytes());
     k
 }
 

@@ -1,6 +1,6 @@
 //! The embedded RocksDB store (default).
 //!
-//! Eleven column families: `dedup` (scoped key → [`DedupEntry`], bloom-filtered for misses),
+//! Twelve column families: `dedup` (scoped key → [`DedupEntry`], bloom-filtered for misses),
 //! `expiry` (expiry time ‖ commit → the keys that commit wrote with that expiry: the index the
 //! purge walks, one row per commit and expiry time), `positions` (group/topic/partition →
 //! next offset and epoch), `dead_letters` (partition ‖ offset → [`DeadLetter`]), `data` (the
@@ -8,7 +8,7 @@
 //! `outbox_dead` (published rows waiting for the relay, and the ones the broker refused; feature
 //! `outbox`, in `outbox.rs`), and `entities`, `resolutions` and `resolution_expiry` (each
 //! entity's winner, the resolution records and their purge index; feature `resolve`, in
-//! `resolve.rs`).
+//! `resolve.rs`), and `audit` (operators' commands, `audit.rs`).
 //!
 //! A batch is buffered in a [`RocksTx`] overlay (so reads see the batch's own writes, and a
 //! per-record savepoint can be undone) and lands as ONE `WriteBatch` together with the partition's
@@ -38,6 +38,7 @@ use crate::store::claims::KeyTable;
 use crate::store::entry::DedupEntry;
 use crate::store::{Assignment, EntryKey, Inspect, PartitionId, Store, StoredPosition};
 
+mod audit;
 mod keys;
 #[cfg(feature = "outbox")]
 mod outbox;
@@ -155,31 +156,7 @@ impl RocksStore {
     /// (column families missing or unknown), is [`Error::Config`]. Commits through it fail.
     pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        if !path.join("CURRENT").is_file() {
-            return Err(Error::Config(format!(
-                "{} holds no RocksDB store",
-                path.display()
-            )));
-        }
-        let families = DB::list_cf(&Options::default(), path)
-            .map_err(|e| Error::store(format!("listing the families of {}", path.display()), e))?;
-        let missing: Vec<&str> = ALL_CFS
-            .iter()
-            .copied()
-            .filter(|cf| !families.iter().any(|f| f == cf))
-            .collect();
-        let unknown: Vec<&str> = families
-            .iter()
-            .map(String::as_str)
-            .filter(|f| *f != "default" && !ALL_CFS.contains(f))
-            .collect();
-        if !missing.is_empty() || !unknown.is_empty() {
-            return Err(Error::Config(format!(
-                "the store at {} is of another version (families missing: {missing:?}, unknown: \
-                 {unknown:?}): open it with the version that wrote it",
-                path.display()
-            )));
-        }
+        check_layout(path)?;
         let db = DB::open_cf_for_read_only(&Options::default(), path, ALL_CFS, false)
             .map_err(|e| Error::store(format!("opening RocksDB at {}", path.display()), e))?;
         let id = db
@@ -191,6 +168,29 @@ impl RocksStore {
         let id =
             String::from_utf8(id).map_err(|_| Error::Corrupt("store id is not UTF-8".into()))?;
         Self::from_db(db, RocksOptions::default(), id)
+    }
+
+    /// Opens the store in `path` for writing, as an operator's tool does: like
+    /// [`open_with`](RocksStore::open_with), but refused, creating nothing, unless `path` holds
+    /// a store of this layout ([`Error::Config`], as [`open_read_only`](RocksStore::open_read_only)),
+    /// and refused while another process (its service) has the directory open.
+    pub fn open_existing(path: impl AsRef<Path>, options: RocksOptions) -> Result<Self> {
+        let path = path.as_ref();
+        check_layout(path)?;
+        let mut db_opts = Options::default();
+        db_opts.increase_parallelism(2);
+        let db = DB::open_cf(&db_opts, path, ALL_CFS).map_err(|e| {
+            if e.to_string().contains("lock") {
+                Error::Config(format!(
+                    "the store at {} is open in another process (its service?): stop it first",
+                    path.display()
+                ))
+            } else {
+                Error::store(format!("opening RocksDB at {}", path.display()), e)
+            }
+        })?;
+        let store_id = store_id(&db)?;
+        Self::from_db(db, options, store_id)
     }
 
     fn from_db(db: DB, options: RocksOptions, store_id: String) -> Result<Self> {
@@ -319,6 +319,37 @@ impl Inner {
             .map(|b| decode(&b))
             .transpose()
     }
+}
+
+/// Refuses, with [`Error::Config`], a `path` that holds no store of this layout: no RocksDB
+/// database, or one whose column families are not this version's.
+fn check_layout(path: &Path) -> Result<()> {
+    if !path.join("CURRENT").is_file() {
+        return Err(Error::Config(format!(
+            "{} holds no RocksDB store",
+            path.display()
+        )));
+    }
+    let families = DB::list_cf(&Options::default(), path)
+        .map_err(|e| Error::store(format!("listing the families of {}", path.display()), e))?;
+    let missing: Vec<&str> = ALL_CFS
+        .iter()
+        .copied()
+        .filter(|cf| !families.iter().any(|f| f == cf))
+        .collect();
+    let unknown: Vec<&str> = families
+        .iter()
+        .map(String::as_str)
+        .filter(|f| *f != "default" && !ALL_CFS.contains(f))
+        .collect();
+    if !missing.is_empty() || !unknown.is_empty() {
+        return Err(Error::Config(format!(
+            "the store at {} is of another version (families missing: {missing:?}, unknown: \
+             {unknown:?}): open it with the version that wrote it",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// The directory's store id, created (and synced) the first time the directory is opened.

@@ -23,6 +23,18 @@ pub(super) fn purge_expired(
     now_ms: i64,
     limit: usize,
 ) -> Result<usize> {
+    purge_expired_with(inner, group, now_ms, limit, |_, _| {})
+}
+
+/// [`purge_expired`], with `also` adding to the round's write what goes with it (an audit
+/// record, given the count).
+pub(super) fn purge_expired_with(
+    inner: &Inner,
+    group: &str,
+    now_ms: i64,
+    limit: usize,
+    also: impl FnOnce(&mut WriteBatch, usize),
+) -> Result<usize> {
     let _exclusive = inner.purge_gate.write().expect("purge gate poisoned");
     let mut batch = WriteBatch::default();
     let (mut examined, mut purged) = (0, 0);
@@ -61,6 +73,7 @@ pub(super) fn purge_expired(
             batch.put_cf(inner.cf(CF_EXPIRY), &index_key, rest);
         }
     }
+    also(&mut batch, purged);
     if !batch.is_empty() {
         inner
             .db

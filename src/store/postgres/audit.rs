@@ -1,0 +1,85 @@
+//! The audit log on PostgreSQL: the `audit` table of migration 6, written in the same
+//! transaction as the operator's change.
+
+use sqlx::postgres::PgConnection;
+
+use super::PgStore;
+use super::errors::pg;
+use super::sql::clamp_ms;
+use crate::error::Result;
+use crate::store::{AuditRecord, Audited, PartitionId};
+
+impl PgStore {
+    async fn put_audit(&self, conn: &mut PgConnection, record: &AuditRecord) -> Result<()> {
+        let json = String::from_utf8(record.to_json()).expect("JSON is UTF-8");
+        sqlx::query(self.inner.sql.put_audit.clone())
+            .bind(&record.id)
+            .bind(clamp_ms(record.at_ms))
+            .bind(&record.who)
+            .bind(&record.command)
+            .bind(json)
+            .execute(conn)
+            .await
+            .map_err(pg("writing an audit record"))?;
+        Ok(())
+    }
+}
+
+impl Audited for PgStore {
+    async fn set_position_audited(
+        &self,
+        partition: &PartitionId,
+        next_offset: i64,
+        record: &AuditRecord,
+    ) -> Result<()> {
+        crate::store::check_position(next_offset)?;
+        let mut tx = self.transaction().await?;
+        sqlx::query(self.inner.sql.set_position.clone())
+            .bind(&partition.group)
+            .bind(&partition.topic)
+            .bind(partition.partition)
+            .bind(next_offset)
+            .execute(&mut *tx)
+            .await
+            .map_err(pg("setting a position"))?;
+        self.put_audit(&mut tx, record).await?;
+        tx.commit().await.map_err(pg("committing a position"))
+    }
+
+    async fn purge_expired_audited(
+        &self,
+        group: &str,
+        now_ms: i64,
+        limit: usize,
+        record: &AuditRecord,
+        counts: &(dyn Fn(usize) -> serde_json::Value + Sync),
+    ) -> Result<usize> {
+        let mut tx = self.transaction().await?;
+        let done = sqlx::query(self.inner.sql.purge.clone())
+            .bind(clamp_ms(now_ms))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(group)
+            .execute(&mut *tx)
+            .await
+            .map_err(pg("purging expired entries"))?;
+        let purged = done.rows_affected() as usize;
+        let record = AuditRecord {
+            counts: counts(purged),
+            ..record.clone()
+        };
+        self.put_audit(&mut tx, &record).await?;
+        tx.commit().await.map_err(pg("committing a purge"))?;
+        Ok(purged)
+    }
+
+    async fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>> {
+        let rows: Vec<String> = sqlx::query_scalar(self.inner.sql.audit_log.clone())
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(pg("reading the audit log"))?;
+        rows.iter()
+            .map(|r| AuditRecord::from_json(r.as_bytes()))
+            .collect()
+    }
+}

@@ -1,0 +1,70 @@
+//! The audit log on the RocksDB store: a record per operator command in the `audit` family,
+//! written in the same `WriteBatch` as the command's change.
+
+use rocksdb::{IteratorMode, WriteBatch};
+
+use super::keys::{CF_AUDIT, CF_POSITIONS, audit_key, position_key};
+use super::{RocksStore, purge, rocks};
+use crate::error::Result;
+use crate::store::{AuditRecord, Audited, PartitionId, StoredPosition};
+
+impl Audited for RocksStore {
+    async fn set_position_audited(
+        &self,
+        partition: &PartitionId,
+        next_offset: i64,
+        record: &AuditRecord,
+    ) -> Result<()> {
+        crate::store::check_position(next_offset)?;
+        let key = position_key(partition);
+        // Under the partition's fence, so no commit of this process moves it meanwhile.
+        let fence = self.fence(&key);
+        let _held = fence.lock().expect("fence poisoned");
+        let epoch = self.read_position(partition)?.map_or(0, |p| p.epoch);
+        let row = StoredPosition {
+            next_offset: Some(next_offset),
+            epoch,
+        };
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_POSITIONS), key, row.encode());
+        batch.put_cf(self.cf(CF_AUDIT), audit_key(record), record.to_json());
+        self.inner
+            .db
+            .write_opt(batch, &self.inner.write_opts)
+            .map_err(rocks("setting a position"))
+    }
+
+    async fn purge_expired_audited(
+        &self,
+        group: &str,
+        now_ms: i64,
+        limit: usize,
+        record: &AuditRecord,
+        counts: &(dyn Fn(usize) -> serde_json::Value + Sync),
+    ) -> Result<usize> {
+        let cf = self.cf(CF_AUDIT);
+        purge::purge_expired_with(&self.inner, group, now_ms, limit, |batch, purged| {
+            let record = AuditRecord {
+                counts: counts(purged),
+                ..record.clone()
+            };
+            batch.put_cf(cf, audit_key(&record), record.to_json());
+        })
+    }
+
+    async fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>> {
+        let mut out = Vec::new();
+        for item in self
+            .inner
+            .db
+            .iterator_cf(self.cf(CF_AUDIT), IteratorMode::Start)
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, value) = item.map_err(rocks("reading the audit log"))?;
+            out.push(AuditRecord::from_json(&value)?);
+        }
+        Ok(out)
+    }
+}
