@@ -205,7 +205,7 @@ pub use runtime::{
 };
 pub use store::{
     Assignment, AuditRecord, Audited, Claim, ClaimAhead, DedupEntry, DeferredWrites, EntryKey,
-    EntryStatus, Inspect, PartitionId, Store, StoredPosition, Transaction,
+    EntryStatus, Inspect, PartitionId, RedriveMark, Store, StoredPosition, Transaction,
 };
 #[cfg(feature = "http")]
 pub use store::{Lease, RequestClaim, RequestStore};

@@ -10,7 +10,7 @@ use super::open::Opened;
 use super::output::{Doc, bytes, cut, fields, shown, table, when};
 use super::{
     AuditCommand, Cli, Command, DeadLettersCommand, EntitiesCommand, EntriesCommand, Failure,
-    PositionsCommand,
+    LetterFilter, PositionsCommand,
 };
 use crate::resolve::Entities;
 use crate::store::{Audited, EntryKey, Inspect};
@@ -73,28 +73,37 @@ async fn run_on<S: Inspect + Entities + Audited + Sync>(
         }
         Command::DeadLetters(DeadLettersCommand::List {
             group,
-            topic,
-            partition,
-            reason,
-            key,
-            since_ms,
-            until_ms,
+            filter,
             limit,
         }) => {
-            let reason = reason.as_deref().map(parse_reason).transpose()?;
-            let filter = |d: &DeadLetter| {
-                reason.is_none_or(|r| d.reason == r)
-                    && key
-                        .as_ref()
-                        .is_none_or(|k| d.key.as_deref() == Some(k.as_bytes()))
-                    && since_ms.is_none_or(|t| d.failed_at_ms >= t)
-                    && until_ms.is_none_or(|t| d.failed_at_ms < t)
-            };
-            let mut letters = letters(store, group, topic.as_deref(), *partition, filter).await?;
+            let mut letters = matching(store, group, filter).await?;
             letters.sort_by_key(|d| (d.failed_at_ms, d.record.offset()));
             let total = letters.len();
             letters.truncate(*limit);
             Ok(list(&letters, total))
+        }
+        Command::DeadLetters(DeadLettersCommand::Redrive {
+            group,
+            filter,
+            to_topic,
+            dry_run,
+            max_redrives,
+            force,
+            rate,
+            tenant,
+        }) => {
+            let letters = matching(store, group, filter).await?;
+            let plan = super::redrive::Plan {
+                group,
+                to_topic: to_topic.as_deref(),
+                dry_run: *dry_run,
+                max_redrives: *max_redrives,
+                force: *force,
+                rate: *rate,
+                tenant: tenant.as_deref(),
+                filters: serde_json::to_value(filter).expect("filters serialize"),
+            };
+            super::redrive::redrive(store, letters, plan, cli.bootstrap.as_deref(), who()).await
         }
         Command::DeadLetters(DeadLettersCommand::Show {
             group,
@@ -124,6 +133,32 @@ async fn run_on<S: Inspect + Entities + Audited + Sync>(
             Ok(explain(entity, &why))
         }
     }
+}
+
+/// The dead letters of `group` that `filter` takes, in topic, partition and offset order.
+async fn matching<S: Inspect>(
+    store: &S,
+    group: &str,
+    filter: &LetterFilter,
+) -> Result<Vec<DeadLetter>, Failure> {
+    let reason = filter.reason.as_deref().map(parse_reason).transpose()?;
+    let keep = |d: &DeadLetter| {
+        reason.is_none_or(|r| d.reason == r)
+            && filter
+                .key
+                .as_ref()
+                .is_none_or(|k| d.key.as_deref() == Some(k.as_bytes()))
+            && filter.since_ms.is_none_or(|t| d.failed_at_ms >= t)
+            && filter.until_ms.is_none_or(|t| d.failed_at_ms < t)
+    };
+    letters(
+        store,
+        group,
+        filter.topic.as_deref(),
+        filter.partition,
+        keep,
+    )
+    .await
 }
 
 /// The group's positions, or bad input when the store has none: a group it never saw.

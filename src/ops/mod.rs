@@ -3,8 +3,9 @@
 //! It opens a RocksDB directory (read-only: the service that owns it may keep running) or a
 //! PostgreSQL URL (never printed with its password), checks that the store is of this version,
 //! and answers what an operator asks first: what happened to a key, where each partition of a
-//! group stands, what was dead-lettered and why, why an entity is in its state. Two commands
-//! change a store: `positions rewind` and `entries purge --expired`; each writes an audit
+//! group stands, what was dead-lettered and why, why an entity is in its state. Three commands
+//! change a store: `positions rewind`, `entries purge --expired` and `dead-letters redrive`
+//! (which also produces to the broker); each writes an audit
 //! record (who, when, what, the filters, the counts) in the same write as its change, and
 //! `audit list` reads them. Every command prints a table, or with `--json` one JSON document on
 //! standard output.
@@ -21,8 +22,10 @@ mod change;
 mod commands;
 mod open;
 mod output;
+mod redrive;
 
 pub use open::redact_url;
+pub use redrive::{REDRIVE_COUNT, REDRIVE_OF};
 
 /// `idc`: inspect a store of idempotent-consumer.
 #[derive(Debug, Parser)]
@@ -161,24 +164,9 @@ pub enum DeadLettersCommand {
     List {
         /// The consumer group.
         group: String,
-        /// Only this topic's.
-        #[arg(long)]
-        topic: Option<String>,
-        /// Only this partition's.
-        #[arg(long)]
-        partition: Option<i32>,
-        /// Only this reason's (`permanent`, `retries_exhausted`, `conflict`, `invalid_key`).
-        #[arg(long)]
-        reason: Option<String>,
-        /// Only this idempotency key's.
-        #[arg(long)]
-        key: Option<String>,
-        /// Only letters that failed at or after this time (milliseconds since the epoch).
-        #[arg(long)]
-        since_ms: Option<i64>,
-        /// Only letters that failed before this time (milliseconds since the epoch).
-        #[arg(long)]
-        until_ms: Option<i64>,
+        /// Which letters.
+        #[command(flatten)]
+        filter: LetterFilter,
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -194,6 +182,59 @@ pub enum DeadLettersCommand {
         /// The record's offset.
         offset: i64,
     },
+    /// Produces dead letters again (to their own topic, or `--to-topic`), each once, marked in
+    /// the store and audited; an interrupted redrive goes on where it stopped when run again.
+    /// A record redriven `--max-redrives` times already is left alone unless `--force`.
+    Redrive {
+        /// The consumer group.
+        group: String,
+        /// Which letters.
+        #[command(flatten)]
+        filter: LetterFilter,
+        /// Produce to this topic instead of each letter's own (partition: the letter's, modulo
+        /// the topic's partitions).
+        #[arg(long)]
+        to_topic: Option<String>,
+        /// Count what would be redriven; produce and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The loop guard: records already redriven this many times are left alone.
+        #[arg(long, default_value_t = 3)]
+        max_redrives: u32,
+        /// Redrive past the loop guard.
+        #[arg(long)]
+        force: bool,
+        /// At most this many letters a second (default: as fast as the broker acknowledges).
+        #[arg(long)]
+        rate: Option<u32>,
+        /// The tenant of the group's keys, when they are scoped by one (to free the
+        /// dead-lettered keys for the redriven records).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+}
+
+/// Which dead letters a command takes.
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
+pub struct LetterFilter {
+    /// Only this topic's.
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Only this partition's.
+    #[arg(long)]
+    pub partition: Option<i32>,
+    /// Only this reason's (`permanent`, `retries_exhausted`, `conflict`, `invalid_key`).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only this idempotency key's.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Only letters that failed at or after this time (milliseconds since the epoch).
+    #[arg(long)]
+    pub since_ms: Option<i64>,
+    /// Only letters that failed before this time (milliseconds since the epoch).
+    #[arg(long)]
+    pub until_ms: Option<i64>,
 }
 
 /// `idc entities ...`
@@ -218,6 +259,7 @@ impl Command {
             self,
             Command::Entries(EntriesCommand::Purge { .. })
                 | Command::Positions(PositionsCommand::Rewind { .. })
+                | Command::DeadLetters(DeadLettersCommand::Redrive { dry_run: false, .. })
         )
     }
 }

@@ -57,6 +57,48 @@ impl AuditRecord {
     }
 }
 
+/// Where the redrive of one dead letter stands (the `idc dead-letters redrive` command's mark,
+/// kept beside the letter).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedriveMark {
+    /// The dead letter's record: topic, partition, offset.
+    pub topic: String,
+    /// The record's partition.
+    pub partition: i32,
+    /// The record's offset.
+    pub offset: i64,
+    /// Produced and acknowledged (`true`), or about to be (`false`: a redrive that was
+    /// interrupted may or may not have produced it; the next one looks in the target
+    /// partition from `from_offset` before producing it again).
+    pub done: bool,
+    /// Where it goes.
+    pub target_topic: String,
+    /// The target partition.
+    pub target_partition: i32,
+    /// The target partition's end when the redrive began: the record, if produced, is at or
+    /// after it.
+    pub from_offset: i64,
+    /// Where it landed, once done.
+    pub produced_offset: Option<i64>,
+    /// How many times this record has been redriven, this time included.
+    pub count: u32,
+    /// The audit record of the command.
+    pub audit_id: String,
+    /// When, milliseconds since the Unix epoch.
+    pub at_ms: i64,
+}
+
+impl RedriveMark {
+    pub(crate) fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a redrive mark serializes")
+    }
+
+    pub(crate) fn from_json(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| crate::Error::Corrupt(format!("a redrive mark does not decode: {e}")))
+    }
+}
+
 /// Changes an operator makes to a store, each written with its audit record in one write.
 /// Run them while no consumer of the group runs (the RocksDB store cannot be opened for writing
 /// while its service holds the directory).
@@ -82,6 +124,21 @@ pub trait Audited {
         record: &AuditRecord,
         counts: &(dyn Fn(usize) -> serde_json::Value + Sync),
     ) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Keeps `mark` for a dead letter of `group` (replacing the letter's earlier one) and
+    /// `record`, in one write; with `free`, that write also deletes the key's entry if it says
+    /// dead-lettered, so the redriven record is handled again (an entry of a record applied
+    /// meanwhile stays: the redriven one is a duplicate).
+    fn put_redrive_mark(
+        &self,
+        group: &str,
+        mark: &RedriveMark,
+        record: &AuditRecord,
+        free: Option<&crate::store::EntryKey<'_>>,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Every redrive mark of `group`'s dead letters.
+    fn redrive_marks(&self, group: &str) -> impl Future<Output = Result<Vec<RedriveMark>>> + Send;
 
     /// The latest `limit` audit records, newest first.
     fn audit_log(&self, limit: usize) -> impl Future<Output = Result<Vec<AuditRecord>>> + Send;

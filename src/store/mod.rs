@@ -37,7 +37,7 @@ mod request;
 #[cfg(feature = "rocksdb")]
 pub(crate) mod rocksdb;
 
-pub use audit::{AuditRecord, Audited};
+pub use audit::{AuditRecord, Audited, RedriveMark};
 pub use entry::{DedupEntry, EntryStatus};
 use inspect::check_position;
 pub use inspect::{EntryKey, Inspect};

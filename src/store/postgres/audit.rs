@@ -5,9 +5,10 @@ use sqlx::postgres::PgConnection;
 
 use super::PgStore;
 use super::errors::pg;
+use super::rows::split;
 use super::sql::clamp_ms;
 use crate::error::Result;
-use crate::store::{AuditRecord, Audited, PartitionId};
+use crate::store::{AuditRecord, Audited, EntryKey, PartitionId, RedriveMark};
 
 impl PgStore {
     async fn put_audit(&self, conn: &mut PgConnection, record: &AuditRecord) -> Result<()> {
@@ -70,6 +71,50 @@ impl Audited for PgStore {
         self.put_audit(&mut tx, &record).await?;
         tx.commit().await.map_err(pg("committing a purge"))?;
         Ok(purged)
+    }
+
+    async fn put_redrive_mark(
+        &self,
+        group: &str,
+        mark: &RedriveMark,
+        record: &AuditRecord,
+        free: Option<&EntryKey<'_>>,
+    ) -> Result<()> {
+        let mut tx = self.transaction().await?;
+        if let Some(free) = free {
+            let store_key = free.store_key();
+            let (g, t, k) = split(&store_key)?;
+            sqlx::query(self.inner.sql.free_dead_lettered.clone())
+                .bind(g)
+                .bind(t)
+                .bind(k)
+                .execute(&mut *tx)
+                .await
+                .map_err(pg("freeing a dead-lettered key"))?;
+        }
+        let json = String::from_utf8(mark.to_json()).expect("JSON is UTF-8");
+        sqlx::query(self.inner.sql.put_redrive.clone())
+            .bind(group)
+            .bind(&mark.topic)
+            .bind(mark.partition)
+            .bind(mark.offset)
+            .bind(json)
+            .execute(&mut *tx)
+            .await
+            .map_err(pg("marking a redrive"))?;
+        self.put_audit(&mut tx, record).await?;
+        tx.commit().await.map_err(pg("committing a redrive mark"))
+    }
+
+    async fn redrive_marks(&self, group: &str) -> Result<Vec<RedriveMark>> {
+        let rows: Vec<String> = sqlx::query_scalar(self.inner.sql.redrives_of.clone())
+            .bind(group)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(pg("reading redrive marks"))?;
+        rows.iter()
+            .map(|r| RedriveMark::from_json(r.as_bytes()))
+            .collect()
     }
 
     async fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>> {

@@ -74,6 +74,9 @@ pub(super) struct Sql {
     pub(super) purge_dead_letters: SqlStr,
     pub(super) count_entries: SqlStr,
     pub(super) put_audit: SqlStr,
+    pub(super) put_redrive: SqlStr,
+    pub(super) free_dead_lettered: SqlStr,
+    pub(super) redrives_of: SqlStr,
     pub(super) audit_log: SqlStr,
     pub(super) estimate_entries: SqlStr,
 }
@@ -91,6 +94,7 @@ impl Sql {
         let dedup = format!("\"{schema}\".\"{prefix}dedup\"");
         let dead_letters = format!("\"{schema}\".\"{prefix}dead_letters\"");
         let audit = format!("\"{schema}\".\"{prefix}audit\"");
+        let redrives = format!("\"{schema}\".\"{prefix}redrives\"");
         let entry_select = format!(
             "{ENTRY_COLUMNS}, {} AS created_ms, {} AS expires_ms",
             ms("created_at"),
@@ -230,6 +234,20 @@ impl Sql {
                  VALUES ($1, {at}, $3, $4, $5::jsonb) \
                  ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
                 at = ts(2)
+            )),
+            put_redrive: statement(format!(
+                "INSERT INTO {redrives} (consumer_group, topic, \"partition\", \"offset\", mark) \
+                 VALUES ($1, $2, $3, $4, $5::jsonb) \
+                 ON CONFLICT (consumer_group, topic, \"partition\", \"offset\") \
+                 DO UPDATE SET mark = EXCLUDED.mark"
+            )),
+            free_dead_lettered: statement(format!(
+                "DELETE FROM {dedup} WHERE consumer_group = $1 AND tenant = $2 \
+                 AND idempotency_key = $3 AND status = 'dead_lettered'"
+            )),
+            redrives_of: statement(format!(
+                "SELECT mark::text FROM {redrives} WHERE consumer_group = $1 \
+                 ORDER BY topic COLLATE \"C\", \"partition\", \"offset\""
             )),
             audit_log: statement(format!(
                 "SELECT record::text FROM {audit} ORDER BY at DESC, id DESC LIMIT $1"

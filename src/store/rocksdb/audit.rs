@@ -3,10 +3,14 @@
 
 use rocksdb::{IteratorMode, WriteBatch};
 
-use super::keys::{CF_AUDIT, CF_POSITIONS, audit_key, position_key};
+use super::keys::{
+    CF_AUDIT, CF_DEDUP, CF_POSITIONS, CF_REDRIVES, audit_key, dead_letter_key, position_key,
+};
 use super::{RocksStore, purge, rocks};
 use crate::error::Result;
-use crate::store::{AuditRecord, Audited, PartitionId, StoredPosition};
+use crate::store::{
+    AuditRecord, Audited, EntryKey, EntryStatus, PartitionId, RedriveMark, StoredPosition,
+};
 
 impl Audited for RocksStore {
     async fn set_position_audited(
@@ -50,6 +54,47 @@ impl Audited for RocksStore {
             };
             batch.put_cf(cf, audit_key(&record), record.to_json());
         })
+    }
+
+    async fn put_redrive_mark(
+        &self,
+        group: &str,
+        mark: &RedriveMark,
+        record: &AuditRecord,
+        free: Option<&EntryKey<'_>>,
+    ) -> Result<()> {
+        let key = dead_letter_key(group, &mark.topic, mark.partition, mark.offset);
+        let mut batch = WriteBatch::default();
+        if let Some(free) = free {
+            let store_key = free.store_key();
+            if self
+                .inner
+                .entry(&store_key)?
+                .is_some_and(|e| e.status == EntryStatus::DeadLettered)
+            {
+                batch.delete_cf(self.cf(CF_DEDUP), store_key);
+            }
+        }
+        batch.put_cf(self.cf(CF_REDRIVES), key, mark.to_json());
+        batch.put_cf(self.cf(CF_AUDIT), audit_key(record), record.to_json());
+        self.inner
+            .db
+            .write_opt(batch, &self.inner.write_opts)
+            .map_err(rocks("marking a redrive"))
+    }
+
+    async fn redrive_marks(&self, group: &str) -> Result<Vec<RedriveMark>> {
+        let prefix = purge::group_prefix(group);
+        let mode = IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.inner.db.iterator_cf(self.cf(CF_REDRIVES), mode) {
+            let (key, value) = item.map_err(rocks("reading redrive marks"))?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            out.push(RedriveMark::from_json(&value)?);
+        }
+        Ok(out)
     }
 
     async fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>> {

@@ -26,8 +26,10 @@ pub(super) const CF_RESOLUTIONS: &str = "resolutions";
 pub(super) const CF_RESOLUTION_EXPIRY: &str = "resolution_expiry";
 /// The audit log of operators' commands, newest first: the inverted start time, then the id.
 pub(super) const CF_AUDIT: &str = "audit";
+/// Redrive marks of dead letters, keyed like the letters.
+pub(super) const CF_REDRIVES: &str = "redrives";
 /// Every family, created on open whatever the features (one layout for every build).
-pub(super) const ALL_CFS: [&str; 12] = [
+pub(super) const ALL_CFS: [&str; 13] = [
     CF_DEDUP,
     CF_EXPIRY,
     CF_POSITIONS,
@@ -40,6 +42,7 @@ pub(super) const ALL_CFS: [&str; 12] = [
     CF_RESOLUTIONS,
     CF_RESOLUTION_EXPIRY,
     CF_AUDIT,
+    CF_REDRIVES,
 ];
 
 /// The key of the store id in `meta`.

@@ -9,3 +9,13 @@ CREATE TABLE IF NOT EXISTS "{schema}"."{prefix}audit" (
 );
 
 CREATE INDEX IF NOT EXISTS "{prefix}audit_at" ON "{schema}"."{prefix}audit" (at);
+
+-- Where the redrive of each dead letter stands (`idc dead-letters redrive`), beside the letter.
+CREATE TABLE IF NOT EXISTS "{schema}"."{prefix}redrives" (
+    consumer_group text    NOT NULL,
+    topic          text    NOT NULL,
+    "partition"    integer NOT NULL,
+    "offset"       bigint  NOT NULL,
+    mark           jsonb   NOT NULL,
+    PRIMARY KEY (consumer_group, topic, "partition", "offset")
+);

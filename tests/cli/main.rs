@@ -2,7 +2,42 @@
 //! stores with its `--json` output parsed and compared with what the store itself says, and bad
 //! input refused with exit code 2, nothing written.
 
+#[path = "../common/mod.rs"]
 mod common;
+
+#[macro_use]
+mod stores {
+    /// Runs each of these tests once on RocksDB (a temporary directory) and once on PostgreSQL
+    /// (a database of its own), as `rocksdb::<name>` and `postgres::<name>`.
+    macro_rules! on_both_stores {
+        ($($name:ident),* $(,)?) => {
+            mod rocksdb {
+                $(
+                    #[test]
+                    fn $name() {
+                        let b = crate::common::backend::Rocks::new();
+                        let store = b.dir.path().display().to_string();
+                        super::$name(b, &store);
+                    }
+                )*
+            }
+
+            mod postgres {
+                $(
+                    #[test]
+                    fn $name() {
+                        let b = crate::common::backend::Postgres::new();
+                        let store = b.url().to_owned();
+                        super::$name(b, &store);
+                    }
+                )*
+            }
+        };
+    }
+}
+
+mod change;
+mod redrive;
 
 use std::process::Output;
 
@@ -19,7 +54,7 @@ struct Report {
 }
 
 /// Adds each report's sequence to its device's balance.
-struct Devices;
+pub(crate) struct Devices;
 
 impl<T: LedgerTx> Handler<T> for Devices {
     async fn handle(&self, record: &Record, tx: &mut T) -> Result<Outcome, HandlerError> {
@@ -29,7 +64,7 @@ impl<T: LedgerTx> Handler<T> for Devices {
     }
 }
 
-fn report(device: &str, seq: u64) -> Vec<u8> {
+pub(crate) fn report(device: &str, seq: u64) -> Vec<u8> {
     serde_json::to_vec(&Report {
         device: device.into(),
         seq,
@@ -40,14 +75,14 @@ fn report(device: &str, seq: u64) -> Vec<u8> {
 /// A store seeded by a consumer with a resolver: reports of two devices on two partitions (one
 /// stale), a repeat, a conflict (the key again with another payload) and an undecodable record.
 /// Partition 0: r1, r3, r2 (stale), r1 (repeat), r1 (conflict); partition 1: b1, bad.
-struct Seeded<B> {
-    b: B,
-    cluster: Cluster,
-    topic: String,
-    group: String,
+pub(crate) struct Seeded<B> {
+    pub(crate) b: B,
+    pub(crate) cluster: Cluster,
+    pub(crate) topic: String,
+    pub(crate) group: String,
 }
 
-fn seed<B: Backend<S: Entities + Sync>>(b: B) -> Seeded<B> {
+pub(crate) fn seed<B: Backend<S: Entities + Sync>>(b: B) -> Seeded<B> {
     let cluster = Cluster::start();
     let topic = cluster.create_topic(2);
     let group = unique("group");
@@ -101,7 +136,7 @@ fn seed<B: Backend<S: Entities + Sync>>(b: B) -> Seeded<B> {
 }
 
 /// Runs `idc --store <store> <args>`.
-fn idc(store: &str, args: &[&str]) -> Output {
+pub(crate) fn idc(store: &str, args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_idc"))
         .arg("--store")
         .arg(store)
@@ -113,7 +148,7 @@ fn idc(store: &str, args: &[&str]) -> Output {
 }
 
 /// The JSON document of a successful `idc ... --json`.
-fn json(store: &str, args: &[&str]) -> Value {
+pub(crate) fn json(store: &str, args: &[&str]) -> Value {
     let mut with = args.to_vec();
     with.push("--json");
     let out = idc(store, &with);
@@ -127,7 +162,7 @@ fn json(store: &str, args: &[&str]) -> Value {
 }
 
 /// Exit code 2 and a message on standard error that says `says`.
-fn refused(store: &str, args: &[&str], says: &str) -> String {
+pub(crate) fn refused(store: &str, args: &[&str], says: &str) -> String {
     let out = idc(store, args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(2), "idc {args:?}: {stderr}");
@@ -243,20 +278,6 @@ fn every_command_answers_what_the_store_says<B: Backend<S: Entities + Sync>>(b: 
 }
 
 #[test]
-fn rocksdb_every_command_answers_what_the_store_says() {
-    let b = Rocks::new();
-    let store = b.dir.path().display().to_string();
-    every_command_answers_what_the_store_says(b, &store);
-}
-
-#[test]
-fn postgres_every_command_answers_what_the_store_says() {
-    let b = Postgres::new();
-    let store = b.url().to_owned();
-    every_command_answers_what_the_store_says(b, &store);
-}
-
-#[test]
 fn a_running_service_keeps_its_directory_and_idc_reads_it() {
     let b = Rocks::new();
     let cluster = Cluster::start();
@@ -287,7 +308,7 @@ fn rocksdb_stores_idc_cannot_read_are_refused_and_left_alone() {
     assert!(!path.exists(), "idc created the directory");
     // A RocksDB database of another layout (only the default family).
     let foreign = tempfile::tempdir().unwrap();
-    drop(rocksdb::DB::open_default(foreign.path()).unwrap());
+    drop(::rocksdb::DB::open_default(foreign.path()).unwrap());
     let before = std::fs::read_dir(foreign.path()).unwrap().count();
     refused(
         &foreign.path().display().to_string(),
@@ -350,206 +371,4 @@ fn postgres_stores_idc_cannot_read_are_refused_and_left_alone() {
     );
 }
 
-/// Runs `idc` and returns its exit code and standard error.
-fn attempt(store: &str, args: &[&str]) -> (Option<i32>, String) {
-    let out = idc(store, args);
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn a_rewind_waits_for_an_empty_group_and_is_audited<B: Backend<S: Entities + Sync>>(
-    b: B,
-    store: &str,
-) {
-    let s = seed(b);
-    let (g, t) = (s.group.as_str(), s.topic.as_str());
-    let boot = s.cluster.bootstrap().to_owned();
-    let rewind = [
-        "--bootstrap",
-        &boot,
-        "--who",
-        "ops-test",
-        "positions",
-        "rewind",
-        g,
-        t,
-        "0",
-        "--to-offset",
-        "0",
-    ];
-
-    // A consumer of the group runs: refused (the broker lists a member; RocksDB's directory is
-    // also held by the service), and the position stays.
-    let partition = PartitionId::new(g, t, 0);
-    let open = s.b.shared();
-    let consumer = Incarnation::launch_with(&*open, |store| {
-        builder(&s.cluster, g, t)
-            .store(store)
-            .build(Devices)
-            .unwrap()
-    });
-    consumer.wait_assigned(2);
-    // librdkafka's mock cluster cannot list a group's members: what cannot be asked is no
-    // answer, and the rewind is refused too.
-    let refusals = ["live member", "open in another process", "cannot list"];
-    let (code, stderr) = attempt(store, &rewind);
-    assert_eq!(code, Some(2), "{stderr}");
-    assert!(refusals.iter().any(|r| stderr.contains(r)), "{stderr}");
-    consumer.stop().unwrap();
-    drop(open);
-    assert_eq!(s.b.next_offset(&partition), Some(5));
-
-    // Without the broker to ask: refused unless forced.
-    refused(
-        store,
-        &["positions", "rewind", g, t, "0", "--to-offset", "0"],
-        "give --bootstrap",
-    );
-    // Once the group is stopped: a broker that lists members lets it through; the mock cannot
-    // tell, so it is refused there and forced.
-    let out = idc(store, &[&rewind[..], &["--json"]].concat());
-    let done: Value = if out.status.success() {
-        serde_json::from_slice(&out.stdout).unwrap()
-    } else {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("cannot list"), "{stderr}");
-        json(store, &[&rewind[..], &["--force"]].concat())
-    };
-    assert_eq!(
-        (done["from"].as_i64(), done["to"].as_i64()),
-        (Some(5), Some(0))
-    );
-    assert_eq!(s.b.next_offset(&partition), Some(0));
-    let log = json(store, &["audit", "list"]);
-    let record = &log["records"][0];
-    assert_eq!(record["id"], done["audit_id"]);
-    assert_eq!(record["who"], "ops-test");
-    assert_eq!(record["command"], "positions rewind");
-    assert_eq!(record["details"]["to_offset"], 0);
-    assert_eq!(record["counts"]["from"], 5);
-    // By time: no record at or after a time a day ahead, so the end of the log (the mock
-    // cluster answers offsets by time no better than that).
-    let tomorrow = (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        + 86_400_000)
-        .to_string();
-    let by_time = json(
-        store,
-        &[
-            "--bootstrap",
-            &boot,
-            "positions",
-            "rewind",
-            g,
-            t,
-            "1",
-            "--to-time",
-            &tomorrow,
-            "--force",
-        ],
-    );
-    assert_eq!(by_time["to"], 2, "{by_time}");
-    assert_eq!(
-        json(store, &["audit", "list"])["records"]
-            .as_array()
-            .unwrap()
-            .len(),
-        2
-    );
-
-    // The service resumes from the new positions: everything is a redelivery, nothing doubles.
-    let before = s.b.balances();
-    let again = Incarnation::launch(&s.b, |store| {
-        builder(&s.cluster, g, t)
-            .store(store)
-            .build(Devices)
-            .unwrap()
-    });
-    // Partition 0 again from offset 0 (partition 1 was moved to its end): five duplicates.
-    again.wait_for("the replay", |st| st.duplicates() == 5);
-    again.caught_up();
-    again.stop().unwrap();
-    assert_eq!(s.b.balances(), before);
-}
-
-#[test]
-fn rocksdb_a_rewind_waits_for_an_empty_group_and_is_audited() {
-    let b = Rocks::new();
-    let store = b.dir.path().display().to_string();
-    a_rewind_waits_for_an_empty_group_and_is_audited(b, &store);
-}
-
-#[test]
-fn postgres_a_rewind_waits_for_an_empty_group_and_is_audited() {
-    let b = Postgres::new();
-    let store = b.url().to_owned();
-    a_rewind_waits_for_an_empty_group_and_is_audited(b, &store);
-}
-
-fn a_purge_of_expired_entries_is_bounded_and_audited<B: Backend>(b: B, store: &str) {
-    let cluster = Cluster::start();
-    let topic = cluster.create_topic(1);
-    let group = unique("group");
-    let records: Vec<(String, Vec<u8>)> =
-        (0..7).map(|i| (format!("k{i}"), report("d", i))).collect();
-    cluster.send_keyed(&topic, 0, records);
-    let consumer = Incarnation::launch(&b, |store| {
-        builder(&cluster, &group, &topic)
-            .store(store)
-            .retention(std::time::Duration::from_millis(1))
-            .purge(std::time::Duration::from_secs(3600), 1_000)
-            .build(Devices)
-            .unwrap()
-    });
-    consumer.wait_for("applied", |s| s.applied == 7);
-    consumer.caught_up();
-    consumer.stop().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(20));
-    refused(store, &["entries", "purge", &group], "--expired");
-    let done = json(
-        store,
-        &[
-            "--who",
-            "ops-test",
-            "entries",
-            "purge",
-            &group,
-            "--expired",
-            "--batch",
-            "3",
-        ],
-    );
-    assert_eq!(done["purged"], 7, "{done}");
-    assert_eq!(done["batches"], 3, "3 + 3 + 1");
-    assert_eq!(
-        json(store, &["entries", "get", &group, "k0"])["found"],
-        false
-    );
-    let record = &json(store, &["audit", "list"])["records"][0];
-    assert_eq!(record["id"], done["audit_id"]);
-    assert_eq!(record["command"], "entries purge");
-    assert_eq!(
-        record["counts"]["purged"], 7,
-        "the counts of every batch: {record}"
-    );
-    assert_eq!(record["details"]["batch"], 3);
-    assert_eq!(b.balances()["d"], 21, "the effects stay");
-}
-
-#[test]
-fn rocksdb_a_purge_of_expired_entries_is_bounded_and_audited() {
-    let b = Rocks::new();
-    let store = b.dir.path().display().to_string();
-    a_purge_of_expired_entries_is_bounded_and_audited(b, &store);
-}
-
-#[test]
-fn postgres_a_purge_of_expired_entries_is_bounded_and_audited() {
-    let b = Postgres::new();
-    let store = b.url().to_owned();
-    a_purge_of_expired_entries_is_bounded_and_audited(b, &store);
-}
+on_both_stores!(every_command_answers_what_the_store_says,);
