@@ -92,41 +92,12 @@ pub(super) async fn rewind<S: Inspect + Audited + Sync>(
     bootstrap: Option<&str>,
     who: String,
 ) -> Result<Doc, Failure> {
-    let positions = store.positions(&partition.group).await?;
-    let Some((_, current)) = positions.iter().find(|(p, _)| *p == partition) else {
-        return Err(Failure::Input(format!(
-            "group {:?} has no position for {}/{} in this store",
-            partition.group, partition.topic, partition.partition
-        )));
-    };
-    let consumer = match bootstrap {
-        Some(servers) => Some(super::commands::client(servers, &partition.group)?),
-        None => None,
-    };
+    let Checked {
+        current,
+        consumer,
+        members,
+    } = check(store, &partition, force, bootstrap, "a rewind").await?;
     let timeout = Duration::from_secs(10);
-    let members = match &consumer {
-        Some(c) if !force => Some(live_members(c, &partition.group, timeout)?),
-        _ => None,
-    };
-    match (&members, force) {
-        (_, true) => {}
-        (None, false) => {
-            return Err(Failure::Input(
-                "a rewind asks the broker whether the group has live members: give --bootstrap \
-                 (or --force to rewind without asking)"
-                    .into(),
-            ));
-        }
-        (Some(m), false) if !m.is_empty() => {
-            return Err(Failure::Input(format!(
-                "group {:?} has {} live member(s) ({}): stop them first (or --force)",
-                partition.group,
-                m.len(),
-                m.join(", ")
-            )));
-        }
-        (Some(_), false) => {}
-    }
     let to = match (target.offset, target.time_ms) {
         (Some(offset), _) => offset,
         (None, Some(ms)) => {
@@ -172,6 +143,129 @@ pub(super) async fn rewind<S: Inspect + Audited + Sync>(
             partition.group,
             from.map_or_else(|| "none".to_owned(), |f| f.to_string()),
             record.id
+        ),
+    })
+}
+
+/// What a change to a partition's position starts from.
+struct Checked {
+    current: crate::StoredPosition,
+    consumer: Option<rdkafka::consumer::BaseConsumer>,
+    members: Option<Vec<String>>,
+}
+
+/// The partition's stored position, a client of the broker when one is named, and the group's
+/// members: refused when the store has no position for the partition, or (see [`stopped`])
+/// while the group may be running.
+async fn check<S: Inspect>(
+    store: &S,
+    partition: &PartitionId,
+    force: bool,
+    bootstrap: Option<&str>,
+    what: &str,
+) -> Result<Checked, Failure> {
+    let positions = store.positions(&partition.group).await?;
+    let Some((_, current)) = positions.into_iter().find(|(p, _)| p == partition) else {
+        return Err(Failure::Input(format!(
+            "group {:?} has no position for {}/{} in this store",
+            partition.group, partition.topic, partition.partition
+        )));
+    };
+    let consumer = match bootstrap {
+        Some(servers) => Some(super::commands::client(servers, &partition.group)?),
+        None => None,
+    };
+    let members = stopped(consumer.as_ref(), &partition.group, force, what)?;
+    Ok(Checked {
+        current,
+        consumer,
+        members,
+    })
+}
+
+/// Refuses a change to `group`'s positions while the broker lists live members of it, or
+/// cannot be asked, unless `force`; the members it listed (none when forced).
+fn stopped(
+    consumer: Option<&rdkafka::consumer::BaseConsumer>,
+    group: &str,
+    force: bool,
+    what: &str,
+) -> Result<Option<Vec<String>>, Failure> {
+    if force {
+        return Ok(None);
+    }
+    let Some(consumer) = consumer else {
+        return Err(Failure::Input(format!(
+            "{what} asks the broker whether the group has live members: give --bootstrap (or \
+             --force to go on without asking)"
+        )));
+    };
+    let members = live_members(consumer, group, Duration::from_secs(10))?;
+    if !members.is_empty() {
+        return Err(Failure::Input(format!(
+            "group {group:?} has {} live member(s) ({}): stop them first (or --force)",
+            members.len(),
+            members.join(", ")
+        )));
+    }
+    Ok(Some(members))
+}
+
+/// `positions replay`: the records first seen at `from..to` handled again, on purpose.
+pub(super) async fn replay<S: Inspect + Audited + Sync>(
+    store: &S,
+    partition: PartitionId,
+    (from, to): (i64, i64),
+    force: bool,
+    bootstrap: Option<&str>,
+    who: String,
+) -> Result<Doc, Failure> {
+    if from < 0 || to <= from {
+        return Err(Failure::Input(format!(
+            "the range {from}..{to} is empty or negative: give --from below --to"
+        )));
+    }
+    let Checked {
+        current, members, ..
+    } = check(store, &partition, force, bootstrap, "a replay").await?;
+    let previous = current.next_offset;
+    let record = AuditRecord::new(
+        who,
+        "positions replay",
+        json!({
+            "group": partition.group,
+            "topic": partition.topic,
+            "partition": partition.partition,
+            "from": from,
+            "to": to,
+            "force": force,
+            "live_members": members.as_ref().map(Vec::len),
+        }),
+    );
+    let released = store
+        .replay_range(
+            &partition,
+            from,
+            to,
+            &record,
+            &|n| json!({ "released": n, "previous_position": previous }),
+        )
+        .await?;
+    Ok(Doc {
+        json: json!({
+            "group": partition.group,
+            "topic": partition.topic,
+            "partition": partition.partition,
+            "from": from,
+            "to": to,
+            "released": released,
+            "previous_position": previous,
+            "audit_id": record.id,
+        }),
+        human: format!(
+            "{}/{} of group {:?}: {released} entries of offsets {from}..{to} released; the group \
+             resumes at {from} and handles those records again (audit {})\n",
+            partition.topic, partition.partition, partition.group, record.id
         ),
     })
 }

@@ -57,6 +57,20 @@ async fn run_on<S: Inspect + Entities + Audited + Sync>(
             )
             .await
         }
+        Command::Positions(PositionsCommand::Replay {
+            group,
+            topic,
+            partition,
+            from,
+            to,
+            force,
+            ..
+        }) => {
+            known_group(store, group).await?;
+            let partition = PartitionId::new(group, topic, *partition);
+            let bootstrap = cli.bootstrap.as_deref();
+            change::replay(store, partition, (*from, *to), *force, bootstrap, who()).await
+        }
         Command::Audit(AuditCommand::List { limit }) => change::audit_list(store, *limit).await,
         Command::Entries(EntriesCommand::Get { group, key, tenant }) => {
             entry(store, group, key, tenant.as_deref()).await

@@ -3,8 +3,9 @@
 //! It opens a RocksDB directory (read-only: the service that owns it may keep running) or a
 //! PostgreSQL URL (never printed with its password), checks that the store is of this version,
 //! and answers what an operator asks first: what happened to a key, where each partition of a
-//! group stands, what was dead-lettered and why, why an entity is in its state. Three commands
-//! change a store: `positions rewind`, `entries purge --expired` and `dead-letters redrive`
+//! group stands, what was dead-lettered and why, why an entity is in its state. Four commands
+//! change a store: `positions rewind`, `positions replay --i-know` (the one way to apply
+//! records again), `entries purge --expired` and `dead-letters redrive`
 //! (which also produces to the broker); each writes an audit
 //! record (who, when, what, the filters, the counts) in the same write as its change, and
 //! `audit list` reads them. Every command prints a table, or with `--json` one JSON document on
@@ -155,6 +156,31 @@ pub enum PositionsCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Applies the records of an offset range AGAIN, on purpose: releases the dedup entries of
+    /// the records first seen at `--from..--to` and moves the position to `--from`, in one
+    /// audited write; the group then handles those records as new (the others after `--from`
+    /// are redeliveries). The one command that makes a record's effects happen twice: it needs
+    /// `--i-know`. Refused while the group has live members, as a rewind is.
+    Replay {
+        /// The consumer group.
+        group: String,
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// The first offset to apply again.
+        #[arg(long)]
+        from: i64,
+        /// The offset after the last to apply again.
+        #[arg(long)]
+        to: i64,
+        /// Says that applying these records' effects again is what you want.
+        #[arg(long = "i-know", required = true)]
+        i_know: bool,
+        /// Replay without asking the broker whether the group has live members.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// `idc dead-letters ...`
@@ -259,6 +285,7 @@ impl Command {
             self,
             Command::Entries(EntriesCommand::Purge { .. })
                 | Command::Positions(PositionsCommand::Rewind { .. })
+                | Command::Positions(PositionsCommand::Replay { .. })
                 | Command::DeadLetters(DeadLettersCommand::Redrive { dry_run: false, .. })
         )
     }

@@ -125,6 +125,21 @@ pub trait Audited {
         counts: &(dyn Fn(usize) -> serde_json::Value + Sync),
     ) -> impl Future<Output = Result<usize>> + Send;
 
+    /// The one place where a record may be applied twice, on purpose: releases the dedup
+    /// entries of the records first seen at offsets `from..to` of `partition` (their keys are
+    /// then new), moves the partition's position to `from`, and keeps `record` with `counts`
+    /// set by `counts(released)`, in one write; returns how many entries it released. The
+    /// records of the range are handled again when the group resumes; the others after `from`
+    /// are redeliveries.
+    fn replay_range(
+        &self,
+        partition: &PartitionId,
+        from: i64,
+        to: i64,
+        record: &AuditRecord,
+        counts: &(dyn Fn(usize) -> serde_json::Value + Sync),
+    ) -> impl Future<Output = Result<usize>> + Send;
+
     /// Keeps `mark` for a dead letter of `group` (replacing the letter's earlier one) and
     /// `record`, in one write; with `free`, that write also deletes the key's entry if it says
     /// dead-lettered, so the redriven record is handled again (an entry of a record applied

@@ -185,7 +185,76 @@ fn a_purge_of_expired_entries_is_bounded_and_audited<B: Backend>(b: B, store: &s
     assert_eq!(b.balances()["d"], 21, "the effects stay");
 }
 
+/// `positions replay --i-know`: the records first seen in the range are applied again (their
+/// effects twice, on purpose), the others after it are redeliveries; refused without the flag.
+fn a_replay_applies_a_range_again_on_purpose<B: Backend>(b: B, store: &str) {
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    let records: Vec<(String, Vec<u8>)> =
+        (1..=5).map(|i| (format!("k{i}"), report("d", i))).collect();
+    cluster.send_keyed(&topic, 0, records);
+    let run = |until: u64| {
+        let consumer = Incarnation::launch(&b, |store| {
+            builder(&cluster, &group, &topic)
+                .store(store)
+                .build(Devices)
+                .unwrap()
+        });
+        consumer.wait_for("settled", |s| s.applied + s.duplicates() == until);
+        consumer.caught_up();
+        let stats = consumer.stats();
+        consumer.stop().unwrap();
+        stats
+    };
+    run(5);
+    assert_eq!(b.balances()["d"], 15);
+    let replay = [
+        "positions",
+        "replay",
+        &group,
+        &topic,
+        "0",
+        "--from",
+        "1",
+        "--to",
+        "3",
+    ];
+    refused(store, &replay, "--i-know");
+    refused(
+        store,
+        &[&replay[..], &["--i-know"]].concat(),
+        "give --bootstrap",
+    );
+    let done = json(
+        store,
+        &[&replay[..], &["--i-know", "--force", "--who", "ops-test"]].concat(),
+    );
+    assert_eq!(
+        (
+            done["released"].as_u64(),
+            done["previous_position"].as_i64()
+        ),
+        (Some(2), Some(5))
+    );
+    let record = &json(store, &["audit", "list"])["records"][0];
+    assert_eq!(record["command"], "positions replay");
+    assert_eq!(record["counts"]["released"], 2);
+    assert_eq!(
+        (
+            record["details"]["from"].as_i64(),
+            record["details"]["to"].as_i64()
+        ),
+        (Some(1), Some(3))
+    );
+    // Offsets 1 and 2 (seq 2 and 3) applied again, 3 and 4 redeliveries.
+    let stats = run(4);
+    assert_eq!((stats.applied, stats.duplicates()), (2, 2), "{stats:?}");
+    assert_eq!(b.balances()["d"], 15 + 2 + 3);
+}
+
 on_both_stores!(
+    a_replay_applies_a_range_again_on_purpose,
     a_rewind_waits_for_an_empty_group_and_is_audited,
     a_purge_of_expired_entries_is_bounded_and_audited,
 );

@@ -73,6 +73,43 @@ impl Audited for PgStore {
         Ok(purged)
     }
 
+    async fn replay_range(
+        &self,
+        partition: &PartitionId,
+        from: i64,
+        to: i64,
+        record: &AuditRecord,
+        counts: &(dyn Fn(usize) -> serde_json::Value + Sync),
+    ) -> Result<usize> {
+        crate::store::check_position(from)?;
+        let mut tx = self.transaction().await?;
+        let done = sqlx::query(self.inner.sql.release_range.clone())
+            .bind(&partition.group)
+            .bind(&partition.topic)
+            .bind(partition.partition)
+            .bind(from)
+            .bind(to)
+            .execute(&mut *tx)
+            .await
+            .map_err(pg("releasing entries for a replay"))?;
+        let released = done.rows_affected() as usize;
+        sqlx::query(self.inner.sql.set_position.clone())
+            .bind(&partition.group)
+            .bind(&partition.topic)
+            .bind(partition.partition)
+            .bind(from)
+            .execute(&mut *tx)
+            .await
+            .map_err(pg("setting a position"))?;
+        let record = AuditRecord {
+            counts: counts(released),
+            ..record.clone()
+        };
+        self.put_audit(&mut tx, &record).await?;
+        tx.commit().await.map_err(pg("committing a replay"))?;
+        Ok(released)
+    }
+
     async fn put_redrive_mark(
         &self,
         group: &str,

@@ -76,6 +76,7 @@ pub(super) struct Sql {
     pub(super) put_audit: SqlStr,
     pub(super) put_redrive: SqlStr,
     pub(super) free_dead_lettered: SqlStr,
+    pub(super) release_range: SqlStr,
     pub(super) redrives_of: SqlStr,
     pub(super) audit_log: SqlStr,
     pub(super) estimate_entries: SqlStr,
@@ -244,6 +245,11 @@ impl Sql {
             free_dead_lettered: statement(format!(
                 "DELETE FROM {dedup} WHERE consumer_group = $1 AND tenant = $2 \
                  AND idempotency_key = $3 AND status = 'dead_lettered'"
+            )),
+            // Every status but the ones of a key in flight (a batch's claim, a request's lease).
+            release_range: statement(format!(
+                "DELETE FROM {dedup} WHERE consumer_group = $1 AND topic = $2 AND \"partition\" = $3 \
+                 AND \"offset\" >= $4 AND \"offset\" < $5 AND status NOT IN ('claimed', 'in_flight')"
             )),
             redrives_of: statement(format!(
                 "SELECT mark::text FROM {redrives} WHERE consumer_group = $1 \

@@ -56,6 +56,66 @@ impl Audited for RocksStore {
         })
     }
 
+    async fn replay_range(
+        &self,
+        partition: &PartitionId,
+        from: i64,
+        to: i64,
+        record: &AuditRecord,
+        counts: &(dyn Fn(usize) -> serde_json::Value + Sync),
+    ) -> Result<usize> {
+        crate::store::check_position(from)?;
+        let inner = &self.inner;
+        // No purge round rewrites entries meanwhile, no commit of this process moves the
+        // partition.
+        let _exclusive = inner.purge_gate.write().expect("purge gate poisoned");
+        let key = position_key(partition);
+        let fence = self.fence(&key);
+        let _held = fence.lock().expect("fence poisoned");
+        let mut prefix = Vec::with_capacity(2 + partition.group.len());
+        prefix.extend_from_slice(&(partition.group.len() as u16).to_be_bytes());
+        prefix.extend_from_slice(partition.group.as_bytes());
+        let mut batch = WriteBatch::default();
+        let mut released = 0;
+        let mode = IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+        for item in inner.db.iterator_cf(self.cf(CF_DEDUP), mode) {
+            let (k, v) = item.map_err(rocks("scanning dedup entries"))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if crate::identity::split_store_key(&k).map(|(g, _, _)| g)
+                != Some(partition.group.as_bytes())
+                || v.first() == Some(&crate::store::entry::REQUEST_ENTRY_VERSION)
+            {
+                continue;
+            }
+            let e = crate::store::DedupEntry::decode(&v)?;
+            if e.topic == partition.topic
+                && e.partition == partition.partition
+                && (from..to).contains(&e.offset)
+            {
+                batch.delete_cf(self.cf(CF_DEDUP), &k);
+                released += 1;
+            }
+        }
+        let epoch = self.read_position(partition)?.map_or(0, |p| p.epoch);
+        let row = StoredPosition {
+            next_offset: Some(from),
+            epoch,
+        };
+        batch.put_cf(self.cf(CF_POSITIONS), key, row.encode());
+        let record = AuditRecord {
+            counts: counts(released),
+            ..record.clone()
+        };
+        batch.put_cf(self.cf(CF_AUDIT), audit_key(&record), record.to_json());
+        inner
+            .db
+            .write_opt(batch, &inner.write_opts)
+            .map_err(rocks("releasing entries for a replay"))?;
+        Ok(released)
+    }
+
     async fn put_redrive_mark(
         &self,
         group: &str,
