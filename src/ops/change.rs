@@ -38,11 +38,7 @@ pub(super) async fn purge<S: Inspect + Audited + Sync>(
         "entries purge",
         json!({ "group": group, "expired": true, "batch": batch }),
     );
-    let progress = if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new_spinner()
-    };
+    let progress = progress(quiet, None);
     progress.set_message("purging expired entries");
     let mut total = 0usize;
     let mut batches = 0u64;
@@ -73,6 +69,18 @@ pub(super) async fn purge<S: Inspect + Audited + Sync>(
             record.id
         ),
     })
+}
+
+/// A progress line on standard error, when it is a terminal and the output is not JSON: a bar
+/// of `len` steps, or a spinner.
+pub(super) fn progress(quiet: bool, len: Option<u64>) -> indicatif::ProgressBar {
+    if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    match len {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::new_spinner(),
+    }
 }
 
 /// Where `positions rewind` goes: the offset given, or the broker's first offset at or after

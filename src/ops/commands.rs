@@ -115,6 +115,7 @@ async fn run_on<S: Inspect + Entities + Audited + Sync>(
                 force: *force,
                 rate: *rate,
                 tenant: tenant.as_deref(),
+                quiet: cli.json,
                 filters: serde_json::to_value(filter).expect("filters serialize"),
             };
             super::redrive::redrive(store, letters, plan, cli.bootstrap.as_deref(), who()).await

@@ -45,6 +45,8 @@ pub(super) struct Plan<'a> {
     pub(super) rate: Option<u32>,
     /// The tenant of the group's keys.
     pub(super) tenant: Option<&'a str>,
+    /// No progress bar (the output is JSON).
+    pub(super) quiet: bool,
     /// The filters, for the audit record.
     pub(super) filters: Value,
 }
@@ -129,7 +131,10 @@ pub(super) async fn redrive<S: Audited + Sync>(
     let reader = super::commands::client(servers, &format!("idc-redrive-{}", record.id))?;
     let timeout = Duration::from_secs(10);
     let mut partitions: HashMap<String, i32> = HashMap::new();
+    let progress = super::change::progress(plan.quiet, Some(todo.len() as u64));
+    progress.set_message("redriving dead letters");
     for (d, mark) in todo {
+        progress.inc(1);
         let r = &d.record;
         let target_topic = plan.to_topic.unwrap_or(r.topic()).to_owned();
         let id = letter_id(group, &d);
@@ -239,6 +244,7 @@ pub(super) async fn redrive<S: Audited + Sync>(
             tokio::time::sleep(Duration::from_secs(1) / rate).await;
         }
     }
+    progress.finish_and_clear();
     let redriven = counts.redriven + counts.found_after_interruption;
     Ok(report(&counts, redriven, Some(&record.id), false))
 }

@@ -92,8 +92,9 @@ pub struct RuntimeBuilder<S = ()> {
     kafka_unavailable: Duration,
     store_retry_timeout: Duration,
     dead_letter_retention: Option<Duration>,
+    /// Set by [`RuntimeBuilder::resolver`] (`resolver.rs`).
     #[cfg(feature = "resolve")]
-    resolver: Option<crate::resolve::Resolver>,
+    pub(super) resolver: Option<crate::resolve::Resolver>,
     /// Makes the outbox's relay at `build` ([`RuntimeBuilder::relay`]).
     #[cfg(feature = "outbox")]
     pub(super) relay: Option<super::relay::Start<S>>,
@@ -252,15 +253,6 @@ impl<S> RuntimeBuilder<S> {
     /// retention keeps the store the record of truth for what was dead-lettered.
     pub fn dead_letter_retention(mut self, retention: Option<Duration>) -> Self {
         self.dead_letter_retention = retention;
-        self
-    }
-
-    /// Decides between valid, distinct updates of one entity before the handler runs (feature
-    /// `resolve`): see [`resolve`](crate::resolve). The store must keep entities (RocksDB and
-    /// PostgreSQL do).
-    #[cfg(feature = "resolve")]
-    pub fn resolver(mut self, resolver: crate::resolve::Resolver) -> Self {
-        self.resolver = Some(resolver);
         self
     }
 

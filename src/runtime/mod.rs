@@ -44,6 +44,8 @@ mod progress;
 mod rebalance;
 #[cfg(feature = "outbox")]
 mod relay;
+#[cfg(feature = "resolve")]
+mod resolver;
 mod stale;
 mod start;
 

@@ -11,6 +11,7 @@ use super::common::{Cluster, Incarnation, builder, unique};
 use super::{Devices, json};
 use idempotent_consumer::ops::{REDRIVE_COUNT, REDRIVE_OF};
 use idempotent_consumer::{AuditRecord, Audited, RedriveMark};
+use idempotent_consumer::{Handler, HandlerError, Outcome, Record, StatsSnapshot};
 use serde_json::Value;
 
 /// `n` undecodable records (dead-lettered as permanent) under keys `k0..`, then a consumer run
@@ -244,7 +245,87 @@ fn a_letter_produced_before_its_mark_is_found_not_produced_again<B: Backend<S: A
     assert_eq!(marks[0].produced_offset, Some(0), "found where it was");
 }
 
+/// Fails every record (permanently) until it is fixed, then adds the report's sequence.
+struct Picky {
+    fixed: bool,
+}
+
+impl<T: super::common::LedgerTx> Handler<T> for Picky {
+    async fn handle(&self, record: &Record, tx: &mut T) -> Result<Outcome, HandlerError> {
+        if !self.fixed {
+            return Err(HandlerError::permanent("a bug, fixed in the next deploy"));
+        }
+        Devices.handle(record, tx).await
+    }
+}
+
+/// A redriven record whose key was applied meanwhile is a duplicate: the redrive that freed
+/// the key died before producing (its mark pending), the producer sent the record again and
+/// the fixed consumer applied it, and the redrive run again produces the letter, which the
+/// consumer counts as a duplicate.
+fn a_redriven_record_applied_meanwhile_is_a_duplicate<B: Backend<S: Audited>>(b: B, store: &str) {
+    let cluster = Cluster::start();
+    let topic = cluster.create_topic(1);
+    let group = unique("group");
+    let payment = super::report("d", 7);
+    cluster.send_keyed(&topic, 0, [("k0".to_owned(), payment.clone())]);
+    let consume = |fixed: bool, what: &str, until: fn(&StatsSnapshot) -> bool| {
+        let consumer = Incarnation::launch(&b, |store| {
+            builder(&cluster, &group, &topic)
+                .store(store)
+                .build(Picky { fixed })
+                .unwrap()
+        });
+        consumer.wait_for(what, until);
+        consumer.caught_up();
+        let stats = consumer.stats();
+        consumer.stop().unwrap();
+        stats
+    };
+    consume(false, "the dead letter", |s| s.dead_lettered == 1);
+    let record = AuditRecord::new("a redrive that died", "dead-letters redrive", Value::Null);
+    let pending = RedriveMark {
+        topic: topic.clone(),
+        partition: 0,
+        offset: 0,
+        done: false,
+        target_topic: topic.clone(),
+        target_partition: 0,
+        from_offset: 1,
+        produced_offset: None,
+        count: 1,
+        audit_id: record.id.clone(),
+        at_ms: 0,
+    };
+    let free = idempotent_consumer::EntryKey::new(&group, "k0");
+    b.inspect(async |s: &B::S| {
+        s.put_redrive_mark(&group, &pending, &record, Some(&free))
+            .await
+            .unwrap()
+    });
+    // Meanwhile the producer sends the record again and the fixed consumer applies it.
+    cluster.send_keyed(&topic, 0, [("k0".to_owned(), payment)]);
+    consume(true, "the copy applied", |s| s.applied == 1);
+    let boot = cluster.bootstrap().to_owned();
+    let done = json(
+        store,
+        &["--bootstrap", &boot, "dead-letters", "redrive", &group],
+    );
+    assert_eq!(
+        done["redriven"], 1,
+        "not found on the topic, so produced: {done}"
+    );
+    let stats = consume(true, "the redriven record", |s| s.duplicates() == 1);
+    assert_eq!(
+        (stats.applied, stats.duplicates_repeated_key),
+        (0, 1),
+        "{stats:?}"
+    );
+    assert_eq!(b.balances()["d"], 7, "applied once");
+}
+
 on_both_stores!(
+    a_redriven_record_applied_meanwhile_is_a_duplicate,
     a_killed_redrive_resumes_and_produces_each_letter_once,
     a_redrive_to_its_topic_is_handled_again_and_the_loop_guard_holds,
     a_letter_produced_before_its_mark_is_found_not_produced_again,
