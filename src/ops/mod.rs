@@ -38,20 +38,20 @@ pub use redrive::{REDRIVE_COUNT, REDRIVE_OF};
 pub struct Cli {
     /// The store: a RocksDB directory (a path, or `rocksdb:<path>`) or a PostgreSQL URL
     /// (`postgres://user:password@host/database`). Also `IDC_STORE`.
-    #[arg(long, env = "IDC_STORE", hide_env_values = true)]
-    pub store: String,
+    #[arg(long, env = "IDC_STORE", hide_env_values = true, global = true)]
+    pub store: Option<String>,
     /// PostgreSQL: the schema of the store's tables.
-    #[arg(long, default_value = "public")]
+    #[arg(long, default_value = "public", global = true)]
     pub schema: String,
     /// PostgreSQL: the prefix of the store's tables.
-    #[arg(long, default_value = "idc_")]
+    #[arg(long, default_value = "idc_", global = true)]
     pub table_prefix: String,
     /// PostgreSQL: how long to try to connect, in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, global = true)]
     pub connect_timeout: u64,
     /// Kafka bootstrap servers, for the broker's side of `positions show` (committed offsets,
     /// high watermarks, lag). Also `KAFKA_BOOTSTRAP_SERVERS`.
-    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", global = true)]
     pub bootstrap: Option<String>,
     /// Print one JSON document instead of a table.
     #[arg(long, global = true)]

@@ -12,7 +12,12 @@ pub(super) enum Opened {
 /// Opens `cli.store`: a PostgreSQL URL (`postgres://`, `postgresql://`) with the store's schema
 /// checked, or a RocksDB directory (a path, or `rocksdb:<path>`), read-only unless `writes`.
 pub(super) async fn open(cli: &Cli, writes: bool) -> Result<Opened, Failure> {
-    let store = cli.store.trim();
+    // Global, so it may come after the command too; required all the same.
+    let store = cli
+        .store
+        .as_deref()
+        .map(str::trim)
+        .ok_or_else(|| Failure::Input("give the store: --store (or IDC_STORE)".into()))?;
     if store.starts_with("postgres://") || store.starts_with("postgresql://") {
         let options = PgOptions {
             schema: cli.schema.clone(),

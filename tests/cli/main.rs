@@ -242,6 +242,28 @@ fn every_command_answers_what_the_store_says<B: Backend<S: Entities + Sync>>(b: 
     assert_eq!(doc["state"]["winner"]["key"], "r3");
     assert_eq!(doc["resolutions"][0]["outcome"], "stale");
 
+    // The options may follow the command, as an operator types them.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_idc"))
+        .args(["positions", "show", g, "--bootstrap", s.cluster.bootstrap()])
+        .args(["--json", "--store", store])
+        .env_remove("IDC_STORE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(after["partitions"][0]["lag"], 0, "{after}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_idc"))
+        .args(["entries", "count"])
+        .env_remove("IDC_STORE")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "no store given");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("give the store"));
+
     // The same for people: tables.
     let out = idc(store, &["positions", "show", g]);
     let text = String::from_utf8_lossy(&out.stdout);
