@@ -55,6 +55,7 @@ impl DeadLetterReason {
         }
     }
 
+    #[cfg_attr(not(any(feature = "rocksdb", feature = "postgres")), allow(dead_code))]
     fn from_code(code: u8) -> Result<Self> {
         Ok(match code {
             1 => DeadLetterReason::Permanent,
@@ -103,9 +104,11 @@ pub struct DeadLetter {
 }
 
 /// The whole letter, payload included, without a batch id (read only).
+#[cfg_attr(not(any(feature = "rocksdb", feature = "postgres")), allow(dead_code))]
 const DEAD_LETTER_V1: u8 = 1;
 /// The letter without its payload, which the store keeps beside it (PostgreSQL's `payload`
 /// column), so the payload is stored once; without a batch id (read only).
+#[cfg_attr(not(any(feature = "rocksdb", feature = "postgres")), allow(dead_code))]
 const DEAD_LETTER_APART_V2: u8 = 2;
 /// Version 1 followed by the batch id.
 const DEAD_LETTER_VERSION: u8 = 3;
@@ -114,6 +117,7 @@ const DEAD_LETTER_APART_VERSION: u8 = 4;
 
 impl DeadLetter {
     /// Encodes the dead letter for the embedded store.
+    #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
     pub(crate) fn encode(&self) -> Vec<u8> {
         self.encode_with(true)
     }
@@ -169,12 +173,14 @@ impl DeadLetter {
     }
 
     /// Decodes a dead letter written by [`DeadLetter::encode`].
+    #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
         Self::decode_apart(bytes, None)
     }
 
     /// Decodes a dead letter written by [`DeadLetter::encode_apart`], whose payload the store
     /// kept beside it (`payload`), or by [`DeadLetter::encode`] (then `payload` is not used).
+    #[cfg_attr(not(any(feature = "rocksdb", feature = "postgres")), allow(dead_code))]
     pub(crate) fn decode_apart(bytes: &[u8], payload: Option<Vec<u8>>) -> Result<Self> {
         let mut rd = Reader::new(bytes, "dead letter");
         let version = rd.u8()?;
@@ -439,6 +445,7 @@ fn put_opt(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
     }
 }
 
+#[cfg_attr(not(any(feature = "rocksdb", feature = "postgres")), allow(dead_code))]
 fn get_opt(rd: &mut Reader<'_>) -> Result<Option<Vec<u8>>> {
     Ok(match rd.u8()? {
         0 => None,

@@ -30,6 +30,7 @@ pub struct AuditRecord {
     pub counts: serde_json::Value,
 }
 
+#[cfg_attr(not(any(feature = "rocksdb", feature = "postgres")), allow(dead_code))] // the stores' encoding
 impl AuditRecord {
     /// A record of `command` by `who`, starting now.
     pub fn new(
@@ -88,6 +89,7 @@ pub struct RedriveMark {
     pub at_ms: i64,
 }
 
+#[cfg_attr(not(any(feature = "rocksdb", feature = "postgres")), allow(dead_code))] // the stores' encoding
 impl RedriveMark {
     pub(crate) fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a redrive mark serializes")

@@ -46,6 +46,7 @@ impl Locked<'_> {
     }
 
     /// True when any transaction holds `key`.
+    #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
     pub(crate) fn is_held(&self, key: &[u8]) -> bool {
         self.0.contains_key(key)
     }
@@ -99,6 +100,7 @@ impl Holds {
     }
 
     /// The held key equal to `key`, to share its allocation.
+    #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
     pub(crate) fn get(&self, key: &[u8]) -> Option<&Key> {
         self.keys.get(key)
     }

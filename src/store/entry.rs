@@ -19,6 +19,7 @@ pub enum EntryStatus {
 }
 
 impl EntryStatus {
+    #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))] // the embedded store's encoding
     fn code(self) -> u8 {
         match self {
             EntryStatus::Completed => 1,
@@ -27,6 +28,7 @@ impl EntryStatus {
         }
     }
 
+    #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
     fn from_code(code: u8) -> Result<Self> {
         match code {
             1 => Ok(EntryStatus::Completed),
@@ -67,10 +69,12 @@ pub struct DedupEntry {
     pub expires_at_ms: i64,
 }
 
+#[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
 const ENTRY_VERSION: u8 = 1;
 
 /// The first byte of a request key's entry (`store/request.rs`): version, state (u8), lease
 /// end, creation and expiry times (i64 each), then fingerprint, lease token and answer.
+#[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
 pub(crate) const REQUEST_ENTRY_VERSION: u8 = 2;
 
 impl DedupEntry {
@@ -80,6 +84,7 @@ impl DedupEntry {
     }
 
     /// Encodes the entry.
+    #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
     pub(crate) fn encode(&self) -> Vec<u8> {
         let outcome_len = self.outcome.as_ref().map_or(0, Vec::len);
         let mut out = Vec::with_capacity(64 + self.topic.len() + outcome_len);
@@ -102,6 +107,7 @@ impl DedupEntry {
     }
 
     /// A reader past the version byte of an encoded entry, which must be this version.
+    #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
     fn reader(bytes: &[u8]) -> Result<Reader<'_>> {
         let mut r = Reader::new(bytes, "dedup entry");
         let version = r.u8()?;
@@ -115,6 +121,7 @@ impl DedupEntry {
 
     /// The expiry time of an encoded entry, without decoding the rest: of a consumer's entry
     /// or of a request's key (`REQUEST_ENTRY_VERSION`, beside them in the embedded store).
+    #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
     pub(crate) fn encoded_expiry(bytes: &[u8]) -> Result<i64> {
         if bytes.first() == Some(&REQUEST_ENTRY_VERSION) {
             let mut r = Reader::new(bytes, "request entry");
@@ -129,6 +136,7 @@ impl DedupEntry {
     }
 
     /// Decodes an entry written by [`DedupEntry::encode`].
+    #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
         let mut r = Self::reader(bytes)?;
         let status = EntryStatus::from_code(r.u8()?)?;
@@ -204,6 +212,7 @@ impl<'a> Reader<'a> {
     }
 
     /// True once every byte was read.
+    #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
     pub(crate) fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }

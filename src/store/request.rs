@@ -144,6 +144,7 @@ pub trait RequestStore: Send + Sync + 'static {
 
 /// A request key's entry as the embedded stores keep it (PostgreSQL has columns instead).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
 pub(crate) struct RequestEntry {
     /// Claimed and not answered yet (otherwise completed).
     pub(crate) in_flight: bool,
@@ -156,6 +157,7 @@ pub(crate) struct RequestEntry {
     pub(crate) response: Vec<u8>,
 }
 
+#[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
 impl RequestEntry {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(40 + self.fingerprint.len() + self.response.len());
