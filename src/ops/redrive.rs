@@ -131,6 +131,7 @@ pub(super) async fn redrive<S: Audited + Sync>(
     let reader = super::commands::client(servers, &format!("idc-redrive-{}", record.id))?;
     let timeout = Duration::from_secs(10);
     let mut partitions: HashMap<String, i32> = HashMap::new();
+    let mut lower_bounds: HashMap<(String, i32), i64> = HashMap::new();
     let progress = super::change::progress(plan.quiet, Some(todo.len() as u64));
     progress.set_message("redriving dead letters");
     for (d, mark) in todo {
@@ -173,9 +174,21 @@ pub(super) async fn redrive<S: Audited + Sync>(
                 r.partition().rem_euclid(n)
             }
         };
-        let (_, end) = reader
-            .fetch_watermarks(&target_topic, target_partition, timeout)
-            .map_err(|e| Failure::Service(format!("asking the broker for {target_topic}: {e}")))?;
+        // Where the search of a resumed run starts: the partition's end when this run first
+        // produces to it, then just past the record it produced there last (its next record
+        // lands after that one), so a letter costs no round trip of its own.
+        let at = (target_topic.clone(), target_partition);
+        let end = match lower_bounds.get(&at) {
+            Some(end) => *end,
+            None => {
+                reader
+                    .fetch_watermarks(&target_topic, target_partition, timeout)
+                    .map_err(|e| {
+                        Failure::Service(format!("asking the broker for {target_topic}: {e}"))
+                    })?
+                    .1
+            }
+        };
         let count = redriven_before(&d) + 1;
         let mut mark = RedriveMark {
             topic: r.topic().to_owned(),
@@ -237,6 +250,7 @@ pub(super) async fn redrive<S: Audited + Sync>(
             .map_err(|(e, _)| Failure::Service(format!("producing {id} to {target_topic}: {e}")))?;
         counts.redriven += 1;
         record.counts = serde_json::to_value(&counts).expect("counts serialize");
+        lower_bounds.insert(at, delivered.offset + 1);
         mark.done = true;
         mark.produced_offset = Some(delivered.offset);
         store.put_redrive_mark(group, &mark, &record, None).await?;
@@ -288,8 +302,23 @@ fn partition_count(reader: &BaseConsumer, topic: &str, timeout: Duration) -> Res
 }
 
 /// The offset of the record naming `id` in its `idc-redrive-of` header, read from `from` to
-/// the partition's end, if there is one.
+/// the partition's end, if there is one. The reader is left with nothing assigned: an assigned
+/// partition keeps it in fetch long-polls that hold up its later watermark queries.
 fn find(
+    reader: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    id: &str,
+) -> Result<Option<i64>, Failure> {
+    let found = scan(reader, topic, partition, from, id);
+    reader
+        .unassign()
+        .map_err(|e| Failure::Service(format!("reading {topic}/{partition}: {e}")))?;
+    found
+}
+
+fn scan(
     reader: &BaseConsumer,
     topic: &str,
     partition: i32,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::common::backend::Backend;
-use super::common::{Cluster, Incarnation, builder, unique};
+use super::common::{Cluster, Incarnation, WAIT, builder, unique};
 use super::{Devices, json};
 use idempotent_consumer::ops::{REDRIVE_COUNT, REDRIVE_OF};
 use idempotent_consumer::{AuditRecord, Audited, RedriveMark};
@@ -67,16 +67,32 @@ fn a_killed_redrive_resumes_and_produces_each_letter_once<B: Backend>(b: B, stor
             .is_empty()
     );
 
-    // Killed halfway (paced, so it is mid-run when the signal lands), then run again.
+    // Killed halfway, then run again: paced to 50 letters a second (six seconds in all), and
+    // killed once ten of them are on the target topic, however long the command took to start.
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idc"))
         .arg("--store")
         .arg(store)
-        .args(args(&["--rate", "200"]))
+        .args(args(&["--rate", "50"]))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    let started = std::time::Instant::now();
+    while cluster.high_watermark(&target, 0) < 10 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the redrive ended before ten letters were produced"
+        );
+        assert!(
+            started.elapsed() < WAIT,
+            "the redrive never produced ten letters"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the redrive ended before it was killed"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     let resumed = json(store, &as_str(&args(&[])));

@@ -170,6 +170,16 @@ impl Cluster {
         }
     }
 
+    /// The high watermark of a partition: how many records it holds (offsets start at 0 and
+    /// the tests never delete).
+    pub fn high_watermark(&self, topic: &str, partition: i32) -> i64 {
+        self.producer
+            .client()
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .expect("fetching watermarks")
+            .1
+    }
+
     /// Every record of partition 0 of `topic`, read from the start until `n` arrived and no more
     /// came for a second: (key, payload, headers as UTF-8-lossy name/value pairs).
     pub fn read_all(&self, topic: &str, n: usize) -> Vec<TopicRecord> {
