@@ -129,7 +129,7 @@ impl fmt::Display for IdempotencyKey {
         let shown = &self.bytes[..self.bytes.len().min(64)];
         match std::str::from_utf8(shown) {
             Ok(s) if s.chars().all(|c| !c.is_control()) => f.write_str(s)?,
-            _ => shown.iter().try_for_each(|b| write!(f, "{b:02x}"))?,
+            _ => write!(f, "{}", crate::hex::Hex(shown))?,
         }
         if self.bytes.len() > shown.len() {
             f.write_str("…")?;
@@ -429,8 +429,7 @@ impl Fingerprint {
 impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Fingerprint(")?;
-        self.0[..8].iter().try_for_each(|b| write!(f, "{b:02x}"))?;
-        write!(f, "…)")
+        write!(f, "{}…)", crate::hex::Hex(&self.0[..8]))
     }
 }
 

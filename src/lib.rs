@@ -172,6 +172,7 @@
 mod dead_letter;
 mod error;
 mod handler;
+mod hex;
 #[cfg(feature = "http")]
 pub mod http;
 mod identity;

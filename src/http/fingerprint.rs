@@ -30,17 +30,12 @@ pub struct RequestFingerprint {
 
 impl std::fmt::Debug for RequestFingerprint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let hex = |b: &[u8]| {
-            b[..4]
-                .iter()
-                .map(|x| format!("{x:02x}"))
-                .collect::<String>()
-        };
+        use crate::hex::Hex;
         write!(
             f,
             "RequestFingerprint(target {}…, body {}…)",
-            hex(&self.target),
-            hex(&self.body)
+            Hex(&self.target[..4]),
+            Hex(&self.body[..4])
         )
     }
 }

@@ -62,14 +62,7 @@ pub(super) fn shown(b: &[u8]) -> String {
     }
 }
 
-pub(super) fn hex(b: &[u8]) -> String {
-    use std::fmt::Write;
-    b.iter()
-        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
-            let _ = write!(s, "{x:02x}");
-            s
-        })
-}
+pub(super) use crate::hex::hex;
 
 /// At most `n` characters of `s`, with an ellipsis when cut.
 pub(super) fn cut(s: &str, n: usize) -> String {

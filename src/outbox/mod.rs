@@ -186,13 +186,7 @@ pub fn derive_key(source: &[u8], index: u32) -> String {
     digest.update((source.len() as u32).to_be_bytes());
     digest.update(source);
     digest.update(index.to_be_bytes());
-    let mut key = String::with_capacity(36);
-    key.push_str("ob1-");
-    for b in &digest.finalize()[..16] {
-        use std::fmt::Write as _;
-        let _ = write!(key, "{b:02x}");
-    }
-    key
+    format!("ob1-{}", crate::hex::Hex(&digest.finalize()[..16]))
 }
 
 /// Counts rows a store's commit wrote to the outbox, once it committed.

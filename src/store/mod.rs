@@ -208,10 +208,7 @@ pub(crate) fn new_id() -> String {
     digest.update(nanos.to_be_bytes());
     digest.update(std::process::id().to_be_bytes());
     digest.update(hasher.finish().to_be_bytes());
-    digest.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex::hex(&digest.finalize()[..16])
 }
 
 /// The answer of [`Transaction::claim`].
