@@ -232,7 +232,8 @@ fn main() {
     let why = rt
         .block_on(store.explain(GROUP, "thermo-1", 20))
         .expect("reading thermo-1");
-    let state = why.state.as_ref().expect("thermo-1 has a winner");
+    let state = why.state.as_ref().expect("thermo-1 was decided");
+    let winner = state.winner.as_ref().expect("thermo-1 has a winner");
     let shadow = store
         .get(b"shadow/thermo-1")
         .ok()
@@ -241,11 +242,11 @@ fn main() {
     println!(
         "\nthermo-1 is \"{}\": report {} (event time {} ms), {}/{}@{}, after {} decisions",
         String::from_utf8_lossy(&shadow),
-        state.winner.key,
-        state.winner.order.event_time_ms.unwrap_or_default() - (now - 120_000),
-        state.winner.topic,
-        state.winner.partition,
-        state.winner.offset,
+        winner.key,
+        winner.order.event_time_ms.unwrap_or_default() - (now - 120_000),
+        winner.topic,
+        winner.partition,
+        winner.offset,
         state.decisions
     );
     println!("why, newest first:");
@@ -295,7 +296,7 @@ fn main() {
         ResolutionOutcome::Stale,
         ResolutionOutcome::Superseded,
     ];
-    if wrong > 0 || outcomes != expected || state.winner.key != "t1-d" {
+    if wrong > 0 || outcomes != expected || winner.key != "t1-d" {
         eprintln!("\nFAILED: {wrong} wrong shadows; thermo-1's records {outcomes:?}");
         std::process::exit(1);
     }

@@ -276,7 +276,7 @@ fn read_held(kind: &str, path: &str, group: &str, keys: &[String]) -> Res<Held> 
                 .await
                 .map_err(|e| e.to_string())?;
             if let Some(state) = why.state {
-                let seq = state.winner.order.sequence.unwrap_or(0);
+                let seq = state.winner.and_then(|w| w.order.sequence).unwrap_or(0);
                 held.winners.insert(device, (seq, state.decisions));
             }
             held.records.extend(why.resolutions);

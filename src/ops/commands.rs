@@ -557,15 +557,16 @@ fn explain(entity: &str, why: &crate::resolve::Explanation) -> Doc {
     let json = serde_json::to_value(why).expect("an explanation serializes");
     let mut human = match &why.state {
         None => format!("entity {entity:?} has never been decided\n"),
-        Some(s) => format!(
-            "{entity}: winner {} at {}/{}@{}, after {} decisions ({} resolution records)\n",
-            s.winner.key,
-            s.winner.topic,
-            s.winner.partition,
-            s.winner.offset,
-            s.decisions,
-            s.resolutions
-        ),
+        Some(s) => {
+            let winner = s.winner.as_ref().map_or_else(
+                || "none (every record refused)".to_owned(),
+                |w| format!("{} at {}/{}@{}", w.key, w.topic, w.partition, w.offset),
+            );
+            format!(
+                "{entity}: winner {winner}, after {} decisions ({} resolution records)\n",
+                s.decisions, s.resolutions
+            )
+        }
     };
     if !why.resolutions.is_empty() {
         human.push_str(&table(

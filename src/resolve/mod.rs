@@ -169,8 +169,8 @@ pub struct Resolution {
     pub candidate: Candidate,
     /// The winner it was compared with (none for the entity's first record).
     pub previous_winner: Option<Candidate>,
-    /// The winner after the decision.
-    pub winner: Candidate,
+    /// The winner after the decision (none while no record of the entity was accepted).
+    pub winner: Option<Candidate>,
     /// When: the decided record's Kafka timestamp (deterministic on replay), or the batch's
     /// clock for a record without one, milliseconds since the Unix epoch.
     pub decided_at_ms: i64,
@@ -193,8 +193,9 @@ impl Resolution {
 pub struct EntityState {
     /// The entity.
     pub entity: String,
-    /// The current winner.
-    pub winner: Candidate,
+    /// The current winner: none while every record of the entity was refused (rejected, or
+    /// refused by a custom rule), so the next one is decided as the entity's first.
+    pub winner: Option<Candidate>,
     /// Resolution records written for the entity so far.
     pub resolutions: u64,
     /// Records decided for the entity so far (applied or not).
@@ -340,7 +341,7 @@ pub fn check_entity(entity: &str) -> std::result::Result<(), String> {
 fn key_text(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
         Ok(s) => s.to_owned(),
-        Err(_) => bytes.iter().map(|b| format!("{b:02x}")).collect(),
+        Err(_) => crate::hex::hex(bytes),
     }
 }
 

@@ -114,15 +114,13 @@ impl fmt::Debug for Policy {
     }
 }
 
-/// A rule's decision: the verdict, the rule's name and version, and the values it compared.
+/// A rule's decision: the verdict and the values it compared (none for a plain
+/// [`Verdict::Newer`], the common case, which leaves no record). The rule's name and version
+/// are the policy's ([`Policy::rule_name`], [`Policy::rule_version`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     /// What it decided.
     pub verdict: Verdict,
-    /// The rule's name.
-    pub rule: String,
-    /// The rule's version.
-    pub rule_version: u32,
     /// The values compared, candidate's and winner's.
     pub compared: Vec<Compared>,
 }
@@ -187,12 +185,7 @@ impl Policy {
             }
             Policy::Custom { rule, .. } => (rule(winner, candidate), Vec::new()),
         };
-        Decision {
-            verdict,
-            rule: self.rule_name().to_owned(),
-            rule_version: self.rule_version(),
-            compared,
-        }
+        Decision { verdict, compared }
     }
 }
 
@@ -205,14 +198,20 @@ fn sequence_guard(
         return (Verdict::Newer, Vec::new());
     };
     let seq = |c: &Candidate| c.order.sequence.unwrap_or(0);
-    let mut values = Vec::new();
-    let ordering = if epochs {
-        values.push(compared("epoch", candidate.order.epoch, winner.order.epoch));
+    let by_epoch = if epochs {
         candidate.order.epoch.cmp(&winner.order.epoch)
     } else {
         std::cmp::Ordering::Equal
+    };
+    let ordering = by_epoch.then_with(|| seq(candidate).cmp(&seq(winner)));
+    if ordering.is_gt() {
+        // The common case: nothing recorded, so nothing to describe.
+        return (Verdict::Newer, Vec::new());
     }
-    .then_with(|| seq(candidate).cmp(&seq(winner)));
+    let mut values = Vec::with_capacity(2);
+    if epochs {
+        values.push(compared("epoch", candidate.order.epoch, winner.order.epoch));
+    }
     values.push(compared("sequence", seq(candidate), seq(winner)));
     let version = |c: &Candidate| {
         if epochs {
@@ -222,7 +221,7 @@ fn sequence_guard(
         }
     };
     let verdict = match ordering {
-        std::cmp::Ordering::Greater => Verdict::Newer,
+        std::cmp::Ordering::Greater => unreachable!("returned above"),
         std::cmp::Ordering::Less => Verdict::Stale(format!(
             "version {} is below the stored version {}",
             version(candidate),
@@ -270,31 +269,31 @@ fn last_writer_wins(
     let Some(winner) = winner else {
         return (Verdict::Newer, Vec::new());
     };
-    let mut values = vec![compared("event time", time(candidate), time(winner))];
     let by_time = time(candidate).cmp(&time(winner));
-    if by_time != std::cmp::Ordering::Equal {
-        return if by_time.is_gt() {
-            (Verdict::Newer, values)
+    if by_time.is_gt() {
+        // The common case: nothing recorded, so nothing to describe.
+        return (Verdict::Newer, Vec::new());
+    }
+    let mut values = vec![compared("event time", time(candidate), time(winner))];
+    if by_time.is_lt() {
+        let behind = time(winner).saturating_sub(time(candidate));
+        let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        let verdict = if behind <= grace_ms {
+            Verdict::Superseded(format!(
+                "event time {} is {behind} ms before the winner's {}, within the grace of \
+                 {grace_ms} ms",
+                time(candidate),
+                time(winner)
+            ))
         } else {
-            let behind = time(winner).saturating_sub(time(candidate));
-            let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
-            let verdict = if behind <= grace_ms {
-                Verdict::Superseded(format!(
-                    "event time {} is {behind} ms before the winner's {}, within the grace of \
-                     {grace_ms} ms",
-                    time(candidate),
-                    time(winner)
-                ))
-            } else {
-                Verdict::Stale(format!(
-                    "event time {} is {behind} ms before the winner's {}, past the grace of \
-                     {grace_ms} ms",
-                    time(candidate),
-                    time(winner)
-                ))
-            };
-            (verdict, values)
+            Verdict::Stale(format!(
+                "event time {} is {behind} ms before the winner's {}, past the grace of \
+                 {grace_ms} ms",
+                time(candidate),
+                time(winner)
+            ))
         };
+        return (verdict, values);
     }
     if candidate.key == winner.key && candidate.order == winner.order {
         return (

@@ -110,7 +110,7 @@ fn a_crash_leaves_no_record_without_its_effect<B: Resolving>(b: B) {
     let stats = consume(&b, &cluster, &topic, &group, guard(), 20 - committed as u64);
     let why = explain(&b, &group, "dev");
     let state = why.state.unwrap();
-    assert_eq!(state.winner.key, "r20");
+    assert_eq!(state.winner.unwrap().key, "r20");
     assert_eq!(state.decisions, 20);
     let stale: Vec<_> = why
         .resolutions

@@ -111,7 +111,12 @@ fn random_interleavings_replay_byte_for_byte<B: Resolving>(cases: u32, new: impl
                     .resolutions
                     .iter()
                     .map(|x| &x.candidate)
-                    .chain(stored[entity].state.as_ref().map(|s| &s.winner))
+                    .chain(
+                        stored[entity]
+                            .state
+                            .as_ref()
+                            .and_then(|s| s.winner.as_ref()),
+                    )
                     .find(|c| &c.key == key)
                     .cloned();
                 let candidate = seen.unwrap_or_else(|| idempotent_consumer::resolve::Candidate {
@@ -141,7 +146,10 @@ fn random_interleavings_replay_byte_for_byte<B: Resolving>(cases: u32, new: impl
             for entity in &names {
                 let why = &stored[entity];
                 let state = why.state.as_ref().expect("every entity has a winner");
-                proptest::prop_assert_eq!(&state.winner.key, &winners[entity].key);
+                proptest::prop_assert_eq!(
+                    &state.winner.as_ref().unwrap().key,
+                    &winners[entity].key
+                );
                 let mut got: Vec<(String, ResolutionOutcome)> = why
                     .resolutions
                     .iter()

@@ -7,6 +7,7 @@
 mod common;
 mod crash;
 mod interleavings;
+mod store;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -197,8 +198,9 @@ fn the_newer_wins_whatever_the_arrival_order<B: Resolving>(b: B) {
     // each in the same commit.
     let why = explain(&b, &group, "d1");
     let state = why.state.expect("the entity's state");
-    assert_eq!(state.winner.key, "d1-r8");
-    assert_eq!(state.winner.order.sequence, Some(8));
+    let winner = state.winner.as_ref().unwrap();
+    assert_eq!(winner.key, "d1-r8");
+    assert_eq!(winner.order.sequence, Some(8));
     assert_eq!(state.decisions, 9, "every report but the duplicate");
     let not_applied_records = why
         .resolutions
@@ -285,6 +287,10 @@ fn contested() -> Vec<(String, i32, Vec<u8>)> {
         ("c-old", report("c", 0, t, 1)),
         ("d-now", report("d", 0, t, 1)),
         ("d-future", report("d", 0, now + 3_600_000, 2)),
+        // An entity's first report from the future: rejected, and no winner, so the next one
+        // (older by an hour) is simply the first winner.
+        ("e-future", report("e", 0, now + 3_600_000, 2)),
+        ("e-now", report("e", 0, t, 1)),
     ]
     .into_iter()
     .map(|(k, p)| (k.to_owned(), 0, p))
@@ -321,13 +327,26 @@ fn replaying_on_an_empty_store_gives_the_same_bytes<B: Resolving>(first: B, seco
     send(&cluster, &topic, &records);
     let n = records.len() as u64;
     let stats = consume(&first, &cluster, &topic, &group, lww(), n);
-    assert_eq!(stats.resolved_rejected, 1, "{stats:?}");
+    assert_eq!(stats.resolved_rejected, 2, "{stats:?}");
     let shadow = first.balances();
     assert_eq!(
-        (shadow["a"], shadow["b"], shadow["c"], shadow["d"]),
-        (2, 2, 2, 1),
-        "the later event, the tie-break's winner, the newer, the one not from the future: {shadow:?}"
+        (
+            shadow["a"],
+            shadow["b"],
+            shadow["c"],
+            shadow["d"],
+            shadow["e"]
+        ),
+        (2, 2, 2, 1, 1),
+        "the later event, the tie-break's winner, the newer, the one not from the future (twice): {shadow:?}"
     );
+    let e = explain(&first, &group, "e");
+    assert_eq!(
+        e.resolutions.len(),
+        1,
+        "only the rejection is recorded: {e:?}"
+    );
+    assert_eq!(e.resolutions[0].candidate.key, "e-future");
     let a = explain(&first, &group, "a");
     let a_early = a.resolutions.iter().find(|r| r.candidate.key == "a-early");
     let a_early = a_early.expect("a record for the report 900 ms older");
@@ -336,16 +355,24 @@ fn replaying_on_an_empty_store_gives_the_same_bytes<B: Resolving>(first: B, seco
         ResolutionOutcome::Superseded,
         "{a_early:?}"
     );
-    assert_eq!(a_early.winner.key, "a-late");
+    assert_eq!(a_early.winner.as_ref().unwrap().key, "a-late");
     let b_records = explain(&first, &group, "b").resolutions;
     assert_eq!(b_records.len(), 1, "the tie-break: {b_records:?}");
     assert!(b_records[0].reason.contains("tie-break"), "{b_records:?}");
     assert_eq!(
-        explain(&first, &group, "b").state.unwrap().winner.key,
+        explain(&first, &group, "b")
+            .state
+            .unwrap()
+            .winner
+            .unwrap()
+            .key,
         "b-y"
     );
     let d = explain(&first, &group, "d");
-    assert_eq!(d.state.as_ref().unwrap().winner.key, "d-now");
+    assert_eq!(
+        d.state.as_ref().unwrap().winner.as_ref().unwrap().key,
+        "d-now"
+    );
     let rejected = &d.resolutions[0];
     assert_eq!(rejected.outcome, ResolutionOutcome::Rejected);
     assert!(
@@ -366,7 +393,7 @@ fn replaying_on_an_empty_store_gives_the_same_bytes<B: Resolving>(first: B, seco
     let group_again = unique("group");
     let stats_again = consume(&second, &cluster, &topic, &group_again, lww(), n);
     assert_eq!(not_applied(&stats_again), not_applied(&stats));
-    let entities = ["a", "b", "c", "d"];
+    let entities = ["a", "b", "c", "d", "e"];
     assert_eq!(
         String::from_utf8(snapshot(&first, &group, &entities)).unwrap(),
         String::from_utf8(snapshot(&second, &group_again, &entities)).unwrap()
@@ -506,11 +533,11 @@ fn expired_records_are_purged_and_the_winner_stays<B: Resolving>(b: B) {
             .unwrap()
     });
     consumer.wait_for("records settled and their records purged", |s| {
-        // One record per entity: a superseded, a tie-break, a stale and a rejected report.
-        settled(s) == 8 && s.resolutions_purged == 4
+        // One record per entity: a superseded, a tie-break, a stale and two rejected reports.
+        settled(s) == 10 && s.resolutions_purged == 5
     });
     consumer.stop().unwrap();
-    for entity in ["a", "b", "c", "d"] {
+    for entity in ["a", "b", "c", "d", "e"] {
         let why = explain(&b, &group, entity);
         assert!(why.resolutions.is_empty(), "{entity}: {why:?}");
         assert!(why.state.is_some(), "{entity}'s winner is kept");

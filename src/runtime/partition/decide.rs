@@ -120,9 +120,11 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
         }
         // 3b. Resolve (feature `resolve`): the entity's winner decides whether it runs.
         #[cfg(feature = "resolve")]
-        if let Some(resolver) = &self.shared.config.resolver {
-            let resolver = resolver.clone();
-            return self.resolve(tx, item, key, store_key, &resolver).await;
+        if self.shared.config.resolver.is_some() {
+            // The shared config, not the resolver, is what is copied (an `Arc`).
+            let shared = self.shared.clone();
+            let resolver = shared.config.resolver.as_ref().expect("checked");
+            return self.resolve(tx, item, key, store_key, resolver).await;
         }
         // 4. Apply; 5. failure.
         self.apply(tx, item, key, store_key, None).await

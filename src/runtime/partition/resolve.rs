@@ -98,43 +98,52 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 return Ok(Step::Busy);
             }
         };
-        let previous = stored.as_ref().map(|s| s.winner.clone());
-        let decision = resolver.policy().decide(previous.as_ref(), &candidate);
+        let policy = resolver.policy();
+        let winner = stored.as_ref().and_then(|s| s.winner.as_ref());
+        let decision = policy.decide(winner, &candidate);
         let outcome = decision.verdict.outcome();
-        let mut state = stored.unwrap_or_else(|| EntityState {
-            entity: entity.clone(),
-            winner: candidate.clone(),
+        let applied = outcome == ResolutionOutcome::Applied;
+        // The common case, newer and nothing to record, moves the candidate into the state and
+        // copies nothing; a recorded decision copies what its record keeps.
+        let recorded = decision.verdict != Verdict::Newer;
+        let mut state = stored.unwrap_or(EntityState {
+            entity,
+            winner: None,
             resolutions: 0,
             decisions: 0,
         });
         state.decisions += 1;
-        if outcome == ResolutionOutcome::Applied {
-            state.winner = candidate.clone();
-        }
-        let resolution = (decision.verdict != Verdict::Newer).then(|| {
+        let resolution = recorded.then(|| {
             let seq = state.resolutions;
             state.resolutions += 1;
             Resolution {
-                entity,
+                entity: state.entity.clone(),
                 seq,
                 outcome,
-                rule: decision.rule,
-                rule_version: decision.rule_version,
+                rule: policy.rule_name().to_owned(),
+                rule_version: policy.rule_version(),
                 reason: decision.verdict.reason().to_owned(),
                 compared: decision.compared,
-                candidate,
-                previous_winner: previous,
-                winner: state.winner.clone(),
+                winner: if applied {
+                    Some(candidate.clone())
+                } else {
+                    state.winner.clone()
+                },
+                candidate: candidate.clone(),
+                previous_winner: state.winner.clone(),
                 decided_at_ms: record.timestamp_ms().unwrap_or(self.batch_now),
             }
         });
+        if applied {
+            state.winner = Some(candidate);
+        }
         if let Some(r) = &resolution {
             tracing::info!(
                 entity = %r.entity,
                 outcome = outcome.as_str(),
                 rule = %r.rule,
                 reason = %r.reason,
-                winner_offset = r.winner.offset,
+                winner_offset = r.winner.as_ref().map(|w| w.offset),
                 "resolved"
             );
         }

@@ -3,9 +3,11 @@
 //! (undone by its savepoints, committed with its position), read from outside the runtime, and
 //! the bounded purge of expired records.
 //!
-//! An entity is locked like a claim: its row is inserted if missing (a concurrent insert of the
-//! same entity waits on the primary key) and read `FOR UPDATE`, so a batch of another instance
-//! deciding a record of the same entity waits for this one's commit and then reads its winner.
+//! An entity is locked like a claim, in one statement: its row is inserted, or, when it is
+//! there, updated to itself, which locks it as `FOR UPDATE` would and returns the stored state
+//! (a concurrent insert of the same entity waits on the primary key, a concurrent lock on the
+//! row), so a batch of another instance deciding a record of the same entity waits for this
+//! one's commit and then reads its winner.
 //! Two batches locking two entities in opposite orders are a deadlock the server breaks: the
 //! victim's batch is tried again (a transient failure).
 
@@ -19,7 +21,6 @@ use crate::resolve::{Entities, EntityLock, EntityState, Resolution};
 
 /// The statements, built once from the validated table names.
 pub(super) struct ResolveSql {
-    make_entity: SqlStr,
     lock_entity: SqlStr,
     put_entity: SqlStr,
     put_resolution: SqlStr,
@@ -33,13 +34,11 @@ impl ResolveSql {
         let entities = format!("\"{schema}\".\"{prefix}entities\"");
         let resolutions = format!("\"{schema}\".\"{prefix}resolutions\"");
         ResolveSql {
-            make_entity: statement(format!(
-                "INSERT INTO {entities} (consumer_group, entity) VALUES ($1, $2) \
-                 ON CONFLICT (consumer_group, entity) DO NOTHING"
-            )),
             lock_entity: statement(format!(
-                "SELECT state::text FROM {entities} WHERE consumer_group = $1 AND entity = $2 \
-                 FOR UPDATE"
+                "INSERT INTO {entities} (consumer_group, entity) VALUES ($1, $2) \
+                 ON CONFLICT (consumer_group, entity) \
+                 DO UPDATE SET consumer_group = EXCLUDED.consumer_group \
+                 RETURNING state::text"
             )),
             put_entity: statement(format!(
                 "INSERT INTO {entities} AS e (consumer_group, entity, state, updated_at) \
@@ -84,12 +83,6 @@ impl PgTx {
     pub(super) async fn lock_entity_row(&mut self, entity: &str) -> Result<EntityLock> {
         let sql = &self.store.resolve;
         let group = &self.partition.group;
-        sqlx::query(sql.make_entity.clone())
-            .bind(group)
-            .bind(entity)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(pg("locking an entity"))?;
         let state: Option<String> = sqlx::query_scalar(sql.lock_entity.clone())
             .bind(group)
             .bind(entity)
