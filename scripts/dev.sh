@@ -2,7 +2,8 @@
 # One entry point for the README's two commands.
 #
 #   scripts/dev.sh quickstart   run the quickstart on the embedded store (no services needed)
-#   scripts/dev.sh test         fmt, clippy, docs and the whole test suite
+#   scripts/dev.sh test         fmt, clippy, docs and the whole test suite (the dashboard's
+#                               test loads its page in headless Chromium, installed if missing)
 #   scripts/dev.sh bench        the throughput benchmark (release build; flags pass through)
 #   scripts/dev.sh bench-http   idempotency keys over HTTP against the plain handler
 #
@@ -27,6 +28,13 @@ cd "$(dirname "$0")/.."
 
 log() { printf '==> %s\n' "$*" >&2; }
 
+# Installs Debian packages (as root; the callers check).
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
 ensure_packages() {
     local missing=()
     local pkg
@@ -42,9 +50,25 @@ ensure_packages() {
         exit 1
     fi
     log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    apt_install "${missing[@]}"
+}
+
+# The browser the dashboard's test loads its page in: Debian's chromium (or $CHROMIUM),
+# installed with apt-get as root, else the command is printed and the script stops.
+ensure_browser() {
+    if [ -n "${CHROMIUM:-}" ]; then
+        [ -x "$CHROMIUM" ] || { echo "CHROMIUM=$CHROMIUM is not an executable" >&2; exit 1; }
+        return 0
+    fi
+    [ -x /usr/bin/chromium ] && return 0
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "the dashboard's browser test needs Debian's chromium; install it with:" >&2
+        echo "  sudo apt-get update && sudo apt-get install -y chromium" >&2
+        echo "or set CHROMIUM to a Chromium or Chrome binary" >&2
+        exit 1
+    fi
+    log "installing chromium"
+    apt_install chromium
 }
 
 # Every throwaway server started by this script, stopped and removed on exit.
@@ -93,9 +117,7 @@ start_postgres() {
             exit 1
         fi
         log "installing postgresql"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+        apt_install postgresql
         bindir=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
     fi
     PG_CTL="$bindir/pg_ctl"
@@ -140,6 +162,7 @@ case "${1:-}" in
         ;;
     test)
         ensure_packages
+        ensure_browser
         start=$(date +%s)
         log "cargo fmt --check"
         cargo fmt --all -- --check
@@ -185,6 +208,8 @@ case "${1:-}" in
         cargo run --quiet --all-features --example payments_http -- demo
         log "device shadow example (resolver)"
         cargo run --quiet --all-features --example device_shadow
+        log "dashboard example (served by a running consumer, read back over HTTP)"
+        cargo run --quiet --all-features --example dashboard -- --listen 127.0.0.1:0 --seconds 8
         if [ -n "$chaos_log" ]; then
             chaos_rc=0
             wait "$chaos_pid" || chaos_rc=$?

@@ -169,6 +169,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "dashboard")]
+pub mod dashboard;
 mod dead_letter;
 mod error;
 mod handler;
@@ -176,6 +178,8 @@ mod hex;
 #[cfg(feature = "http")]
 pub mod http;
 mod identity;
+#[cfg(any(feature = "cli", feature = "dashboard"))]
+mod lag;
 mod metrics;
 #[cfg(feature = "cli")]
 pub mod ops;

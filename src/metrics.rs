@@ -430,6 +430,20 @@ impl StatsSnapshot {
     pub fn duplicates(&self) -> u64 {
         self.duplicates_redelivery + self.duplicates_repeated_key
     }
+
+    /// Records with an outcome, each once: applied, duplicates, dead letters (a conflict
+    /// dead-lettered among them), conflicts skipped and recorded, and the resolver's decisions
+    /// not to apply.
+    pub fn settled(&self) -> u64 {
+        self.applied
+            + self.duplicates()
+            + self.dead_lettered
+            + self.conflicts_skipped
+            + self.resolved_superseded
+            + self.resolved_stale
+            + self.resolved_conflict
+            + self.resolved_rejected
+    }
 }
 
 #[cfg(test)]

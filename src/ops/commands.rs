@@ -333,12 +333,6 @@ async fn entry<S: Inspect + Sync>(
     Ok(Doc { json, human })
 }
 
-/// What the broker says of one partition.
-struct BrokerSide {
-    committed: Option<i64>,
-    high_watermark: i64,
-}
-
 async fn positions<S: Inspect>(
     store: &S,
     group: &str,
@@ -346,7 +340,15 @@ async fn positions<S: Inspect>(
 ) -> Result<Doc, Failure> {
     let positions = known_group(store, group).await?;
     let broker = match bootstrap {
-        Some(servers) => Some(broker_side(servers, group, &positions)?),
+        Some(servers) => {
+            let partitions: Vec<&PartitionId> = positions.iter().map(|(p, _)| p).collect();
+            let consumer = client(servers, group)?;
+            Some(crate::lag::broker_side(
+                &consumer,
+                &partitions,
+                Duration::from_secs(10),
+            )?)
+        }
         None => None,
     };
     let rows: Vec<Value> = positions
@@ -361,7 +363,7 @@ async fn positions<S: Inspect>(
                 "epoch": s.epoch,
                 "committed_offset": b.and_then(|b| b.committed),
                 "high_watermark": b.map(|b| b.high_watermark),
-                "lag": b.map(|b| (b.high_watermark - s.next_offset.unwrap_or(0)).max(0)),
+                "lag": b.map(|b| b.lag(s)),
             })
         })
         .collect();
@@ -402,54 +404,7 @@ pub(super) fn client(
     servers: &str,
     group: &str,
 ) -> Result<rdkafka::consumer::BaseConsumer, Failure> {
-    rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", servers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(|e| Failure::Input(format!("the Kafka client refused its settings: {e}")))
-}
-
-/// The group's committed offsets and the partitions' high watermarks, asked of the broker.
-fn broker_side(
-    servers: &str,
-    group: &str,
-    positions: &[(PartitionId, StoredPosition)],
-) -> Result<Vec<BrokerSide>, Failure> {
-    use rdkafka::consumer::Consumer;
-    use rdkafka::{Offset, TopicPartitionList};
-    let timeout = Duration::from_secs(10);
-    let consumer = client(servers, group)?;
-    let mut list = TopicPartitionList::new();
-    for (p, _) in positions {
-        list.add_partition(&p.topic, p.partition);
-    }
-    let committed = consumer
-        .committed_offsets(list, timeout)
-        .map_err(|e| Failure::Service(format!("asking the broker for committed offsets: {e}")))?;
-    positions
-        .iter()
-        .map(|(p, _)| {
-            let (_, high) = consumer
-                .fetch_watermarks(&p.topic, p.partition, timeout)
-                .map_err(|e| {
-                    Failure::Service(format!(
-                        "asking the broker for {}/{}'s watermarks: {e}",
-                        p.topic, p.partition
-                    ))
-                })?;
-            let committed = committed
-                .find_partition(&p.topic, p.partition)
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                });
-            Ok(BrokerSide {
-                committed,
-                high_watermark: high,
-            })
-        })
-        .collect()
+    Ok(crate::lag::client(servers, group)?)
 }
 
 fn letter_row(d: &DeadLetter) -> Value {

@@ -322,6 +322,15 @@ impl From<crate::Error> for Failure {
     }
 }
 
+impl From<crate::lag::AskError> for Failure {
+    fn from(e: crate::lag::AskError) -> Self {
+        match e {
+            crate::lag::AskError::Settings(message) => Failure::Input(message),
+            crate::lag::AskError::Broker(message) => Failure::Service(message),
+        }
+    }
+}
+
 /// Runs `idc` with the process's arguments: what the binary does.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();

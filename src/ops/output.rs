@@ -55,12 +55,7 @@ pub(super) fn bytes(b: &[u8]) -> Value {
 }
 
 /// Bytes for people: the text when they are printable UTF-8, else hex.
-pub(super) fn shown(b: &[u8]) -> String {
-    match std::str::from_utf8(b) {
-        Ok(s) if !s.chars().any(char::is_control) => s.to_owned(),
-        _ => format!("0x{}", hex(b)),
-    }
-}
+pub(super) use crate::hex::shown;
 
 pub(super) use crate::hex::hex;
 
