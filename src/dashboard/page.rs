@@ -187,6 +187,20 @@ fn partitions(out: &mut String, s: &Summary) {
         partition_row(out, p);
     }
     out.push_str("</tbody></table>");
+    let none = if s.partitions.is_empty() {
+        format!(
+            "The store has no partition of group {} yet: its consumer has not been assigned \
+             one, or the group is another.",
+            s.group
+        )
+    } else {
+        String::new()
+    };
+    let _ = write!(
+        out,
+        "<p class=\"muted\" id=\"no-partitions\">{}</p>",
+        escape(&none)
+    );
     let broker = match &s.broker {
         super::summary::BrokerState::NotConfigured => {
             "No broker configured: the Kafka columns stay empty.".to_owned()
@@ -355,6 +369,35 @@ mod tests {
         assert_eq!(
             escape("<script>\"a\" & 'b'</script>"),
             "&lt;script&gt;&quot;a&quot; &amp; &#39;b&#39;&lt;/script&gt;"
+        );
+    }
+
+    #[test]
+    fn a_group_the_store_does_not_know_says_so() {
+        let s = Summary {
+            group: "<g>".into(),
+            taken_at_ms: 0,
+            refresh_ms: 2_000,
+            partitions: Vec::new(),
+            total_lag: None,
+            broker: super::super::summary::BrokerState::NotConfigured,
+            counters: None,
+            rates: Vec::new(),
+            dead_letters: super::super::summary::DeadLetters {
+                total: 0,
+                by_reason: Vec::new(),
+                latest: Vec::new(),
+            },
+            audit: Vec::new(),
+        };
+        let html = index(&s, "/");
+        assert!(
+            html.contains("no partition of group &lt;g&gt; yet"),
+            "{html}"
+        );
+        assert!(
+            html.contains("id=\"rates-missing\""),
+            "without counters, says where they come from"
         );
     }
 

@@ -60,6 +60,13 @@
         cell(tr, opt(p[field]), "num").id = id + "-" + field;
       }
     });
+    setText(
+      "no-partitions",
+      s.partitions.length === 0
+        ? "The store has no partition of group " + s.group +
+            " yet: its consumer has not been assigned one, or the group is another."
+        : ""
+    );
     const b = s.broker;
     setText(
       "broker",
