@@ -9,16 +9,21 @@
 //!   killed (`kill -9`), frozen past its session, resumed or stopped gracefully while the test
 //!   reads the counters it reports;
 //! - [`ThrowawayDb`] (with feature `postgres`): a PostgreSQL database of its own per test or
-//!   run, dropped with the value.
+//!   run, dropped with the value;
+//! - [`HandlerHarness`]: a user's handler run through crashes between handler and commit,
+//!   redeliveries, repeated keys and conflicts on a store of its own per scenario, with a
+//!   [`Report`] of what was lost or doubled (module [`harness`]).
 //!
 //! Nothing here is meant for production code paths.
 
 mod broker;
+pub mod harness;
 mod process;
 #[cfg(feature = "postgres")]
 mod throwaway_db;
 
 pub use broker::{BrokerProcess, serve_mock_broker};
+pub use harness::{HandlerHarness, HarnessStore, Report, Scenario, ScenarioReport, Workload};
 pub use process::{ConsumerProcess, serve_reporting};
 
 #[cfg(feature = "postgres")]
