@@ -1,7 +1,8 @@
 //! The test kit as a user meets it: a payments handler proven exactly-once with
 //! `HandlerHarness` on RocksDB and on PostgreSQL (crashes between handler and commit, a
-//! redelivery of everything after a rewind, repeated keys, a conflicting repeat), and a handler
-//! that writes its effect outside the store's transaction caught doubling payments.
+//! redelivery of everything after a rewind, repeated keys, a conflicting repeat, and on
+//! PostgreSQL a rebalance mid-stream between two instances), and a handler that writes its
+//! effect outside the store's transaction caught doubling payments.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -109,7 +110,7 @@ fn postgres_payments_are_exactly_once() {
     };
     let report = HandlerHarness::new(stores, || PgPayments).run(
         &payments(),
-        &SCENARIOS,
+        &[&SCENARIOS[..], &[Scenario::RebalanceMidStream]].concat(),
         async |store| {
             let rows: Vec<(String, i64)> =
                 sqlx::query_as("SELECT key, count(*) FROM paid GROUP BY key")
@@ -163,4 +164,15 @@ fn a_handler_writing_outside_the_transaction_is_caught_doubling() {
         .expect_err("the report fails the test");
     let message = shown.downcast_ref::<String>().unwrap();
     assert!(message.contains("doubled: pay-"), "{message}");
+}
+
+#[test]
+#[should_panic(expected = "needs a store two consumer instances share")]
+fn a_rebalance_on_a_store_of_one_process_is_refused() {
+    HandlerHarness::new(RocksDbStores, || Payments).run(
+        &payments(),
+        &[Scenario::RebalanceMidStream],
+        async |_| BTreeMap::new(),
+        async |_, _| Ok(()),
+    );
 }

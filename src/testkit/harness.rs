@@ -182,6 +182,11 @@ pub enum Scenario {
     /// Consumes the workload, then rewinds every partition of the store to offset 0 and
     /// consumes it all again: every record is redelivered.
     RedeliveryAfterRewind,
+    /// One consumer until the first third of the workload (sent alone) is committed; then a
+    /// second instance joins the group and the rest is sent while the group rebalances
+    /// (partitions move while records are in flight), and both finish. Needs a store the
+    /// instances share ([`HarnessStore::SHARED`]).
+    RebalanceMidStream,
 }
 
 impl fmt::Display for Scenario {
@@ -192,6 +197,7 @@ impl fmt::Display for Scenario {
                 write!(f, "crash before commit ×{crashes}")
             }
             Scenario::RedeliveryAfterRewind => f.write_str("redelivery after a rewind"),
+            Scenario::RebalanceMidStream => f.write_str("rebalance mid-stream"),
         }
     }
 }
@@ -310,6 +316,8 @@ pub trait HarnessStore {
     type Store: Store + Inspect + Clone;
     /// What keeps a scenario's store alive between incarnations (a directory, a database).
     type Kept;
+    /// Whether two consumer instances may use the store at once (a group sharing it).
+    const SHARED: bool = false;
     /// A new, empty store for a scenario.
     fn fresh(&self, rt: &tokio::runtime::Runtime) -> Self::Kept;
     /// Opens the scenario's store.
@@ -374,6 +382,7 @@ pub struct PostgresStores {
 impl HarnessStore for PostgresStores {
     type Store = crate::PgStore;
     type Kept = super::ThrowawayDb;
+    const SHARED: bool = true;
 
     fn fresh(&self, rt: &tokio::runtime::Runtime) -> super::ThrowawayDb {
         let name = format!("idc_harness_{}", &crate::store::new_id()[..16]);
@@ -536,7 +545,13 @@ where
             let group = format!("{topic}-group");
             broker.create_topic(&rt, &topic, workload.partitions);
             broker.create_topic(&rt, &format!("{topic}.dlq"), 1);
-            let ends = produce(&broker.bootstrap(), &topic, workload);
+            let ends = ends_of(workload);
+            // A rebalance scenario sends the rest once the second instance starts.
+            let first = match scenario {
+                Scenario::RebalanceMidStream => workload.records.len() / 3,
+                _ => workload.records.len(),
+            };
+            produce(&broker.bootstrap(), &topic, &workload.records[..first]);
             let mut run = Run {
                 harness: self,
                 kept: &kept,
@@ -562,6 +577,15 @@ where
                         run.incarnation(Some(1 + (seed >> 33) % (left / 2).max(1)));
                     }
                     run.incarnation(None);
+                }
+                Scenario::RebalanceMidStream => {
+                    assert!(
+                        P::SHARED,
+                        "Scenario::RebalanceMidStream needs a store two consumer instances \
+                         share (PostgreSQL, the memory store); a RocksDB directory is one \
+                         process's"
+                    );
+                    run.rebalance(workload);
                 }
                 Scenario::RedeliveryAfterRewind => {
                     run.incarnation(None);
@@ -633,14 +657,30 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Produces the workload; returns each partition's end offset.
-fn produce(bootstrap: &str, topic: &str, workload: &Workload) -> Vec<i64> {
-    let producer: BaseProducer = ClientConfig::new()
+/// Each partition's end offset once the whole workload is sent.
+fn ends_of(workload: &Workload) -> Vec<i64> {
+    let mut ends = vec![0i64; workload.partitions as usize];
+    for r in &workload.records {
+        ends[r.partition as usize] += 1;
+    }
+    ends
+}
+
+/// Sends `records`, in order, and waits until every one is acknowledged.
+fn produce(bootstrap: &str, topic: &str, records: &[WorkRecord]) {
+    send(&producer(bootstrap), topic, records);
+}
+
+fn producer(bootstrap: &str) -> BaseProducer {
+    ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .create()
-        .expect("creating the harness's producer");
-    let mut ends = vec![0i64; workload.partitions as usize];
-    for r in &workload.records {
+        .expect("creating the harness's producer")
+}
+
+fn send(producer: &BaseProducer, topic: &str, records: &[WorkRecord]) {
+    for r in records {
         let headers = OwnedHeaders::new().insert(Header {
             key: DEFAULT_KEY_HEADER,
             value: Some(r.key.as_bytes()),
@@ -666,13 +706,11 @@ fn produce(bootstrap: &str, topic: &str, workload: &Workload) -> Vec<i64> {
                 }
             }
         }
-        ends[r.partition as usize] += 1;
         producer.poll(Duration::ZERO);
     }
     producer
         .flush(Duration::from_secs(30))
         .expect("flushing the workload");
-    ends
 }
 
 /// One scenario's consumer incarnations on its store.
@@ -715,9 +753,9 @@ where
         left
     }
 
-    /// Starts a consumer; with `crash_after`, drops it when its handler has succeeded that many
-    /// times (or when nothing is left), else stops it once everything is committed.
-    fn incarnation(&mut self, crash_after: Option<u64>) {
+    /// Starts a consumer on a runtime of its own; with `crash_after`, its handler hangs after
+    /// that many successes.
+    fn start(&self, crash_after: Option<u64>) -> Running<P::Store> {
         let rt = runtime();
         let store = self.harness.stores.open(self.kept, &rt);
         let crashed = Arc::new(tokio::sync::Notify::new());
@@ -745,27 +783,52 @@ where
         let task = rt.spawn(runtime.run(async {
             let _ = stopped.await;
         }));
-        let crashed_now = rt.block_on(async {
+        Running {
+            rt,
+            store,
+            crashed,
+            stats,
+            stop,
+            task,
+        }
+    }
+
+    /// Waits until at most `left` records are left uncommitted (false), or `running` crashed
+    /// (true).
+    fn wait(&self, running: &Running<P::Store>, left: u64) -> bool {
+        running.rt.block_on(async {
             loop {
                 tokio::select! {
-                    () = crashed.notified() => return true,
+                    () = running.crashed.notified() => return true,
                     () = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
                 assert!(
-                    !task.is_finished(),
+                    !running.task.is_finished(),
                     "the consumer stopped on its own; run it alone to see why"
                 );
                 assert!(
                     self.started.elapsed() < SCENARIO_TIMEOUT,
                     "the scenario made no progress in {SCENARIO_TIMEOUT:?}"
                 );
-                if self.left_in(&store).await == 0 {
+                if self.left_in(&running.store).await <= left {
                     return false;
                 }
             }
-        });
-        if crashed_now {
-            // Every task dropped where it stands: the open batch never commits.
+        })
+    }
+
+    /// Stops a consumer gracefully, or drops it where it stands (a crash: every task dropped,
+    /// the open batch never commits); counts what it committed.
+    fn end(&mut self, running: Running<P::Store>, crashed: bool) {
+        let Running {
+            rt,
+            store,
+            stats,
+            stop,
+            task,
+            ..
+        } = running;
+        if crashed {
             drop(store);
             drop(rt);
             self.crashes += 1;
@@ -778,6 +841,43 @@ where
         }
         add(&mut self.counted, &stats.snapshot());
     }
+
+    /// One consumer until everything is committed, or until its crash.
+    fn incarnation(&mut self, crash_after: Option<u64>) {
+        let running = self.start(crash_after);
+        let crashed = self.wait(&running, 0);
+        self.end(running, crashed);
+    }
+
+    /// One consumer until the first third of the workload (all that was sent) is committed;
+    /// then a second one joins the group and the rest is sent while the group rebalances;
+    /// both run until everything is committed.
+    fn rebalance(&mut self, workload: &Workload) {
+        let sent = workload.records.len() / 3;
+        let first = self.start(None);
+        self.wait(&first, (workload.records.len() - sent) as u64);
+        let second = self.start(None);
+        // Spread over about five seconds: the stream goes on through the rebalance.
+        let rest = &workload.records[sent..];
+        let producer = producer(&self.bootstrap);
+        for chunk in rest.chunks(rest.len().div_ceil(50).max(1)) {
+            send(&producer, self.topic, chunk);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.wait(&second, 0);
+        self.end(first, false);
+        self.end(second, false);
+    }
+}
+
+/// A consumer incarnation running on its own tokio runtime.
+struct Running<S> {
+    rt: tokio::runtime::Runtime,
+    store: S,
+    crashed: Arc<tokio::sync::Notify>,
+    stats: Arc<crate::metrics::Stats>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<crate::Result<()>>,
 }
 
 fn add(total: &mut StatsSnapshot, s: &StatsSnapshot) {
