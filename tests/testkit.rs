@@ -102,12 +102,9 @@ impl Handler<PgTx> for PgPayments {
 
 #[test]
 fn postgres_payments_are_exactly_once() {
-    let stores = PostgresStores {
-        admin_url: std::env::var("DATABASE_URL")
-            .expect("DATABASE_URL: the README's test command sets it"),
-        // No primary key on purpose: a payment applied twice would be two rows.
-        setup: "CREATE TABLE paid (key text NOT NULL, amount bigint NOT NULL)".into(),
-    };
+    let admin_url = std::env::var("DATABASE_URL").expect("DATABASE_URL: the test command sets it");
+    // No primary key on purpose: a payment applied twice would be two rows.
+    let stores = PostgresStores::new(admin_url, "CREATE TABLE paid (key text, amount bigint)");
     let report = HandlerHarness::new(stores, || PgPayments).run(
         &payments(),
         &[&SCENARIOS[..], &[Scenario::RebalanceMidStream]].concat(),

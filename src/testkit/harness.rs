@@ -372,10 +372,29 @@ impl HarnessStore for RocksDbStores {
 #[cfg(feature = "postgres")]
 #[derive(Debug, Clone)]
 pub struct PostgresStores {
-    /// The server, as a URL its user may create databases with.
-    pub admin_url: String,
-    /// Statements run in each new database first (the handler's own tables).
-    pub setup: String,
+    admin_url: String,
+    setup: String,
+    options: crate::PgOptions,
+}
+
+#[cfg(feature = "postgres")]
+impl PostgresStores {
+    /// Databases on the server at `admin_url` (a URL whose user may create databases), each
+    /// set up with `setup` first (the handler's own tables; may be empty), opened with the
+    /// default [`PgOptions`](crate::PgOptions).
+    pub fn new(admin_url: impl Into<String>, setup: impl Into<String>) -> Self {
+        PostgresStores {
+            admin_url: admin_url.into(),
+            setup: setup.into(),
+            options: crate::PgOptions::default(),
+        }
+    }
+
+    /// The options the stores are opened with (schema, table prefix, pool), as the service's.
+    pub fn options(mut self, options: crate::PgOptions) -> Self {
+        self.options = options;
+        self
+    }
 }
 
 #[cfg(feature = "postgres")]
@@ -395,7 +414,7 @@ impl HarnessStore for PostgresStores {
     }
 
     fn open(&self, db: &super::ThrowawayDb, rt: &tokio::runtime::Runtime) -> crate::PgStore {
-        rt.block_on(crate::PgStore::connect(db.url()))
+        rt.block_on(crate::PgStore::connect_with(db.url(), self.options.clone()))
             .expect("connecting the scenario's store")
     }
 }
