@@ -1,0 +1,341 @@
+//! One scenario's consumer incarnations: the handler wrapped to crash, the broker, the
+//! workload sent, consumers started, waited on, stopped or dropped.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+
+use super::{HandlerHarness, HarnessStore, SCENARIO_TIMEOUT, WorkRecord, Workload, runtime};
+use crate::handler::{Handler, HandlerError, Outcome};
+use crate::identity::DEFAULT_KEY_HEADER;
+use crate::metrics::StatsSnapshot;
+use crate::record::Record;
+use crate::runtime::Runtime;
+use crate::store::{DedupEntry, Inspect, PartitionId, Store};
+
+/// The handler under test, crashing the incarnation right after its `crash_after`-th success.
+struct Crashing<H> {
+    inner: H,
+    calls: std::sync::atomic::AtomicU64,
+    crash_after: Option<u64>,
+    crashed: Arc<tokio::sync::Notify>,
+}
+
+impl<T: crate::Transaction, H: Handler<T>> Handler<T> for Crashing<H> {
+    async fn handle(&self, record: &Record, tx: &mut T) -> Result<Outcome, HandlerError> {
+        let outcome = self.inner.handle(record, tx).await?;
+        let done = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if self.crash_after == Some(done) {
+            // The effects are written, the batch is open: the process dies here.
+            self.crashed.notify_one();
+            std::future::pending::<()>().await;
+        }
+        Ok(outcome)
+    }
+
+    async fn on_duplicate(
+        &self,
+        record: &Record,
+        entry: &DedupEntry,
+        cause: crate::DuplicateCause,
+    ) {
+        self.inner.on_duplicate(record, entry, cause).await;
+    }
+
+    async fn on_conflict(&self, record: &Record, entry: &DedupEntry) {
+        self.inner.on_conflict(record, entry).await;
+    }
+
+    #[cfg(feature = "resolve")]
+    async fn on_superseded(
+        &self,
+        record: &Record,
+        resolution: &crate::resolve::Resolution,
+        tx: &mut T,
+    ) -> Result<(), HandlerError> {
+        self.inner.on_superseded(record, resolution, tx).await
+    }
+}
+
+/// Where the scenarios' topics live.
+pub(super) enum Broker {
+    Mock(MockCluster<'static, DefaultProducerContext>),
+    External(String),
+}
+
+impl Broker {
+    pub(super) fn start() -> Self {
+        match std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
+            Ok(servers) if !servers.is_empty() => Broker::External(servers),
+            _ => Broker::Mock(MockCluster::new(1).expect("starting librdkafka's mock cluster")),
+        }
+    }
+
+    pub(super) fn bootstrap(&self) -> String {
+        match self {
+            Broker::Mock(mock) => mock.bootstrap_servers(),
+            Broker::External(servers) => servers.clone(),
+        }
+    }
+
+    pub(super) fn create_topic(&self, rt: &tokio::runtime::Runtime, topic: &str, partitions: i32) {
+        match self {
+            Broker::Mock(mock) => mock
+                .create_topic(topic, partitions, 1)
+                .expect("creating a topic on the mock cluster"),
+            Broker::External(servers) => {
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", servers)
+                    .create()
+                    .expect("creating the admin client");
+                let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+                for r in rt
+                    .block_on(admin.create_topics([&new], &AdminOptions::new()))
+                    .expect("creating a topic")
+                {
+                    r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+                }
+            }
+        }
+    }
+}
+
+/// Each partition's end offset once the whole workload is sent.
+pub(super) fn ends_of(workload: &Workload) -> Vec<i64> {
+    let mut ends = vec![0i64; workload.partitions as usize];
+    for r in &workload.records {
+        ends[r.partition as usize] += 1;
+    }
+    ends
+}
+
+/// Sends `records`, in order, and waits until every one is acknowledged.
+pub(super) fn produce(bootstrap: &str, topic: &str, records: &[WorkRecord]) {
+    send(&producer(bootstrap), topic, records);
+}
+
+fn producer(bootstrap: &str) -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("creating the harness's producer")
+}
+
+fn send(producer: &BaseProducer, topic: &str, records: &[WorkRecord]) {
+    for r in records {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: DEFAULT_KEY_HEADER,
+            value: Some(r.key.as_bytes()),
+        });
+        let mut record = BaseRecord::to(topic)
+            .partition(r.partition)
+            .key(r.key.as_bytes())
+            .payload(&r.payload)
+            .headers(headers);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((e, back)) => {
+                    assert!(
+                        matches!(
+                            e.rdkafka_error_code(),
+                            Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                        ),
+                        "producing the workload: {e}"
+                    );
+                    record = back;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer
+        .flush(Duration::from_secs(30))
+        .expect("flushing the workload");
+}
+
+/// One scenario's consumer incarnations on its store.
+pub(super) struct Run<'a, P: HarnessStore, M> {
+    pub(super) harness: &'a HandlerHarness<P, M>,
+    pub(super) kept: &'a P::Kept,
+    pub(super) bootstrap: String,
+    pub(super) topic: &'a str,
+    pub(super) group: &'a str,
+    pub(super) ends: &'a [i64],
+    pub(super) counted: StatsSnapshot,
+    pub(super) crashes: u32,
+    pub(super) started: Instant,
+}
+
+impl<P, M, H> Run<'_, P, M>
+where
+    P: HarnessStore,
+    M: Fn() -> H,
+    H: Handler<<P::Store as Store>::Tx>,
+{
+    /// Records not committed yet, by the store's positions.
+    pub(super) fn left(&self, rt: &tokio::runtime::Runtime) -> u64 {
+        let store = self.harness.stores.open(self.kept, rt);
+        rt.block_on(self.left_in(&store))
+    }
+
+    async fn left_in(&self, store: &P::Store) -> u64 {
+        let mut left = 0;
+        for (p, end) in self.ends.iter().enumerate() {
+            let id = PartitionId::new(self.group, self.topic, p as i32);
+            let next = store
+                .position(&id)
+                .await
+                .expect("reading a position")
+                .and_then(|s| s.next_offset)
+                .unwrap_or(0);
+            left += (end - next).max(0) as u64;
+        }
+        left
+    }
+
+    /// Starts a consumer on a runtime of its own; with `crash_after`, its handler hangs after
+    /// that many successes.
+    fn start(&self, crash_after: Option<u64>) -> Running<P::Store> {
+        let rt = runtime();
+        let store = self.harness.stores.open(self.kept, &rt);
+        let crashed = Arc::new(tokio::sync::Notify::new());
+        let handler = Crashing {
+            inner: (self.harness.make)(),
+            calls: Default::default(),
+            crash_after,
+            crashed: crashed.clone(),
+        };
+        let mut builder = Runtime::builder()
+            .bootstrap_servers(&self.bootstrap)
+            .group_id(self.group)
+            .topics([self.topic])
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500");
+        if let Some(configure) = &self.harness.configure {
+            builder = configure(builder);
+        }
+        let runtime = builder
+            .store(store.clone())
+            .build(handler)
+            .expect("building the consumer");
+        let stats = runtime.stats();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = rt.spawn(runtime.run(async {
+            let _ = stopped.await;
+        }));
+        Running {
+            rt,
+            store,
+            crashed,
+            stats,
+            stop,
+            task,
+        }
+    }
+
+    /// Waits until at most `left` records are left uncommitted (false), or `running` crashed
+    /// (true).
+    fn wait(&self, running: &Running<P::Store>, left: u64) -> bool {
+        running.rt.block_on(async {
+            loop {
+                tokio::select! {
+                    () = running.crashed.notified() => return true,
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+                assert!(
+                    !running.task.is_finished(),
+                    "the consumer stopped on its own; run it alone to see why"
+                );
+                assert!(
+                    self.started.elapsed() < SCENARIO_TIMEOUT,
+                    "the scenario made no progress in {SCENARIO_TIMEOUT:?}"
+                );
+                if self.left_in(&running.store).await <= left {
+                    return false;
+                }
+            }
+        })
+    }
+
+    /// Stops a consumer gracefully, or drops it where it stands (a crash: every task dropped,
+    /// the open batch never commits); counts what it committed.
+    fn end(&mut self, running: Running<P::Store>, crashed: bool) {
+        let Running {
+            rt,
+            store,
+            stats,
+            stop,
+            task,
+            ..
+        } = running;
+        if crashed {
+            drop(store);
+            drop(rt);
+            self.crashes += 1;
+        } else {
+            let _ = stop.send(());
+            rt.block_on(task)
+                .expect("the consumer task panicked")
+                .expect("the consumer failed");
+            drop(store);
+        }
+        add(&mut self.counted, &stats.snapshot());
+    }
+
+    /// One consumer until everything is committed, or until its crash.
+    pub(super) fn incarnation(&mut self, crash_after: Option<u64>) {
+        let running = self.start(crash_after);
+        let crashed = self.wait(&running, 0);
+        self.end(running, crashed);
+    }
+
+    /// One consumer until the first third of the workload (all that was sent) is committed;
+    /// then a second one joins the group and the rest is sent while the group rebalances;
+    /// both run until everything is committed.
+    pub(super) fn rebalance(&mut self, workload: &Workload) {
+        let sent = workload.records.len() / 3;
+        let first = self.start(None);
+        self.wait(&first, (workload.records.len() - sent) as u64);
+        let second = self.start(None);
+        // Spread over about five seconds: the stream goes on through the rebalance.
+        let rest = &workload.records[sent..];
+        let producer = producer(&self.bootstrap);
+        for chunk in rest.chunks(rest.len().div_ceil(50).max(1)) {
+            send(&producer, self.topic, chunk);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.wait(&second, 0);
+        self.end(first, false);
+        self.end(second, false);
+    }
+}
+
+/// A consumer incarnation running on its own tokio runtime.
+struct Running<S> {
+    rt: tokio::runtime::Runtime,
+    store: S,
+    crashed: Arc<tokio::sync::Notify>,
+    stats: Arc<crate::metrics::Stats>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<crate::Result<()>>,
+}
+
+fn add(total: &mut StatsSnapshot, s: &StatsSnapshot) {
+    total.applied += s.applied;
+    total.duplicates_redelivery += s.duplicates_redelivery;
+    total.duplicates_repeated_key += s.duplicates_repeated_key;
+    total.conflicts += s.conflicts;
+    total.conflicts_skipped += s.conflicts_skipped;
+    total.dead_lettered += s.dead_lettered;
+    total.records_read += s.records_read;
+    total.retries += s.retries;
+}
