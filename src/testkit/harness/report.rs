@@ -24,7 +24,7 @@ pub enum Scenario {
     /// One consumer until the first third of the workload (sent alone) is committed; then a
     /// second instance joins the group and the rest is sent while the group rebalances
     /// (partitions move while records are in flight), and both finish. Needs a store the
-    /// instances share ([`HarnessStore::SHARED`]).
+    /// instances share ([`HarnessStore::SHARED`](super::HarnessStore::SHARED)).
     RebalanceMidStream,
 }
 
