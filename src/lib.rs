@@ -223,6 +223,8 @@ pub use rdkafka;
 #[cfg(feature = "postgres")]
 pub use sqlx;
 
+#[cfg(any(feature = "rocksdb", feature = "memory"))]
+pub use store::StateError;
 #[cfg(feature = "memory")]
 pub use store::memory::{MemoryStore, MemoryTx};
 #[cfg(all(feature = "postgres", feature = "http"))]
@@ -232,4 +234,4 @@ pub use store::postgres::{BatchRow, BatchStatement, Column, PgOptions, PgStore, 
 #[cfg(all(feature = "rocksdb", feature = "http"))]
 pub use store::rocksdb::{REQUEST_STATE_LOCK_WAIT, RocksRequestTx};
 #[cfg(feature = "rocksdb")]
-pub use store::rocksdb::{RocksOptions, RocksStore, RocksTx, StateError};
+pub use store::rocksdb::{RocksOptions, RocksStore, RocksTx};

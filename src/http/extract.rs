@@ -126,11 +126,11 @@ impl IntoResponse for Error {
     }
 }
 
-#[cfg(feature = "rocksdb")]
-impl IntoResponse for crate::store::rocksdb::StateError {
+#[cfg(any(feature = "rocksdb", feature = "memory"))]
+impl IntoResponse for crate::store::StateError {
     fn into_response(self) -> Response {
         match self {
-            crate::store::rocksdb::StateError::Store(e) => e.into_response(),
+            crate::store::StateError::Store(e) => e.into_response(),
             busy => {
                 tracing::warn!(error = %busy, "a request's state key stayed busy");
                 Problem::unavailable().into_response()

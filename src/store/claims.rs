@@ -11,6 +11,21 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// Why a read of the handler's state ([`RocksTx::get`](crate::RocksTx::get),
+/// [`MemoryTx::get`](crate::MemoryTx::get)) did not return the key's value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// Another in-flight batch (another partition's) holds the key. The runtime rolls the
+    /// record back and handles it again once that batch has committed; a handler only needs to
+    /// return the error (any class will do).
+    #[error("state key is held by another in-flight batch; the record will be handled again")]
+    KeyBusy,
+    /// The store failed to read.
+    #[error(transparent)]
+    Store(#[from] crate::Error),
+}
+
 /// A key shared by a transaction's writes, its undo log and a key table: allocated once.
 pub(crate) type Key = Arc<[u8]>;
 

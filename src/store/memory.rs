@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::claims::{Holds, KeyTable};
+use super::claims::{Holds, KeyTable, StateError};
 use super::{
     Assignment, Claim, EntryKey, Inspect, PartitionId, Store, StoredPosition, Transaction,
 };
@@ -53,6 +53,8 @@ pub struct MemoryStore {
     /// Keys claimed by open transactions. A claim reads the entry while it holds this table's
     /// lock, and a commit writes its entries before it releases its claims.
     claims: Arc<KeyTable>,
+    /// Keys of the handler's state locked by open transactions, as the RocksDB store's.
+    data_locks: Arc<KeyTable>,
     /// Each store's own: its state is lost with the process, like an instance's directory.
     id: Arc<str>,
     #[cfg(feature = "outbox")]
@@ -66,6 +68,7 @@ impl Default for MemoryStore {
         MemoryStore {
             state: Arc::default(),
             claims: KeyTable::shared(),
+            data_locks: KeyTable::shared(),
             id: super::new_id().into(),
             #[cfg(feature = "outbox")]
             relay: Arc::default(),
@@ -131,6 +134,10 @@ pub struct MemoryTx {
     undo: Vec<Undo>,
     /// Keys this transaction claimed, released when it is dropped (after its commit's write).
     claimed: Holds,
+    /// Keys of the handler's state this transaction holds locked; released when dropped.
+    locked: Holds,
+    /// Set when the handler touched a state key another transaction holds.
+    conflicted: bool,
     #[cfg(feature = "outbox")]
     publications: crate::outbox::Publications,
 }
@@ -149,20 +156,50 @@ impl fmt::Debug for MemoryTx {
 }
 
 impl MemoryTx {
-    /// Writes a value of the handler's state, committed with the batch.
+    /// Writes a value of the handler's state, committed with the batch (locking the key like
+    /// [`get`](MemoryTx::get); on a busy key the write is dropped and the record is handled
+    /// again).
     pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
         let key = key.into();
-        let previous = self.data.insert(key.clone(), value.into());
-        self.undo.push(Undo::Data(key, previous));
+        if self.lock_data(&key).is_ok() {
+            let previous = self.data.insert(key.clone(), value.into());
+            self.undo.push(Undo::Data(key, previous));
+        }
     }
 
     /// Reads a value of the handler's state, this batch's writes included.
-    pub fn get(&self, key: impl AsRef<[u8]>) -> Option<Vec<u8>> {
+    ///
+    /// As on the RocksDB store, the key stays locked until the batch commits, so no
+    /// concurrent batch (another partition's) can change it in between: read-modify-write is
+    /// safe. If another batch holds it, this returns [`StateError::KeyBusy`]; return any error
+    /// from the handler and the runtime handles the record again once that batch has
+    /// committed.
+    pub fn get(
+        &mut self,
+        key: impl AsRef<[u8]>,
+    ) -> std::result::Result<Option<Vec<u8>>, StateError> {
         let key = key.as_ref();
-        match self.data.get(key) {
+        self.lock_data(key)?;
+        Ok(match self.data.get(key) {
             Some(value) => Some(value.clone()),
             None => self.store.get(key),
+        })
+    }
+
+    /// Locks a key of the handler's state for the rest of the transaction (no-wait: a key held
+    /// by another transaction marks this one conflicted).
+    fn lock_data(&mut self, key: &[u8]) -> std::result::Result<(), StateError> {
+        if self.locked.contains(key) {
+            return Ok(());
         }
+        let table = self.store.data_locks.clone();
+        let mut locks = table.lock();
+        if locks.held_by_other(&self.locked, key) {
+            self.conflicted = true;
+            return Err(StateError::KeyBusy);
+        }
+        locks.hold(&mut self.locked, key);
+        Ok(())
     }
 }
 
@@ -189,6 +226,11 @@ impl Store for MemoryStore {
             dead_letters: Vec::new(),
             undo: Vec::new(),
             claimed: Holds::new(&self.claims, super::claims::holder_name(partition, epoch)),
+            locked: Holds::new(
+                &self.data_locks,
+                super::claims::holder_name(partition, epoch),
+            ),
+            conflicted: false,
             #[cfg(feature = "outbox")]
             publications: Default::default(),
         })
@@ -272,6 +314,10 @@ impl Transaction for MemoryTx {
         Ok(Claim::Claimed)
     }
 
+    fn take_conflict(&mut self) -> bool {
+        std::mem::take(&mut self.conflicted)
+    }
+
     #[cfg(feature = "outbox")]
     fn begin_record(&mut self, store_key: &[u8], record: &crate::Record) {
         self.publications.begin_record(store_key, record);
@@ -280,6 +326,7 @@ impl Transaction for MemoryTx {
     async fn savepoint(&mut self) -> Result<()> {
         #[cfg(feature = "outbox")]
         self.publications.savepoint();
+        self.conflicted = false;
         // A rollback only returns to the last savepoint.
         self.undo.clear();
         Ok(())
@@ -523,6 +570,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_state_key_read_stays_locked_until_the_batch_ends() {
+        let store = MemoryStore::new();
+        let (p, q) = (PartitionId::new("g", "t", 0), PartitionId::new("g", "t", 1));
+        let (a, b) = (
+            store.acquire(&p).await.unwrap(),
+            store.acquire(&q).await.unwrap(),
+        );
+        let mut one = store.begin(&p, a.epoch).await.unwrap();
+        let mut two = store.begin(&q, b.epoch).await.unwrap();
+        assert_eq!(one.get("acct").unwrap(), None);
+        assert!(matches!(two.get("acct"), Err(StateError::KeyBusy)));
+        assert!(two.take_conflict(), "the busy read marks the other batch");
+        two.put("acct", "lost");
+        assert!(two.take_conflict(), "a write of a busy key is dropped");
+        one.put("acct", "10");
+        one.commit(1).await.unwrap();
+        assert_eq!(two.get("acct").unwrap().as_deref(), Some(&b"10"[..]));
+        assert!(!two.take_conflict());
+        two.put("acct", "15");
+        two.commit(1).await.unwrap();
+        assert_eq!(store.get("acct").as_deref(), Some(&b"15"[..]));
+    }
+
+    #[tokio::test]
     async fn claims_savepoints_commit_and_fencing() {
         let store = MemoryStore::new();
         let p = PartitionId::new("g", "t", 0);
@@ -537,7 +608,7 @@ mod tests {
         one.savepoint().await.unwrap();
         one.put("x", "2");
         one.rollback_to_savepoint().await.unwrap();
-        assert_eq!(one.get("x").as_deref(), Some(&b"1"[..]));
+        assert_eq!(one.get("x").unwrap().as_deref(), Some(&b"1"[..]));
         one.commit(1).await.unwrap();
         assert_eq!(store.get("x").as_deref(), Some(&b"1"[..]));
         assert_eq!(

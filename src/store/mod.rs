@@ -38,6 +38,8 @@ mod request;
 pub(crate) mod rocksdb;
 
 pub use audit::{AuditRecord, Audited, RedriveMark};
+#[cfg(any(feature = "rocksdb", feature = "memory"))]
+pub use claims::StateError;
 pub use entry::{DedupEntry, EntryStatus};
 use inspect::check_position;
 pub use inspect::{EntryKey, Inspect};

@@ -636,6 +636,7 @@ impl LedgerTx for idempotent_consumer::MemoryTx {
         let key = format!("balance/{account}");
         let balance = self
             .get(&key)
+            .map_err(HandlerError::retryable)?
             .map(|b| String::from_utf8(b).unwrap().parse::<i64>().unwrap())
             .unwrap_or(0)
             + amount;

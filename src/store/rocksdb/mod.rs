@@ -56,7 +56,7 @@ use keys::{
 };
 #[cfg(feature = "http")]
 pub use request::{REQUEST_STATE_LOCK_WAIT, RocksRequestTx};
-pub use tx::{RocksTx, StateError};
+pub use tx::RocksTx;
 
 /// Options of the RocksDB store.
 #[derive(Debug, Clone)]

@@ -9,9 +9,10 @@ use std::time::Duration;
 use rocksdb::WriteBatch;
 
 use super::keys::{CF_DEDUP, CF_EXPIRY, request_expiry_key};
-use super::tx::{RocksTx, StateError};
+use super::tx::RocksTx;
 use super::{Inner, RocksStore, rocks};
 use crate::error::{Error, Result};
+use crate::store::StateError;
 use crate::store::now_ms;
 use crate::store::request::{Lease, RequestClaim, RequestEntry, RequestStore};
 

@@ -176,7 +176,10 @@ async fn state_keys_are_locked_until_commit() {
     assert_eq!(first.get("acct").unwrap(), None);
     first.put("acct", b"1".to_vec());
     second.savepoint().await.unwrap();
-    assert!(matches!(second.get("acct"), Err(tx::StateError::KeyBusy)));
+    assert!(matches!(
+        second.get("acct"),
+        Err(crate::store::StateError::KeyBusy)
+    ));
     second.put("acct", b"2".to_vec());
     assert!(
         second.take_conflict(),

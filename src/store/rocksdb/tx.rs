@@ -19,7 +19,7 @@ use super::keys::{
 use super::rocks;
 use crate::dead_letter::DeadLetter;
 use crate::error::{Error, Result};
-use crate::store::claims::{Holds, Key, holder_name};
+use crate::store::claims::{Holds, Key, StateError, holder_name};
 use crate::store::entry::{DedupEntry, put_bytes};
 use crate::store::{Claim, ClaimAhead, PartitionId, StoredPosition, Transaction};
 
@@ -71,20 +71,6 @@ pub(super) type Published = Vec<crate::outbox::Outgoing>;
 /// Without the outbox a transaction publishes nothing.
 #[cfg(not(feature = "outbox"))]
 pub(super) type Published = ();
-
-/// Why [`RocksTx::get`] could not read a key of the handler's state.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StateError {
-    /// Another in-flight batch (another partition's) holds the key. The runtime rolls the
-    /// record back and handles it again once that batch has committed; a handler only needs to
-    /// return the error (any class will do).
-    #[error("state key is held by another in-flight batch; the record will be handled again")]
-    KeyBusy,
-    /// The store failed to read.
-    #[error(transparent)]
-    Store(#[from] Error),
-}
 
 /// A batch transaction on the RocksDB store.
 ///
