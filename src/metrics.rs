@@ -44,6 +44,27 @@ macro_rules! counters {
                 StatsSnapshot { $( $name: self.$name.load(Ordering::Relaxed), )* }
             }
         }
+
+        impl std::ops::AddAssign for StatsSnapshot {
+            /// Adds every counter of `other` (the counts of several runtimes, or of one
+            /// consumer's incarnations).
+            fn add_assign(&mut self, other: StatsSnapshot) {
+                $( self.$name += other.$name; )*
+            }
+        }
+
+        #[cfg_attr(not(feature = "testkit"), allow(dead_code))]
+        impl StatsSnapshot {
+            /// Every counter with its field's name.
+            pub(crate) fn named(&self) -> Vec<(&'static str, u64)> {
+                vec![$( (stringify!($name), self.$name), )*]
+            }
+
+            /// The counters `value` gives by their fields' names (0 for a name it lacks).
+            pub(crate) fn from_named(value: impl Fn(&str) -> Option<u64>) -> StatsSnapshot {
+                StatsSnapshot { $( $name: value(stringify!($name)).unwrap_or(0), )* }
+            }
+        }
     };
 }
 

@@ -7,9 +7,11 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use idempotent_consumer::testkit::harness::{PostgresStores, RocksDbStores};
+use idempotent_consumer::testkit::harness::{MemoryStores, PostgresStores, RocksDbStores};
 use idempotent_consumer::testkit::{HandlerHarness, Scenario, Workload};
-use idempotent_consumer::{Handler, HandlerError, Outcome, PgTx, Record, RocksStore, RocksTx};
+use idempotent_consumer::{
+    Handler, HandlerError, MemoryTx, Outcome, PgStore, PgTx, Record, RocksStore, RocksTx,
+};
 
 /// Sixty payments, one in five sent twice, one key re-used with another amount.
 fn payments() -> Workload {
@@ -52,32 +54,50 @@ impl Handler<RocksTx> for Payments {
     }
 }
 
+async fn rocks_effects(store: &RocksStore) -> BTreeMap<String, u64> {
+    let rows = store.scan_prefix(b"paid/").unwrap().into_iter();
+    rows.map(|(k, v)| {
+        (
+            String::from_utf8_lossy(&k[5..]).into_owned(),
+            num(&v) as u64,
+        )
+    })
+    .collect()
+}
+
+async fn rocks_total(store: &RocksStore, w: &Workload) -> Result<(), String> {
+    let total = store.get(b"total").unwrap().map_or(0, |v| num(&v));
+    let expected: i64 = w.originals().map(|r| num(&r.payload)).sum();
+    match total == expected {
+        true => Ok(()),
+        false => Err(format!("paid {total}, expected {expected}")),
+    }
+}
+
 #[test]
 fn rocksdb_payments_are_exactly_once() {
     let report = HandlerHarness::new(RocksDbStores, || Payments).run(
         &payments(),
         &SCENARIOS,
-        async |store: &RocksStore| {
-            let rows = store.scan_prefix(b"paid/").unwrap().into_iter();
-            rows.map(|(k, v)| {
-                (
-                    String::from_utf8_lossy(&k[5..]).into_owned(),
-                    num(&v) as u64,
-                )
-            })
-            .collect()
-        },
-        async |store, w| {
-            let total = store.get(b"total").unwrap().map_or(0, |v| num(&v));
-            let expected: i64 = w.originals().map(|r| num(&r.payload)).sum();
-            match total == expected {
-                true => Ok(()),
-                false => Err(format!("paid {total}, expected {expected}")),
-            }
-        },
+        rocks_effects,
+        rocks_total,
     );
     report.assert_exactly_once();
     assert_eq!(report.crashes(), 3);
+    println!("{report}");
+}
+
+/// Consumer processes (this test binary, started again) killed with SIGKILL mid-batch.
+#[test]
+fn rocksdb_payments_survive_a_kill_storm() {
+    let report = HandlerHarness::new(RocksDbStores, || Payments).run(
+        &payments(),
+        &[Scenario::KillStorm { kills: 3 }],
+        rocks_effects,
+        rocks_total,
+    );
+    report.assert_exactly_once();
+    assert_eq!(report.kills(), 3, "{report}");
     println!("{report}");
 }
 
@@ -100,36 +120,54 @@ impl Handler<PgTx> for PgPayments {
     }
 }
 
-#[test]
-fn postgres_payments_are_exactly_once() {
+fn pg_stores() -> PostgresStores {
     let admin_url = std::env::var("DATABASE_URL").expect("DATABASE_URL: the test command sets it");
     // No primary key on purpose: a payment applied twice would be two rows.
-    let stores = PostgresStores::new(admin_url, "CREATE TABLE paid (key text, amount bigint)");
-    let report = HandlerHarness::new(stores, || PgPayments).run(
+    PostgresStores::new(admin_url, "CREATE TABLE paid (key text, amount bigint)")
+}
+
+async fn pg_effects(store: &PgStore) -> BTreeMap<String, u64> {
+    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT key, count(*) FROM paid GROUP BY key")
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    rows.into_iter().map(|(k, n)| (k, n as u64)).collect()
+}
+
+async fn pg_total(store: &PgStore, w: &Workload) -> Result<(), String> {
+    let total: i64 = sqlx::query_scalar("SELECT coalesce(sum(amount), 0)::bigint FROM paid")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    let expected: i64 = w.originals().map(|r| num(&r.payload)).sum();
+    match total == expected {
+        true => Ok(()),
+        false => Err(format!("paid {total}, expected {expected}")),
+    }
+}
+
+#[test]
+fn postgres_payments_are_exactly_once() {
+    let report = HandlerHarness::new(pg_stores(), || PgPayments).run(
         &payments(),
         &[&SCENARIOS[..], &[Scenario::RebalanceMidStream]].concat(),
-        async |store| {
-            let rows: Vec<(String, i64)> =
-                sqlx::query_as("SELECT key, count(*) FROM paid GROUP BY key")
-                    .fetch_all(store.pool())
-                    .await
-                    .unwrap();
-            rows.into_iter().map(|(k, n)| (k, n as u64)).collect()
-        },
-        async |store, w| {
-            let total: i64 =
-                sqlx::query_scalar("SELECT coalesce(sum(amount), 0)::bigint FROM paid")
-                    .fetch_one(store.pool())
-                    .await
-                    .unwrap();
-            let expected: i64 = w.originals().map(|r| num(&r.payload)).sum();
-            match total == expected {
-                true => Ok(()),
-                false => Err(format!("paid {total}, expected {expected}")),
-            }
-        },
+        pg_effects,
+        pg_total,
     );
     report.assert_exactly_once();
+    println!("{report}");
+}
+
+#[test]
+fn postgres_payments_survive_a_kill_storm() {
+    let report = HandlerHarness::new(pg_stores(), || PgPayments).run(
+        &payments(),
+        &[Scenario::KillStorm { kills: 3 }],
+        pg_effects,
+        pg_total,
+    );
+    report.assert_exactly_once();
+    assert_eq!(report.kills(), 3, "{report}");
     println!("{report}");
 }
 
@@ -169,6 +207,75 @@ fn a_rebalance_on_a_store_of_one_process_is_refused() {
     HandlerHarness::new(RocksDbStores, || Payments).run(
         &payments(),
         &[Scenario::RebalanceMidStream],
+        async |_| BTreeMap::new(),
+        async |_, _| Ok(()),
+    );
+}
+
+/// The same on the memory store: every scenario but the kill storm, in this process.
+struct MemPayments;
+
+impl Handler<MemoryTx> for MemPayments {
+    async fn handle(&self, record: &Record, tx: &mut MemoryTx) -> Result<Outcome, HandlerError> {
+        let key = String::from_utf8_lossy(record.key().unwrap_or_default()).into_owned();
+        let amount = num(record.payload().unwrap_or_default());
+        for (k, add) in [(format!("paid/{key}"), 1), ("total".to_owned(), amount)] {
+            let now = tx
+                .get(&k)
+                .map_err(HandlerError::retryable)?
+                .map_or(0, |v| num(&v));
+            tx.put(k, (now + add).to_string());
+        }
+        Ok(Outcome::none())
+    }
+}
+
+#[test]
+fn memory_payments_are_exactly_once() {
+    let work = payments();
+    let report = HandlerHarness::new(MemoryStores, || MemPayments).run(
+        &work,
+        &[&SCENARIOS[..], &[Scenario::RebalanceMidStream]].concat(),
+        async |store| {
+            let paid = |k: &str| store.get(format!("paid/{k}")).map_or(0, |v| num(&v));
+            work.originals()
+                .map(|r| (r.key.clone(), paid(&r.key) as u64))
+                .filter(|(_, n)| *n > 0)
+                .collect()
+        },
+        async |store, w| {
+            let total = store.get("total").map_or(0, |v| num(&v));
+            let expected: i64 = w.originals().map(|r| num(&r.payload)).sum();
+            match total == expected {
+                true => Ok(()),
+                false => Err(format!("paid {total}, expected {expected}")),
+            }
+        },
+    );
+    report.assert_exactly_once();
+    println!("{report}");
+}
+
+#[test]
+#[should_panic(expected = "needs a store another process can open")]
+fn a_kill_storm_on_a_store_of_this_process_is_refused() {
+    HandlerHarness::new(MemoryStores, || MemPayments).run(
+        &payments(),
+        &[Scenario::KillStorm { kills: 1 }],
+        async |_| BTreeMap::new(),
+        async |_, _| Ok(()),
+    );
+}
+
+#[test]
+#[should_panic(expected = "must be in the test's first HandlerHarness::run call")]
+fn a_kill_storm_after_another_run_is_refused() {
+    let harness = HandlerHarness::new(MemoryStores, || MemPayments);
+    let none = Workload::new(1);
+    harness.run(&none, &[], async |_| BTreeMap::new(), async |_, _| Ok(()));
+    harness.run(
+        &none,
+        &[Scenario::KillStorm { kills: 1 }],
         async |_| BTreeMap::new(),
         async |_, _| Ok(()),
     );

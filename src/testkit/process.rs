@@ -3,11 +3,13 @@
 //! a graceful stop (SIGTERM, which drains and commits).
 //!
 //! The child runs its [`Runtime`] through [`serve_reporting`], which prints the runtime's
-//! counters as a `STATS name=value ...` line every 200 ms and once more at the end; the test
+//! counters as a `STATS name=value ...` line within 5 ms of a change, at least every 200 ms,
+//! and once more at the end; the test
 //! side is [`ConsumerProcess`], which starts the child, keeps the last counters it printed and
-//! sends it signals. Counter names: `applied`, `duplicates`, `conflicts`, `dead_lettered`,
-//! `fenced`, `store_retries`, `retries`, `refused` (stale partitions refused), `batches`,
-//! `kafka_commit_failures`, `not_applied` (records the resolver settled without their handler).
+//! sends it signals. Counter names: every field of [`StatsSnapshot`](crate::StatsSnapshot)
+//! (`applied`, `records_read`, `duplicates_redelivery`, ...), and `duplicates` (both causes),
+//! `fenced` (`fenced_commits`), `refused` (`stale_partitions_refused`), `batches`
+//! (`batches_committed`), `not_applied` (records the resolver settled without their handler).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -16,7 +18,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::{Handler, Runtime, Stats, Store};
+use crate::{Handler, Runtime, Store};
+
+/// SIGKILL's number (9 on every Unix).
+const SIGKILL: i32 = 9;
 
 /// What a `STATS` line starts with.
 const STATS: &str = "STATS ";
@@ -35,9 +40,18 @@ where
         .map_err(|e| crate::Error::Task(format!("installing the SIGTERM handler: {e}")))?;
     let ticker_stats = stats.clone();
     let ticker = tokio::spawn(async move {
+        // A change is reported within 5 ms (what a killed process last said is nearly all it
+        // committed), and the counters at least every 200 ms.
+        let mut said = None;
+        let mut at = std::time::Instant::now();
         loop {
-            report(&ticker_stats);
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = ticker_stats.snapshot();
+            if said != Some(now) || at.elapsed() >= Duration::from_millis(200) {
+                report(&now);
+                said = Some(now);
+                at = std::time::Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
     let result = runtime
@@ -54,28 +68,24 @@ where
         })
         .await;
     ticker.abort();
-    report(&stats);
+    report(&stats.snapshot());
     result
 }
 
-fn report(stats: &Stats) {
-    let s = stats.snapshot();
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(
-        out,
-        "{STATS}applied={} duplicates={} conflicts={} dead_lettered={} fenced={} store_retries={} retries={} refused={} batches={} kafka_commit_failures={} not_applied={}",
-        s.applied,
+fn report(s: &crate::StatsSnapshot) {
+    let mut line = format!(
+        "{STATS}duplicates={} fenced={} refused={} batches={} not_applied={}",
         s.duplicates(),
-        s.conflicts,
-        s.dead_lettered,
         s.fenced_commits,
-        s.store_retries,
-        s.retries,
         s.stale_partitions_refused,
         s.batches_committed,
-        s.kafka_commit_failures,
         s.resolved_superseded + s.resolved_stale + s.resolved_conflict + s.resolved_rejected
     );
+    for (name, value) in s.named() {
+        line.push_str(&format!(" {name}={value}"));
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 
@@ -133,6 +143,12 @@ impl ConsumerProcess {
         self.stats().get(name).copied().unwrap_or(0)
     }
 
+    /// The last counters printed, as the runtime's [`StatsSnapshot`](crate::StatsSnapshot).
+    pub fn snapshot(&self) -> crate::StatsSnapshot {
+        let stats = self.stats();
+        crate::StatsSnapshot::from_named(|name| stats.get(name).copied())
+    }
+
     /// Every counter of the last line printed.
     pub fn stats(&self) -> BTreeMap<String, u64> {
         self.last.lock().expect("stats poisoned").clone()
@@ -157,9 +173,18 @@ impl ConsumerProcess {
 
     /// SIGKILL, then reap; returns the last counters.
     pub fn kill(mut self) -> BTreeMap<String, u64> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.sigkill();
         self.settled_stats()
+    }
+
+    /// SIGKILL, then reap: true if the signal ended the process, false if it had ended by
+    /// itself. The last counters stay readable ([`settled_stats`](Self::settled_stats)).
+    pub fn sigkill(&mut self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        let _ = self.child.kill();
+        let killed = self.child.wait().is_ok_and(|s| s.signal() == Some(SIGKILL));
+        let _ = self.settled_stats();
+        killed
     }
 
     /// SIGTERM, then waits up to `timeout` for the drain (the runtime commits what it holds);

@@ -14,8 +14,11 @@
 //! - `invariant`: whether the state is what the unique records make it (`Err` with a readable
 //!   diff when not).
 //!
+//! [`Scenario::KillStorm`] kills real consumer processes with SIGKILL instead: the test binary
+//! started again as the consumer (see its documentation for what that asks of the test).
+//!
 //! The [`Report`] lists both per scenario with the runtime's counts (duplicates, conflicts, dead
-//! letters) and the crashes, and [`Report::assert_exactly_once`] fails the test with all of it.
+//! letters), the crashes and the kills, and [`Report::assert_exactly_once`] fails the test with all of it.
 //! A handler that writes its effect outside the store's transaction is caught: its effect of a
 //! crashed batch survives, and the record is handled again after the restart.
 //!
@@ -26,8 +29,10 @@
 mod report;
 mod run;
 mod stores;
+mod storm;
 mod workload;
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -40,6 +45,8 @@ use crate::store::{Inspect, PartitionId, Store};
 pub use report::{Report, Scenario, ScenarioReport};
 use run::{Broker, Run, ends_of, produce};
 pub use stores::HarnessStore;
+#[cfg(feature = "memory")]
+pub use stores::MemoryStores;
 #[cfg(feature = "postgres")]
 pub use stores::PostgresStores;
 #[cfg(feature = "rocksdb")]
@@ -48,6 +55,11 @@ pub use workload::{RecordKind, WorkRecord, Workload};
 
 /// How long a scenario may take before the harness gives up on it.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(180);
+
+thread_local! {
+    /// [`HandlerHarness::run`] calls made on this thread (a test's, under libtest).
+    static RUNS: Cell<u32> = const { Cell::new(0) };
+}
 
 /// Runs a user's handler through [`Scenario`]s on a kind of store. See the module's
 /// documentation.
@@ -98,6 +110,18 @@ where
         effects: impl AsyncFn(&P::Store) -> BTreeMap<String, u64>,
         invariant: impl AsyncFn(&P::Store, &Workload) -> Result<(), String>,
     ) -> Report {
+        if let Some(spec) = storm::child_spec() {
+            self.serve_child(&spec);
+        }
+        let earlier = RUNS.with(|runs| runs.replace(runs.get() + 1));
+        assert!(
+            earlier == 0
+                || !scenarios
+                    .iter()
+                    .any(|s| matches!(s, Scenario::KillStorm { .. })),
+            "Scenario::KillStorm must be in the test's first HandlerHarness::run call: its \
+             consumer processes re-run the test up to that call"
+        );
         let broker = Broker::start();
         let mut report = Report::default();
         for (i, scenario) in scenarios.iter().enumerate() {
@@ -123,6 +147,7 @@ where
                 ends: &ends,
                 counted: StatsSnapshot::default(),
                 crashes: 0,
+                kills: 0,
                 started: Instant::now(),
             };
             match scenario {
@@ -149,6 +174,7 @@ where
                     );
                     run.rebalance(workload);
                 }
+                Scenario::KillStorm { kills } => run.storm(*kills, workload.records.len()),
                 Scenario::RedeliveryAfterRewind => {
                     run.incarnation(None);
                     let store = self.stores.open(&kept, &rt);
@@ -165,7 +191,7 @@ where
                     run.incarnation(None);
                 }
             }
-            let (counted, crashes) = (run.counted, run.crashes);
+            let (counted, crashes, kills) = (run.counted, run.crashes, run.kills);
             let store = self.stores.open(&kept, &rt);
             let scenario_report = rt.block_on(async {
                 let seen = effects(&store).await;
@@ -193,6 +219,7 @@ where
                     dead_letters: letters.into_iter().collect(),
                     counted,
                     crashes,
+                    kills,
                     invariant: invariant(&store, workload).await,
                 }
             });

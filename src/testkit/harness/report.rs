@@ -26,6 +26,22 @@ pub enum Scenario {
     /// (partitions move while records are in flight), and both finish. Needs a store the
     /// instances share ([`HarnessStore::SHARED`](super::HarnessStore::SHARED)).
     RebalanceMidStream,
+    /// Real consumer processes killed with SIGKILL `kills` times at random moments while they
+    /// consume (each handler call held a few milliseconds, so batches are open when the signal
+    /// lands), each restarted on the store the last one left, then one run to the end.
+    ///
+    /// The consumer process is the test binary itself: the harness starts it again with the
+    /// running test's name (`<test> --exact`, or the same arguments outside libtest) and an
+    /// environment variable that makes its [`HandlerHarness::run`](super::HandlerHarness::run)
+    /// serve as the consumer instead of running scenarios. So the test must reach that call
+    /// the same way in the copy (what comes before it runs there too), and the kill storm must
+    /// be in the test's first `run` call. Needs a store another process can open
+    /// ([`HarnessStore::address`](super::HarnessStore::address): RocksDB, PostgreSQL). The
+    /// counts of a killed process are its last report (made within 5 ms of each change).
+    KillStorm {
+        /// How many kills.
+        kills: u32,
+    },
 }
 
 impl fmt::Display for Scenario {
@@ -37,6 +53,7 @@ impl fmt::Display for Scenario {
             }
             Scenario::RedeliveryAfterRewind => f.write_str("redelivery after a rewind"),
             Scenario::RebalanceMidStream => f.write_str("rebalance mid-stream"),
+            Scenario::KillStorm { kills } => write!(f, "kill -9 storm ×{kills}"),
         }
     }
 }
@@ -54,8 +71,10 @@ pub struct ScenarioReport {
     pub dead_letters: Vec<String>,
     /// The runtime's counts over every incarnation (committed batches only).
     pub counted: StatsSnapshot,
-    /// Crashes made.
+    /// Crashes made (in process: [`Scenario::CrashBeforeCommit`]).
     pub crashes: u32,
+    /// Consumer processes killed with SIGKILL ([`Scenario::KillStorm`]).
+    pub kills: u32,
     /// The user's invariant: `Err` with its diff when it does not hold.
     pub invariant: Result<(), String>,
 }
@@ -72,7 +91,7 @@ impl fmt::Display for ScenarioReport {
         let c = &self.counted;
         writeln!(
             f,
-            "{}: {} · lost {} · doubled {} · applied {}, duplicates {}, conflicts {}, dead letters {} · crashes {}",
+            "{}: {} · lost {} · doubled {} · applied {}, duplicates {}, conflicts {}, dead letters {}, read {} · crashes {}, kills {}",
             self.scenario,
             if self.holds() { "ok" } else { "FAILED" },
             self.lost.len(),
@@ -81,7 +100,9 @@ impl fmt::Display for ScenarioReport {
             c.duplicates(),
             c.conflicts,
             c.dead_lettered,
+            c.records_read,
             self.crashes,
+            self.kills,
         )?;
         if !self.lost.is_empty() {
             writeln!(f, "  lost: {}", shorten(&self.lost))?;
@@ -130,6 +151,11 @@ impl Report {
     /// Crashes made, over every scenario.
     pub fn crashes(&self) -> u32 {
         self.scenarios.iter().map(|s| s.crashes).sum()
+    }
+
+    /// Consumer processes killed, over every scenario.
+    pub fn kills(&self) -> u32 {
+        self.scenarios.iter().map(|s| s.kills).sum()
     }
 
     /// Panics with the whole report unless every scenario holds.

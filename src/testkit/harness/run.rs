@@ -19,16 +19,34 @@ use crate::record::Record;
 use crate::runtime::Runtime;
 use crate::store::{DedupEntry, Inspect, PartitionId, Store};
 
-/// The handler under test, crashing the incarnation right after its `crash_after`-th success.
-struct Crashing<H> {
-    inner: H,
-    calls: std::sync::atomic::AtomicU64,
-    crash_after: Option<u64>,
-    crashed: Arc<tokio::sync::Notify>,
+/// The handler under test: each call held `pace` first (a kill storm's, so that batches stay
+/// open long enough for a signal to land in them); the incarnation crashes right after its
+/// `crash_after`-th success.
+pub(super) struct UnderTest<H> {
+    pub(super) inner: H,
+    pub(super) calls: std::sync::atomic::AtomicU64,
+    pub(super) crash_after: Option<u64>,
+    pub(super) crashed: Arc<tokio::sync::Notify>,
+    pub(super) pace: Duration,
 }
 
-impl<T: crate::Transaction, H: Handler<T>> Handler<T> for Crashing<H> {
+impl<H> UnderTest<H> {
+    pub(super) fn new(inner: H) -> Self {
+        UnderTest {
+            inner,
+            calls: Default::default(),
+            crash_after: None,
+            crashed: Default::default(),
+            pace: Duration::ZERO,
+        }
+    }
+}
+
+impl<T: crate::Transaction, H: Handler<T>> Handler<T> for UnderTest<H> {
     async fn handle(&self, record: &Record, tx: &mut T) -> Result<Outcome, HandlerError> {
+        if !self.pace.is_zero() {
+            tokio::time::sleep(self.pace).await;
+        }
         let outcome = self.inner.handle(record, tx).await?;
         let done = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         if self.crash_after == Some(done) {
@@ -172,6 +190,7 @@ pub(super) struct Run<'a, P: HarnessStore, M> {
     pub(super) ends: &'a [i64],
     pub(super) counted: StatsSnapshot,
     pub(super) crashes: u32,
+    pub(super) kills: u32,
     pub(super) started: Instant,
 }
 
@@ -188,18 +207,7 @@ where
     }
 
     async fn left_in(&self, store: &P::Store) -> u64 {
-        let mut left = 0;
-        for (p, end) in self.ends.iter().enumerate() {
-            let id = PartitionId::new(self.group, self.topic, p as i32);
-            let next = store
-                .position(&id)
-                .await
-                .expect("reading a position")
-                .and_then(|s| s.next_offset)
-                .unwrap_or(0);
-            left += (end - next).max(0) as u64;
-        }
-        left
+        left(store, self.group, self.topic, self.ends).await
     }
 
     /// Starts a consumer on a runtime of its own; with `crash_after`, its handler hangs after
@@ -207,23 +215,14 @@ where
     fn start(&self, crash_after: Option<u64>) -> Running<P::Store> {
         let rt = runtime();
         let store = self.harness.stores.open(self.kept, &rt);
-        let crashed = Arc::new(tokio::sync::Notify::new());
-        let handler = Crashing {
-            inner: (self.harness.make)(),
-            calls: Default::default(),
+        let handler = UnderTest {
             crash_after,
-            crashed: crashed.clone(),
+            ..UnderTest::new((self.harness.make)())
         };
-        let mut builder = Runtime::builder()
-            .bootstrap_servers(&self.bootstrap)
-            .group_id(self.group)
-            .topics([self.topic])
-            .set("session.timeout.ms", "6000")
-            .set("heartbeat.interval.ms", "500");
-        if let Some(configure) = &self.harness.configure {
-            builder = configure(builder);
-        }
-        let runtime = builder
+        let crashed = handler.crashed.clone();
+        let runtime = self
+            .harness
+            .builder(&self.bootstrap, self.group, self.topic, |b| b)
             .store(store.clone())
             .build(handler)
             .expect("building the consumer");
@@ -255,15 +254,20 @@ where
                     !running.task.is_finished(),
                     "the consumer stopped on its own; run it alone to see why"
                 );
-                assert!(
-                    self.started.elapsed() < SCENARIO_TIMEOUT,
-                    "the scenario made no progress in {SCENARIO_TIMEOUT:?}"
-                );
+                self.in_time();
                 if self.left_in(&running.store).await <= left {
                     return false;
                 }
             }
         })
+    }
+
+    /// Panics once the scenario has taken longer than it may.
+    pub(super) fn in_time(&self) {
+        assert!(
+            self.started.elapsed() < SCENARIO_TIMEOUT,
+            "the scenario made no progress in {SCENARIO_TIMEOUT:?}"
+        );
     }
 
     /// Stops a consumer gracefully, or drops it where it stands (a crash: every task dropped,
@@ -288,7 +292,7 @@ where
                 .expect("the consumer failed");
             drop(store);
         }
-        add(&mut self.counted, &stats.snapshot());
+        self.counted += stats.snapshot();
     }
 
     /// One consumer until everything is committed, or until its crash.
@@ -329,13 +333,48 @@ struct Running<S> {
     task: tokio::task::JoinHandle<crate::Result<()>>,
 }
 
-fn add(total: &mut StatsSnapshot, s: &StatsSnapshot) {
-    total.applied += s.applied;
-    total.duplicates_redelivery += s.duplicates_redelivery;
-    total.duplicates_repeated_key += s.duplicates_repeated_key;
-    total.conflicts += s.conflicts;
-    total.conflicts_skipped += s.conflicts_skipped;
-    total.dead_lettered += s.dead_lettered;
-    total.records_read += s.records_read;
-    total.retries += s.retries;
+/// Records of a scenario not committed yet, by the store's positions.
+pub(super) async fn left<S: Inspect>(store: &S, group: &str, topic: &str, ends: &[i64]) -> u64 {
+    let mut left = 0;
+    for (p, end) in ends.iter().enumerate() {
+        let id = PartitionId::new(group, topic, p as i32);
+        let next = store
+            .position(&id)
+            .await
+            .expect("reading a position")
+            .and_then(|s| s.next_offset)
+            .unwrap_or(0);
+        left += (end - next).max(0) as u64;
+    }
+    left
+}
+
+impl<P, M, H> HandlerHarness<P, M>
+where
+    P: HarnessStore,
+    M: Fn() -> H,
+    H: Handler<<P::Store as Store>::Tx>,
+{
+    /// A consumer's builder with the harness's settings, the scenario's (`scenario`), then
+    /// the user's.
+    pub(super) fn builder(
+        &self,
+        bootstrap: &str,
+        group: &str,
+        topic: &str,
+        scenario: impl FnOnce(crate::RuntimeBuilder) -> crate::RuntimeBuilder,
+    ) -> crate::RuntimeBuilder {
+        let builder = scenario(
+            Runtime::builder()
+                .bootstrap_servers(bootstrap)
+                .group_id(group)
+                .topics([topic])
+                .set("session.timeout.ms", "6000")
+                .set("heartbeat.interval.ms", "500"),
+        );
+        match &self.configure {
+            Some(configure) => configure(builder),
+            None => builder,
+        }
+    }
 }

@@ -15,6 +15,42 @@ pub trait HarnessStore {
     fn fresh(&self, rt: &tokio::runtime::Runtime) -> Self::Kept;
     /// Opens the scenario's store.
     fn open(&self, kept: &Self::Kept, rt: &tokio::runtime::Runtime) -> Self::Store;
+    /// Where a consumer process finds the scenario's store (a directory, a database URL), for
+    /// [`Scenario::KillStorm`](super::Scenario::KillStorm); `None` when no other process can
+    /// open it (the memory store).
+    fn address(&self, kept: &Self::Kept) -> Option<String>;
+    /// Opens the store at an address [`address`](Self::address) gave, in a consumer process.
+    fn open_at(&self, address: &str, rt: &tokio::runtime::Runtime) -> Self::Store;
+}
+
+/// A memory store of its own per scenario ([`MemoryStore`](crate::MemoryStore)), shared by
+/// the scenario's consumer instances: the fastest kit, for a handler written over any store's
+/// transaction. Its state lives in this process, so it cannot take a kill storm.
+#[cfg(feature = "memory")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryStores;
+
+#[cfg(feature = "memory")]
+impl HarnessStore for MemoryStores {
+    type Store = crate::MemoryStore;
+    type Kept = crate::MemoryStore;
+    const SHARED: bool = true;
+
+    fn fresh(&self, _rt: &tokio::runtime::Runtime) -> crate::MemoryStore {
+        crate::MemoryStore::new()
+    }
+
+    fn open(&self, kept: &crate::MemoryStore, _rt: &tokio::runtime::Runtime) -> crate::MemoryStore {
+        kept.clone()
+    }
+
+    fn address(&self, _kept: &crate::MemoryStore) -> Option<String> {
+        None
+    }
+
+    fn open_at(&self, _address: &str, _rt: &tokio::runtime::Runtime) -> crate::MemoryStore {
+        unreachable!("a memory store has no address another process could open")
+    }
 }
 
 /// A RocksDB store in a temporary directory of its own per scenario, removed afterwards.
@@ -53,9 +89,18 @@ impl HarnessStore for RocksDbStores {
         StoreDir(dir)
     }
 
-    fn open(&self, dir: &StoreDir, _rt: &tokio::runtime::Runtime) -> crate::RocksStore {
-        // No fsync: a crash here drops the process's runtime, not the machine.
-        crate::RocksStore::open_with(dir.path(), crate::RocksOptions { sync: false })
+    fn open(&self, dir: &StoreDir, rt: &tokio::runtime::Runtime) -> crate::RocksStore {
+        self.open_at(&dir.path().to_string_lossy(), rt)
+    }
+
+    fn address(&self, dir: &StoreDir) -> Option<String> {
+        Some(dir.path().to_string_lossy().into_owned())
+    }
+
+    fn open_at(&self, path: &str, _rt: &tokio::runtime::Runtime) -> crate::RocksStore {
+        // No fsync: a crash or a `kill -9` ends the process, not the machine; what was written
+        // is in the operating system's cache.
+        crate::RocksStore::open_with(path, crate::RocksOptions { sync: false })
             .expect("opening the scenario's RocksDB store")
     }
 }
@@ -111,7 +156,15 @@ impl HarnessStore for PostgresStores {
         db: &crate::testkit::ThrowawayDb,
         rt: &tokio::runtime::Runtime,
     ) -> crate::PgStore {
-        rt.block_on(crate::PgStore::connect_with(db.url(), self.options.clone()))
+        self.open_at(db.url(), rt)
+    }
+
+    fn address(&self, db: &crate::testkit::ThrowawayDb) -> Option<String> {
+        Some(db.url().to_owned())
+    }
+
+    fn open_at(&self, url: &str, rt: &tokio::runtime::Runtime) -> crate::PgStore {
+        rt.block_on(crate::PgStore::connect_with(url, self.options.clone()))
             .expect("connecting the scenario's store")
     }
 }
