@@ -2,6 +2,9 @@
 //! share, kept as a module of the crate so that users can run the same machinery against their
 //! own handlers.
 //!
+//! - [`TestCluster`]: the cluster a test runs against (a mock cluster in this process, a
+//!   [`BrokerProcess`], or the one `KAFKA_BOOTSTRAP_SERVERS` names), with topic creation and
+//!   producing of keyed records ([`harness::WorkRecord`]s, [`Workload`]s) on each;
 //! - [`BrokerProcess`] and [`serve_mock_broker`]: a Kafka broker (librdkafka's mock cluster) in
 //!   a process of its own, which outlives every `kill -9` of the consumers under test, with
 //!   faults injected by command;
@@ -17,12 +20,14 @@
 //! Nothing here is meant for production code paths.
 
 mod broker;
+mod cluster;
 pub mod harness;
 mod process;
 #[cfg(feature = "postgres")]
 mod throwaway_db;
 
 pub use broker::{BrokerProcess, serve_mock_broker};
+pub use cluster::TestCluster;
 pub use harness::{HandlerHarness, HarnessStore, Report, Scenario, ScenarioReport, Workload};
 pub use process::{ConsumerProcess, serve_reporting};
 

@@ -42,8 +42,9 @@ use crate::handler::Handler;
 use crate::metrics::StatsSnapshot;
 use crate::store::{Inspect, PartitionId, Store};
 
+use crate::testkit::TestCluster;
 pub use report::{Report, Scenario, ScenarioReport};
-use run::{Broker, Run, ends_of, produce};
+use run::{Run, ends_of};
 pub use stores::HarnessStore;
 #[cfg(feature = "memory")]
 pub use stores::MemoryStores;
@@ -51,9 +52,10 @@ pub use stores::MemoryStores;
 pub use stores::PostgresStores;
 #[cfg(feature = "rocksdb")]
 pub use stores::{RocksDbStores, StoreDir};
+pub use storm::is_consumer_process;
 pub use workload::{RecordKind, WorkRecord, Workload};
 
-/// How long a scenario may take before the harness gives up on it.
+/// How long a scenario may take before the harness gives up on it, unless told.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(180);
 
 thread_local! {
@@ -67,6 +69,8 @@ pub struct HandlerHarness<P, M> {
     pub(super) stores: P,
     pub(super) make: M,
     pub(super) configure: Option<Box<dyn Fn(crate::RuntimeBuilder) -> crate::RuntimeBuilder>>,
+    pub(super) cluster: Option<TestCluster>,
+    pub(super) timeout: Duration,
 }
 
 impl<P, M> fmt::Debug for HandlerHarness<P, M> {
@@ -88,6 +92,8 @@ where
             stores,
             make,
             configure: None,
+            cluster: None,
+            timeout: SCENARIO_TIMEOUT,
         }
     }
 
@@ -101,6 +107,21 @@ where
         self
     }
 
+    /// Runs the scenarios on `cluster` instead of the one [`TestCluster::from_env`] gives (the
+    /// cluster `KAFKA_BOOTSTRAP_SERVERS` names, or a mock cluster in this process), for
+    /// example a [`BrokerProcess`](crate::testkit::BrokerProcess)'s.
+    pub fn cluster(mut self, cluster: TestCluster) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// How long one scenario may take before the harness fails it (default 180 s): more for
+    /// a workload of many thousand records.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// Runs `scenarios` over `workload`; asks `effects` how many times each key's effect is
     /// visible and `invariant` whether the state is right, on each scenario's store at its end.
     pub fn run(
@@ -111,6 +132,9 @@ where
         invariant: impl AsyncFn(&P::Store, &Workload) -> Result<(), String>,
     ) -> Report {
         if let Some(spec) = storm::child_spec() {
+            if spec.kind != std::any::type_name::<P>() {
+                return Report::default();
+            }
             self.serve_child(&spec);
         }
         let earlier = RUNS.with(|runs| runs.replace(runs.get() + 1));
@@ -122,26 +146,42 @@ where
             "Scenario::KillStorm must be in the test's first HandlerHarness::run call: its \
              consumer processes re-run the test up to that call"
         );
-        let broker = Broker::start();
+        let own;
+        let cluster = match &self.cluster {
+            Some(cluster) => cluster,
+            None => {
+                own = TestCluster::from_env().unwrap_or_else(|e| panic!("{e}"));
+                &own
+            }
+        };
         let mut report = Report::default();
         for (i, scenario) in scenarios.iter().enumerate() {
             let rt = runtime();
             let kept = self.stores.fresh(&rt);
             let topic = format!("harness-{}-{i}", &crate::store::new_id()[..12]);
             let group = format!("{topic}-group");
-            broker.create_topic(&rt, &topic, workload.partitions);
-            broker.create_topic(&rt, &format!("{topic}.dlq"), 1);
+            for (name, partitions) in [
+                (topic.clone(), workload.partitions),
+                (format!("{topic}.dlq"), 1),
+            ] {
+                cluster
+                    .create_topic(&name, partitions)
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
             let ends = ends_of(workload);
             // A rebalance scenario sends the rest once the second instance starts.
             let first = match scenario {
                 Scenario::RebalanceMidStream => workload.records.len() / 3,
                 _ => workload.records.len(),
             };
-            produce(&broker.bootstrap(), &topic, &workload.records[..first]);
+            cluster
+                .produce(&topic, &workload.records[..first])
+                .unwrap_or_else(|e| panic!("{e}"));
             let mut run = Run {
                 harness: self,
                 kept: &kept,
-                bootstrap: broker.bootstrap(),
+                bootstrap: cluster.bootstrap(),
+                session_ms: cluster.session_timeout_ms(),
                 topic: &topic,
                 group: &group,
                 ends: &ends,

@@ -4,20 +4,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
-
-use super::{HandlerHarness, HarnessStore, SCENARIO_TIMEOUT, WorkRecord, Workload, runtime};
+use super::{HandlerHarness, HarnessStore, Workload, runtime};
 use crate::handler::{Handler, HandlerError, Outcome};
-use crate::identity::DEFAULT_KEY_HEADER;
 use crate::metrics::StatsSnapshot;
 use crate::record::Record;
 use crate::runtime::Runtime;
 use crate::store::{DedupEntry, Inspect, PartitionId, Store};
+use crate::testkit::cluster::{producer, send};
 
 /// The handler under test: each call held `pace` first (a kill storm's, so that batches stay
 /// open long enough for a signal to land in them); the incarnation crashes right after its
@@ -81,49 +74,6 @@ impl<T: crate::Transaction, H: Handler<T>> Handler<T> for UnderTest<H> {
     }
 }
 
-/// Where the scenarios' topics live.
-pub(super) enum Broker {
-    Mock(MockCluster<'static, DefaultProducerContext>),
-    External(String),
-}
-
-impl Broker {
-    pub(super) fn start() -> Self {
-        match std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
-            Ok(servers) if !servers.is_empty() => Broker::External(servers),
-            _ => Broker::Mock(MockCluster::new(1).expect("starting librdkafka's mock cluster")),
-        }
-    }
-
-    pub(super) fn bootstrap(&self) -> String {
-        match self {
-            Broker::Mock(mock) => mock.bootstrap_servers(),
-            Broker::External(servers) => servers.clone(),
-        }
-    }
-
-    pub(super) fn create_topic(&self, rt: &tokio::runtime::Runtime, topic: &str, partitions: i32) {
-        match self {
-            Broker::Mock(mock) => mock
-                .create_topic(topic, partitions, 1)
-                .expect("creating a topic on the mock cluster"),
-            Broker::External(servers) => {
-                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                    .set("bootstrap.servers", servers)
-                    .create()
-                    .expect("creating the admin client");
-                let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-                for r in rt
-                    .block_on(admin.create_topics([&new], &AdminOptions::new()))
-                    .expect("creating a topic")
-                {
-                    r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
-                }
-            }
-        }
-    }
-}
-
 /// Each partition's end offset once the whole workload is sent.
 pub(super) fn ends_of(workload: &Workload) -> Vec<i64> {
     let mut ends = vec![0i64; workload.partitions as usize];
@@ -133,58 +83,13 @@ pub(super) fn ends_of(workload: &Workload) -> Vec<i64> {
     ends
 }
 
-/// Sends `records`, in order, and waits until every one is acknowledged.
-pub(super) fn produce(bootstrap: &str, topic: &str, records: &[WorkRecord]) {
-    send(&producer(bootstrap), topic, records);
-}
-
-fn producer(bootstrap: &str) -> BaseProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .create()
-        .expect("creating the harness's producer")
-}
-
-fn send(producer: &BaseProducer, topic: &str, records: &[WorkRecord]) {
-    for r in records {
-        let headers = OwnedHeaders::new().insert(Header {
-            key: DEFAULT_KEY_HEADER,
-            value: Some(r.key.as_bytes()),
-        });
-        let mut record = BaseRecord::to(topic)
-            .partition(r.partition)
-            .key(r.key.as_bytes())
-            .payload(&r.payload)
-            .headers(headers);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((e, back)) => {
-                    assert!(
-                        matches!(
-                            e.rdkafka_error_code(),
-                            Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
-                        ),
-                        "producing the workload: {e}"
-                    );
-                    record = back;
-                    producer.poll(Duration::from_millis(10));
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
-    }
-    producer
-        .flush(Duration::from_secs(30))
-        .expect("flushing the workload");
-}
-
 /// One scenario's consumer incarnations on its store.
 pub(super) struct Run<'a, P: HarnessStore, M> {
     pub(super) harness: &'a HandlerHarness<P, M>,
     pub(super) kept: &'a P::Kept,
     pub(super) bootstrap: String,
+    /// The consumers' `session.timeout.ms` ([`TestCluster::session_timeout_ms`](crate::testkit::TestCluster::session_timeout_ms)).
+    pub(super) session_ms: &'static str,
     pub(super) topic: &'a str,
     pub(super) group: &'a str,
     pub(super) ends: &'a [i64],
@@ -222,7 +127,13 @@ where
         let crashed = handler.crashed.clone();
         let runtime = self
             .harness
-            .builder(&self.bootstrap, self.group, self.topic, |b| b)
+            .builder(
+                &self.bootstrap,
+                self.session_ms,
+                self.group,
+                self.topic,
+                |b| b,
+            )
             .store(store.clone())
             .build(handler)
             .expect("building the consumer");
@@ -264,9 +175,10 @@ where
 
     /// Panics once the scenario has taken longer than it may.
     pub(super) fn in_time(&self) {
+        let timeout = self.harness.timeout;
         assert!(
-            self.started.elapsed() < SCENARIO_TIMEOUT,
-            "the scenario made no progress in {SCENARIO_TIMEOUT:?}"
+            self.started.elapsed() < timeout,
+            "the scenario did not finish in {timeout:?} (HandlerHarness::timeout)"
         );
     }
 
@@ -312,9 +224,9 @@ where
         let second = self.start(None);
         // Spread over about five seconds: the stream goes on through the rebalance.
         let rest = &workload.records[sent..];
-        let producer = producer(&self.bootstrap);
+        let producer = producer(&self.bootstrap).unwrap_or_else(|e| panic!("{e}"));
         for chunk in rest.chunks(rest.len().div_ceil(50).max(1)) {
-            send(&producer, self.topic, chunk);
+            send(&producer, self.topic, chunk).unwrap_or_else(|e| panic!("{e}"));
             std::thread::sleep(Duration::from_millis(100));
         }
         self.wait(&second, 0);
@@ -360,6 +272,7 @@ where
     pub(super) fn builder(
         &self,
         bootstrap: &str,
+        session_ms: &str,
         group: &str,
         topic: &str,
         scenario: impl FnOnce(crate::RuntimeBuilder) -> crate::RuntimeBuilder,
@@ -369,7 +282,7 @@ where
                 .bootstrap_servers(bootstrap)
                 .group_id(group)
                 .topics([topic])
-                .set("session.timeout.ms", "6000")
+                .set("session.timeout.ms", session_ms)
                 .set("heartbeat.interval.ms", "500"),
         );
         match &self.configure {

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::run::{Run, UnderTest, left};
-use super::{HandlerHarness, HarnessStore, SCENARIO_TIMEOUT, runtime};
+use super::{HandlerHarness, HarnessStore, runtime};
 use crate::handler::Handler;
 use crate::store::Store;
 use crate::testkit::{ConsumerProcess, serve_reporting};
@@ -16,8 +16,13 @@ use crate::testkit::{ConsumerProcess, serve_reporting};
 /// [`ChildSpec`] as JSON.
 const CHILD_ENV: &str = "IDC_TESTKIT_CONSUMER";
 
-/// How long a kill storm holds each handler call, so that a batch is open when a kill lands.
-const PACE: Duration = Duration::from_millis(5);
+/// How long a kill storm holds each handler call, so that a batch is open when a kill lands:
+/// 5 ms, less for a workload so large that one pass would be held more than about 4 s.
+fn pace(ends: &[i64]) -> Duration {
+    let records: i64 = ends.iter().sum();
+    let per_partition = (records / ends.len().max(1) as i64).max(1) as u32;
+    (Duration::from_secs(4) / per_partition).min(Duration::from_millis(5))
+}
 
 /// A kill storm's batch bound (records per commit), unless the handler's options set one.
 const BATCH: usize = 4;
@@ -25,13 +30,25 @@ const BATCH: usize = 4;
 /// What a consumer process consumes, and where.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct ChildSpec {
+    /// The harness's kind of store (its type's name): a copy that reaches a `run` call of
+    /// another kind first passes it by.
+    pub(super) kind: String,
     /// The store's [`HarnessStore::address`].
     address: String,
     bootstrap: String,
+    session_ms: String,
     topic: String,
     group: String,
     /// Each partition's end offset: the process ends once its store has committed them all.
     ends: Vec<i64>,
+}
+
+/// Whether this process is a kill storm's consumer ([`Scenario::KillStorm`](super::Scenario::KillStorm)):
+/// a program outside libtest that starts a kill storm can go straight to its
+/// [`HandlerHarness::run`] call when it is, which then serves as the consumer and ends the
+/// process. A `run` call whose kind of store is not the storm's returns an empty [`Report`](super::Report).
+pub fn is_consumer_process() -> bool {
+    std::env::var_os(CHILD_ENV).is_some()
 }
 
 /// The consumer this process is to be, when a kill storm started it.
@@ -58,17 +75,23 @@ where
         let rt = runtime();
         let store = self.stores.open_at(&spec.address, &rt);
         let handler = UnderTest {
-            pace: PACE,
+            pace: pace(&spec.ends),
             ..UnderTest::new((self.make)())
         };
         // A static member: a restarted process takes its killed predecessor's place at once
         // instead of waiting for that one's session to expire.
         let built = self
-            .builder(&spec.bootstrap, &spec.group, &spec.topic, |b| {
-                // Small batches: each process commits several before its kill.
-                b.batch(BATCH, Duration::from_millis(20))
-                    .set("group.instance.id", format!("{}-storm", spec.group))
-            })
+            .builder(
+                &spec.bootstrap,
+                &spec.session_ms,
+                &spec.group,
+                &spec.topic,
+                |b| {
+                    // Small batches: each process commits several before its kill.
+                    b.batch(BATCH, Duration::from_millis(20))
+                        .set("group.instance.id", format!("{}-storm", spec.group))
+                },
+            )
             .store(store.clone())
             .build(handler);
         let result = built.and_then(|runtime| {
@@ -105,8 +128,10 @@ where
             )
         });
         let spec = serde_json::to_string(&ChildSpec {
+            kind: std::any::type_name::<P>().to_owned(),
             address,
             bootstrap: self.bootstrap.clone(),
+            session_ms: self.session_ms.to_owned(),
             topic: self.topic.to_owned(),
             group: self.group.to_owned(),
             ends: self.ends.to_vec(),
@@ -132,11 +157,17 @@ where
                 self.finished(child);
                 return;
             }
-            std::thread::sleep(PACE * random(4) as u32);
+            std::thread::sleep(pace(self.ends) * random(4) as u32);
             if child.sigkill() {
                 self.kills += 1;
             }
             let last = child.snapshot();
+            tracing::info!(
+                kill = k + 1,
+                settled = last.settled(),
+                after = ?self.started.elapsed(),
+                "kill storm: a consumer process killed"
+            );
             settled += last.settled();
             self.counted += last;
         }
@@ -177,7 +208,8 @@ where
 
     /// Waits for `child` to commit everything and end by itself; counts what it did.
     fn finished(&mut self, mut child: ConsumerProcess) {
-        let left = SCENARIO_TIMEOUT.saturating_sub(self.started.elapsed());
+        let timeout = self.harness.timeout;
+        let left = timeout.saturating_sub(self.started.elapsed());
         match child.wait(left).expect("waiting for the consumer process") {
             Some(status) if status.success() => {
                 child.settled_stats();
@@ -186,7 +218,7 @@ where
             Some(status) => panic!(
                 "a kill storm's consumer process failed ({status}); its standard error is above"
             ),
-            None => panic!("the scenario made no progress in {SCENARIO_TIMEOUT:?}"),
+            None => panic!("the scenario did not finish in {timeout:?} (HandlerHarness::timeout)"),
         }
         if self.counted.records_read == 0 {
             panic!(

@@ -29,6 +29,8 @@ pub struct WorkRecord {
 pub struct Workload {
     pub(super) partitions: i32,
     pub(super) records: Vec<WorkRecord>,
+    /// Each key's first record, by its index in `records`.
+    firsts: std::collections::HashMap<String, usize>,
 }
 
 impl Workload {
@@ -37,6 +39,7 @@ impl Workload {
         Workload {
             partitions: partitions.max(1),
             records: Vec::new(),
+            firsts: Default::default(),
         }
     }
 
@@ -44,19 +47,36 @@ impl Workload {
     /// [`RecordKind::Repeat`] (same payload) or a [`RecordKind::ConflictingRepeat`].
     pub fn records(mut self, records: impl IntoIterator<Item = (String, Vec<u8>)>) -> Self {
         for (key, payload) in records {
-            let kind = match self.first(&key) {
-                None => RecordKind::Original,
-                Some(first) if first.payload == payload => RecordKind::Repeat,
-                Some(_) => RecordKind::ConflictingRepeat,
-            };
             let partition = self.records.len() as i32 % self.partitions;
-            self.records.push(WorkRecord {
-                key,
-                payload,
-                partition,
-                kind,
-            });
+            self = self.record_on(partition, key, payload);
         }
+        self
+    }
+
+    /// One record on `partition` (taken modulo the partition count), as a producer that
+    /// partitions by key would send it: an original, a [`RecordKind::Repeat`] or a
+    /// [`RecordKind::ConflictingRepeat`] as for [`records`](Self::records).
+    pub fn record_on(
+        mut self,
+        partition: i32,
+        key: impl Into<String>,
+        payload: impl Into<Vec<u8>>,
+    ) -> Self {
+        let (key, payload) = (key.into(), payload.into());
+        let kind = match self.first(&key) {
+            None => RecordKind::Original,
+            Some(first) if first.payload == payload => RecordKind::Repeat,
+            Some(_) => RecordKind::ConflictingRepeat,
+        };
+        if kind == RecordKind::Original {
+            self.firsts.insert(key.clone(), self.records.len());
+        }
+        self.records.push(WorkRecord {
+            key,
+            payload,
+            partition: partition.rem_euclid(self.partitions),
+            kind,
+        });
         self
     }
 
@@ -65,19 +85,16 @@ impl Workload {
     pub fn repeats(mut self, every: usize) -> Self {
         let every = every.max(1);
         let mut out = Vec::with_capacity(self.records.len() * (every + 1) / every);
-        let mut originals = 0usize;
+        // Where each original is in `out`.
+        let mut earlier: Vec<usize> = Vec::new();
         for r in std::mem::take(&mut self.records) {
             let original = r.kind == RecordKind::Original;
             out.push(r);
             if original {
-                originals += 1;
-                if originals.is_multiple_of(every) {
+                earlier.push(out.len() - 1);
+                if earlier.len().is_multiple_of(every) {
                     // A deterministic earlier original: the stream is the same on every run.
-                    let earlier: Vec<&WorkRecord> = out
-                        .iter()
-                        .filter(|r| r.kind == RecordKind::Original)
-                        .collect();
-                    let pick = earlier[(originals * 7919) % earlier.len()].clone();
+                    let pick = out[earlier[(earlier.len() * 7919) % earlier.len()]].clone();
                     out.push(WorkRecord {
                         partition: (pick.partition + 1) % self.partitions,
                         kind: RecordKind::Repeat,
@@ -86,6 +103,7 @@ impl Workload {
                 }
             }
         }
+        self.firsts = earlier.iter().map(|&i| (out[i].key.clone(), i)).collect();
         self.records = out;
         self
     }
@@ -115,7 +133,7 @@ impl Workload {
     }
 
     fn first(&self, key: &str) -> Option<&WorkRecord> {
-        self.records.iter().find(|r| r.key == key)
+        self.firsts.get(key).map(|&i| &self.records[i])
     }
 }
 
