@@ -16,9 +16,12 @@
 //!   storm) fenced zombie commits > 0, (two stores) refused stale partitions > 0. It ends each
 //!   scenario with a line
 //!   `CHAOS scenario=.. store=.. records=.. kills=.. rebalances=.. fenced=.. refused=.. applied=.. duplicates=.. conflicts=.. lost=.. doubled=..`
-//!   and exits non-zero if any invariant broke.
+//!   (the kill storm's has no rebalances, fenced or refused) and exits non-zero if any
+//!   invariant broke.
 //!
-//! Scenarios: `kill-storm` (both stores), `rebalance-storm` (PostgreSQL: three instances started,
+//! Scenarios: `kill-storm` (both stores; the test kit's `Scenario::KillStorm`, see `storm.rs`:
+//! the kit starts this binary again as its consumer, which `main` sends straight to the kit),
+//! `rebalance-storm` (PostgreSQL: three instances started,
 //! stopped, killed; one frozen with SIGSTOP past the session timeout and resumed after its
 //! partitions moved), `faults` (both stores: request errors on fetch, offset commit and produce,
 //! a broker down and up, and PostgreSQL restarted mid-run), `two-stores` (RocksDB: two
@@ -61,6 +64,7 @@ use idempotent_consumer::testkit::{
 
 mod chain;
 mod shadows;
+mod storm;
 
 const PARTITIONS: i32 = 4;
 const ACCOUNTS: u64 = 200;
@@ -72,6 +76,18 @@ type Res<T> = std::result::Result<T, String>;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let role = args.first().map(String::as_str).unwrap_or("run");
+    if idempotent_consumer::testkit::harness::is_consumer_process() {
+        // A kill storm's consumer: this binary started again by the test kit.
+        let flags = Flags::parse(args.get(1..).unwrap_or_default());
+        let served = (|| {
+            let (records, kills) = (flags.num("records", 50_000)?, flags.num("kills", 20)?);
+            storm::serve(records, kills, flags.num("seed", 7)?)
+        })();
+        if let Err(e) = served {
+            eprintln!("chaos consumer: {e}");
+        }
+        std::process::exit(1);
+    }
     let result = match role {
         "broker" => serve_mock_broker(3),
         "consumer" => consumer(&Flags::parse(&args[1..])),
@@ -409,14 +425,10 @@ struct ConsumerSpec {
 // ---------------------------------------------------------------------------------------------
 // The harness.
 
-/// One scenario's records, planned up front and produced in chunks, and what they expect.
-struct Workload {
-    topic: String,
-    producer: BaseProducer,
+/// A scenario's records, planned up front, and what they expect.
+struct Plan {
     /// (partition, idempotency key, transfer), in production order.
     planned: Vec<(i32, String, Transfer)>,
-    /// How many of `planned` were produced.
-    produced: usize,
     /// key -> the first transfer sent under it.
     originals: BTreeMap<String, Transfer>,
     /// (partition, offset) of records that re-sent a key with another amount.
@@ -425,19 +437,12 @@ struct Workload {
     ends: Vec<i64>,
 }
 
-impl Workload {
+impl Plan {
     /// Plans `n` records: about 20% repeat an earlier key (same transfer) at a new offset,
     /// about 1 in 500 re-sends an earlier key with another amount. `keyed`: every record of a
     /// key on the key's first partition (as a producer partitioning by key does), for stores
     /// that each see only their own partitions.
-    fn new(bootstrap: &str, topic: &str, n: u64, seed: u64, keyed: bool) -> Res<Self> {
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .set("message.timeout.ms", "60000")
-            .create()
-            .map_err(|e| format!("creating the producer: {e}"))?;
+    fn new(n: u64, seed: u64, keyed: bool) -> Plan {
         let mut rng = Lcg(seed);
         let mut order: Vec<String> = Vec::new();
         let mut originals: BTreeMap<String, Transfer> = BTreeMap::new();
@@ -481,6 +486,47 @@ impl Workload {
             ends[partition as usize] += 1;
             planned.push((partition, key, transfer));
         }
+        Plan {
+            planned,
+            originals,
+            conflicts,
+            ends,
+        }
+    }
+}
+
+/// One scenario's records, planned up front and produced in chunks, and what they expect.
+struct Workload {
+    topic: String,
+    producer: BaseProducer,
+    /// (partition, idempotency key, transfer), in production order.
+    planned: Vec<(i32, String, Transfer)>,
+    /// How many of `planned` were produced.
+    produced: usize,
+    /// key -> the first transfer sent under it.
+    originals: BTreeMap<String, Transfer>,
+    /// (partition, offset) of records that re-sent a key with another amount.
+    conflicts: HashSet<(i32, i64)>,
+    /// Each partition's end offset once everything is produced.
+    ends: Vec<i64>,
+}
+
+impl Workload {
+    /// [`Plan::new`]'s records, to be produced to `topic`.
+    fn new(bootstrap: &str, topic: &str, n: u64, seed: u64, keyed: bool) -> Res<Self> {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "60000")
+            .create()
+            .map_err(|e| format!("creating the producer: {e}"))?;
+        let Plan {
+            planned,
+            originals,
+            conflicts,
+            ends,
+        } = Plan::new(n, seed, keyed);
         Ok(Workload {
             topic: topic.to_owned(),
             producer,
@@ -639,21 +685,7 @@ impl StoreUnderTest {
             .collect();
         if self.kind == "rocksdb" {
             let store = RocksStore::open(&self.path).map_err(|e| e.to_string())?;
-            let mut transfers: HashMap<String, Transfer> = HashMap::new();
-            for (k, v) in store.scan_prefix(b"xfer/").map_err(|e| e.to_string())? {
-                let key = String::from_utf8_lossy(&k["xfer/".len()..]).into_owned();
-                let t = serde_json::from_slice(&v).map_err(|e| e.to_string())?;
-                transfers.insert(key, t);
-            }
-            let mut applied = HashMap::new();
-            for (k, v) in store.scan_prefix(b"count/").map_err(|e| e.to_string())? {
-                let key = String::from_utf8_lossy(&k["count/".len()..]).into_owned();
-                let n: u64 = String::from_utf8_lossy(&v).parse().unwrap_or(0);
-                let t = transfers
-                    .remove(&key)
-                    .ok_or_else(|| format!("no transfer journaled under {key}"))?;
-                applied.insert(key, (n, t));
-            }
+            let applied = storm::rocks_journal(&store)?;
             let (positions, dead_letters) = block_on(positions_and_letters(&store, &pids))?;
             return Ok(Effects {
                 applied,
@@ -665,34 +697,7 @@ impl StoreUnderTest {
             let store = PgStore::connect_with(&self.path, PgOptions::default())
                 .await
                 .map_err(|e| e.to_string())?;
-            let rows: Vec<(String, i64, String, String, i64, i64)> = sqlx::query_as(
-                "SELECT key, count(*), min(src), min(dst), min(amount), max(amount) \
-                 FROM chaos_journal GROUP BY key",
-            )
-            .fetch_all(store.pool())
-            .await
-            .map_err(|e| e.to_string())?;
-            let mut applied = HashMap::new();
-            for (key, n, from, to, min, max) in rows {
-                // Two different amounts under one key would be a conflict applied: a
-                // double application at the least, whatever the count says.
-                let n = if min == max {
-                    n as u64
-                } else {
-                    n.max(2) as u64
-                };
-                applied.insert(
-                    key,
-                    (
-                        n,
-                        Transfer {
-                            from,
-                            to,
-                            amount: min,
-                        },
-                    ),
-                );
-            }
+            let applied = storm::pg_journal(&store).await?;
             let (positions, dead_letters) = positions_and_letters(&store, &pids).await?;
             store.pool().close().await;
             Ok(Effects {
@@ -877,6 +882,9 @@ impl Harness {
         if scenario == "shadows" {
             return self.shadows(store_kind, n);
         }
+        if scenario == "kill-storm" {
+            return storm::kill_storm(store_kind, self.records, self.kills, self.seed + n);
+        }
         let topic = format!("chaos-{n}-{}", std::process::id());
         self.command(&format!("topic {topic} {PARTITIONS}"))?;
         self.command(&format!("topic {topic}.dlq 1"))?;
@@ -906,31 +914,6 @@ impl Harness {
         let mut tally = Tally::default();
         let mut rng = Lcg(self.seed * 31 + n);
         match scenario {
-            "kill-storm" => {
-                let chunk = self.records / self.kills.max(1);
-                for i in 0..self.kills {
-                    work.produce(if i + 1 == self.kills {
-                        work.rest()
-                    } else {
-                        chunk
-                    })?;
-                    let instance = start_instance(&spec, 0)?;
-                    tally.rebalances += 1;
-                    // Kill once it is consuming, at a random moment.
-                    wait_until(Duration::from_secs(60), || {
-                        instance.stat("applied") + instance.stat("duplicates") > 0
-                    });
-                    std::thread::sleep(Duration::from_millis(rng.next(400)));
-                    let last = instance.kill();
-                    tally.add_fenced(&last);
-                    tally.kills += 1;
-                    if std::env::var_os("CHAOS_VERBOSE").is_some() {
-                        eprintln!("chaos: kill {} after {:?}", tally.kills, last);
-                    }
-                    tally.rebalances += 1;
-                }
-                self.finish(&spec, &mut tally)?;
-            }
             "rebalance-storm" => self.rebalance_storm(&mut work, &spec, &mut tally, &mut rng)?,
             "faults" => self.faults(&mut work, &spec, store_kind, &mut tally)?,
             "two-stores" => {
