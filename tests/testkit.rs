@@ -8,9 +8,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use idempotent_consumer::testkit::harness::{MemoryStores, PostgresStores, RocksDbStores};
-use idempotent_consumer::testkit::{HandlerHarness, Scenario, Workload};
+use idempotent_consumer::testkit::{
+    BrokerProcess, HandlerHarness, Scenario, TestCluster, Workload, serve_mock_broker,
+};
 use idempotent_consumer::{
-    Handler, HandlerError, MemoryTx, Outcome, PgStore, PgTx, Record, RocksStore, RocksTx,
+    Handler, HandlerError, MemoryStore, MemoryTx, Outcome, PgStore, PgTx, Record, RocksStore,
+    RocksTx,
 };
 
 /// Sixty payments, one in five sent twice, one key re-used with another amount.
@@ -230,19 +233,22 @@ impl Handler<MemoryTx> for MemPayments {
     }
 }
 
+/// How many times each payment of `w` was counted (the memory store is read key by key).
+fn mem_paid(store: &MemoryStore, w: &Workload) -> BTreeMap<String, u64> {
+    let paid = |k: &str| store.get(format!("paid/{k}")).map_or(0, |v| num(&v));
+    w.originals()
+        .map(|r| (r.key.clone(), paid(&r.key) as u64))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
 #[test]
 fn memory_payments_are_exactly_once() {
     let work = payments();
     let report = HandlerHarness::new(MemoryStores, || MemPayments).run(
         &work,
         &[&SCENARIOS[..], &[Scenario::RebalanceMidStream]].concat(),
-        async |store| {
-            let paid = |k: &str| store.get(format!("paid/{k}")).map_or(0, |v| num(&v));
-            work.originals()
-                .map(|r| (r.key.clone(), paid(&r.key) as u64))
-                .filter(|(_, n)| *n > 0)
-                .collect()
-        },
+        async |store| mem_paid(store, &work),
         async |store, w| {
             let total = store.get("total").map_or(0, |v| num(&v));
             let expected: i64 = w.originals().map(|r| num(&r.payload)).sum();
@@ -279,4 +285,34 @@ fn a_kill_storm_after_another_run_is_refused() {
         async |_| BTreeMap::new(),
         async |_, _| Ok(()),
     );
+}
+
+/// Not a test of its own: the broker process of the test below (this binary, started again
+/// with `TESTKIT_BROKER_HOST` set) hosts a mock cluster here until its standard input closes.
+#[test]
+fn broker_host() {
+    if std::env::var_os("TESTKIT_BROKER_HOST").is_some() {
+        let served = serve_mock_broker(1);
+        std::process::exit(i32::from(served.is_err()));
+    }
+}
+
+/// The kit on a broker in a process of its own: topics made through its commands.
+#[test]
+fn the_kit_runs_on_a_broker_process() {
+    let mut host = std::process::Command::new(std::env::current_exe().unwrap());
+    host.args(["broker_host", "--exact", "--nocapture"])
+        .env("TESTKIT_BROKER_HOST", "1");
+    let cluster = TestCluster::process(BrokerProcess::start(host).unwrap());
+    let work = payments();
+    let report = HandlerHarness::new(MemoryStores, || MemPayments)
+        .cluster(cluster)
+        .run(
+            &work,
+            &[Scenario::Clean],
+            async |store| mem_paid(store, &work),
+            async |_, _| Ok(()),
+        );
+    report.assert_exactly_once();
+    assert_eq!(report.scenarios[0].counted.applied, 60, "{report}");
 }

@@ -104,7 +104,8 @@ impl fmt::Debug for BrokerProcess {
 
 impl BrokerProcess {
     /// Starts `command`, a program that calls [`serve_mock_broker`] (typically the test binary
-    /// itself with an argument that selects that role), and waits for its bootstrap address.
+    /// itself with an argument that selects that role), and waits for its bootstrap address
+    /// (what it prints before that is passed over).
     pub fn start(mut command: Command) -> Result<Self, String> {
         let mut child = command
             .stdin(Stdio::piped())
@@ -120,14 +121,16 @@ impl BrokerProcess {
             .take()
             .ok_or("the broker's stdout is not piped")?;
         let mut answers = BufReader::new(stdout).lines();
-        let first = answers
-            .next()
-            .ok_or("the broker process ended before starting")?
-            .map_err(|e| e.to_string())?;
-        let bootstrap = first
-            .strip_prefix(BOOTSTRAP)
-            .ok_or_else(|| format!("unexpected broker output {first:?}"))?
-            .to_owned();
+        // Lines before the address are the host's own (a test binary's "running 1 test").
+        let bootstrap = loop {
+            let line = answers
+                .next()
+                .ok_or("the broker process ended before printing its address")?
+                .map_err(|e| e.to_string())?;
+            if let Some(servers) = line.strip_prefix(BOOTSTRAP) {
+                break servers.to_owned();
+            }
+        };
         Ok(BrokerProcess {
             child,
             stdin,
