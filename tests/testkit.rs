@@ -30,6 +30,15 @@ const SCENARIOS: [Scenario; 3] = [
     Scenario::RedeliveryAfterRewind,
 ];
 
+/// The invariant: the total paid is the sum of the original payments.
+fn paid_as_expected(total: i64, w: &Workload) -> Result<(), String> {
+    let expected: i64 = w.originals().map(|r| num(&r.payload)).sum();
+    match total == expected {
+        true => Ok(()),
+        false => Err(format!("paid {total}, expected {expected}")),
+    }
+}
+
 fn num(bytes: &[u8]) -> i64 {
     String::from_utf8_lossy(bytes).parse().unwrap()
 }
@@ -70,11 +79,7 @@ async fn rocks_effects(store: &RocksStore) -> BTreeMap<String, u64> {
 
 async fn rocks_total(store: &RocksStore, w: &Workload) -> Result<(), String> {
     let total = store.get(b"total").unwrap().map_or(0, |v| num(&v));
-    let expected: i64 = w.originals().map(|r| num(&r.payload)).sum();
-    match total == expected {
-        true => Ok(()),
-        false => Err(format!("paid {total}, expected {expected}")),
-    }
+    paid_as_expected(total, w)
 }
 
 #[test]
@@ -142,11 +147,7 @@ async fn pg_total(store: &PgStore, w: &Workload) -> Result<(), String> {
         .fetch_one(store.pool())
         .await
         .unwrap();
-    let expected: i64 = w.originals().map(|r| num(&r.payload)).sum();
-    match total == expected {
-        true => Ok(()),
-        false => Err(format!("paid {total}, expected {expected}")),
-    }
+    paid_as_expected(total, w)
 }
 
 #[test]
@@ -251,11 +252,7 @@ fn memory_payments_are_exactly_once() {
         async |store| mem_paid(store, &work),
         async |store, w| {
             let total = store.get("total").map_or(0, |v| num(&v));
-            let expected: i64 = w.originals().map(|r| num(&r.payload)).sum();
-            match total == expected {
-                true => Ok(()),
-                false => Err(format!("paid {total}, expected {expected}")),
-            }
+            paid_as_expected(total, w)
         },
     );
     report.assert_exactly_once();

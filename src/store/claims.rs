@@ -114,6 +114,21 @@ impl Holds {
             .map(|(_, name)| name.clone())
     }
 
+    /// Holds `key` unless another transaction does: the held key (allocated once, shared
+    /// with the transaction's writes), or `None` when it is another's. What a store's lock of
+    /// a key of the handler's state is, no-wait.
+    pub(crate) fn try_hold(&mut self, key: &[u8]) -> Option<Key> {
+        if let Some(held) = self.keys.get(key) {
+            return Some(held.clone());
+        }
+        let table = self.table.clone();
+        let mut locked = table.lock();
+        if locked.held_by_other(self, key) {
+            return None;
+        }
+        Some(locked.hold(self, key))
+    }
+
     /// The held key equal to `key`, to share its allocation.
     #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
     pub(crate) fn get(&self, key: &[u8]) -> Option<&Key> {

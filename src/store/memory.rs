@@ -189,17 +189,13 @@ impl MemoryTx {
     /// Locks a key of the handler's state for the rest of the transaction (no-wait: a key held
     /// by another transaction marks this one conflicted).
     fn lock_data(&mut self, key: &[u8]) -> std::result::Result<(), StateError> {
-        if self.locked.contains(key) {
-            return Ok(());
+        match self.locked.try_hold(key) {
+            Some(_) => Ok(()),
+            None => {
+                self.conflicted = true;
+                Err(StateError::KeyBusy)
+            }
         }
-        let table = self.store.data_locks.clone();
-        let mut locks = table.lock();
-        if locks.held_by_other(&self.locked, key) {
-            self.conflicted = true;
-            return Err(StateError::KeyBusy);
-        }
-        locks.hold(&mut self.locked, key);
-        Ok(())
     }
 }
 
@@ -217,6 +213,7 @@ impl Store for MemoryStore {
     }
 
     async fn begin(&self, partition: &PartitionId, epoch: u64) -> Result<MemoryTx> {
+        let holder: Arc<str> = super::claims::holder_name(partition, epoch).into();
         Ok(MemoryTx {
             store: self.clone(),
             partition: partition.clone(),
@@ -225,11 +222,8 @@ impl Store for MemoryStore {
             data: foldhash::HashMap::default(),
             dead_letters: Vec::new(),
             undo: Vec::new(),
-            claimed: Holds::new(&self.claims, super::claims::holder_name(partition, epoch)),
-            locked: Holds::new(
-                &self.data_locks,
-                super::claims::holder_name(partition, epoch),
-            ),
+            claimed: Holds::new(&self.claims, holder.clone()),
+            locked: Holds::new(&self.data_locks, holder),
             conflicted: false,
             #[cfg(feature = "outbox")]
             publications: Default::default(),

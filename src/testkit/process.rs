@@ -43,13 +43,13 @@ where
         // A change is reported within 5 ms (what a killed process last said is nearly all it
         // committed), and the counters at least every 200 ms.
         let mut said = None;
-        let mut at = std::time::Instant::now();
+        let mut at = Instant::now();
         loop {
             let now = ticker_stats.snapshot();
             if said != Some(now) || at.elapsed() >= Duration::from_millis(200) {
                 report(&now);
                 said = Some(now);
-                at = std::time::Instant::now();
+                at = Instant::now();
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

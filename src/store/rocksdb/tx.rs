@@ -200,30 +200,17 @@ impl RocksTx {
     /// Locks a key of the handler's state for the rest of the transaction (no-wait: a key held
     /// by another transaction marks this one conflicted). Returns the shared key.
     fn lock_data(&mut self, key: &[u8]) -> std::result::Result<Key, StateError> {
-        if let Some(held) = self.locked.get(key) {
-            return Ok(held.clone());
-        }
-        let mut locks = self.store.inner.data_locks.lock();
-        if locks.held_by_other(&self.locked, key) {
+        self.locked.try_hold(key).ok_or_else(|| {
             self.conflicted = true;
-            return Err(StateError::KeyBusy);
-        }
-        Ok(locks.hold(&mut self.locked, key))
+            StateError::KeyBusy
+        })
     }
 
     /// Locks a key of the handler's state if no other transaction holds it (a request's
     /// transaction waits for it instead of being marked conflicted).
     #[cfg(feature = "http")]
     pub(super) fn try_lock_data(&mut self, key: &[u8]) -> bool {
-        if self.locked.contains(key) {
-            return true;
-        }
-        let mut locks = self.store.inner.data_locks.lock();
-        if locks.held_by_other(&self.locked, key) {
-            return false;
-        }
-        locks.hold(&mut self.locked, key);
-        true
+        self.locked.try_hold(key).is_some()
     }
 
     fn read(&self, family: Family, key: &[u8]) -> Result<Option<Vec<u8>>> {

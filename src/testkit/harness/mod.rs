@@ -193,15 +193,12 @@ where
             match scenario {
                 Scenario::Clean => run.incarnation(None),
                 Scenario::CrashBeforeCommit { crashes } => {
-                    let mut seed = 0x9e37_79b9_7f4a_7c15_u64 ^ workload.records.len() as u64;
+                    let mut random = Random::new(workload.records.len());
                     for _ in 0..*crashes {
                         let left = run.left(&rt).max(1);
-                        seed = seed
-                            .wrapping_mul(6_364_136_223_846_793_005)
-                            .wrapping_add(1_442_695_040_888_963_407);
                         // Within the first half of what is left: the handler is called for
                         // most records (not for duplicates and conflicts).
-                        run.incarnation(Some(1 + (seed >> 33) % (left / 2).max(1)));
+                        run.incarnation(Some(1 + random.below(left / 2)));
                     }
                     run.incarnation(None);
                 }
@@ -214,7 +211,7 @@ where
                     );
                     run.rebalance(workload);
                 }
-                Scenario::KillStorm { kills } => run.storm(*kills, workload.records.len()),
+                Scenario::KillStorm { kills } => run.storm(*kills),
                 Scenario::RedeliveryAfterRewind => {
                     run.incarnation(None);
                     let store = self.stores.open(&kept, &rt);
@@ -268,6 +265,25 @@ where
             report.scenarios.push(scenario_report);
         }
         report
+    }
+}
+
+/// Where the harness crashes and kills: a small generator seeded by the workload, so a
+/// workload is crashed at the same points on every run.
+pub(super) struct Random(u64);
+
+impl Random {
+    pub(super) fn new(records: usize) -> Self {
+        Random(0x9e37_79b9_7f4a_7c15_u64 ^ records as u64)
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    pub(super) fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n.max(1)
     }
 }
 

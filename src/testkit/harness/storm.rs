@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::run::{Run, UnderTest, left};
-use super::{HandlerHarness, HarnessStore, runtime};
+use super::{HandlerHarness, HarnessStore, Random, runtime};
 use crate::handler::Handler;
 use crate::store::Store;
 use crate::testkit::{ConsumerProcess, serve_reporting};
@@ -118,9 +118,9 @@ where
     M: Fn() -> H,
     H: Handler<<P::Store as Store>::Tx>,
 {
-    /// `kills` consumer processes, each killed with SIGKILL at a random moment once it reads
-    /// records, then one run to the end. `records` is the workload's size.
-    pub(super) fn storm(&mut self, kills: u32, records: usize) {
+    /// `kills` consumer processes, each killed with SIGKILL once it has settled a random share
+    /// of what is left, then one run to the end.
+    pub(super) fn storm(&mut self, kills: u32) {
         let address = self.harness.stores.address(self.kept).unwrap_or_else(|| {
             panic!(
                 "Scenario::KillStorm needs a store another process can open (RocksDB, \
@@ -137,27 +137,20 @@ where
             ends: self.ends.to_vec(),
         })
         .expect("describing the consumer");
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64 ^ records as u64;
-        let mut random = move |below: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % below.max(1)
-        };
-        // Records settled (applied, duplicates, dead letters) by the killed processes.
-        let mut settled = 0u64;
+        let records: i64 = self.ends.iter().sum();
+        let mut random = Random::new(records as usize);
         for k in 0..kills {
             let mut child = self.spawn(&spec);
-            // Killed once it has settled a random share of what is left: after some commits,
-            // with the next batch open (or committing).
-            let left = (records as u64).saturating_sub(settled);
-            let share = 1 + random(left / u64::from(kills - k + 1));
+            // Killed once it has settled a random share of what is left (what the killed ones
+            // settled is counted): after some commits, with the next batch open or committing.
+            let left = (records as u64).saturating_sub(self.counted.settled());
+            let share = 1 + random.below(left / u64::from(kills - k + 1));
             if !self.until_settled(&mut child, share) {
                 // Everything was committed before the kill: the storm is over.
                 self.finished(child);
                 return;
             }
-            std::thread::sleep(pace(self.ends) * random(4) as u32);
+            std::thread::sleep(pace(self.ends) * random.below(4) as u32);
             if child.sigkill() {
                 self.kills += 1;
             }
@@ -168,7 +161,6 @@ where
                 after = ?self.started.elapsed(),
                 "kill storm: a consumer process killed"
             );
-            settled += last.settled();
             self.counted += last;
         }
         let child = self.spawn(&spec);
