@@ -66,7 +66,10 @@ impl<T> Tx<T> {
     }
 
     /// The transaction, until the handler returns ([`Error::RequestEnded`] after: a task the
-    /// handler spawned cannot write once the request was answered).
+    /// handler spawned cannot write once the request was answered). Hold the guard while you
+    /// use the transaction, not across a long wait for something else: the layer renews the
+    /// key's lease on the transaction itself between your uses (PostgreSQL ends a transaction
+    /// left idle longer than the lease).
     pub async fn lock(&self) -> Result<TxGuard<'_, T>> {
         MutexGuard::try_map(self.shared.slot.lock().await, Option::as_mut)
             .map_err(|_| Error::RequestEnded)
@@ -82,6 +85,11 @@ impl<T> Tx<T> {
     /// The tenant the layer scoped the key by, if it has a tenant function.
     pub fn tenant(&self) -> Option<&str> {
         self.shared.tenant.as_deref()
+    }
+
+    /// The transaction if the handler is not using it at the moment (`None` inside: gone).
+    pub(super) fn try_idle(&self) -> Option<MutexGuard<'_, Option<T>>> {
+        self.shared.slot.try_lock().ok()
     }
 
     /// Takes the transaction back once the handler returned.

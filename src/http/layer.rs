@@ -91,7 +91,8 @@ impl<S: Clone> Clone for Config<S> {
 /// 2. the key, scoped by the namespace, the tenant, the method and the route template, is
 ///    claimed as a lease: a request that finds it in flight gets **409** (or waits, see
 ///    [`wait_in_flight`](Self::wait_in_flight)); one that finds it answered gets the kept
-///    answer with `Idempotent-Replayed: true`; either with another fingerprint gets **422**;
+///    answer with `Idempotent-Replayed: true`; either with another fingerprint gets **422**
+///    (in flight on PostgreSQL: 409, the first's fingerprint is written with its answer);
 /// 3. the handler runs with the transaction while the lease is renewed; its answer is kept or
 ///    not by the [`StorePolicy`]: kept, the handler's writes, the key's entry and the answer
 ///    commit in one transaction (**409** if the lease was lost meanwhile: nothing is written);
@@ -184,7 +185,10 @@ impl<S: RequestStore + Clone> IdempotencyLayer<S> {
     }
 
     /// A request's hold on its key (default 30 s), renewed every third of it while the handler
-    /// runs: a crashed server's request loses the key this long after its last renewal.
+    /// runs: a stalled server's request loses the key this long after its last renewal (on
+    /// PostgreSQL, after its transaction stayed idle this long: the renewal is a statement on
+    /// it while the handler is not holding [`Tx::lock`](super::Tx::lock)). A crashed server's
+    /// request loses it at once.
     pub fn lease(self, lease: Duration) -> Self {
         self.with(|c| c.lease = lease.max(Duration::from_millis(30)))
     }

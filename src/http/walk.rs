@@ -202,14 +202,17 @@ impl<S: RequestStore + Clone> Walk<'_, S> {
                     tracing::warn!(error = %e, "claiming a request's key failed");
                     return (Outcome::Unavailable, Problem::unavailable().into_response());
                 }
-                Ok(RequestClaim::Claimed(lease)) => {
+                Ok(RequestClaim::Claimed { lease, tx }) => {
                     let request = (parts, bytes);
-                    return self.first(inner, request, lease, key, tenant).await;
+                    return self.first(inner, request, (lease, tx), key, tenant).await;
                 }
                 Ok(RequestClaim::InFlight {
                     fingerprint: first, ..
                 }) => {
-                    if let Some(mismatch) = differs(&fingerprint, &first) {
+                    // An empty fingerprint: the store cannot tell before the first completes.
+                    if !first.is_empty()
+                        && let Some(mismatch) = differs(&fingerprint, &first)
+                    {
                         return (Outcome::Reused, Problem::reused(mismatch).into_response());
                     }
                     let now = Instant::now();
@@ -247,30 +250,21 @@ impl<S: RequestStore + Clone> Walk<'_, S> {
         }
     }
 
-    /// Opens the handler's transaction and hands it to the handler in the request's extensions;
-    /// `None` (logged) when the store cannot open one.
-    async fn open(
+    /// Hands the request's transaction to the handler in the request's extensions.
+    fn hand_over(
         &self,
         parts: &mut Parts,
+        #[cfg_attr(not(feature = "outbox"), allow(unused_mut))] mut tx: S::RequestTx,
         key: Option<ClientKey>,
         tenant: Option<String>,
         #[cfg_attr(not(feature = "outbox"), allow(unused_variables))] source: Option<&[u8]>,
-    ) -> Option<Tx<S::RequestTx>> {
-        match self.config.store.begin_request().await {
-            #[cfg_attr(not(feature = "outbox"), allow(unused_mut))]
-            Ok(mut tx) => {
-                // What its publications derive their keys from: the scoped key it holds.
-                #[cfg(feature = "outbox")]
-                self.config.store.begin_source(&mut tx, source);
-                let slot = Tx::new(tx, key, tenant);
-                parts.extensions.insert(slot.clone());
-                Some(slot)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "opening a request's transaction failed");
-                None
-            }
-        }
+    ) -> Tx<S::RequestTx> {
+        // What its publications derive their keys from: the scoped key it holds.
+        #[cfg(feature = "outbox")]
+        self.config.store.begin_source(&mut tx, source);
+        let slot = Tx::new(tx, key, tenant);
+        parts.extensions.insert(slot.clone());
+        slot
     }
 
     /// The first run of a key this request holds.
@@ -278,7 +272,7 @@ impl<S: RequestStore + Clone> Walk<'_, S> {
         &self,
         inner: Svc,
         (mut parts, bytes): (Parts, Bytes),
-        lease: Lease,
+        (lease, tx): (Lease, S::RequestTx),
         key: ClientKey,
         tenant: Option<String>,
     ) -> (Outcome, Response)
@@ -288,21 +282,16 @@ impl<S: RequestStore + Clone> Walk<'_, S> {
         Svc::Future: Send,
     {
         let config = self.config;
+        let source = lease.key().to_vec();
+        let slot = self.hand_over(&mut parts, tx, Some(key), tenant, Some(&source));
         // Released if this future is dropped (the client went away) before it answers.
         let mut hold = Hold {
             store: config.store.clone(),
             lease: Some(lease.clone()),
-        };
-        let source = lease.key().to_vec();
-        let Some(slot) = self
-            .open(&mut parts, Some(key), tenant, Some(&source))
-            .await
-        else {
-            hold.release().await;
-            return (Outcome::Unavailable, Problem::unavailable().into_response());
+            slot: slot.clone(),
         };
         let request = Request::from_parts(parts, Body::from(bytes));
-        let (response, lease) = self.handle(inner, request, lease).await;
+        let (response, lease) = self.handle(inner, request, lease, &slot).await;
 
         let tx = slot.take().await;
         let (head, body) = response.into_parts();
@@ -310,15 +299,14 @@ impl<S: RequestStore + Clone> Walk<'_, S> {
             Ok(collected) => collected.to_bytes(),
             Err(e) => {
                 tracing::error!(error = %e, "a handler's answer could not be kept");
-                drop(tx);
-                hold.release().await;
+                hold.release(tx).await;
                 let problem = Problem::internal("the answer could not be kept");
                 return (Outcome::Failed, problem.into_response());
             }
         };
         let Some(tx) = tx else {
             // `take` found it gone: only `take` removes it.
-            hold.release().await;
+            hold.release(None).await;
             return (
                 Outcome::Failed,
                 Problem::internal("the request failed").into_response(),
@@ -326,8 +314,7 @@ impl<S: RequestStore + Clone> Walk<'_, S> {
         };
         match config.policy.decide(head.status) {
             Keep::Release => {
-                drop(tx);
-                hold.release().await;
+                hold.release(Some(tx)).await;
                 (
                     Outcome::Released,
                     Response::from_parts(head, Body::from(body)),
@@ -355,7 +342,8 @@ impl<S: RequestStore + Clone> Walk<'_, S> {
                         (Outcome::Superseded, Problem::superseded().into_response())
                     }
                     Err(e) => {
-                        hold.release().await;
+                        // The transaction went with the failed commit.
+                        hold.release(None).await;
                         failed_commit(e)
                     }
                 }
@@ -364,12 +352,14 @@ impl<S: RequestStore + Clone> Walk<'_, S> {
     }
 
     /// Runs the handler, renewing the lease every third of it meanwhile, in this task: a
-    /// process that stops making progress stops renewing.
+    /// process that stops making progress stops renewing. The renewal gets the transaction
+    /// when the handler is not using it.
     async fn handle<Svc>(
         &self,
         mut inner: Svc,
         request: Request<Body>,
         mut lease: Lease,
+        slot: &Tx<S::RequestTx>,
     ) -> (Response, Lease)
     where
         Svc: Service<Request<Body>, Error = Infallible> + Send,
@@ -386,14 +376,28 @@ impl<S: RequestStore + Clone> Walk<'_, S> {
                 Either::Left((result, _)) => break result,
                 Either::Right(((), _)) => {}
             }
-            let renewal = pin!(config.store.renew_request(&mut lease, config.lease));
-            match select(call.as_mut(), renewal).await {
-                Either::Left((result, _)) => break result,
-                Either::Right((Ok(true), _)) => {}
-                Either::Right((Ok(false), _)) => {
+            // Run to its end, so a statement on the transaction is never cut off halfway: the
+            // handler waits for the transaction meanwhile.
+            let renewed = match slot.try_idle() {
+                Some(mut idle) => {
+                    config
+                        .store
+                        .renew_request(&mut lease, idle.as_mut(), config.lease)
+                        .await
+                }
+                None => {
+                    config
+                        .store
+                        .renew_request(&mut lease, None, config.lease)
+                        .await
+                }
+            };
+            match renewed {
+                Ok(true) => {}
+                Ok(false) => {
                     tracing::warn!("a request lost its key's lease while its handler runs");
                 }
-                Either::Right((Err(e), _)) => {
+                Err(e) => {
                     tracing::warn!(error = %e, "renewing a request's lease failed");
                 }
             }
@@ -425,9 +429,14 @@ impl<S: RequestStore + Clone> Walk<'_, S> {
         Svc::Future: Send,
     {
         let config = self.config;
-        let Some(slot) = self.open(&mut parts, None, tenant, None).await else {
-            return (Outcome::Unavailable, Problem::unavailable().into_response());
+        let tx = match config.store.begin_request().await {
+            Ok(tx) => tx,
+            Err(e) => {
+                tracing::warn!(error = %e, "opening a request's transaction failed");
+                return (Outcome::Unavailable, Problem::unavailable().into_response());
+            }
         };
+        let slot = self.hand_over(&mut parts, tx, None, tenant, None);
         let response = match inner.call(Request::from_parts(parts, body)).await {
             Ok(response) => response.into_response(),
             Err(never) => match never {},
@@ -477,17 +486,24 @@ fn publish_expiry(response: &mut Response, expires_at_ms: i64) {
 }
 
 /// A claimed key not answered yet: released when dropped (the request's future dropped with
-/// the connection), in a task of its own.
+/// the connection), in a task of its own, with its transaction.
 struct Hold<S: RequestStore + Clone> {
     store: S,
     lease: Option<Lease>,
+    slot: Tx<S::RequestTx>,
 }
 
 impl<S: RequestStore + Clone> Hold<S> {
-    async fn release(&mut self) {
-        if let Some(lease) = self.lease.take()
-            && let Err(e) = self.store.release_request(&lease).await
-        {
+    /// Gives the key up, rolling back `tx` (or the transaction still in the slot).
+    async fn release(&mut self, tx: Option<S::RequestTx>) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let tx = match tx {
+            Some(tx) => Some(tx),
+            None => self.slot.take().await,
+        };
+        if let Err(e) = self.store.release_request(&lease, tx).await {
             tracing::warn!(error = %e, "releasing a request's key failed; its lease runs out");
         }
     }
@@ -504,8 +520,10 @@ impl<S: RequestStore + Clone> Drop for Hold<S> {
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let store = self.store.clone();
+            let slot = self.slot.clone();
             runtime.spawn(async move {
-                if let Err(e) = store.release_request(&lease).await {
+                let tx = slot.take().await;
+                if let Err(e) = store.release_request(&lease, tx).await {
                     tracing::warn!(error = %e, "releasing a dropped request's key failed");
                 }
             });

@@ -1,13 +1,15 @@
 //! Idempotency keys of requests (HTTP, feature `http`): what a store promises for them.
 //!
 //! A request's key is claimed before the handler runs, as a lease, where every server that could
-//! take the key sees it at once (PostgreSQL: a committed row; RocksDB, whose directory one
-//! process opens: that process's memory): a concurrent request with the key sees it in flight
-//! instead of waiting on a lock, and the claim of a server that crashed is taken over once its
-//! lease ran out (on RocksDB, once the process is gone). The handler's
-//! writes, the key's completed entry and the stored answer then commit in ONE transaction that
-//! checks the lease is still this request's: a request that outlived its lease and lost the
-//! key writes nothing ([`Error::LeaseLost`](crate::Error::LeaseLost)).
+//! take the key sees it at once, and the claim opens the handler's transaction: a concurrent
+//! request with the key sees it in flight instead of waiting on a lock. On PostgreSQL the claim
+//! is a transaction-level advisory lock taken in the handler's own transaction, so a server that
+//! dies lets it go with its session, and one whose transaction stays idle longer than the lease
+//! loses its session to the database; on RocksDB, whose directory one process opens, it lives
+//! in that process's memory and is taken over once its lease ran out. The handler's writes, the
+//! key's completed entry and the stored answer then commit in ONE transaction that checks the
+//! lease is still this request's: a request that outlived its lease and lost the key writes
+//! nothing ([`Error::LeaseLost`](crate::Error::LeaseLost)).
 
 use std::future::Future;
 use std::time::Duration;
@@ -19,14 +21,16 @@ use crate::store::entry::{REQUEST_ENTRY_VERSION, Reader, put_bytes};
 #[derive(Clone, PartialEq, Eq)]
 pub struct Lease {
     key: Vec<u8>,
+    fingerprint: Vec<u8>,
     token: String,
     until_ms: i64,
 }
 
 impl Lease {
-    pub(crate) fn new(key: &[u8], token: String, until_ms: i64) -> Self {
+    pub(crate) fn new(key: &[u8], fingerprint: &[u8], token: String, until_ms: i64) -> Self {
         Lease {
             key: key.to_vec(),
+            fingerprint: fingerprint.to_vec(),
             token,
             until_ms,
         }
@@ -42,6 +46,15 @@ impl Lease {
         self.until_ms
     }
 
+    /// The fingerprint of the request holding it.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn fingerprint(&self) -> &[u8] {
+        &self.fingerprint
+    }
+
+    /// What tells this holder from a later one (RocksDB's claims; empty on PostgreSQL, whose
+    /// claim is the transaction's lock).
+    #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
     pub(crate) fn token(&self) -> &str {
         &self.token
     }
@@ -63,14 +76,23 @@ impl std::fmt::Debug for Lease {
 /// What claiming a request's key found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum RequestClaim {
-    /// The key is this request's until the lease runs out: run the handler.
-    Claimed(Lease),
-    /// Another request holds the key until `until_ms`; `fingerprint` is that request's.
+pub enum RequestClaim<T> {
+    /// The key is this request's until the lease runs out: run the handler in `tx`, the
+    /// transaction that holds it.
+    Claimed {
+        /// The request's hold on the key.
+        lease: Lease,
+        /// The handler's transaction ([`RequestStore::RequestTx`]).
+        tx: T,
+    },
+    /// Another request holds the key.
     InFlight {
-        /// The holder's request fingerprint.
+        /// The holder's request fingerprint; empty when the store cannot tell before the
+        /// holder completes (PostgreSQL, where the claim is a lock and the key's row is written
+        /// once, with the answer).
         fingerprint: Vec<u8>,
-        /// When its lease runs out, milliseconds since the epoch.
+        /// When its lease runs out, milliseconds since the epoch; 0 when the store cannot tell
+        /// (PostgreSQL: the lease is the holder's idle time, renewed by its every statement).
         until_ms: i64,
     },
     /// A request with the key completed: its fingerprint and its stored answer.
@@ -88,31 +110,41 @@ pub enum RequestClaim {
 /// same table or family and under the same bounded purge.
 pub trait RequestStore: Send + Sync + 'static {
     /// The handler's transaction for one request.
-    type RequestTx: Send + 'static;
+    type RequestTx: Send + std::fmt::Debug + 'static;
 
-    /// Claims `key` for a request with `fingerprint`, held for `lease`; an abandoned claim is
-    /// purged `window` after it was made. A completed key whose `window` has passed, or a claim
-    /// whose lease ran out, is taken over.
+    /// Claims `key` for a request with `fingerprint`, held for `lease`, and opens the handler's
+    /// transaction that holds it; an abandoned claim is purged `window` after it was made. A
+    /// completed key whose `window` has passed, or a claim whose lease ran out, is taken over.
     fn claim_request(
         &self,
         key: &[u8],
         fingerprint: &[u8],
         lease: Duration,
         window: Duration,
-    ) -> impl Future<Output = Result<RequestClaim>> + Send;
+    ) -> impl Future<Output = Result<RequestClaim<Self::RequestTx>>> + Send;
 
-    /// Holds the key `lease` longer. False when it is no longer this request's.
+    /// Holds the key `lease_for` longer. `tx` is the request's transaction when the handler is
+    /// not using it at the moment (`None` while it is: a store whose lease is the transaction's
+    /// own activity, PostgreSQL's, then has nothing to do). False when the key is no longer this
+    /// request's.
     fn renew_request(
         &self,
         lease: &mut Lease,
+        tx: Option<&mut Self::RequestTx>,
         lease_for: Duration,
     ) -> impl Future<Output = Result<bool>> + Send;
 
-    /// Gives the key up without an answer (a 5xx, a dropped connection): the next request with
-    /// it runs. False when it was no longer this request's.
-    fn release_request(&self, lease: &Lease) -> impl Future<Output = Result<bool>> + Send;
+    /// Gives the key up without an answer (a 5xx, a dropped connection), rolling back `tx`, the
+    /// request's transaction, when the caller still has it: the next request with the key runs.
+    /// False when it was no longer this request's.
+    fn release_request(
+        &self,
+        lease: &Lease,
+        tx: Option<Self::RequestTx>,
+    ) -> impl Future<Output = Result<bool>> + Send;
 
-    /// Opens the handler's transaction.
+    /// Opens the transaction of a request without a key (on an endpoint where the key is
+    /// optional).
     fn begin_request(&self) -> impl Future<Output = Result<Self::RequestTx>> + Send;
 
     /// Commits the handler's writes with the key's completed entry and `response`, kept for
@@ -134,7 +166,8 @@ pub trait RequestStore: Send + Sync + 'static {
     /// Optional (feature `outbox`). Names what the events the request's handler publishes
     /// through `tx` derive their keys from: the request's scoped key (`key`), so a retried
     /// request publishes the same keys, or, for a request without one, a source of its own.
-    /// The HTTP layer calls it after [`begin_request`](RequestStore::begin_request). Default:
+    /// The HTTP layer calls it on the transaction a claim or
+    /// [`begin_request`](RequestStore::begin_request) opened. Default:
     /// nothing (a store without an outbox).
     #[cfg(feature = "outbox")]
     fn begin_source(&self, tx: &mut Self::RequestTx, key: Option<&[u8]>) {
@@ -212,7 +245,7 @@ impl RequestEntry {
     }
 
     /// What a claim that does not take the key over finds.
-    pub(crate) fn found(self) -> RequestClaim {
+    pub(crate) fn found<T>(self) -> RequestClaim<T> {
         if self.in_flight {
             RequestClaim::InFlight {
                 fingerprint: self.fingerprint,

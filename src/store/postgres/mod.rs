@@ -287,7 +287,7 @@ impl PgStore {
             inner: Arc::new(Inner {
                 pool,
                 #[cfg(feature = "http")]
-                requests: request::RequestSql::new(&sql.dedup),
+                requests: request::RequestSql::new(&options.schema, &options.table_prefix),
                 #[cfg(feature = "outbox")]
                 outbox: outbox::OutboxSql::new(&options.schema, &options.table_prefix),
                 #[cfg(feature = "resolve")]

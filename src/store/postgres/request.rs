@@ -1,11 +1,21 @@
-//! Idempotency keys of requests on PostgreSQL: a claim is a committed `in_flight` row of the
-//! dedup table holding a lease (`lease_token`, `lease_until`), so a concurrent request sees it
-//! at once; the handler's transaction turns it `completed`, with the stored answer in
-//! `outcome`, only while the token is still its own. Every time is the database's clock, so
-//! instances whose clocks disagree agree on leases.
+//! Idempotency keys of requests on PostgreSQL: a claim is a transaction-level advisory lock on
+//! a 64-bit hash of the key, taken in the handler's own transaction (`claim_request`, a VOLATILE
+//! function from the migrations, which then reads the key's row on a fresh snapshot), so a
+//! concurrent request sees it at once and a server that dies lets it go with its session. The
+//! lease is the transaction's idle time (`idle_in_transaction_session_timeout` for that
+//! transaction): a holder that stays idle longer loses its session, its writes and the key, and
+//! the layer renews it with a statement while the handler is not using the transaction. The
+//! key's row is written once, completed, with the answer in `outcome`, in the handler's
+//! transaction. Every time is the database's clock, so instances whose clocks disagree agree on
+//! windows.
+//!
+//! A claim writes nothing and commits nothing: a fresh request costs one statement and one row
+//! more than the same handler without a key, a replay one read-only statement in a transaction
+//! rolled back.
 
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
 use sqlx::Row;
 use sqlx::postgres::{PgConnection, Postgres};
 use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
@@ -17,76 +27,97 @@ use super::sql::ms;
 use crate::error::{Error, Result};
 use crate::store::request::{Lease, RequestClaim, RequestStore};
 
-/// Makes the statement's own (implicit) transaction commit without waiting for its WAL to
-/// reach the disk (`synchronous_commit = off` for that transaction alone): claims, renewals and
-/// releases are visible to every session at once, and a claim lost with a server crash is a
-/// key nobody completed, which a retry runs, as after its lease. The completing commit, which
-/// carries the handler's writes and the answer, stays synchronous, and its WAL flush covers
-/// every claim before it.
-const ASYNC: &str = "(SELECT set_config('synchronous_commit', 'off', true)) AS async_commit";
-
-/// The statements, built once from the validated table name.
+/// The statements, built once from the validated schema and table prefix.
 pub(super) struct RequestSql {
+    /// Hashed with every key into its lock, so stores of other prefixes in one database keep
+    /// their locks apart.
+    table: String,
     claim: SqlStr,
-    read: SqlStr,
     renew: SqlStr,
-    release: SqlStr,
     complete: SqlStr,
 }
 
 impl RequestSql {
-    pub(super) fn new(dedup: &str) -> Self {
+    pub(super) fn new(schema: &str, prefix: &str) -> Self {
+        let dedup = format!("\"{schema}\".\"{prefix}dedup\"");
         let after = |n: u8| format!("now() + ${n}::bigint * interval '1 millisecond'");
-        let key = "consumer_group = $1 AND tenant = $2 AND idempotency_key = $3";
-        // Built only from the validated table name and constant text; values are bound.
+        // Built only from the validated schema, prefix and constant text; values are bound.
         let statement = |s: String| AssertSqlSafe(s).into_sql_str();
         RequestSql {
-            // Inserted, or taken over when its lease ran out or its window passed.
             claim: statement(format!(
-                "INSERT INTO {dedup} AS d (consumer_group, tenant, idempotency_key, status, fingerprint, \
-                 topic, \"partition\", \"offset\", created_at, expires_at, lease_token, lease_until) \
-                 SELECT $1, $2, $3, 'in_flight', $4, '', -1, -1, now(), {window}, $5, {lease} \
-                 FROM {ASYNC} \
+                "SELECT held, found_status, found_fingerprint, found_outcome, found_until_ms, \
+                 found_expires_ms, db_now_ms \
+                 FROM \"{schema}\".\"{prefix}claim_request\"($1, $2, $3, $4, $5)"
+            )),
+            // Resets the transaction's idle clock, with the lease it should have now.
+            renew: statement(
+                "SELECT set_config('idle_in_transaction_session_timeout', $1, true)".to_owned(),
+            ),
+            // In the handler's transaction, under the key's lock. A row still there is an
+            // answer whose window passed, or a claim an earlier version of this crate left
+            // whose lease ran out: both taken over.
+            complete: statement(format!(
+                "INSERT INTO {dedup} AS d (consumer_group, tenant, idempotency_key, status, \
+                 fingerprint, outcome, topic, \"partition\", \"offset\", created_at, expires_at) \
+                 VALUES ($1, $2, $3, 'completed', $4, $5, '', -1, -1, now(), {window}) \
                  ON CONFLICT (consumer_group, tenant, idempotency_key) DO UPDATE SET \
-                 status = 'in_flight', fingerprint = EXCLUDED.fingerprint, outcome = NULL, \
-                 created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at, \
-                 lease_token = EXCLUDED.lease_token, lease_until = EXCLUDED.lease_until \
+                 status = 'completed', fingerprint = EXCLUDED.fingerprint, \
+                 outcome = EXCLUDED.outcome, created_at = EXCLUDED.created_at, \
+                 expires_at = EXCLUDED.expires_at, lease_token = NULL, lease_until = NULL \
                  WHERE (d.status = 'in_flight' AND d.lease_until <= now()) \
                     OR (d.status IN ('completed', 'dead_lettered') AND d.expires_at <= now()) \
-                 RETURNING {until}",
-                window = after(6),
-                lease = after(7),
-                until = ms("lease_until"),
-            )),
-            read: statement(format!(
-                "SELECT status, fingerprint, outcome, {until} AS until_ms, {expires} AS expires_ms \
-                 FROM {dedup} WHERE {key}",
-                until = ms("lease_until"),
-                expires = ms("expires_at"),
-            )),
-            renew: statement(format!(
-                "UPDATE {dedup} SET lease_until = {lease} FROM {ASYNC} \
-                 WHERE {key} AND status = 'in_flight' AND lease_token = $4 RETURNING {until}",
-                lease = after(5),
-                until = ms("lease_until"),
-            )),
-            release: statement(format!(
-                "DELETE FROM {dedup} USING {ASYNC} WHERE {key} AND status = 'in_flight' AND lease_token = $4"
-            )),
-            // In the handler's transaction: the row lock makes a takeover wait for it.
-            complete: statement(format!(
-                "UPDATE {dedup} SET status = 'completed', outcome = $5, created_at = now(), \
-                 expires_at = {window}, lease_token = NULL, lease_until = NULL \
-                 WHERE {key} AND status = 'in_flight' AND lease_token = $4 RETURNING {expires}",
+                 RETURNING {expires}",
                 window = after(6),
                 expires = ms("expires_at"),
             )),
+            table: dedup,
         }
+    }
+
+    /// The advisory lock of a scoped key in this store.
+    fn lock_key(&self, key: &[u8]) -> i64 {
+        let mut h = Sha256::new();
+        h.update(b"idempotent-consumer/request-lock/1\0");
+        h.update((self.table.len() as u64).to_be_bytes());
+        h.update(self.table.as_bytes());
+        h.update(key);
+        let digest = h.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        i64::from_be_bytes(first)
     }
 }
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A lease as `idle_in_transaction_session_timeout` takes it: whole milliseconds, at least 1 (0
+/// would turn the limit off), at most what the setting holds.
+fn idle_ms(lease: Duration) -> i32 {
+    i32::try_from(lease.as_millis()).unwrap_or(i32::MAX).max(1)
+}
+
+/// Whether the store failed because the database ended the request's session for staying idle
+/// past its lease (before its commit: nothing of it committed).
+fn ended_idle(e: &Error) -> bool {
+    let Error::Store { source, .. } = e else {
+        return false;
+    };
+    source.downcast_ref::<sqlx::Error>().is_some_and(
+        |e| matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c == "25P03")),
+    )
+}
+
+/// Whether a failed statement of a request's transaction means the database ended it for
+/// staying idle past its lease (or the session is gone): nothing of it committed, and the key
+/// is no longer this request's.
+fn lost_session(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| code == "25P03"),
+        _ => false,
+    }
 }
 
 /// The handler's transaction for one request on PostgreSQL: run its queries on
@@ -135,96 +166,110 @@ impl RequestStore for PgStore {
         key: &[u8],
         fingerprint: &[u8],
         lease: Duration,
-        window: Duration,
-    ) -> Result<RequestClaim> {
+        // The key's row is written once, with the answer, and its window with it.
+        _window: Duration,
+    ) -> Result<RequestClaim<PgRequestTx>> {
         let (g, t, k) = split(key)?;
         let sql = &self.inner.requests;
-        // A row purged between the insert and the read is claimed again.
-        for _ in 0..3 {
-            let token = crate::store::new_id();
-            let claimed: Option<i64> = sqlx::query_scalar(sql.claim.clone())
-                .bind(g)
-                .bind(t)
-                .bind(k)
-                .bind(fingerprint)
-                .bind(&token)
-                .bind(millis(window))
-                .bind(millis(lease))
-                .fetch_optional(&self.inner.pool)
-                .await
-                .map_err(pg("claiming a request's key"))?;
-            if let Some(until_ms) = claimed {
-                return Ok(RequestClaim::Claimed(Lease::new(key, token, until_ms)));
-            }
-            let row = sqlx::query(sql.read.clone())
-                .bind(g)
-                .bind(t)
-                .bind(k)
-                .fetch_optional(&self.inner.pool)
-                .await
-                .map_err(pg("reading a request's key"))?;
-            let Some(row) = row else { continue };
-            let read = |e| pg("reading a request's key")(e);
-            let status: String = row.try_get("status").map_err(read)?;
-            let fingerprint: Vec<u8> = row.try_get("fingerprint").map_err(read)?;
-            match status.as_str() {
-                "in_flight" => {
-                    let until_ms: Option<i64> = row.try_get("until_ms").map_err(read)?;
-                    return Ok(RequestClaim::InFlight {
-                        fingerprint,
-                        until_ms: until_ms.unwrap_or(0),
-                    });
-                }
-                "completed" => {
-                    let response: Option<Vec<u8>> = row.try_get("outcome").map_err(read)?;
-                    let expires_at_ms: i64 = row.try_get("expires_ms").map_err(read)?;
+        let mut tx = self.begin_request().await?;
+        let row = sqlx::query(sql.claim.clone())
+            .bind(sql.lock_key(key))
+            .bind(idle_ms(lease))
+            .bind(g)
+            .bind(t)
+            .bind(k)
+            .fetch_one(&mut *tx.tx)
+            .await
+            .map_err(pg("claiming a request's key"))?;
+        let read = |e| pg("reading a request's key")(e);
+        let held: bool = row.try_get("held").map_err(read)?;
+        if !held {
+            let _ = tx.tx.rollback().await;
+            return Ok(RequestClaim::InFlight {
+                fingerprint: Vec::new(),
+                until_ms: 0,
+            });
+        }
+        let status: Option<String> = row.try_get("found_status").map_err(read)?;
+        let now_ms: i64 = row.try_get("db_now_ms").map_err(read)?;
+        let found_fingerprint = || -> Result<Vec<u8>> {
+            let f: Option<Vec<u8>> = row.try_get("found_fingerprint").map_err(read)?;
+            Ok(f.unwrap_or_default())
+        };
+        match status.as_deref() {
+            None => {}
+            Some("completed") => {
+                let expires_at_ms: i64 = row.try_get("found_expires_ms").map_err(read)?;
+                if expires_at_ms > now_ms {
+                    let response: Option<Vec<u8>> = row.try_get("found_outcome").map_err(read)?;
+                    let fingerprint = found_fingerprint()?;
+                    let _ = tx.tx.rollback().await;
                     return Ok(RequestClaim::Completed {
                         fingerprint,
                         response: response.unwrap_or_default(),
                         expires_at_ms,
                     });
                 }
-                other => {
-                    return Err(Error::Corrupt(format!(
-                        "a request's key holds a consumer's entry (status {other})"
-                    )));
+            }
+            // A claim an earlier version of this crate committed as a row: held until its lease
+            // runs out (its server may still run it).
+            Some("in_flight") => {
+                let until_ms: Option<i64> = row.try_get("found_until_ms").map_err(read)?;
+                let until_ms = until_ms.unwrap_or(0);
+                if until_ms > now_ms {
+                    let fingerprint = found_fingerprint()?;
+                    let _ = tx.tx.rollback().await;
+                    return Ok(RequestClaim::InFlight {
+                        fingerprint,
+                        until_ms,
+                    });
                 }
             }
+            Some(other) => {
+                let _ = tx.tx.rollback().await;
+                return Err(Error::Corrupt(format!(
+                    "a request's key holds a consumer's entry (status {other})"
+                )));
+            }
         }
-        Err(Error::store_transient(
-            "claiming a request's key",
-            "the key kept changing between the claim and the read",
-        ))
+        let until_ms = now_ms.saturating_add(millis(lease));
+        // The lock is the transaction's: no token tells holders apart.
+        Ok(RequestClaim::Claimed {
+            lease: Lease::new(key, fingerprint, String::new(), until_ms),
+            tx,
+        })
     }
 
-    async fn renew_request(&self, lease: &mut Lease, lease_for: Duration) -> Result<bool> {
-        let (g, t, k) = split(lease.key())?;
-        let until: Option<i64> = sqlx::query_scalar(self.inner.requests.renew.clone())
-            .bind(g)
-            .bind(t)
-            .bind(k)
-            .bind(lease.token())
-            .bind(millis(lease_for))
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(pg("renewing a request's lease"))?;
-        if let Some(until_ms) = until {
-            lease.set_until_ms(until_ms);
+    async fn renew_request(
+        &self,
+        lease: &mut Lease,
+        tx: Option<&mut PgRequestTx>,
+        lease_for: Duration,
+    ) -> Result<bool> {
+        // While the handler uses the transaction, its own statements keep the session.
+        let Some(tx) = tx else { return Ok(true) };
+        let renewed = sqlx::query(self.inner.requests.renew.clone())
+            .bind(idle_ms(lease_for).to_string())
+            .execute(&mut *tx.tx)
+            .await;
+        match renewed {
+            Ok(_) => {
+                lease.set_until_ms(crate::store::now_ms().saturating_add(millis(lease_for)));
+                Ok(true)
+            }
+            Err(e) if lost_session(&e) => Ok(false),
+            Err(e) => Err(pg("renewing a request's lease")(e)),
         }
-        Ok(until.is_some())
     }
 
-    async fn release_request(&self, lease: &Lease) -> Result<bool> {
-        let (g, t, k) = split(lease.key())?;
-        let done = sqlx::query(self.inner.requests.release.clone())
-            .bind(g)
-            .bind(t)
-            .bind(k)
-            .bind(lease.token())
-            .execute(&self.inner.pool)
-            .await
-            .map_err(pg("releasing a request's key"))?;
-        Ok(done.rows_affected() == 1)
+    async fn release_request(&self, _lease: &Lease, tx: Option<PgRequestTx>) -> Result<bool> {
+        // The lock goes with the transaction; without it here, it went when it was dropped.
+        let Some(tx) = tx else { return Ok(true) };
+        match tx.tx.rollback().await {
+            Ok(()) => Ok(true),
+            Err(e) if lost_session(&e) => Ok(false),
+            Err(e) => Err(pg("releasing a request's key")(e)),
+        }
     }
 
     async fn begin_request(&self) -> Result<PgRequestTx> {
@@ -243,22 +288,32 @@ impl RequestStore for PgStore {
         window: Duration,
     ) -> Result<i64> {
         let (g, t, k) = split(lease.key())?;
-        let completed: Option<i64> = sqlx::query_scalar(self.inner.requests.complete.clone())
+        let fingerprint = lease.fingerprint();
+
+        let completed = sqlx::query_scalar::<_, i64>(self.inner.requests.complete.clone())
             .bind(g)
             .bind(t)
             .bind(k)
-            .bind(lease.token())
+            .bind(fingerprint)
             .bind(response)
             .bind(millis(window))
             .fetch_optional(&mut *tx.tx)
-            .await
-            .map_err(pg("completing a request's key"))?;
-        let Some(expires_at_ms) = completed else {
-            let _ = tx.tx.rollback().await;
-            return Err(Error::LeaseLost);
+            .await;
+        let expires_at_ms = match completed {
+            Ok(Some(expires_at_ms)) => expires_at_ms,
+            // A claim row of an earlier version whose lease still runs.
+            Ok(None) => {
+                let _ = tx.tx.rollback().await;
+                return Err(Error::LeaseLost);
+            }
+            Err(e) if lost_session(&e) => return Err(Error::LeaseLost),
+            Err(e) => return Err(pg("completing a request's key")(e)),
         };
-        tx.finish(self).await?;
-        Ok(expires_at_ms)
+        match tx.finish(self).await {
+            Ok(()) => Ok(expires_at_ms),
+            Err(e) if ended_idle(&e) => Err(Error::LeaseLost),
+            Err(e) => Err(e),
+        }
     }
 
     async fn commit_unkeyed(&self, tx: PgRequestTx) -> Result<()> {

@@ -29,6 +29,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("migrations/0005_resolution.sql"),
     ),
     (6, "audit", include_str!("migrations/0006_audit.sql")),
+    (
+        7,
+        "request locks",
+        include_str!("migrations/0007_request_locks.sql"),
+    ),
 ];
 
 /// `$n` (milliseconds since the Unix epoch) as a `timestamptz`, exactly.

@@ -159,7 +159,7 @@ impl RequestStore for RocksStore {
         fingerprint: &[u8],
         lease: Duration,
         window: Duration,
-    ) -> Result<RequestClaim> {
+    ) -> Result<RequestClaim<RocksRequestTx>> {
         let inner = &self.inner;
         let mut claims = inner.requests.lock(key);
         let now = now_ms();
@@ -188,10 +188,20 @@ impl RequestStore for RocksStore {
         };
         let until_ms = claim.lease_until_ms;
         claims.insert(key.to_vec(), claim);
-        Ok(RequestClaim::Claimed(Lease::new(key, token, until_ms)))
+        Ok(RequestClaim::Claimed {
+            lease: Lease::new(key, fingerprint, token, until_ms),
+            tx: RocksRequestTx {
+                tx: RocksTx::for_request(self),
+            },
+        })
     }
 
-    async fn renew_request(&self, lease: &mut Lease, lease_for: Duration) -> Result<bool> {
+    async fn renew_request(
+        &self,
+        lease: &mut Lease,
+        _tx: Option<&mut RocksRequestTx>,
+        lease_for: Duration,
+    ) -> Result<bool> {
         let mut claims = self.inner.requests.lock(lease.key());
         let Some(claim) = held(&mut claims, lease) else {
             return Ok(false);
@@ -201,7 +211,9 @@ impl RequestStore for RocksStore {
         Ok(true)
     }
 
-    async fn release_request(&self, lease: &Lease) -> Result<bool> {
+    async fn release_request(&self, lease: &Lease, tx: Option<RocksRequestTx>) -> Result<bool> {
+        // Nothing of the transaction was written; its state keys are let go with it.
+        drop(tx);
         let mut claims = self.inner.requests.lock(lease.key());
         if held(&mut claims, lease).is_none() {
             return Ok(false);
