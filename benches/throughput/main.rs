@@ -494,6 +494,11 @@ fn watch(stats: &Arc<Stats>, records: usize) -> Res<Duration> {
         }
         let settled = s.applied + s.duplicates() + s.dead_lettered + s.conflicts;
         if settled as usize >= records {
+            if std::env::var_os("THROUGHPUT_WINDOW").is_some() {
+                // Instant's Debug is the CLOCK_MONOTONIC time on Linux: the window to keep of a
+                // `perf record -k CLOCK_MONOTONIC` profile.
+                eprintln!("throughput: window from {first:?} to {:?}", Instant::now());
+            }
             return Ok(first.map_or(Duration::ZERO, |f| f.elapsed()));
         }
         if Instant::now() > deadline {
