@@ -20,7 +20,13 @@ const GROWTH: [(&str, [&str; 3]); 2] = [
     ),
 ];
 
-pub(super) fn write(path: &std::path::Path, rows: &[Row], raw_rate: f64) -> Res<()> {
+/// `own_rss`: peak RSS of rows measured in a process of their own, used instead of the row's.
+pub(super) fn write(
+    path: &std::path::Path,
+    rows: &[Row],
+    raw_rate: f64,
+    own_rss: &std::collections::BTreeMap<String, f64>,
+) -> Res<()> {
     let bars_height = 60 + 24 * rows.len() as u32;
     let root = SVGBackend::new(path, (960, bars_height + 340)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
@@ -28,7 +34,9 @@ pub(super) fn write(path: &std::path::Path, rows: &[Row], raw_rate: f64) -> Res<
     bars(&top, rows, raw_rate)?;
     let (left, right) = bottom.split_horizontally(480);
     growth(&left, rows, "records per second", |r| r.rate())?;
-    growth(&right, rows, "peak RSS (MB)", |r| r.peak_rss_mb)?;
+    growth(&right, rows, "peak RSS (MB)", |r| {
+        own_rss.get(&r.name).copied().unwrap_or(r.peak_rss_mb)
+    })?;
     root.present().map_err(|e| e.to_string())?;
     Ok(())
 }
