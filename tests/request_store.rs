@@ -240,6 +240,35 @@ async fn a_request_that_lost_its_lease_is_fenced<B: Subject>(b: &B) {
     assert_eq!(B::payments(&store).await, 1);
 }
 
+/// A key answered while other requests keep asking for it is never claimed again: every claim
+/// after the answer committed finds it (on PostgreSQL, the claim reads the key's row on a
+/// snapshot taken after its lock was granted, not on one from before the holder let it go).
+async fn a_key_answered_meanwhile_is_never_claimed_again<B: Subject>(b: &B) {
+    let store = b.open().await;
+    for round in 0..40 {
+        let k = key(None, &format!("answered-meanwhile-{round}"));
+        let (lease, tx) = claimed(store.claim_request(&k, b"fp", LONG, DAY).await.unwrap());
+        let ask = || async {
+            loop {
+                match store.claim_request(&k, b"fp", LONG, DAY).await.unwrap() {
+                    RequestClaim::Completed { .. } => return Ok(()),
+                    RequestClaim::Claimed { .. } => return Err("claimed after the answer"),
+                    _ => tokio::task::yield_now().await,
+                }
+            }
+        };
+        let answer = async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            store.commit_request(tx, &lease, b"ok", DAY).await.unwrap();
+        };
+        let askers = futures::future::join_all((0..8).map(|_| ask()));
+        let (asked, ()) = futures::future::join(askers, answer).await;
+        for result in asked {
+            assert_eq!(result, Ok(()), "round {round}");
+        }
+    }
+}
+
 /// Renewing holds the key past the first lease; a lease that was taken over neither renews nor
 /// releases; releasing lets the next request run.
 async fn leases_renew_and_release_only_while_held<B: Subject>(b: &B) {
@@ -393,6 +422,7 @@ requests!(
     concurrent_claims_of_one_key_give_it_to_one,
     a_crashed_requests_claim_is_taken_over,
     a_request_that_lost_its_lease_is_fenced,
+    a_key_answered_meanwhile_is_never_claimed_again,
     leases_renew_and_release_only_while_held,
     keys_expire_after_their_window_and_tenants_are_apart,
     expired_request_keys_are_purged,

@@ -378,20 +378,16 @@ impl<S: RequestStore + Clone> Walk<'_, S> {
             }
             // Run to its end, so a statement on the transaction is never cut off halfway: the
             // handler waits for the transaction meanwhile.
-            let renewed = match slot.try_idle() {
-                Some(mut idle) => {
-                    config
-                        .store
-                        .renew_request(&mut lease, idle.as_mut(), config.lease)
-                        .await
-                }
-                None => {
-                    config
-                        .store
-                        .renew_request(&mut lease, None, config.lease)
-                        .await
-                }
-            };
+            let mut idle = slot.try_idle();
+            let renewed = config
+                .store
+                .renew_request(
+                    &mut lease,
+                    idle.as_mut().and_then(|t| t.as_mut()),
+                    config.lease,
+                )
+                .await;
+            drop(idle);
             match renewed {
                 Ok(true) => {}
                 Ok(false) => {

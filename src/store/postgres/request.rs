@@ -25,7 +25,7 @@ use super::errors::pg;
 use super::rows::split;
 use super::sql::ms;
 use crate::error::{Error, Result};
-use crate::store::request::{Lease, RequestClaim, RequestStore};
+use crate::store::request::{Lease, RequestClaim, RequestEntry, RequestStore};
 
 /// The statements, built once from the validated schema and table prefix.
 pub(super) struct RequestSql {
@@ -98,26 +98,22 @@ fn idle_ms(lease: Duration) -> i32 {
     i32::try_from(lease.as_millis()).unwrap_or(i32::MAX).max(1)
 }
 
-/// Whether the store failed because the database ended the request's session for staying idle
-/// past its lease (before its commit: nothing of it committed).
-fn ended_idle(e: &Error) -> bool {
-    let Error::Store { source, .. } = e else {
-        return false;
-    };
-    source.downcast_ref::<sqlx::Error>().is_some_and(
-        |e| matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c == "25P03")),
-    )
+/// Whether the database ended the session for staying idle in a transaction past its lease:
+/// nothing of the transaction committed, and the key is no longer this request's.
+fn idle_ended(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c == "25P03"))
 }
 
-/// Whether a failed statement of a request's transaction means the database ended it for
-/// staying idle past its lease (or the session is gone): nothing of it committed, and the key
-/// is no longer this request's.
+/// [`idle_ended`], for a failure the store already mapped (before its commit).
+fn store_idle_ended(e: &Error) -> bool {
+    matches!(e, Error::Store { source, .. }
+        if source.downcast_ref::<sqlx::Error>().is_some_and(idle_ended))
+}
+
+/// Whether a failed statement of a request's transaction means the session is gone (ended for
+/// its idle time, or lost): nothing of it committed, and the key is no longer this request's.
 fn lost_session(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| code == "25P03"),
-        _ => false,
-    }
+    matches!(e, sqlx::Error::Io(_)) || idle_ended(e)
 }
 
 /// The handler's transaction for one request on PostgreSQL: run its queries on
@@ -192,44 +188,40 @@ impl RequestStore for PgStore {
         }
         let status: Option<String> = row.try_get("found_status").map_err(read)?;
         let now_ms: i64 = row.try_get("db_now_ms").map_err(read)?;
-        let found_fingerprint = || -> Result<Vec<u8>> {
-            let f: Option<Vec<u8>> = row.try_get("found_fingerprint").map_err(read)?;
-            Ok(f.unwrap_or_default())
-        };
-        match status.as_deref() {
-            None => {}
-            Some("completed") => {
-                let expires_at_ms: i64 = row.try_get("found_expires_ms").map_err(read)?;
-                if expires_at_ms > now_ms {
-                    let response: Option<Vec<u8>> = row.try_get("found_outcome").map_err(read)?;
-                    let fingerprint = found_fingerprint()?;
+        if let Some(status) = status {
+            let in_flight = match status.as_str() {
+                "completed" => false,
+                // A claim an earlier version of this crate committed as a row: held until its
+                // lease runs out (its server may still run it).
+                "in_flight" => true,
+                other => {
                     let _ = tx.tx.rollback().await;
-                    return Ok(RequestClaim::Completed {
-                        fingerprint,
-                        response: response.unwrap_or_default(),
-                        expires_at_ms,
-                    });
+                    return Err(Error::Corrupt(format!(
+                        "a request's key holds a consumer's entry (status {other})"
+                    )));
                 }
-            }
-            // A claim an earlier version of this crate committed as a row: held until its lease
-            // runs out (its server may still run it).
-            Some("in_flight") => {
-                let until_ms: Option<i64> = row.try_get("found_until_ms").map_err(read)?;
-                let until_ms = until_ms.unwrap_or(0);
-                if until_ms > now_ms {
-                    let fingerprint = found_fingerprint()?;
-                    let _ = tx.tx.rollback().await;
-                    return Ok(RequestClaim::InFlight {
-                        fingerprint,
-                        until_ms,
-                    });
-                }
-            }
-            Some(other) => {
+            };
+            let found = RequestEntry {
+                in_flight,
+                lease_until_ms: row
+                    .try_get::<Option<i64>, _>("found_until_ms")
+                    .map_err(read)?
+                    .unwrap_or(0),
+                created_at_ms: 0,
+                expires_at_ms: row.try_get("found_expires_ms").map_err(read)?,
+                fingerprint: row
+                    .try_get::<Option<Vec<u8>>, _>("found_fingerprint")
+                    .map_err(read)?
+                    .unwrap_or_default(),
+                token: String::new(),
+                response: row
+                    .try_get::<Option<Vec<u8>>, _>("found_outcome")
+                    .map_err(read)?
+                    .unwrap_or_default(),
+            };
+            if !found.is_free(now_ms) {
                 let _ = tx.tx.rollback().await;
-                return Err(Error::Corrupt(format!(
-                    "a request's key holds a consumer's entry (status {other})"
-                )));
+                return Ok(found.found());
             }
         }
         let until_ms = now_ms.saturating_add(millis(lease));
@@ -311,7 +303,7 @@ impl RequestStore for PgStore {
         };
         match tx.finish(self).await {
             Ok(()) => Ok(expires_at_ms),
-            Err(e) if ended_idle(&e) => Err(Error::LeaseLost),
+            Err(e) if store_idle_ended(&e) => Err(Error::LeaseLost),
             Err(e) => Err(e),
         }
     }
