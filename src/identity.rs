@@ -103,16 +103,37 @@ pub(crate) enum KeyOrigin {
     Offset,
 }
 
-/// An idempotency key as stored (after any hashing), with where it came from.
+/// An idempotency key as stored (after any hashing), with where it came from. One derived for
+/// a scope ([`Identity::scoped_key_of`]) holds its store key too, in the same allocation: the
+/// scope's bytes, then the key's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct IdempotencyKey {
+    /// The scope's bytes (none for an unscoped key), then the key's.
     bytes: Vec<u8>,
+    /// Where the key's own bytes start.
+    start: usize,
     origin: KeyOrigin,
 }
 
 impl IdempotencyKey {
+    /// An unscoped key.
+    #[cfg(test)]
+    fn unscoped(bytes: Vec<u8>, origin: KeyOrigin) -> Self {
+        IdempotencyKey {
+            bytes,
+            start: 0,
+            origin,
+        }
+    }
+
     /// The key bytes.
     pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.bytes[self.start..]
+    }
+
+    /// The store key of a key derived for a scope: the same bytes as [`Scope::store_key`]
+    /// makes.
+    pub(crate) fn store_key(&self) -> &[u8] {
         &self.bytes
     }
 
@@ -126,12 +147,13 @@ impl IdempotencyKey {
 impl fmt::Display for IdempotencyKey {
     /// Printable form for traces: UTF-8 keys as they are (cut at 64 bytes), others as hex.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let shown = &self.bytes[..self.bytes.len().min(64)];
+        let bytes = self.as_bytes();
+        let shown = &bytes[..bytes.len().min(64)];
         match std::str::from_utf8(shown) {
             Ok(s) if s.chars().all(|c| !c.is_control()) => f.write_str(s)?,
             _ => write!(f, "{}", crate::hex::Hex(shown))?,
         }
-        if self.bytes.len() > shown.len() {
+        if bytes.len() > shown.len() {
             f.write_str("…")?;
         }
         Ok(())
@@ -282,16 +304,35 @@ impl Identity {
     }
 
     /// Derives the idempotency key of a record.
+    #[cfg(test)]
     pub(crate) fn key_of(&self, record: &Record) -> Result<IdempotencyKey, KeyError> {
+        self.derive(record, &[])
+    }
+
+    /// Derives the idempotency key of a record in `scope`, store key included (one allocation
+    /// for a key read from a header or the record key).
+    pub(crate) fn scoped_key_of(
+        &self,
+        record: &Record,
+        scope: &Scope,
+    ) -> Result<IdempotencyKey, KeyError> {
+        self.derive(record, scope.as_bytes())
+    }
+
+    fn derive(&self, record: &Record, prefix: &[u8]) -> Result<IdempotencyKey, KeyError> {
+        use std::borrow::Cow;
         let mut found = None;
         for source in &self.sources {
-            let candidate = match source {
-                KeySource::Header(name) => record.header(name).map(<[u8]>::to_vec),
-                KeySource::RecordKey => record.key().map(<[u8]>::to_vec),
+            let candidate: Option<Cow<'_, [u8]>> = match source {
+                KeySource::Header(name) => record.header(name).map(Cow::Borrowed),
+                KeySource::RecordKey => record.key().map(Cow::Borrowed),
                 // The user's code: a panic is this record's invalid key, not the runtime's end.
                 KeySource::Function(f) => std::panic::catch_unwind(AssertUnwindSafe(|| f(record)))
-                    .map_err(|panic| KeyError::FunctionPanicked(panic_message(&*panic).into()))?,
-                KeySource::PayloadHash => Some(Fingerprint::of(record.payload()).0.to_vec()),
+                    .map_err(|panic| KeyError::FunctionPanicked(panic_message(&*panic).into()))?
+                    .map(Cow::Owned),
+                KeySource::PayloadHash => {
+                    Some(Cow::Owned(Fingerprint::of(record.payload()).0.to_vec()))
+                }
             };
             // An empty key is no key: it would make every such record the same event.
             if let Some(bytes) = candidate.filter(|b| !b.is_empty()) {
@@ -302,13 +343,15 @@ impl Identity {
         let (bytes, origin) = match (found, self.missing) {
             (Some(found), _) => found,
             (None, MissingKey::FallbackToOffset) => (
-                format!(
-                    "{}/{}@{}",
-                    record.topic(),
-                    record.partition(),
-                    record.offset()
-                )
-                .into_bytes(),
+                Cow::Owned(
+                    format!(
+                        "{}/{}@{}",
+                        record.topic(),
+                        record.partition(),
+                        record.offset()
+                    )
+                    .into_bytes(),
+                ),
                 KeyOrigin::Offset,
             ),
             (None, MissingKey::Reject) => {
@@ -317,19 +360,27 @@ impl Identity {
                 });
             }
         };
-        if bytes.len() <= self.max_key_len {
-            return Ok(IdempotencyKey { bytes, origin });
-        }
-        match self.oversize {
-            OversizeKey::Reject => Err(KeyError::Oversize {
-                len: bytes.len(),
-                max: self.max_key_len,
-            }),
-            OversizeKey::Hash => Ok(IdempotencyKey {
-                bytes: Sha256::digest(&bytes).to_vec(),
-                origin,
-            }),
-        }
+        let bytes = if bytes.len() <= self.max_key_len {
+            bytes
+        } else {
+            match self.oversize {
+                OversizeKey::Reject => {
+                    return Err(KeyError::Oversize {
+                        len: bytes.len(),
+                        max: self.max_key_len,
+                    });
+                }
+                OversizeKey::Hash => Cow::Owned(Sha256::digest(&bytes).to_vec()),
+            }
+        };
+        let mut scoped = Vec::with_capacity(prefix.len() + bytes.len());
+        scoped.extend_from_slice(prefix);
+        scoped.extend_from_slice(&bytes);
+        Ok(IdempotencyKey {
+            bytes: scoped,
+            start: prefix.len(),
+            origin,
+        })
     }
 }
 
@@ -374,9 +425,10 @@ impl Scope {
     /// The store key of `key` in this scope: scope bytes followed by the key bytes. Prefix-free,
     /// because the scope part is length-prefixed.
     pub(crate) fn store_key(&self, key: &IdempotencyKey) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.encoded.len() + key.bytes.len());
+        let key = key.as_bytes();
+        let mut out = Vec::with_capacity(self.encoded.len() + key.len());
         out.extend_from_slice(&self.encoded);
-        out.extend_from_slice(&key.bytes);
+        out.extend_from_slice(key);
         out
     }
 }
@@ -473,6 +525,24 @@ mod tests {
     }
 
     #[test]
+    fn a_key_derived_for_a_scope_is_the_key_and_its_store_key() {
+        let r = rec().with_header(DEFAULT_KEY_HEADER, Some(b"k-1".to_vec()));
+        let hashed = Identity::new()
+            .max_key_len(2)
+            .oversize_key(OversizeKey::Hash);
+        for id in [Identity::new(), hashed] {
+            let scope = Scope::new("group", Some("tenant"));
+            let plain = id.key_of(&r).unwrap();
+            let scoped = id.scoped_key_of(&r, &scope).unwrap();
+            assert_eq!(scoped.as_bytes(), plain.as_bytes());
+            assert_eq!(scoped.origin(), plain.origin());
+            assert_eq!(scoped.to_string(), plain.to_string());
+            assert_eq!(scoped.store_key(), scope.store_key(&plain));
+            assert_eq!(scope.store_key(&scoped), scope.store_key(&plain));
+        }
+    }
+
+    #[test]
     fn a_panicking_key_function_is_an_invalid_key_not_a_crash() {
         let id = Identity::new().sources([KeySource::Function(Arc::new(|r| {
             assert!(r.offset() != 42, "no key for offset {}", r.offset());
@@ -548,7 +618,7 @@ mod tests {
             k2 in proptest::collection::vec(any::<u8>(), 1..48),
             t2 in proptest::option::of("[^\\p{Cc}]{0,8}"),
         ) {
-            let key = |b: Vec<u8>| IdempotencyKey { bytes: b, origin: KeyOrigin::Header };
+            let key = |b: Vec<u8>| IdempotencyKey::unscoped(b, KeyOrigin::Header);
             let fingerprint = Fingerprint::of(Some(b"p"));
             let conflict = Scope::conflicts(&g, t.as_deref()).conflict_key(&key(k1.clone()), &fingerprint);
             // The record key that spells the same bytes after the scope: key + fingerprint.
@@ -565,7 +635,7 @@ mod tests {
             g1 in ".{0,8}", t1 in proptest::option::of(".{0,8}"), k1 in proptest::collection::vec(any::<u8>(), 1..8),
             g2 in ".{0,8}", t2 in proptest::option::of(".{0,8}"), k2 in proptest::collection::vec(any::<u8>(), 1..8),
         ) {
-            let key = |b: Vec<u8>| IdempotencyKey { bytes: b, origin: KeyOrigin::Header };
+            let key = |b: Vec<u8>| IdempotencyKey::unscoped(b, KeyOrigin::Header);
             let a = Scope::new(&g1, t1.as_deref()).store_key(&key(k1.clone()));
             let b = Scope::new(&g2, t2.as_deref()).store_key(&key(k2.clone()));
             let same = g1 == g2 && t1.unwrap_or_default() == t2.unwrap_or_default() && k1 == k2;
@@ -577,7 +647,7 @@ mod tests {
         fn store_keys_split_back(
             g in ".{0,8}", t in proptest::option::of(".{0,8}"), k in proptest::collection::vec(any::<u8>(), 1..8),
         ) {
-            let key = IdempotencyKey { bytes: k.clone(), origin: KeyOrigin::Header };
+            let key = IdempotencyKey::unscoped(k.clone(), KeyOrigin::Header);
             let store_key = Scope::new(&g, t.as_deref()).store_key(&key);
             let (group, tenant, bytes) = split_store_key(&store_key).unwrap();
             prop_assert_eq!(group, g.as_bytes());

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 
 use rdkafka::Message;
 use rdkafka::message::{BorrowedMessage, Headers};
@@ -24,13 +25,21 @@ pub struct Header {
 }
 
 /// An owned Kafka record as handed to a handler.
+///
+/// The copy out of the Kafka client costs one allocation for the key and payload together
+/// (`bytes`, the key first) and shares its partition's topic name: the runtime copies every
+/// record it reads, so these are per-record costs.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Record {
-    topic: String,
+    topic: Arc<str>,
     partition: i32,
     offset: i64,
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
+    /// The key's bytes, then the payload's.
+    bytes: Vec<u8>,
+    /// The key's length in `bytes`, `None` for a record without a key.
+    key_len: Option<usize>,
+    /// False for a tombstone (null payload).
+    has_payload: bool,
     headers: Vec<Header>,
     timestamp_ms: Option<i64>,
     /// Positions of headers the Kafka client could not read (a name that is not UTF-8): left
@@ -45,8 +54,8 @@ impl fmt::Debug for Record {
             .field("topic", &self.topic)
             .field("partition", &self.partition)
             .field("offset", &self.offset)
-            .field("key_len", &self.key.as_ref().map(Vec::len))
-            .field("payload_len", &self.payload.as_ref().map(Vec::len))
+            .field("key_len", &self.key().map(<[u8]>::len))
+            .field("payload_len", &self.payload().map(<[u8]>::len))
             .field("headers", &self.headers.len())
             .field("timestamp_ms", &self.timestamp_ms)
             .finish()
@@ -62,12 +71,34 @@ impl Record {
         key: Option<Vec<u8>>,
         payload: Option<Vec<u8>>,
     ) -> Self {
-        Record {
-            topic: topic.into(),
+        let topic: String = topic.into();
+        Record::from_parts(
+            Arc::from(topic),
             partition,
             offset,
-            key,
-            payload,
+            key.as_deref(),
+            payload.as_deref(),
+        )
+    }
+
+    fn from_parts(
+        topic: Arc<str>,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+    ) -> Self {
+        let (k, p) = (key.unwrap_or_default(), payload.unwrap_or_default());
+        let mut bytes = Vec::with_capacity(k.len() + p.len());
+        bytes.extend_from_slice(k);
+        bytes.extend_from_slice(p);
+        Record {
+            topic,
+            partition,
+            offset,
+            bytes,
+            key_len: key.map(<[u8]>::len),
+            has_payload: payload.is_some(),
             headers: Vec::new(),
             timestamp_ms: None,
             unreadable_headers: Vec::new(),
@@ -89,9 +120,20 @@ impl Record {
         self
     }
 
-    pub(crate) fn from_message(message: &BorrowedMessage<'_>) -> Self {
-        let (mut headers, mut unreadable_headers) = (Vec::new(), Vec::new());
+    /// The copy of `message`, a record of `topic` (shared by its partition's records).
+    pub(crate) fn from_message(message: &BorrowedMessage<'_>, topic: &Arc<str>) -> Self {
+        let mut record = Record::from_parts(
+            topic.clone(),
+            message.partition(),
+            message.offset(),
+            message.key(),
+            message.payload(),
+        );
+        record.timestamp_ms = message.timestamp().to_millis();
         if let Some(hs) = message.headers() {
+            let (headers, unreadable_headers) =
+                (&mut record.headers, &mut record.unreadable_headers);
+            headers.reserve_exact(hs.count());
             for i in 0..hs.count() {
                 // rdkafka reads a header's name as UTF-8 and panics on anything else (the
                 // protocol allows any bytes). Caught here, outside every handler, or the
@@ -106,16 +148,7 @@ impl Record {
                 }
             }
         }
-        Record {
-            topic: message.topic().to_owned(),
-            partition: message.partition(),
-            offset: message.offset(),
-            key: message.key().map(<[u8]>::to_vec),
-            payload: message.payload().map(<[u8]>::to_vec),
-            headers,
-            timestamp_ms: message.timestamp().to_millis(),
-            unreadable_headers,
-        }
+        record
     }
 
     /// Why the record cannot be handled as it was sent, if it cannot: a header the Kafka
@@ -127,7 +160,7 @@ impl Record {
             .iter()
             .map(|h| h.name.len() + h.value.as_ref().map_or(0, Vec::len))
             .sum();
-        self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len) + headers
+        self.bytes.len() + headers
     }
 
     pub(crate) fn unreadable(&self) -> Option<String> {
@@ -156,12 +189,13 @@ impl Record {
 
     /// The record key, if any.
     pub fn key(&self) -> Option<&[u8]> {
-        self.key.as_deref()
+        self.key_len.map(|n| &self.bytes[..n])
     }
 
     /// The payload; `None` for a tombstone (null payload).
     pub fn payload(&self) -> Option<&[u8]> {
-        self.payload.as_deref()
+        self.has_payload
+            .then(|| &self.bytes[self.key_len.unwrap_or(0)..])
     }
 
     /// All headers in order.
@@ -186,7 +220,7 @@ impl Record {
     /// Topic, partition and offset.
     pub fn position(&self) -> RecordPosition {
         RecordPosition {
-            topic: self.topic.clone(),
+            topic: self.topic.to_string(),
             partition: self.partition,
             offset: self.offset,
         }
@@ -199,7 +233,7 @@ impl Record {
     /// [`HandlerError`](crate::HandlerError), so `record.json::<T>()?` in a handler sends an
     /// undecodable record to the dead-letter path instead of losing it.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
-        let bytes = match self.payload.as_deref() {
+        let bytes = match self.payload() {
             None => return Err(self.decode_error("payload is null (tombstone)".to_owned())),
             Some([]) => return Err(self.decode_error("payload is empty".to_owned())),
             Some(bytes) => bytes,
@@ -259,6 +293,31 @@ mod tests {
                 .message
                 .contains("empty")
         );
+    }
+
+    #[test]
+    fn key_and_payload_keep_apart_in_one_buffer() {
+        let cases = [
+            (None, None),
+            (Some(b"k".to_vec()), None),
+            (None, Some(b"p".to_vec())),
+            (Some(Vec::new()), Some(Vec::new())),
+            (Some(b"key".to_vec()), Some(b"payload".to_vec())),
+        ];
+        for (key, payload) in cases {
+            let r = Record::new("t", 0, 0, key.clone(), payload.clone());
+            assert_eq!(r.key(), key.as_deref());
+            assert_eq!(r.payload(), payload.as_deref());
+            assert_eq!(
+                r.size_bytes(),
+                key.map_or(0, |k| k.len()) + payload.map_or(0, |p| p.len())
+            );
+        }
+        // Equal records are the same key and payload, not the same bytes split elsewhere.
+        let a = Record::new("t", 0, 0, Some(b"ab".to_vec()), Some(b"c".to_vec()));
+        let b = Record::new("t", 0, 0, Some(b"a".to_vec()), Some(b"bc".to_vec()));
+        assert_ne!(a, b);
+        assert_eq!(a.clone(), a);
     }
 
     #[test]

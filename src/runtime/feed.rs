@@ -64,6 +64,11 @@ pub(crate) struct Feed<C: ConsumerContext + 'static> {
     stats: Arc<Stats>,
     /// `topic/partition`, for errors.
     name: String,
+    /// The topic's name, shared by the partition's records.
+    topic: Arc<str>,
+    /// Records read and not yet added to the counters (which are shared by the partitions:
+    /// counted a batch at a time, not a record at a time).
+    uncounted: u64,
     /// The offset of the last record read.
     last: Option<i64>,
     /// Records the client cannot read (a batch that failed its CRC, or one it cannot
@@ -74,7 +79,7 @@ pub(crate) struct Feed<C: ConsumerContext + 'static> {
 impl<C: ConsumerContext + 'static> Feed<C> {
     pub(crate) fn new(
         mut queue: PartitionQueue<C>,
-        name: String,
+        (topic, partition): (&str, i32),
         read: Counter,
         stats: Arc<Stats>,
     ) -> (Self, FeedCloser) {
@@ -89,7 +94,9 @@ impl<C: ConsumerContext + 'static> Feed<C> {
                 signal,
                 read,
                 stats,
-                name,
+                name: format!("{topic}/{partition}"),
+                topic: Arc::from(topic),
+                uncounted: 0,
                 last: None,
                 failure: None,
             },
@@ -109,10 +116,9 @@ impl<C: ConsumerContext + 'static> Feed<C> {
             }
             match self.queue.poll(Duration::ZERO)? {
                 Ok(message) => {
-                    Stats::add(&self.stats.records_read, 1);
-                    self.read.increment(1);
+                    self.uncounted += 1;
                     self.last = Some(message.offset());
-                    return Some(Record::from_message(&message));
+                    return Some(Record::from_message(&message, &self.topic));
                 }
                 // librdkafka skips records it cannot read and goes on with the next batch:
                 // going on would move the position past records never handled.
@@ -134,6 +140,15 @@ impl<C: ConsumerContext + 'static> Feed<C> {
                 // Other fetch errors are reported here; librdkafka goes on fetching.
                 Err(e) => tracing::warn!(error = %e, "partition fetch error"),
             }
+        }
+    }
+
+    /// Adds the records read since the last call to the counters.
+    pub(crate) fn count_read(&mut self) {
+        let n = std::mem::take(&mut self.uncounted);
+        if n > 0 {
+            Stats::add(&self.stats.records_read, n);
+            self.read.increment(n);
         }
     }
 
@@ -164,6 +179,12 @@ impl<C: ConsumerContext + 'static> Feed<C> {
         let until = deadline.min(Instant::now() + RECHECK);
         let _ = tokio::time::timeout_at(until, self.signal.ready.notified()).await;
         !self.closed() && Instant::now() < deadline
+    }
+}
+
+impl<C: ConsumerContext + 'static> Drop for Feed<C> {
+    fn drop(&mut self) {
+        self.count_read();
     }
 }
 

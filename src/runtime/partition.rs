@@ -56,14 +56,14 @@ enum AfterCommit {
 /// arrival.
 struct Pending {
     record: Record,
-    /// The key and its scoped store key, or why the record has none.
-    key: std::result::Result<(IdempotencyKey, Vec<u8>), KeyError>,
+    /// The key (with its scoped store key), or why the record has none.
+    key: std::result::Result<IdempotencyKey, KeyError>,
     fingerprint: Fingerprint,
 }
 
 impl Pending {
     fn store_key(&self) -> Option<&[u8]> {
-        self.key.as_ref().ok().map(|(_, k)| k.as_slice())
+        self.key.as_ref().ok().map(IdempotencyKey::store_key)
     }
 }
 
@@ -217,10 +217,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             return false;
         };
         let pending = |record: Record| {
-            let key = config.identity.key_of(&record).map(|key| {
-                let store_key = config.scope.store_key(&key);
-                (key, store_key)
-            });
+            let key = config.identity.scoped_key_of(&record, &config.scope);
             let fingerprint = Fingerprint::of(record.payload());
             Pending {
                 record,
@@ -241,6 +238,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                 None => break,
             }
         }
+        records.count_read();
         true
     }
 
@@ -284,7 +282,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                         let long = busy_since
                             .is_some_and(|s: std::time::Instant| s.elapsed() >= BUSY_WARN_AFTER);
                         let holder = match &item.key {
-                            Ok((_, store_key)) if long => tx.busy_holder(store_key),
+                            Ok(key) if long => tx.busy_holder(key.store_key()),
                             _ => None,
                         };
                         AfterCommit::Busy(holder)
@@ -317,7 +315,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
                             topic = %self.partition.topic,
                             partition = self.partition.partition,
                             offset = waiting.map(|p| p.record.offset()),
-                            key = waiting.and_then(|p| p.key.as_ref().ok()).map(|(k, _)| k.to_string()),
+                            key = waiting.and_then(|p| p.key.as_ref().ok()).map(|k| k.to_string()),
                             holder = holder.as_deref().unwrap_or("another in-flight batch"),
                             waited = ?since.elapsed(),
                             "a record has waited long for its idempotency key, held by another \

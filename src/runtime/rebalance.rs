@@ -278,7 +278,7 @@ impl<S: Store> ConsumerCtx<S> {
             };
             let (feed, closer) = Feed::new(
                 queue,
-                format!("{topic}/{partition}"),
+                (&topic, partition),
                 self.meter.records_read(&topic, partition),
                 self.meter.stats().clone(),
             );

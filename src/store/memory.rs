@@ -9,17 +9,22 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::claims::{Holds, KeyTable, StateError};
+use super::claims::{Holds, Key, KeyTable, StateError};
 use super::{
-    Assignment, Claim, EntryKey, Inspect, PartitionId, Store, StoredPosition, Transaction,
+    Assignment, Claim, ClaimAhead, EntryKey, Inspect, PartitionId, Store, StoredPosition,
+    Transaction,
 };
 use crate::dead_letter::DeadLetter;
 use crate::error::{Error, Result};
 use crate::store::entry::DedupEntry;
 
+/// The committed entries: a map that keeps each key's hash beside it, so growing it (to
+/// millions of entries) does not read every key's bytes again.
+type Entries = indexmap::IndexMap<Key, DedupEntry, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 struct State {
-    entries: foldhash::HashMap<Vec<u8>, DedupEntry>,
+    entries: Entries,
     positions: HashMap<PartitionId, StoredPosition>,
     /// Each with the group of the partition that kept it.
     dead_letters: Vec<(String, DeadLetter)>,
@@ -117,7 +122,7 @@ impl MemoryStore {
 
 /// What a write replaced, to undo it back to the last savepoint.
 enum Undo {
-    Entry(Vec<u8>, Option<DedupEntry>),
+    Entry(Key, Option<DedupEntry>),
     Data(Vec<u8>, Option<Vec<u8>>),
     DeadLetter,
 }
@@ -127,7 +132,8 @@ pub struct MemoryTx {
     store: MemoryStore,
     partition: PartitionId,
     epoch: u64,
-    entries: foldhash::HashMap<Vec<u8>, DedupEntry>,
+    /// Each key shared with the claim table and the undo log.
+    entries: foldhash::HashMap<Key, DedupEntry>,
     data: foldhash::HashMap<Vec<u8>, Vec<u8>>,
     dead_letters: Vec<DeadLetter>,
     /// Writes since the last savepoint, newest last.
@@ -232,7 +238,7 @@ impl Store for MemoryStore {
 
     async fn purge_expired(&self, group: &str, now_ms: i64, limit: usize) -> Result<usize> {
         let mut state = self.lock();
-        let expired: Vec<Vec<u8>> = state
+        let expired: Vec<Key> = state
             .entries
             .iter()
             // A key that is not a scoped store key names no group: any group's purge takes it.
@@ -243,7 +249,7 @@ impl Store for MemoryStore {
             .take(limit)
             .collect();
         for key in &expired {
-            state.entries.remove(key);
+            state.entries.swap_remove(key);
         }
         Ok(expired.len())
     }
@@ -308,6 +314,28 @@ impl Transaction for MemoryTx {
         Ok(Claim::Claimed)
     }
 
+    /// Claims the batch's free keys under one lock of the claim table and of the state; keys
+    /// with a live entry or held by another transaction are left for `claim` to answer.
+    async fn prepare_claims(&mut self, claims: &[ClaimAhead<'_>], now_ms: i64) -> Result<()> {
+        self.entries.reserve(claims.len());
+        let table = self.store.claims.clone();
+        let mut table = table.lock();
+        // Under the table's lock, as in `claim`: a key is either busy or its entry visible.
+        let state = self.store.lock();
+        for claim in claims {
+            let (key, claimed) = (claim.key, &mut self.claimed);
+            let live = |e: &DedupEntry| !e.is_expired(now_ms);
+            if claimed.contains(key)
+                || table.is_held(key)
+                || state.entries.get(key).is_some_and(live)
+            {
+                continue;
+            }
+            table.hold(claimed, key);
+        }
+        Ok(())
+    }
+
     fn take_conflict(&mut self) -> bool {
         std::mem::take(&mut self.conflicted)
     }
@@ -352,8 +380,13 @@ impl Transaction for MemoryTx {
     }
 
     async fn put_entry(&mut self, key: &[u8], entry: &DedupEntry) -> Result<()> {
-        let previous = self.entries.insert(key.to_vec(), entry.clone());
-        self.undo.push(Undo::Entry(key.to_vec(), previous));
+        let key = self
+            .claimed
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| Key::from(key));
+        let previous = self.entries.insert(key.clone(), entry.clone());
+        self.undo.push(Undo::Entry(key, previous));
         Ok(())
     }
 

@@ -91,7 +91,7 @@ impl<S: Store, H: Handler<S::Tx>> PartitionTask<S, H> {
             return Ok(Step::Done("dead_lettered"));
         }
         let (key, store_key) = match &item.key {
-            Ok((key, store_key)) => (key, store_key.as_slice()),
+            Ok(key) => (key, key.store_key()),
             Err(e) => {
                 let message = e.to_string();
                 tracing::warn!(%message, "record without a usable idempotency key");
