@@ -188,6 +188,38 @@ fn committed_rows_are_relayed_once_after_a_restart<B: Outboxed>(b: &B) {
     assert_eq!(cluster.read_all(out, 20).len(), 20);
 }
 
+/// A relay asked to stop goes on while rows are waiting (`shutdown_drain`): every committed
+/// row leaves with it, over several rounds; with no drain time it settles the round in flight
+/// and stops, and the rest waits, kept, for the next relay.
+fn a_stopping_relay_relays_what_is_waiting_first<B: Outboxed>(b: &B) {
+    let sc = scene(records(20));
+    publish_through_consumer(b, &sc, 20, Forward::new(&sc.out));
+    let rt = multi_thread();
+    let store = rt.block_on(b.open_async());
+    let mut config = quick();
+    config.batch_size = 5;
+    config.in_flight = 5;
+    config.shutdown_drain = Duration::ZERO;
+    let relay = Relay::new(store.clone(), &client(&sc.cluster), config.clone()).unwrap();
+    let stats = relay.stats();
+    // Asked to stop before it starts.
+    rt.block_on(relay.run(std::future::ready(()))).unwrap();
+    assert_eq!(
+        stats.relayed(),
+        5,
+        "no drain time: the round in flight only"
+    );
+    assert_eq!(rt.block_on(store.outbox_backlog()).unwrap().0, 15);
+
+    config.shutdown_drain = Duration::from_secs(30);
+    let relay = Relay::new(store.clone(), &client(&sc.cluster), config).unwrap();
+    let stats = relay.stats();
+    rt.block_on(relay.run(std::future::ready(()))).unwrap();
+    assert_eq!(stats.relayed(), 15, "the rows waiting, in three rounds");
+    assert_eq!(rt.block_on(store.outbox_backlog()).unwrap().0, 0);
+    assert_eq!(sc.cluster.read_all(&sc.out, 20).len(), 20);
+}
+
 /// A store on which deleting sent rows never ends: the relay that tries is stuck between the
 /// produce and the delete, where the test kills it.
 #[derive(Clone)]
@@ -446,9 +478,11 @@ fn two_relays_on_one_postgres_outbox_produce_each_row_once_in_order() {
 
     let rt = multi_thread();
     let mut config = quick();
-    // Ten rows a round, one round in flight: the first holder is stopped halfway.
+    // Ten rows a round, one round in flight: the first holder is stopped halfway (and does not
+    // drain what waits).
     config.batch_size = 10;
     config.in_flight = 10;
+    config.shutdown_drain = Duration::ZERO;
     let relays: Vec<_> = (0..2)
         .map(|_| Relay::new(rt.block_on(b.connect()), &client(cluster), config.clone()).unwrap())
         .collect();
@@ -693,6 +727,7 @@ macro_rules! on_both_stores {
 
 on_both_stores!(
     a_fenced_or_dropped_batch_publishes_nothing,
+    a_stopping_relay_relays_what_is_waiting_first,
     committed_rows_are_relayed_once_after_a_restart,
     rows_produced_twice_are_applied_once_downstream,
     a_redone_record_publishes_the_same_keys,

@@ -71,6 +71,10 @@ pub struct RelayConfig {
     pub alarm_rows: u64,
     /// A backlog whose oldest row is older than this is logged as an alarm (default 5 min).
     pub alarm_age: Duration,
+    /// Asked to stop, the relay goes on producing the rows waiting for at most this long
+    /// (default 5 s), so what a runtime's last commit published leaves with it; the rows still
+    /// waiting then are the next relay's. Zero: it settles the rounds in flight and stops.
+    pub shutdown_drain: Duration,
 }
 
 impl Default for RelayConfig {
@@ -84,6 +88,7 @@ impl Default for RelayConfig {
             max_backoff: Duration::from_secs(30),
             alarm_rows: 100_000,
             alarm_age: Duration::from_secs(300),
+            shutdown_drain: Duration::from_secs(5),
         }
     }
 }
@@ -214,9 +219,10 @@ impl<S: OutboxStore> Relay<S> {
         &self.owner
     }
 
-    /// Relays until `shutdown` completes, then waits for the rows in flight, settles them and
-    /// gives the lease up. Rows produced but not settled when it ends (its task dropped, its
-    /// process killed) stay in the outbox and are produced again by the next relay.
+    /// Relays until `shutdown` completes, then goes on while rows are waiting, for at most
+    /// [`RelayConfig::shutdown_drain`], settles the rows in flight and gives the lease up. Rows
+    /// produced but not settled when it ends (its task dropped, its process killed) stay in the
+    /// outbox and are produced again by the next relay.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let span = tracing::info_span!("outbox_relay", relay = %self.owner);
         let mut shutdown = std::pin::pin!(shutdown.fuse());
@@ -224,6 +230,16 @@ impl<S: OutboxStore> Relay<S> {
         let mut backoff = Duration::ZERO;
         let written = self.store.outbox_written();
         let mut measured: Option<std::time::Instant> = None;
+        // Once asked to stop: until when it goes on with the rows waiting.
+        let mut draining: Option<std::time::Instant> = None;
+        let drain_from = |draining: &mut Option<std::time::Instant>| {
+            if self.config.shutdown_drain.is_zero() {
+                return false;
+            }
+            tracing::info!(for_at_most = ?self.config.shutdown_drain, "stopping: relaying the rows waiting first");
+            *draining = Some(std::time::Instant::now() + self.config.shutdown_drain);
+            true
+        };
         // Rounds produced and not settled yet, oldest first.
         let mut in_flight: FuturesOrdered<Acks> = FuturesOrdered::new();
         let rounds = self
@@ -233,6 +249,12 @@ impl<S: OutboxStore> Relay<S> {
             .max(1);
         async {
             loop {
+                if draining.is_some_and(|until| std::time::Instant::now() >= until) {
+                    tracing::warn!(
+                        "stopping with rows still waiting: the next relay produces them"
+                    );
+                    break;
+                }
                 if st.lease.is_some() && measured.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) {
                     self.backlog().await;
                     measured = Some(std::time::Instant::now());
@@ -269,6 +291,9 @@ impl<S: OutboxStore> Relay<S> {
                         .max(Duration::from_millis(100))
                         .min(self.config.max_backoff);
                     tracing::warn!(error = %e, ?backoff, "relaying failed; backing off");
+                    if draining.is_some() {
+                        break;
+                    }
                     tokio::select! {
                         () = &mut shutdown => break,
                         () = tokio::time::sleep(backoff) => {}
@@ -277,10 +302,15 @@ impl<S: OutboxStore> Relay<S> {
                 }
                 backoff = Duration::ZERO;
                 if produced || !in_flight.is_empty() {
-                    if (&mut shutdown).now_or_never().is_some() {
+                    // The future is fused: it completes here once, and never again.
+                    if (&mut shutdown).now_or_never().is_some() && !drain_from(&mut draining) {
                         break;
                     }
                     continue;
+                }
+                if draining.is_some() {
+                    // Nothing more waiting (or the outbox is another relay's).
+                    break;
                 }
                 // Idle: the next read starts from the first row waiting again, so a row
                 // committed late under a lower id (PostgreSQL) is found too.
@@ -292,7 +322,7 @@ impl<S: OutboxStore> Relay<S> {
                     }
                 };
                 tokio::select! {
-                    () = &mut shutdown => break,
+                    () = &mut shutdown => if !drain_from(&mut draining) { break },
                     () = tokio::time::sleep(self.config.poll_interval) => {}
                     () = woken => {}
                 }

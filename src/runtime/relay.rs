@@ -38,8 +38,9 @@ impl Prepared {
 }
 
 impl Running {
-    /// Stops it (after the consumer's last commit, so what that commit published is relayed
-    /// by the next start) and waits for it.
+    /// Stops it after the consumer's last commit and waits for it: it first relays what is
+    /// waiting, what that commit published included, for at most
+    /// [`RelayConfig::shutdown_drain`].
     pub(crate) async fn stop(self) -> Result<()> {
         let _ = self.stop.send(());
         match self.task.await {
