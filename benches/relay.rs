@@ -17,6 +17,10 @@
 //!   same rows read and deleted a thousand at a time, as the relay does. With `produce-raw` it
 //!   gives the most a relay can reach on the machine, `1 / (1/raw + 1/limit)`, printed as
 //!   `BENCH limit <store> composite_ratio_to_raw=<x>`;
+//! - `outbox-reads-postgres`: the floor of any relay on PostgreSQL, whatever its design: the
+//!   same rows only read, a thousand at a time after a cursor, through the same client, and
+//!   nothing deleted or marked. Its composite limit (`BENCH limit postgres-reads ...`) bounds
+//!   every relay that reads each row once;
 //! - `e2e-rocksdb`: a consumer on RocksDB whose handler publishes one event per record (the
 //!   handler's clock in the payload), its relay, and a consumer downstream; records arrive at
 //!   `--rate` per second (default 2,000) for `--seconds` (default 10); the latency of each event
@@ -155,6 +159,14 @@ fn run() -> Res<()> {
             })?;
             row("outbox-limit-postgres", n, took);
             limits.push(("postgres", took));
+            let took = rt.block_on(async {
+                let (db, store) = pg_store(&admin, "reads").await?;
+                let took = reads_alone(&store, n).await;
+                drop(db);
+                took
+            })?;
+            row("outbox-reads-postgres", n, took);
+            limits.push(("postgres-reads", took));
             for batch in [100, 1000] {
                 let topic = format!("relay-postgres-b{batch}");
                 let took = rt.block_on(async {
@@ -178,7 +190,7 @@ fn run() -> Res<()> {
     for (store, alone) in &limits {
         let composite = 1.0 / (raw.as_secs_f64() + alone.as_secs_f64());
         println!(
-            "BENCH limit {store} composite_ratio_to_raw={:.3} (1 / (1/raw + 1/outbox-limit-{store}))",
+            "BENCH limit {store} composite_ratio_to_raw={:.3} (1 / (1/raw + 1/that row))",
             composite * raw.as_secs_f64()
         );
     }
@@ -314,6 +326,31 @@ where
     store.release_outbox(&lease).await.map_err(e)?;
     if deleted != n {
         return Err(format!("read and deleted {deleted} of {n} rows"));
+    }
+    Ok(took)
+}
+
+/// The rows only read, a thousand at a time after a cursor, and nothing deleted: what every
+/// relay must do at least, so its composite limit bounds any relay design on the store.
+async fn reads_alone<S>(store: &S, n: usize) -> Res<Duration>
+where
+    S: OutboxStore + Store<Tx: Publish>,
+{
+    fill(store, "reads", 0, n).await?;
+    let started = Instant::now();
+    let (mut cursor, mut read) = (None, 0);
+    loop {
+        let rows = store
+            .pending_rows(cursor, 1000)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(last) = rows.last() else { break };
+        cursor = Some(last.id);
+        read += rows.len();
+    }
+    let took = started.elapsed();
+    if read != n {
+        return Err(format!("read {read} of {n} rows"));
     }
     Ok(took)
 }

@@ -62,6 +62,14 @@ const BROKER_HOST: &str = "THROUGHPUT_BROKER_HOST";
 /// Set in the copies of this benchmark that measure one RocksDB row's memory alone.
 const RSS_CHILD: &str = "THROUGHPUT_RSS_CHILD";
 
+/// Set (to a directory) in the copy of this benchmark that only preloads a growth row's store
+/// and exits.
+const PRELOAD_INTO: &str = "THROUGHPUT_PRELOAD_INTO";
+
+/// Set (to a directory PRELOAD_INTO filled) in the copy that runs a growth row on it: the store
+/// opened by a process that never held the preload's heap, as a service restarted on its data.
+const PRELOADED: &str = "THROUGHPUT_PRELOADED";
+
 /// The RocksDB rows of the cost growth, by stored entries: 0, a tenth of `--preload`, all of it.
 const ROCKS_GROWTH: [&str; 3] = ["rocksdb", "rocksdb-1m", "rocksdb-10m"];
 
@@ -258,8 +266,18 @@ fn run() -> Res<()> {
         if !wanted(name) {
             continue;
         }
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let store = RocksStore::open(dir.path()).map_err(|e| e.to_string())?;
+        if let Some(given) = std::env::var_os(PRELOADED) {
+            let store = RocksStore::open(&given).map_err(|e| e.to_string())?;
+            report(
+                bench.runtime_in(name, name, records, store, KeyPerRecord, 500)?,
+                Some(raw_rate),
+            );
+            continue;
+        }
+        let own_dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let into = std::env::var_os(PRELOAD_INTO);
+        let dir = into.as_deref().map_or(own_dir.path(), std::path::Path::new);
+        let store = RocksStore::open(dir).map_err(|e| e.to_string())?;
         let t = Instant::now();
         rt.block_on(preload(&store, entries))?;
         // Entries stored, not entries being compacted: the row starts once the load settled.
@@ -268,6 +286,9 @@ fn run() -> Res<()> {
             "throughput: {entries} entries preloaded and compacted in {:.1?}",
             t.elapsed()
         );
+        if into.is_some() {
+            return Ok(());
+        }
         report(
             bench.runtime_in(name, name, records, store, KeyPerRecord, 500)?,
             Some(raw_rate),
@@ -424,19 +445,38 @@ fn run() -> Res<()> {
 
 /// The peak RSS of each RocksDB row of the cost growth measured alone: this benchmark started
 /// again with `--rows <row>` on a mock cluster of its own, without PostgreSQL, so each figure
-/// counts the same prefill and `raw` pass and then the row itself.
+/// counts the same prefill and `raw` pass and then the row itself. A row with stored entries
+/// runs on a directory another copy preloaded, opened fresh, as a service restarted on its
+/// data: the preload's own heap (which the allocator keeps once freed) is not the row's.
 fn own_process_rss(args: &Args, records: usize) -> Res<BTreeMap<String, f64>> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut out = BTreeMap::new();
-    for name in ROCKS_GROWTH {
-        let child = std::process::Command::new(&exe)
-            .args(["--bench", "--rows", name])
+    let copy = |name: &str| {
+        let mut c = std::process::Command::new(&exe);
+        c.args(["--bench", "--rows", name])
             .args(["--records", &records.to_string()])
             .args(["--preload", &args.preload.to_string()])
             .env(RSS_CHILD, "1")
             .env_remove("DATABASE_URL")
             .env_remove("KAFKA_BOOTSTRAP_SERVERS")
-            .stderr(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
+    };
+    for name in ROCKS_GROWTH {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let mut run = copy(name);
+        if name != "rocksdb" {
+            let loaded = copy(name)
+                .env(PRELOAD_INTO, dir.path())
+                .stdout(std::process::Stdio::null())
+                .status()
+                .map_err(|e| format!("starting the {name} preload: {e}"))?;
+            if !loaded.success() {
+                return Err(format!("the {name} preload failed ({loaded})"));
+            }
+            run.env(PRELOADED, dir.path());
+        }
+        let child = run
             .output()
             .map_err(|e| format!("starting the {name} memory run: {e}"))?;
         let stdout = String::from_utf8_lossy(&child.stdout);
