@@ -31,6 +31,16 @@
 //! publishing service (its consumer group or HTTP namespace), never the consuming group: two
 //! services publishing for the same source key derive different keys. [`derive_key`] computes it.
 //!
+//! # Trace context
+//!
+//! A record's publications carry its W3C trace context: the `traceparent` and `tracestate`
+//! headers of the record being handled are copied onto each publication that does not set them
+//! itself, so the event the relay produces belongs to the same trace as the record that caused
+//! it, across the outbox and the relay's process. A handler that traces with its own spans
+//! (OpenTelemetry, say) sets `traceparent` on the publication to its own span's context, and
+//! that one is kept. An HTTP handler sets it from the request's headers the same way. The relay
+//! logs each row with its source and key as well.
+//!
 //! # Order
 //!
 //! The relay produces rows in the order the outbox holds them (PostgreSQL: the row's id, taken
@@ -56,6 +66,9 @@ pub use store::{OutboxDeadRow, OutboxLease, OutboxRow, OutboxStore};
 /// The header the relay puts a row's derived idempotency key in (the consumer's default key
 /// header). A publication may not set it itself.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
+/// The W3C trace context headers a record's publications inherit from it.
+const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
 
 /// The longest topic name Kafka accepts.
 const MAX_TOPIC_LEN: usize = 249;
@@ -232,6 +245,8 @@ struct Source {
     /// The scoped store key the keys derive from.
     key: Vec<u8>,
     origin: Origin,
+    /// The source record's trace context headers ([`TRACE_HEADERS`]), present ones only.
+    trace: Vec<(&'static str, Vec<u8>)>,
 }
 
 /// Where the publications come from, for the row's `source`.
@@ -280,6 +295,12 @@ impl Publications {
     pub(crate) fn begin_record(&mut self, store_key: &[u8], record: &crate::Record) {
         self.source.key.clear();
         self.source.key.extend_from_slice(store_key);
+        self.source.trace.clear();
+        for name in TRACE_HEADERS {
+            if let Some(value) = record.header(name) {
+                self.source.trace.push((name, value.to_vec()));
+            }
+        }
         match &mut self.source.origin {
             Origin::Record {
                 topic,
@@ -307,6 +328,7 @@ impl Publications {
     #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub(crate) fn begin_request(&mut self, key: Option<&[u8]>) {
         self.source.key.clear();
+        self.source.trace.clear();
         match key {
             Some(key) => {
                 self.source.key.extend_from_slice(key);
@@ -322,9 +344,20 @@ impl Publications {
     }
 
     /// Adds a publication; returns its derived key.
-    pub(crate) fn publish(&mut self, publication: Publication) -> Result<String, PublishError> {
+    pub(crate) fn publish(&mut self, mut publication: Publication) -> Result<String, PublishError> {
         publication.check()?;
         let source = &self.source;
+        for (name, value) in &source.trace {
+            let set = publication
+                .headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case(name));
+            if !set {
+                publication
+                    .headers
+                    .push(((*name).to_owned(), value.clone()));
+            }
+        }
         if matches!(source.origin, Origin::None) {
             return Err(PublishError::NoSource);
         }
@@ -418,6 +451,40 @@ mod tests {
         assert_eq!(rows[0].idempotency_key, derive_key(b"k2", 0));
         assert_eq!(rows[1].source, "request");
         assert_eq!(rows[1].idempotency_key, derive_key(b"req", 0));
+    }
+
+    #[test]
+    fn publications_inherit_the_records_trace_context_unless_they_set_their_own() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let traced = crate::Record::new("t", 0, 1, None, None)
+            .with_header("traceparent", Some(parent.into()))
+            .with_header("tracestate", Some(b"vendor=1".to_vec()));
+        let mut p = Publications::default();
+        p.begin_record(b"k1", &traced);
+        p.publish(Publication::new("out")).unwrap();
+        let own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        p.publish(Publication::new("out").header("TraceParent", own))
+            .unwrap();
+        // The next record has no trace context: nothing is carried over.
+        p.begin_record(b"k2", &crate::Record::new("t", 0, 2, None, None));
+        p.publish(Publication::new("out")).unwrap();
+        let rows = p.take();
+        let headers = |i: usize| rows[i].publication.headers.clone();
+        assert_eq!(
+            headers(0),
+            vec![
+                ("traceparent".to_owned(), parent.as_bytes().to_vec()),
+                ("tracestate".to_owned(), b"vendor=1".to_vec()),
+            ]
+        );
+        assert_eq!(
+            headers(1),
+            vec![
+                ("TraceParent".to_owned(), own.as_bytes().to_vec()),
+                ("tracestate".to_owned(), b"vendor=1".to_vec()),
+            ]
+        );
+        assert_eq!(headers(2), vec![]);
     }
 
     #[test]

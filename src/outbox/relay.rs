@@ -513,11 +513,17 @@ impl<S: OutboxStore> Relay<S> {
                 record = record.payload(payload);
             }
             // What links the event on the topic to the record or request that published it.
+            let traceparent = row
+                .headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case("traceparent"))
+                .and_then(|(_, v)| std::str::from_utf8(v).ok());
             tracing::debug!(
                 id = row.id,
                 source = %row.source,
                 idempotency_key = %row.idempotency_key,
                 topic = %row.topic,
+                traceparent,
                 "relaying an outbox row"
             );
             // Queued now, in order; a full queue is waited out.

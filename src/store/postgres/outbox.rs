@@ -32,6 +32,8 @@ pub(super) struct OutboxSql {
     dead_rows: SqlStr,
 }
 
+/// The columns of a row, then its creation time (`created_ms`): read by position, in this
+/// order, by [`row`] (a lookup by name per column is a hash per column per row).
 const ROW_COLUMNS: &str = "id, topic, record_key, payload, headers, idempotency_key, source";
 
 impl OutboxSql {
@@ -130,17 +132,18 @@ pub(super) async fn write_rows(
 }
 
 fn row(r: &sqlx::postgres::PgRow) -> std::result::Result<OutboxRow, sqlx::Error> {
-    let headers: Vec<u8> = r.try_get("headers")?;
-    let id: i64 = r.try_get("id")?;
+    // By position: ROW_COLUMNS, then created_ms.
+    let headers: &[u8] = r.try_get(4)?;
+    let id: i64 = r.try_get(0)?;
     Ok(OutboxRow {
         id: id as u64,
-        topic: r.try_get("topic")?,
-        key: r.try_get("record_key")?,
-        payload: r.try_get("payload")?,
-        headers: decode_headers(&headers).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-        idempotency_key: r.try_get("idempotency_key")?,
-        source: r.try_get("source")?,
-        created_at_ms: r.try_get("created_ms")?,
+        topic: r.try_get(1)?,
+        key: r.try_get(2)?,
+        payload: r.try_get(3)?,
+        headers: decode_headers(headers).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        idempotency_key: r.try_get(5)?,
+        source: r.try_get(6)?,
+        created_at_ms: r.try_get(7)?,
     })
 }
 
