@@ -97,7 +97,7 @@ pub struct RocksTx {
     /// Previous overlay state of each slot written since the last savepoint, newest last.
     undo: Vec<Undo>,
     /// Live entries read by `prepare_claims` (committed, so only a claim could change them,
-    /// and a live entry is never claimed).
+    /// and a live entry is never claimed), each taken out by the claim that answers with it.
     known: foldhash::HashMap<Vec<u8>, DedupEntry>,
     /// Events published through the outbox, written with the commit.
     #[cfg(feature = "outbox")]
@@ -275,8 +275,9 @@ impl Transaction for RocksTx {
         if self.claimed.contains(key) {
             return Ok(Claim::Claimed);
         }
-        if let Some(entry) = self.known.get(key).filter(|e| !e.is_expired(now_ms)) {
-            return Ok(Claim::Existing(entry.clone()));
+        // Taken, not copied: a batch claims a key once; a second claim of it reads it again.
+        if let Some(entry) = self.known.remove(key).filter(|e| !e.is_expired(now_ms)) {
+            return Ok(Claim::Existing(entry));
         }
         let inner = self.store.inner.clone();
         let mut claims = inner.claims.lock();
