@@ -34,6 +34,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "request locks",
         include_str!("migrations/0007_request_locks.sql"),
     ),
+    (
+        8,
+        "outbox read",
+        include_str!("migrations/0008_outbox_read.sql"),
+    ),
 ];
 
 /// `$n` (milliseconds since the Unix epoch) as a `timestamptz`, exactly.
