@@ -245,8 +245,9 @@ struct Source {
     /// The scoped store key the keys derive from.
     key: Vec<u8>,
     origin: Origin,
-    /// The source record's trace context headers ([`TRACE_HEADERS`]), present ones only.
-    trace: Vec<(&'static str, Vec<u8>)>,
+    /// The source record's value of each of [`TRACE_HEADERS`], `None` when it has none; the
+    /// buffers are kept, so a traced record's copy allocates nothing after the first.
+    trace: [(bool, Vec<u8>); TRACE_HEADERS.len()],
 }
 
 /// Where the publications come from, for the row's `source`.
@@ -295,11 +296,11 @@ impl Publications {
     pub(crate) fn begin_record(&mut self, store_key: &[u8], record: &crate::Record) {
         self.source.key.clear();
         self.source.key.extend_from_slice(store_key);
-        self.source.trace.clear();
-        for name in TRACE_HEADERS {
-            if let Some(value) = record.header(name) {
-                self.source.trace.push((name, value.to_vec()));
-            }
+        for (name, (present, value)) in TRACE_HEADERS.iter().zip(&mut self.source.trace) {
+            value.clear();
+            let found = record.header(name);
+            *present = found.is_some();
+            value.extend_from_slice(found.unwrap_or_default());
         }
         match &mut self.source.origin {
             Origin::Record {
@@ -328,7 +329,9 @@ impl Publications {
     #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub(crate) fn begin_request(&mut self, key: Option<&[u8]>) {
         self.source.key.clear();
-        self.source.trace.clear();
+        for (present, _) in &mut self.source.trace {
+            *present = false;
+        }
         match key {
             Some(key) => {
                 self.source.key.extend_from_slice(key);
@@ -347,19 +350,21 @@ impl Publications {
     pub(crate) fn publish(&mut self, mut publication: Publication) -> Result<String, PublishError> {
         publication.check()?;
         let source = &self.source;
-        for (name, value) in &source.trace {
-            let set = publication
-                .headers
-                .iter()
-                .any(|(n, _)| n.eq_ignore_ascii_case(name));
-            if !set {
+        if matches!(source.origin, Origin::None) {
+            return Err(PublishError::NoSource);
+        }
+        for (name, (present, value)) in TRACE_HEADERS.iter().zip(&source.trace) {
+            let set = || {
+                publication
+                    .headers
+                    .iter()
+                    .any(|(n, _)| n.eq_ignore_ascii_case(name))
+            };
+            if *present && !set() {
                 publication
                     .headers
                     .push(((*name).to_owned(), value.clone()));
             }
-        }
-        if matches!(source.origin, Origin::None) {
-            return Err(PublishError::NoSource);
         }
         let idempotency_key = derive_key(&source.key, self.next_index);
         self.next_index += 1;
