@@ -596,6 +596,58 @@ mod tests {
         }
     }
 
+    /// `prepare_claims` keeps the claim's rule: free keys are held at once (busy for others),
+    /// live ones answer with their entry, keys another transaction holds are left busy.
+    #[tokio::test]
+    async fn batch_claims_take_free_keys_answer_live_ones_and_leave_busy_ones() {
+        let store = MemoryStore::new();
+        let (p0, p1) = (PartitionId::new("g", "t", 0), PartitionId::new("g", "t", 1));
+        let (e0, e1) = (
+            store.acquire(&p0).await.unwrap().epoch,
+            store.acquire(&p1).await.unwrap().epoch,
+        );
+        let mut setup = store.begin(&p0, e0).await.unwrap();
+        setup.put_entry(b"live", &entry(1)).await.unwrap();
+        let mut expired = entry(2);
+        expired.expires_at_ms = 10;
+        setup.put_entry(b"expired", &expired).await.unwrap();
+        setup.commit(3).await.unwrap();
+        let mut other = store.begin(&p1, e1).await.unwrap();
+        assert_eq!(other.claim(b"held", 50).await.unwrap(), Claim::Claimed);
+
+        let ahead = |key: &'static [u8]| ClaimAhead {
+            key,
+            fingerprint: Fingerprint::of(Some(b"p")),
+            topic: "t",
+            partition: 0,
+            offset: 0,
+            created_at_ms: 50,
+            expires_at_ms: 1_000,
+        };
+        let mut tx = store.begin(&p0, e0).await.unwrap();
+        let keys: [&'static [u8]; 5] = [b"new", b"live", b"expired", b"held", b"new"];
+        let claims: Vec<_> = keys.iter().map(|k| ahead(k)).collect();
+        tx.prepare_claims(&claims, 50).await.unwrap();
+        let mut third = store.begin(&p1, e1).await.unwrap();
+        assert_eq!(third.claim(b"new", 50).await.unwrap(), Claim::Busy);
+        assert_eq!(third.claim(b"expired", 50).await.unwrap(), Claim::Busy);
+        drop(third);
+
+        assert_eq!(tx.claim(b"new", 50).await.unwrap(), Claim::Claimed);
+        assert!(
+            matches!(tx.claim(b"live", 50).await.unwrap(), Claim::Existing(e) if e.offset == 1)
+        );
+        assert_eq!(tx.claim(b"expired", 50).await.unwrap(), Claim::Claimed);
+        assert_eq!(tx.claim(b"held", 50).await.unwrap(), Claim::Busy);
+        drop(other);
+        assert_eq!(tx.claim(b"held", 50).await.unwrap(), Claim::Claimed);
+        drop(tx);
+        let mut last = store.begin(&p1, e1).await.unwrap();
+        for key in [&b"new"[..], b"expired", b"held"] {
+            assert_eq!(last.claim(key, 50).await.unwrap(), Claim::Claimed);
+        }
+    }
+
     #[tokio::test]
     async fn a_state_key_read_stays_locked_until_the_batch_ends() {
         let store = MemoryStore::new();
